@@ -1,0 +1,207 @@
+"""Strict reader for LoRA weight files that never unpickles anything.
+
+Only ``.safetensors`` files are accepted. The header is parsed and validated by hand first
+(sizes, dtypes, shapes, offsets, metadata) so that every problem gets its own stable
+:class:`~registry.errors.RejectedFile` code; only then is the data loaded with
+``safetensors.safe_open`` (memory-mapped, no pickle involved).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from registry.errors import RejectedFile
+
+MAX_HEADER_BYTES: int = 100 * 1024 * 1024
+MAX_TENSORS: int = 20_000
+ALLOWED_DTYPES: set[str] = {"F64", "F32", "F16", "BF16"}
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_NOT_LORA_DTYPES = {  # valid safetensors dtypes that we refuse for LoRA weights
+    "BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "C64",
+    "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4",
+}
+_KIND_WORDS = {
+    "pickle": "a Python pickle (e.g. a legacy torch.save checkpoint)",
+    "zip": "a PyTorch zip/pickle checkpoint (torch.save format)",
+    "safetensors": "safetensors data under the wrong extension",
+    "empty": "an empty file",
+    "unknown": "an unrecognised format",
+}
+
+
+def _kind_of(head: bytes) -> str:
+    """Classify a file from its first (up to 9) bytes."""
+    if not head:
+        return "empty"
+    if len(head) >= 9 and head[8:9] == b"{":  # u64 header length, then the JSON object
+        return "safetensors"
+    if head[0] == 0x80:  # pickle PROTO opcode (protocol >= 2)
+        return "pickle"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    return "unknown"
+
+
+def sniff_kind(path: str | os.PathLike) -> str:
+    """Return "safetensors" | "pickle" | "zip" | "empty" | "unknown" from the first bytes only."""
+    with open(path, "rb") as f:
+        return _kind_of(f.read(9))
+
+
+def _reject(code: str, path: Path, reason: str) -> RejectedFile:
+    return RejectedFile(code, f"{path.name}: {reason}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        dupes = [k for k, c in Counter(k for k, _ in pairs).items() if c > 1]
+        raise ValueError(f"duplicate keys {dupes[:5]}")
+    return out
+
+
+def _check_entry(path: Path, name: str, entry: object) -> tuple[int, int]:
+    """Validate one tensor entry; return its (begin, end) offsets."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _reject("bad_entry", path, f"tensor {name!r} must be an object with exactly "
+                      f"'dtype', 'shape' and 'data_offsets', got {str(entry)[:200]}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in ALLOWED_DTYPES:
+        why = ("is not a floating-point type usable for LoRA weights"
+               if dtype in _NOT_LORA_DTYPES else "is not a known safetensors dtype")
+        raise _reject("bad_dtype", path, f"tensor {name!r} has dtype {dtype!r}, which {why} "
+                      f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _reject("bad_shape", path, f"tensor {name!r} has shape {str(shape)[:200]}; "
+                      "expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise _reject("bad_offsets", path, f"tensor {name!r} has data_offsets "
+                      f"{str(offsets)[:200]}; expected [begin, end] integers")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise _reject("bad_offsets", path, f"tensor {name!r} has invalid data_offsets "
+                      f"[{begin}, {end}] (need 0 <= begin <= end)")
+    expected = math.prod(shape) * _ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise _reject("bad_offsets", path, f"tensor {name!r} spans {end - begin} bytes but "
+                      f"shape {shape} of {dtype} needs {expected}")
+    return begin, end
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """Tensors must tile the data section exactly: no overlaps, holes or trailing bytes."""
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise _reject("bad_offsets", path, f"tensor {name!r} [{begin}, {end}] overlaps "
+                          f"tensor {prev!r}, which ends at byte {pos}")
+        if begin > pos:
+            if end > data_len:
+                raise _reject("bad_offsets", path, f"tensor {name!r} offsets [{begin}, {end}] "
+                              f"lie outside the {data_len}-byte data section")
+            raise _reject("bad_offsets", path, f"unused hole in the data section at bytes "
+                          f"[{pos}, {begin}) before tensor {name!r}")
+        pos, prev = end, name
+    if pos > data_len:
+        raise _reject("truncated", path, f"data section has {data_len} bytes but the header "
+                      f"describes {pos}; the file is truncated")
+    if pos < data_len:
+        raise _reject("bad_offsets", path, f"{data_len - pos} unused trailing bytes after the "
+                      "last tensor")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Parse + validate only the header: returns (tensor_entries, metadata, data_start_offset).
+
+    Raises :class:`RejectedFile` for anything that is not a well-formed safetensors file.
+    """
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        try:
+            kind = f"looks like {_KIND_WORDS[sniff_kind(p)]}"
+        except OSError:
+            kind = "unreadable"
+        raise _reject("unsupported_extension", p, f"only .safetensors files are accepted; "
+                      f"'{p.suffix or '(none)'}' file {kind}; not loaded")
+    if not p.is_file():
+        raise _reject("not_a_file", p, "does not exist or is not a regular file")
+    size = p.stat().st_size
+    if size == 0:
+        raise _reject("empty", p, "file is empty (0 bytes)")
+    with open(p, "rb") as f:
+        head = f.read(9)
+        kind = _kind_of(head)
+        if kind in ("pickle", "zip"):
+            raise _reject("pickle", p, f"named .safetensors but is {_KIND_WORDS[kind]}; "
+                          "refusing to unpickle it")
+        if size < 8:
+            raise _reject("truncated", p, f"only {size} bytes; too short for the 8-byte "
+                          "header length")
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > MAX_HEADER_BYTES:
+            raise _reject("header_too_large", p, f"header claims {n} bytes, over the "
+                          f"{MAX_HEADER_BYTES}-byte cap")
+        if 8 + n > size:
+            raise _reject("header_past_eof", p, f"header claims {n} bytes but the file has "
+                          f"only {size - 8} after the length prefix")
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _reject("invalid_json", p, f"header is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _reject("invalid_json", p, f"header is a JSON {type(header).__name__}, "
+                      "not an object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _reject("invalid_metadata", p, "__metadata__ must be an object mapping strings "
+                      f"to strings, got {str(metadata)[:200]}")
+    if len(header) > MAX_TENSORS:
+        raise _reject("too_many_tensors", p, f"{len(header)} tensors, over the limit of "
+                      f"{MAX_TENSORS}")
+    data_len = size - 8 - n
+    spans = [(*_check_entry(p, k, v), k) for k, v in header.items()]
+    _check_layout(p, spans, data_len)
+    return header, metadata, 8 + n
+
+
+def read_safetensors(
+    path: str | os.PathLike, *, check_finite: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validate then load; returns (tensors, __metadata__ dict of str->str). Raises RejectedFile.
+
+    Tensors keep their stored dtype and are backed by the memory-mapped file. With
+    ``check_finite`` any NaN/Inf value is refused (min/max propagate NaN and expose +-Inf,
+    which is ~10x faster than a full ``isfinite`` mask).
+    """
+    p = Path(path)
+    entries, metadata, _ = read_header(p)
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            tensors = {name: f.get_tensor(name) for name in entries}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise _reject("load_failed", p, f"safetensors could not load the file: {e}") from None
+    if check_finite:
+        for name, t in tensors.items():
+            if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise _reject("nan_inf", p, f"tensor {name!r} contains {nan} NaN and {inf} "
+                              "Inf values")
+    return tensors, metadata
