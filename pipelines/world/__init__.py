@@ -1,0 +1,1 @@
+"""The procedural demo world: scenes, themes and attribute read-outs."""
