@@ -1,0 +1,166 @@
+"""Ingest LoRA files and folders into a :class:`registry.store.Registry`.
+
+Crash-safe and idempotent: blobs are written atomically before any row refers to them, rows are
+upserted in batches keyed by content (``lora_id`` comes from the weights fingerprint, files by
+sha256), so a run killed at any point and run again ends with the same registry, and two processes
+ingesting overlapping folders cannot create duplicate LoRAs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from registry.blobstore import sha256_file
+from registry.errors import RejectedFile
+from registry.inspect import InspectedLoRA, inspect_file
+from registry.metadata import from_header, from_sidecars
+from registry.store import Registry, _quote
+
+# Files that may be LoRAs when found while walking a folder (everything else there is a sidecar).
+# An explicitly named file is always considered, whatever its extension.
+CANDIDATE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".lora"}
+
+
+@dataclass
+class IngestReport:
+    """What one ``add`` did; ``to_dict`` is the ``autolora ingest --json`` contract."""
+
+    added: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "duplicates": self.duplicates, "rejected": self.rejected}
+
+
+def lora_id_for(fingerprint: str) -> str:
+    """Stable id of a LoRA: its weights fingerprint, so every format of it maps to one id."""
+    return f"lora-{fingerprint[:24]}"
+
+
+def collect_candidates(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand folders (recursively) into candidate files, sorted, without repeats."""
+    found: dict[str, Path] = {}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and child.suffix.lower() in CANDIDATE_SUFFIXES:
+                    found.setdefault(str(child.resolve()), child)
+        else:
+            found.setdefault(str(path.resolve()), path)
+    return [found[key] for key in sorted(found)]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _existing(table, column: str, values: list[str]) -> dict[str, dict]:
+    if not values:
+        return {}
+    where = f"{column} IN ({', '.join(_quote(v) for v in values)})"
+    return {row[column]: row for row in table.search().where(where).limit(len(values) + 1).to_list()}
+
+
+class _Batch:
+    """Rows waiting to be written together (every write is a table version: batch them)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.loras: dict[str, dict] = {}
+        self.files: dict[str, dict] = {}
+        self.rejections: dict[str, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.loras) + len(self.files) + len(self.rejections)
+
+    def flush(self) -> None:
+        reg = self.registry
+        if self.loras:
+            rows = list(self.loras.values())
+            from models.text_encoder import default_text_encoder
+
+            vectors = default_text_encoder().encode([r["search_text"] for r in rows])
+            for row, vector in zip(rows, vectors):
+                row["text_vector"] = vector.tolist()
+            reg.upsert(reg.loras, rows, "lora_id", update=False)
+        reg.upsert(reg.files, list(self.files.values()), "sha256", update=True)
+        reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
+        self.loras.clear(), self.files.clear(), self.rejections.clear()
+
+
+def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str) -> dict:
+    meta = from_header(info.header_metadata)
+    meta.update(from_sidecars(info.path))
+    render_blobs = []
+    for render in meta.render_paths:
+        if os.path.isfile(render):
+            sha = sha256_file(render)
+            suffix = Path(render).suffix.lower()
+            render_blobs.append(str(reg.blobs.put(render, sha, suffix).relative_to(reg.root)))
+        else:
+            render_blobs.append("")
+    blob = reg.blobs.put(info.path, info.sha256)
+    return {
+        "lora_id": lora_id, "name": meta.name, "description": meta.description,
+        "trigger_words": meta.trigger_words, "tags": meta.tags, "architecture": info.architecture,
+        "base_model": info.base_model, "format": info.format, "rank": info.rank, "layers": info.layers,
+        "sha256": info.sha256, "fingerprint": info.fingerprint, "size_bytes": info.size,
+        "blob": str(blob.relative_to(reg.root)), "source_path": str(info.path.resolve()),
+        "render_prompts": meta.render_prompts, "render_blobs": render_blobs, "captions": [],
+        "header_metadata": json.dumps(info.header_metadata, sort_keys=True),
+        "search_text": meta.search_text(), "added_at": _now(),
+    }
+
+
+def ingest_paths(reg: Registry, paths: Iterable[str | os.PathLike], *, progress: bool = False,
+                 batch_size: int = 64) -> IngestReport:
+    """Ingest every candidate file under ``paths``; bad files are recorded, never raised."""
+    report = IngestReport()
+    batch = _Batch(reg)
+    bases = reg.bases()
+    candidates = collect_candidates(paths)
+    for path in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
+        shown = str(path)
+        try:
+            sha = sha256_file(path)
+        except OSError as error:
+            report.rejected.append({"path": shown, "reason": f"unreadable: {error}", "code": "unreadable"})
+            continue
+        known_file = batch.files.get(sha) or _existing(reg.files, "sha256", [sha]).get(sha)
+        if known_file:
+            report.duplicates.append({"path": shown, "lora_id": known_file["lora_id"], "kind": "sha256"})
+            continue
+        try:
+            info = inspect_file(path, bases, sha256=sha)
+        except RejectedFile as rejection:
+            key = hashlib.sha256(f"{path.resolve()}\0{sha}".encode()).hexdigest()
+            batch.rejections[key] = {"rejection_id": key, "path": str(path.resolve()), "sha256": sha,
+                                     "code": rejection.code, "reason": rejection.reason,
+                                     "rejected_at": _now()}
+            report.rejected.append({"path": shown, "reason": rejection.reason, "code": rejection.code})
+        else:
+            lora_id = lora_id_for(info.fingerprint)
+            stored = batch.loras.get(lora_id) or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id)
+            if stored and stored["sha256"] != sha:
+                report.duplicates.append({"path": shown, "lora_id": lora_id, "kind": "fingerprint"})
+            else:  # new, or the file whose row a killed run wrote before its file record
+                if not stored:
+                    batch.loras[lora_id] = _lora_row(reg, info, lora_id)
+                report.added.append({"lora_id": lora_id, "path": shown})
+            batch.files[sha] = {"sha256": sha, "lora_id": lora_id, "path": str(path.resolve()),
+                                "format": info.format, "seen_at": _now()}
+        if len(batch) >= batch_size:
+            batch.flush()
+    batch.flush()
+    reg.ensure_indexes()
+    return report

@@ -1,0 +1,66 @@
+"""One LoRA file → validated, canonicalised, fingerprinted and matched to a base model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from registry.base_models import BaseModel, match_base
+from registry.blobstore import sha256_file
+from registry.canonical import CanonicalLoRA, canonicalise, fingerprint
+from registry.errors import RejectedFile
+from registry.safe_read import read_safetensors
+
+
+@dataclass
+class InspectedLoRA:
+    """What ingest needs to know about one accepted file."""
+
+    path: Path
+    sha256: str
+    size: int
+    format: str
+    architecture: str
+    base_model: str
+    rank: int
+    layers: int
+    fingerprint: str
+    header_metadata: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The ``autolora inspect --json`` contract."""
+        return {
+            "sha256": self.sha256, "format": self.format, "architecture": self.architecture,
+            "base_model": self.base_model, "rank": self.rank, "layers": self.layers,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def load_canonical(path: str | os.PathLike) -> tuple[CanonicalLoRA, dict[str, str]]:
+    """Read a LoRA file safely and return its canonical form and header metadata."""
+    tensors, metadata = read_safetensors(path)
+    return canonicalise(tensors, metadata), metadata
+
+
+def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel], sha256: str | None = None) -> InspectedLoRA:
+    """Validate + canonicalise ``path``; raises :class:`RejectedFile` with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise RejectedFile("not_a_file", f"{path} is not a regular file")
+    lora, metadata = load_canonical(path)
+    bases = list(bases)
+    base = match_base(lora.shapes(), bases)
+    if base is None:
+        known = ", ".join(b.name for b in bases) or "none"
+        raise RejectedFile(
+            "unknown_base",
+            f"a {lora.architecture} LoRA whose layer names and shapes match no registered base model "
+            f"(registered: {known})",
+        )
+    return InspectedLoRA(
+        path=path, sha256=sha256 or sha256_file(path), size=path.stat().st_size,
+        format=lora.format, architecture=lora.architecture, base_model=base.name, rank=lora.rank,
+        layers=len(lora.layers), fingerprint=fingerprint(lora), header_metadata=dict(metadata),
+    )

@@ -1,0 +1,161 @@
+"""Text metadata of a LoRA: from the safetensors header and from sidecar files beside it.
+
+Header: kohya ``ss_*`` keys (``ss_output_name``, ``ss_tag_frequency``, ``ss_base_model_version``…)
+and ``modelspec.*`` keys. Sidecars next to ``NAME.safetensors`` (all optional):
+``NAME.json`` (a card: name, description, trigger words / "activation text", tags, renders with
+their prompts), ``NAME.civitai.info`` (a Civitai model-version JSON), preview images
+``NAME.png`` / ``NAME.preview.png`` / ``NAME.*.png`` whose prompt sits in the PNG text chunk
+(``parameters`` or ``prompt``) or in ``IMAGE.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_MAX_SIDECAR_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class LoraMetadata:
+    """Everything textual we know about one LoRA."""
+
+    name: str = ""
+    description: str = ""
+    trigger_words: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    base_model_hint: str = ""
+    render_paths: list[str] = field(default_factory=list)
+    render_prompts: list[str] = field(default_factory=list)
+
+    def search_text(self) -> str:
+        """The document indexed for full-text and text-embedding search."""
+        parts = [self.name, " ".join(self.trigger_words), self.description, " ".join(self.tags)]
+        parts += self.render_prompts
+        return "\n".join(p for p in parts if p)
+
+    def update(self, other: "LoraMetadata") -> None:
+        """Fill empty fields from ``other``; lists are merged without repeats."""
+        for name in ("name", "description", "base_model_hint"):
+            if not getattr(self, name) and getattr(other, name):
+                setattr(self, name, getattr(other, name))
+        for name in ("trigger_words", "tags"):
+            mine = getattr(self, name)
+            mine.extend(x for x in getattr(other, name) if x and x not in mine)
+        for path, prompt in zip(other.render_paths, other.render_prompts):
+            if path not in self.render_paths:
+                self.render_paths.append(path)
+                self.render_prompts.append(prompt)
+
+
+def _split_words(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [w.strip() for w in value.replace("\n", ",").split(",") if w.strip()]
+    if isinstance(value, list):
+        return [str(w).strip() for w in value if str(w).strip()]
+    return []
+
+
+def from_header(metadata: dict[str, str]) -> LoraMetadata:
+    """Read kohya ``ss_*`` and ``modelspec.*`` keys of a safetensors header."""
+    meta = LoraMetadata(
+        name=metadata.get("modelspec.title") or metadata.get("ss_output_name", ""),
+        description=metadata.get("modelspec.description", "") or metadata.get("ss_training_comment", ""),
+        trigger_words=_split_words(metadata.get("modelspec.trigger_phrase", "")),
+        tags=_split_words(metadata.get("modelspec.tags", "")),
+        base_model_hint=metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture", ""),
+    )
+    try:
+        frequencies = json.loads(metadata.get("ss_tag_frequency", "") or "{}")
+    except json.JSONDecodeError:
+        frequencies = {}
+    counts: dict[str, int] = {}
+    if isinstance(frequencies, dict):
+        for per_dataset in frequencies.values():
+            if isinstance(per_dataset, dict):
+                for tag, count in per_dataset.items():
+                    if isinstance(count, (int, float)):
+                        counts[str(tag).strip()] = counts.get(str(tag).strip(), 0) + int(count)
+    meta.tags += [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:50] if t not in meta.tags]
+    return meta
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file() or path.stat().st_size > _MAX_SIDECAR_BYTES:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _image_prompt(image: Path) -> str:
+    text_file = image.with_suffix(".txt")
+    if text_file.is_file() and text_file.stat().st_size < _MAX_SIDECAR_BYTES:
+        return text_file.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        from PIL import Image
+
+        with Image.open(image) as img:
+            chunks = getattr(img, "text", {}) or {}
+            return str(chunks.get("parameters") or chunks.get("prompt") or "").split("\nNegative prompt:")[0].strip()
+    except Exception:  # an unreadable preview loses its prompt, never the LoRA
+        return ""
+
+
+def _from_card(card: dict, folder: Path) -> LoraMetadata:
+    meta = LoraMetadata(
+        name=str(card.get("name") or card.get("model_name") or ""),
+        description=str(card.get("description") or card.get("notes") or ""),
+        trigger_words=_split_words(card.get("trigger_words") or card.get("activation text") or ""),
+        tags=_split_words(card.get("tags") or ""),
+        base_model_hint=str(card.get("base_model") or card.get("sd version") or ""),
+    )
+    for render in card.get("renders") or []:
+        if isinstance(render, dict) and render.get("image"):
+            meta.render_paths.append(str((folder / str(render["image"])).resolve()))
+            meta.render_prompts.append(str(render.get("prompt") or ""))
+    return meta
+
+
+def _from_civitai(info: dict) -> LoraMetadata:
+    model = info.get("model") if isinstance(info.get("model"), dict) else {}
+    meta = LoraMetadata(
+        name=str(model.get("name") or info.get("name") or ""),
+        description=str(info.get("description") or model.get("description") or ""),
+        trigger_words=_split_words(info.get("trainedWords") or []),
+        tags=_split_words(model.get("tags") or []),
+        base_model_hint=str(info.get("baseModel") or ""),
+    )
+    for image in info.get("images") or []:
+        prompt = (image.get("meta") or {}).get("prompt") if isinstance(image, dict) else None
+        if prompt:
+            meta.render_paths.append(str(image.get("url") or ""))
+            meta.render_prompts.append(str(prompt))
+    return meta
+
+
+def from_sidecars(lora_path: str | os.PathLike) -> LoraMetadata:
+    """Collect metadata from the files next to ``lora_path``; missing or broken ones are skipped."""
+    path = Path(lora_path)
+    folder, stem = path.parent, path.name[: -len(path.suffix)] if path.suffix else path.name
+    meta = _from_card(_load_json(folder / f"{stem}.json"), folder)
+    meta.update(_from_civitai(_load_json(folder / f"{stem}.civitai.info")))
+    previews = sorted(
+        p for p in folder.glob(f"{stem}*")
+        if p.suffix.lower() in _IMAGE_SUFFIXES and (p.stem == stem or p.stem.startswith(f"{stem}."))
+    )
+    previews_meta = LoraMetadata()
+    for image in previews:
+        resolved = str(image.resolve())
+        if resolved not in meta.render_paths:
+            previews_meta.render_paths.append(resolved)
+            previews_meta.render_prompts.append(_image_prompt(image))
+    meta.update(previews_meta)
+    if not meta.name:
+        meta.name = stem
+    return meta

@@ -1,0 +1,58 @@
+"""Arrow schemas of the registry's LanceDB tables."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TEXT_DIM = 384  # all-MiniLM-L6-v2
+
+_TIME = pa.timestamp("us", tz="UTC")
+_STRINGS = pa.list_(pa.string())
+
+
+def loras_schema(text_dim: int = TEXT_DIM) -> pa.Schema:
+    """One row per distinct LoRA (distinct canonical weights), keyed by ``lora_id``."""
+    return pa.schema([
+        pa.field("lora_id", pa.string(), nullable=False),
+        pa.field("name", pa.string()),
+        pa.field("description", pa.string()),
+        pa.field("trigger_words", _STRINGS),
+        pa.field("tags", _STRINGS),
+        pa.field("architecture", pa.string()),
+        pa.field("base_model", pa.string()),
+        pa.field("format", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("layers", pa.int32()),
+        pa.field("sha256", pa.string()),
+        pa.field("fingerprint", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("blob", pa.string()),
+        pa.field("source_path", pa.string()),
+        pa.field("render_prompts", _STRINGS),
+        pa.field("render_blobs", _STRINGS),
+        pa.field("captions", _STRINGS),
+        pa.field("header_metadata", pa.string()),
+        pa.field("search_text", pa.string()),
+        pa.field("text_vector", pa.list_(pa.float32(), text_dim)),
+        pa.field("added_at", _TIME),
+    ])
+
+
+FILES_SCHEMA = pa.schema([
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("lora_id", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("format", pa.string()),
+    pa.field("seen_at", _TIME),
+])
+"""Every accepted file seen, keyed by its sha256 (several files can hold one LoRA)."""
+
+REJECTIONS_SCHEMA = pa.schema([
+    pa.field("rejection_id", pa.string(), nullable=False),
+    pa.field("path", pa.string()),
+    pa.field("sha256", pa.string()),
+    pa.field("code", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("rejected_at", _TIME),
+])
+"""Every refused file with its reason, keyed by hash(path, sha256)."""

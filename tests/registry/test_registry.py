@@ -1,0 +1,196 @@
+"""The LanceDB registry end to end: ingest folders, dedupe, sidecar metadata, search, versions,
+and bad input rejected with a reason while the registry stays unchanged."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from bad_files import entry, write_malicious_pickle, write_malicious_torch_save, write_raw_safetensors
+from flux_fixtures import flux_lora, partial_names
+
+from registry.lora_formats import save_lora
+from registry.store import Registry
+
+
+def _lora(seed: int, double=(0,), single=(1,)):
+    return flux_lora(partial_names(double, single, attention_only=True), rank=4, seed=seed)
+
+
+def make_folder(folder: Path) -> dict[str, Path]:
+    """Three distinct LoRAs with sidecars, one re-saved in another format, one byte-copy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "ember": folder / "ember_glow.safetensors",
+        "ember_kohya": folder / "sub" / "ember_glow_kohya.safetensors",
+        "ocean": folder / "ocean.safetensors",
+        "ocean_copy": folder / "zcopies" / "ocean (1).safetensors",
+        "sketch": folder / "pencil_sketch.safetensors",
+    }
+    for p in files.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    ember, ocean, sketch = _lora(1), _lora(2, (3,), (5,)), _lora(3, (7,), ())
+    save_lora(files["ember"], ember, "diffusers")
+    save_lora(files["ember_kohya"], ember, "kohya")
+    save_lora(files["ocean"], ocean, "comfyui", metadata={
+        "ss_output_name": "ocean waves",
+        "ss_tag_frequency": json.dumps({"10_ocean": {"ocean waves": 12, "seascape": 7, "blue water": 3}}),
+        "ss_base_model_version": "flux1",
+    })
+    files["ocean_copy"].write_bytes(files["ocean"].read_bytes())
+    save_lora(files["sketch"], sketch, "kohya")
+    (folder / "ember_glow.json").write_text(json.dumps({
+        "name": "Ember Glow", "trigger_words": ["emb3r"], "description": "glowing embers, warm fire light",
+        "renders": [{"image": "ember_glow.preview.png", "prompt": "emb3r, a campfire at night"}],
+    }))
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a pencil sketch of a cat\nNegative prompt: blurry")
+    Image.new("RGB", (8, 8), (200, 80, 10)).save(folder / "ember_glow.preview.png")
+    Image.new("RGB", (8, 8), (90, 90, 90)).save(folder / "pencil_sketch.png", pnginfo=info)
+    (folder / "pencil_sketch.civitai.info").write_text(json.dumps({
+        "name": "v1", "trainedWords": ["skchy"], "baseModel": "Flux.1 D",
+        "model": {"name": "Pencil Sketch", "tags": ["drawing", "graphite"]},
+    }))
+    return files
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ingest")
+    files = make_folder(root / "loras")
+    reg = Registry.open(root / "registry")
+    report = reg.add([root / "loras"])
+    return reg, files, report
+
+
+def test_folder_ingest_dedupes_by_sha256_and_fingerprint(ingested):
+    reg, files, report = ingested
+    assert len(report.added) == 3 and len(reg) == 3 and not report.rejected
+    kinds = {Path(d["path"]).name: d["kind"] for d in report.duplicates}
+    assert kinds == {"ocean (1).safetensors": "sha256", "ember_glow_kohya.safetensors": "fingerprint"}
+    by_path = {Path(a["path"]).name: a["lora_id"] for a in report.added}
+    dup_ids = {Path(d["path"]).name: d["lora_id"] for d in report.duplicates}
+    assert dup_ids["ember_glow_kohya.safetensors"] == by_path["ember_glow.safetensors"]
+    assert dup_ids["ocean (1).safetensors"] == by_path["ocean.safetensors"]
+
+
+def test_rows_carry_file_and_sidecar_metadata(ingested):
+    reg, files, report = ingested
+    rows = {reg.get(a["lora_id"])["name"]: reg.get(a["lora_id"]) for a in report.added}
+    assert set(rows) == {"Ember Glow", "ocean waves", "Pencil Sketch"}
+    ember, ocean, sketch = rows["Ember Glow"], rows["ocean waves"], rows["Pencil Sketch"]
+    assert ember["trigger_words"] == ["emb3r"] and ember["render_prompts"] == ["emb3r, a campfire at night"]
+    assert (reg.root / ember["render_blobs"][0]).is_file()
+    assert ocean["tags"][:2] == ["ocean waves", "seascape"] and ocean["format"] == "comfyui"
+    assert ocean["header_metadata"]["ss_base_model_version"] == "flux1"
+    assert sketch["trigger_words"] == ["skchy"] and "graphite" in sketch["tags"]
+    assert sketch["render_prompts"] == ["a pencil sketch of a cat"]
+    for row in rows.values():
+        assert row["architecture"] == "flux" and row["base_model"] == "FLUX.1-dev" and row["rank"] == 4
+        assert (reg.root / row["blob"]).is_file()
+
+
+def test_search_hybrid_text_and_vector(ingested):
+    reg, _, _ = ingested
+    for mode in ("hybrid", "text", "vector"):
+        assert reg.search("ocean waves by the sea", k=1, mode=mode)[0].name == "ocean waves", mode
+    assert reg.search("a drawing made with graphite", k=1)[0].name == "Pencil Sketch"
+    assert reg.search("campfire embers", k=1, mode="vector")[0].name == "Ember Glow"
+    assert reg.search("ocean", k=3, base_model="SDXL") == []
+    assert reg.search("fire 'quoted\" (weird) ~ text*", k=2)  # query syntax never crashes
+
+
+def test_reingest_is_a_no_op_and_versions_tag(ingested, tmp_path):
+    reg, files, _ = ingested
+    reg.tag("v1")
+    before = reg.version
+    again = reg.add([files["ember"].parent])
+    assert not again.added and len(again.duplicates) == 5 and len(reg) == 3
+    pinned = Registry.open(reg.root, version="v1")
+    assert len(pinned) == 3 and pinned.tags()["v1"] == before
+    with pytest.raises(PermissionError):
+        pinned.add([files["ember"]])
+
+
+def _bad_files(folder: Path, sentinel: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = _lora(9)
+    files = {}
+    for ext in (".ckpt", ".pt", ".bin", ".safetensors"):
+        files[f"pickle{ext}"] = write_malicious_pickle(folder / f"bomb{ext}", sentinel)
+    files["torch_save.pt"] = write_malicious_torch_save(folder / "bomb_zip.pt", sentinel)
+    files["torch_save.safetensors"] = write_malicious_torch_save(folder / "bomb_zip.safetensors", sentinel)
+    save_lora(folder / "whole.safetensors", good, "diffusers")
+    data = (folder / "whole.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    files["truncated"] = folder / "truncated.safetensors"
+    files["header_past_eof"] = write_raw_safetensors(folder / "past_eof.safetensors", {}, length=10_000)
+    files["header_too_large"] = write_raw_safetensors(folder / "huge.safetensors", {}, length=2**40)
+    files["invalid_json"] = write_raw_safetensors(folder / "json.safetensors", None, raw_header=b"{not json")
+    files["overlap"] = write_raw_safetensors(
+        folder / "overlap.safetensors",
+        {"a.lora_A.weight": entry("F32", [2, 2], 0), "a.lora_B.weight": entry("F32", [2, 2], 8)}, b"\0" * 24)
+    files["out_of_range"] = write_raw_safetensors(
+        folder / "range.safetensors", {"a.lora_A.weight": entry("F32", [2, 2], 64)}, b"\0" * 16)
+    (folder / "whole.safetensors").unlink()
+    a, b = next(iter(good.values()))
+    for name, value in (("nan", math.nan), ("inf", math.inf)):
+        bad = dict(good)
+        key = next(iter(good))
+        poisoned = a.clone()
+        poisoned[0, 0] = value
+        bad[key] = (poisoned, b)
+        files[name] = folder / f"{name}.safetensors"
+        save_lora(files[name], bad, "diffusers")
+    from safetensors.torch import save_file
+
+    files["rank_mismatch"] = folder / "rank.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(3072, 8)},
+              str(files["rank_mismatch"]))
+    files["full_checkpoint"] = folder / "model.safetensors"
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.randn(64, 64),
+               "transformer_blocks.0.attn.to_q.bias": torch.randn(64)}, str(files["full_checkpoint"]))
+    files["empty"] = folder / "empty.safetensors"
+    files["empty"].write_bytes(b"")
+    files["unknown_architecture"] = folder / "alien.safetensors"
+    save_file({"lora_unet_mystery_block_0_proj.lora_down.weight": torch.randn(4, 40),
+               "lora_unet_mystery_block_0_proj.lora_up.weight": torch.randn(40, 4)},
+              str(files["unknown_architecture"]))
+    return files
+
+
+def test_bad_input_rejected_with_reasons_registry_unchanged(tmp_path):
+    sentinel = tmp_path / "PWNED"
+    reg = Registry.open(tmp_path / "registry")
+    reg.add([make_folder(tmp_path / "good")["ember"]])
+    version, blobs = reg.version, sorted((reg.root / "blobs").rglob("*"))
+    bad = _bad_files(tmp_path / "bad", sentinel)
+    report = reg.add([tmp_path / "bad"])
+    assert not sentinel.exists()
+    assert not report.added and not report.duplicates
+    rejected = {Path(r["path"]).name: r for r in report.rejected}
+    assert set(rejected) == {p.name for p in bad.values()}
+    reasons = {r["reason"] for r in report.rejected}
+    assert len(reasons) >= 12, reasons  # each kind of problem has its own reason
+    codes = {name: rejected[path.name]["code"] for name, path in bad.items()}
+    assert codes["pickle.ckpt"] == codes["pickle.pt"] == codes["pickle.bin"] == "unsupported_extension"
+    assert codes["pickle.safetensors"] == codes["torch_save.safetensors"] == "pickle"
+    assert codes["truncated"] == "truncated" and codes["empty"] == "empty"
+    assert codes["header_past_eof"] == "header_past_eof" and codes["header_too_large"] == "header_too_large"
+    assert codes["invalid_json"] == "invalid_json"
+    assert codes["overlap"] == codes["out_of_range"] == "bad_offsets"
+    assert codes["nan"] == codes["inf"] == "nan_inf"
+    assert codes["rank_mismatch"] == "rank_mismatch" and codes["full_checkpoint"] == "full_checkpoint"
+    assert codes["unknown_architecture"] == "unknown_architecture"
+    assert reg.version == version and len(reg) == 1
+    assert sorted((reg.root / "blobs").rglob("*")) == blobs
+    recorded = reg.rejections.to_arrow().to_pylist()
+    assert {Path(r["path"]).name for r in recorded} == set(rejected)
+    assert all(r["reason"] for r in recorded)
+    assert not sentinel.exists()
