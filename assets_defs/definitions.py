@@ -1,0 +1,16 @@
+"""The Dagster code location: ``dagster dev -w workspace.yaml``."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets_defs.ingest import ingest_job, ingested_loras
+from assets_defs.resources import RegistryResource
+from assets_defs.sensors import local_folder_sensor
+
+defs = dg.Definitions(
+    assets=[ingested_loras],
+    jobs=[ingest_job],
+    sensors=[local_folder_sensor],
+    resources={"registry": RegistryResource()},
+)

@@ -1,0 +1,43 @@
+"""Ingest asset: local LoRA files and folders → the registry."""
+
+import os
+
+import dagster as dg
+
+from assets_defs.resources import RegistryResource
+
+class IngestConfig(dg.Config):
+    """Which files or folders to ingest (folders are walked)."""
+
+    paths: list[str] = [os.environ.get("AUTOLORA_WATCH_DIR", "loras")]
+
+def _markdown(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")).replace("|", "\\|") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+@dg.asset(group_name="registry", kinds={"lancedb"}, pool="registry_writes")
+def ingested_loras(context: dg.AssetExecutionContext, config: IngestConfig,
+                   registry: RegistryResource) -> dg.MaterializeResult:
+    """LoRA files validated, canonicalised, deduplicated and upserted into the registry."""
+    reg = registry.open()
+    paths = [p for p in config.paths if os.path.exists(p)]
+    missing = sorted(set(config.paths) - set(paths))
+    if missing:
+        context.log.warning(f"skipping paths that do not exist: {missing}")
+    report = reg.add(paths)
+    context.log.info(f"{len(report.added)} added, {len(report.duplicates)} duplicates, "
+                     f"{len(report.rejected)} rejected")
+    return dg.MaterializeResult(metadata={
+        "added": len(report.added),
+        "duplicates": len(report.duplicates),
+        "rejected": len(report.rejected),
+        "registry_rows": len(reg),
+        "registry_version": reg.version,
+        "rejections": dg.MetadataValue.md(_markdown(report.rejected, ["path", "reason"]) if report.rejected
+                                          else "none"),
+        "added_loras": dg.MetadataValue.md(_markdown(report.added, ["lora_id", "path"]) if report.added
+                                           else "none"),
+    })
+
+ingest_job = dg.define_asset_job("ingest_job", selection=[ingested_loras])
