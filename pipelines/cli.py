@@ -86,6 +86,50 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_build(args: argparse.Namespace) -> int:
+    from pipelines.world.build import build_world
+
+    result = build_world(args.out, size=args.size, seed=args.seed, progress=not args.json)
+    _print_json(result) if args.json else _table("demo world", ["field", "value"], list(result.items()))
+    return 0
+
+
+def cmd_register_base(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from registry.base_models import BaseModel
+    from registry.store import Registry
+
+    source = Path(args.source)
+    if source.is_dir():
+        from pipelines.demo import base_model_from_pipeline
+
+        base = base_model_from_pipeline(source, args.name)
+    else:
+        base = BaseModel.from_json(source.read_text(encoding="utf-8"))
+    Registry.open(args.registry).register_base(base)
+    result = {"name": base.name, "architecture": base.architecture, "layers": len(base.layer_shapes)}
+    _print_json(result) if args.json else print(f"registered {base.name} ({len(base.layer_shapes)} layers)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    registry, report, searches = run_demo(args.workdir, size=args.size, seed=args.seed,
+                                          folders=args.folders, progress=not args.json)
+    if args.json:
+        _print_json({"ingest": report.to_dict(), "registry": str(registry.root),
+                     "searches": {p: [h.to_dict() for h in hits] for p, hits in searches.items()}})
+        return 0
+    print(f"{len(report.added)} added, {len(report.duplicates)} duplicates, {len(report.rejected)} rejected; "
+          f"registry {registry.root} holds {len(registry)} LoRAs")
+    for prompt, hits in searches.items():
+        _table(f"search: {prompt!r}", ["lora_id", "name", "score", "trigger words"],
+               [(h.lora_id, h.name, f"{h.score:.4f}", ", ".join(h.trigger_words)) for h in hits])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autolora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--mode", choices=["hybrid", "text", "vector"], default="hybrid")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
+
+    base = sub.add_parser("register-base", help="make LoRAs for a base model recognisable")
+    base.add_argument("source", help="a diffusers FLUX pipeline folder or a base_model.json")
+    base.add_argument("--name", help="name for a pipeline folder (default: its parent folder's name)")
+    base.add_argument("--registry", default=DEFAULT_REGISTRY)
+    base.add_argument("--json", action="store_true")
+    base.set_defaults(func=cmd_register_base)
+
+    world = sub.add_parser("world", help="the demo world").add_subparsers(dest="world_command", required=True)
+    world_build = world.add_parser("build", help="build (or reuse) the demo world")
+    world_build.add_argument("--size", choices=["micro", "default"], default="default")
+    world_build.add_argument("--out", default=".autolora/world")
+    world_build.add_argument("--seed", type=int, default=0)
+    world_build.add_argument("--json", action="store_true")
+    world_build.set_defaults(func=cmd_world_build)
+
+    demo = sub.add_parser("demo", help="the main job: build the demo world if missing, ingest, search")
+    demo.add_argument("folders", nargs="*", help="ingest these instead of the demo world")
+    demo.add_argument("--workdir", default=".autolora")
+    demo.add_argument("--size", choices=["micro", "default"], default="default")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

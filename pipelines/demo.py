@@ -1,0 +1,41 @@
+"""The main job on embedded defaults: build the demo world when missing, register its base,
+ingest its LoRA folders into the registry, and show a few searches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from registry.base_models import BaseModel
+from registry.ingest import IngestReport
+from registry.store import Registry, SearchHit
+
+DEMO_PROMPTS = ("a red circle on a striped background", "a crimson disc with a neon glow",
+                "hatched style star", "blue square, outline style")
+
+
+def base_model_from_pipeline(folder: str | Path, name: str | None = None) -> BaseModel:
+    """Layer names/shapes of a diffusers FLUX pipeline folder (config only; no weights loaded)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    folder = Path(folder)
+    config = FluxTransformer2DModel.load_config(folder / "transformer")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(config)
+    return BaseModel.from_flux_transformer(name or folder.resolve().parent.name, transformer)
+
+
+def run_demo(workdir: str | Path = ".autolora", size: str = "default", seed: int = 0,
+             folders: list[str] | None = None, progress: bool = True) -> tuple[Registry, IngestReport,
+                                                                             dict[str, list[SearchHit]]]:
+    """Ingest ``folders`` (default: the demo world's LoRA folders, built if missing) and search."""
+    workdir = Path(workdir)
+    registry = Registry.open(workdir / "registry")
+    if not folders:
+        from pipelines.world.build import build_world
+
+        world = build_world(workdir / "world", size=size, seed=seed, progress=progress)
+        registry.register_base(BaseModel.from_json((Path(world["base"]).parent / "base_model.json").read_text()))
+        folders = [world["loras"], world["heldout_loras"]]
+    report = registry.add(folders, progress=progress)
+    return registry, report, {p: registry.search(p, k=3) for p in DEMO_PROMPTS}
