@@ -194,24 +194,34 @@ def _targets(prefix: str) -> tuple[tuple[str, ...], bool] | None:
     return resolve_layer_name(name)
 
 
-def _convert(modules: Mapping[str, _Module]) -> Layers:
-    """Our own conversion: name map, alpha/rank folded into B, fused layers split by B's rows."""
-    layers: Layers = {}
+def _check_known(modules: Mapping[str, _Module]) -> None:
     unknown = [p for p in modules if _targets(p) is None]
     if unknown:
         raise ValueError(f"{len(unknown)} unrecognised LoRA modules, e.g. {unknown[:3]}")
+
+
+def _convert_module(prefix: str, m: _Module) -> list[tuple[str, tuple[Tensor, Tensor]]]:
+    """One module's canonical layer(s): alpha/rank folded into B, a fused B split by rows."""
+    parts, swap = _targets(prefix)
+    a, b = m.down.to(torch.float32), m.up.to(torch.float32)
+    if m.alpha is not None:
+        b = b * (m.alpha / a.shape[0])
+    if swap:
+        b = swap_halves(b)
+    sizes = fused_part_sizes(len(parts), b.shape[0], a.shape[1])
+    rows = torch.split(b, sizes, dim=0)
+    return [(part, (a, r)) for part, r in zip(parts, rows, strict=True)]
+
+
+def _convert(modules: Mapping[str, _Module]) -> Layers:
+    """Our own conversion: name map, alpha/rank folded into B, fused layers split by B's rows."""
+    _check_known(modules)
+    layers: Layers = {}
     for prefix, m in modules.items():
-        parts, swap = _targets(prefix)
-        a, b = m.down.to(torch.float32), m.up.to(torch.float32)
-        if m.alpha is not None:
-            b = b * (m.alpha / a.shape[0])
-        if swap:
-            b = swap_halves(b)
-        sizes = fused_part_sizes(len(parts), b.shape[0], a.shape[1])
-        for part, rows in zip(parts, torch.split(b, sizes, dim=0), strict=True):
+        for part, factors in _convert_module(prefix, m):
             if part in layers:
                 raise ValueError(f"layer {part} is given twice")
-            layers[part] = (a, rows)
+            layers[part] = factors
     return layers
 
 
@@ -229,17 +239,63 @@ def _probe(a: Tensor, b: Tensor) -> Tensor:
     return b.double() @ (a.double() @ _signs(a.shape[1], 1)[:, 0])
 
 
-def _agree(mine: Layers, theirs: Layers) -> bool:
-    """Same layers, and the same ``ΔW x`` for a fixed probe ``x`` (to 1e-4 relative)."""
-    if mine.keys() != theirs.keys():
+def _equal(x: Tensor, y: Tensor) -> bool:
+    """Same shape, dtype and values (NaN equals nothing); numpy's compare is ~3x torch.equal's."""
+    if x.shape != y.shape or x.dtype != y.dtype:
         return False
-    probes = ((_probe(*mine[n]), _probe(*theirs[n])) for n in mine)
-    return all(y.shape == z.shape and (y - z).norm() <= 1e-4 * y.norm() + 1e-12 for y, z in probes)
+    try:
+        return bool(np.array_equal(x.detach().numpy(), y.detach().numpy()))
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
+        return torch.equal(x, y)
 
 
-def _compact(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop rank components that are exactly zero (zero-padded fused parts); always copies."""
+def _layer_agrees(mine: tuple[Tensor, Tensor], theirs: tuple[Tensor, Tensor]) -> bool:
+    """The same ``ΔW x`` for a fixed probe ``x`` (to 1e-4 relative); identical factors (the usual
+    case) give an identical ``ΔW x`` and skip the float64 probe."""
+    (a, b), (c, d) = mine, theirs
+    if _equal(a, c) and _equal(b, d):
+        return True
+    y, z = _probe(a, b), _probe(c, d)
+    return bool(y.shape == z.shape and (y - z).norm() <= 1e-4 * y.norm() + 1e-12)
+
+
+def _name_map_agrees(modules: Mapping[str, _Module], theirs: Layers) -> bool:
+    """Whether ``_convert(modules)`` has the same layers as ``theirs`` and each the same ``ΔW x``.
+
+    Raises ``ValueError`` exactly where ``_convert`` does. Converts one module at a time and drops
+    it after the comparison, so no float32 copy of the whole LoRA is made on the usual path.
+    """
+    _check_known(modules)
+    seen: set[str] = set()
+    agree = True
+    for prefix, m in modules.items():
+        for part, factors in _convert_module(prefix, m):
+            if part in seen:
+                raise ValueError(f"layer {part} is given twice")
+            seen.add(part)
+            # after a mismatch, keep converting: a later ValueError still means "name map failed"
+            agree = agree and part in theirs and _layer_agrees(factors, theirs[part])
+    return agree and seen == theirs.keys()
+
+
+def _own(t: Tensor, taken: set[int]) -> Tensor:
+    """``t`` if it is contiguous and alone in a storage no input or earlier layer uses, else a
+    contiguous copy; either way the result shares memory with nothing else handed out."""
+    storage = t.untyped_storage()
+    ptr = storage.data_ptr()
+    if (ptr and ptr not in taken and t.is_contiguous() and t.storage_offset() == 0
+            and storage.nbytes() == t.numel() * t.element_size()):
+        taken.add(ptr)
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _compact(a: Tensor, b: Tensor, taken: set[int]) -> tuple[Tensor, Tensor]:
+    """Drop rank components that are exactly zero (zero-padded fused parts). The result shares
+    memory with nothing in ``taken`` (storages of the input and of layers already handed out)."""
     keep = (a.abs().sum(dim=1) > 0) & (b.abs().sum(dim=0) > 0)
+    if bool(keep.all()):  # nothing to drop: indexing columns would be a slow needless copy
+        return _own(a, taken), _own(b, taken)
     return a[keep].contiguous(), b[:, keep].contiguous()
 
 
@@ -308,25 +364,24 @@ def _check_kind(tensors: Mapping[str, Tensor],
 def _convert_checked(tensors: Mapping[str, Tensor], modules: Mapping[str, _Module],
                      notes: list[str]) -> Layers:
     """diffusers' conversion, checked against our name map (which wins on failure or mismatch)."""
-    errors: list[str] = []
-    mine: Layers | None = None
-    theirs: Layers | None = None
-    try:
-        mine = _convert(modules)
-    except ValueError as exc:
-        errors.append(f"name map: {exc}")
     try:
         theirs = _via_diffusers(tensors)
     except Exception as exc:  # noqa: BLE001 - third-party converters raise anything (assert, ...)
-        errors.append(f"diffusers: {type(exc).__name__}: {exc}"[:300])
-    if mine is not None and theirs is not None and not _agree(mine, theirs):
-        notes.append("diffusers' converter disagreed with our name map; used the name map")
-        theirs = None
-    if theirs is None and mine is None:
-        raise RejectedFile("unsupported_layers", "could not convert: " + "; ".join(errors))
-    if theirs is None:
-        notes.extend(errors)
-    return theirs if theirs is not None else mine
+        failed = f"diffusers: {type(exc).__name__}: {exc}"[:300]
+        try:
+            mine = _convert(modules)
+        except ValueError as mine_exc:
+            raise RejectedFile("unsupported_layers",
+                               f"could not convert: name map: {mine_exc}; {failed}") from None
+        notes.append(failed)
+        return mine
+    try:
+        if _name_map_agrees(modules, theirs):
+            return theirs
+    except ValueError:  # our name map cannot convert this file: diffusers' result stands
+        return theirs
+    notes.append("diffusers' converter disagreed with our name map; used the name map")
+    return _convert(modules)
 
 
 def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> CanonicalLoRA:
@@ -342,9 +397,11 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
     has_alpha = any(m.alpha is not None for m in modules.values())
     scale = None if has_alpha else _peft_scale(metadata)
     canonical: Layers = {}
+    taken = {t.untyped_storage().data_ptr() for t in tensors.values() if isinstance(t, Tensor)}
     for name in sorted(layers):
         a, b = layers[name]
-        a, b = _compact(a.to(torch.float32), b.to(torch.float32) * (scale(name) if scale else 1.0))
+        a, b = a.to(torch.float32), b.to(torch.float32)
+        a, b = _compact(a, b * scale(name) if scale else b, taken)  # (b * 1.0: a needless copy)
         if a.shape[0]:
             canonical[name] = (a, b)
     if not canonical:
