@@ -22,6 +22,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _hash_and_copy(source: str | os.PathLike, target_fd: int) -> str:
+    """One read pass over ``source``: hash it and write it to ``target_fd``; hex sha256."""
+    digest = hashlib.sha256()
+    with open(source, "rb", buffering=0) as handle, open(target_fd, "wb", buffering=0) as out:
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            written = 0
+            while written < n:
+                written += out.write(view[written:n])
+    return digest.hexdigest()
+
+
 class BlobStore:
     """Files stored under ``root/ab/cdef….ext``; writes are atomic (temp file + rename)."""
 
@@ -51,3 +65,36 @@ class BlobStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return target
+
+    def stage(self, source: str | os.PathLike) -> tuple[str, Path]:
+        """Hash ``source`` and copy it to a temp file in the store in one read pass.
+
+        Returns ``(sha256, temp path)``; :meth:`commit` renames the temp file into place,
+        :meth:`discard` removes it. Nothing under a blob name exists until ``commit``.
+        """
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        try:
+            return _hash_and_copy(source, fd), Path(tmp)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def commit(self, staged: Path, sha256: str, suffix: str = ".safetensors") -> Path:
+        """Move a file from :meth:`stage` to its blob name (atomic; a no-op when present)."""
+        target = self.path_for(sha256, suffix)
+        if target.exists():
+            self.discard(staged)
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)  # same file system: readers see nothing or the whole file
+        return target
+
+    @staticmethod
+    def discard(staged: Path | None) -> None:
+        """Remove a staged temp file (if it is still there)."""
+        if staged is not None:
+            try:
+                os.unlink(staged)
+            except FileNotFoundError:
+                pass

@@ -173,6 +173,9 @@ def _group(tensors: Mapping[str, Tensor | float]) -> tuple[dict[str, _Module], l
         elif m.down.shape[0] != m.up.shape[1]:
             raise RejectedFile("rank_mismatch", f"{prefix}: A/down has {m.down.shape[0]} rows but "
                                                 f"B/up has {m.up.shape[1]} columns")
+        elif m.down.shape[0] == 0 and m.alpha is not None:  # alpha / rank is undefined
+            raise RejectedFile("rank_mismatch", f"{prefix}: rank 0 with an alpha ({m.alpha}); "
+                                                "alpha / rank is undefined")
     return modules, extras
 
 
@@ -265,16 +268,65 @@ def _name_map_agrees(modules: Mapping[str, _Module], theirs: Layers) -> bool:
     Raises ``ValueError`` exactly where ``_convert`` does. Converts one module at a time and drops
     it after the comparison, so no float32 copy of the whole LoRA is made on the usual path.
     """
+    return _name_map_agrees_on(modules, theirs, set(modules))
+
+
+# Modules whose ΔW is probed on the cheap check (besides those named below): a few picked by a
+# hash of the prefix, so the choice is deterministic for a file.
+_PROBED_MODULES = 4
+
+
+def _probe_set(modules: Mapping[str, _Module]) -> set[str]:
+    """The modules whose ΔW :func:`_convert_checked` compares with diffusers' result.
+
+    Names and shapes of every layer are always compared (that catches every name-level gap we
+    know of in diffusers' converters). Values are compared on: every module whose halves our map
+    swaps (diffusers' BFL-Control swap of ``lora_A`` differs only there), the first and last fused
+    module (part order), the first and last module, and a few more picked by a hash of the name.
+    """
+    _check_known(modules)  # ValueError where our map cannot convert (as _name_map_agrees_on)
+    prefixes = sorted(modules)
+    chosen = {prefixes[0], prefixes[-1]}
+    fused = []
+    for prefix in prefixes:
+        parts, swap = _targets(prefix)
+        if swap:
+            chosen.add(prefix)
+        if len(parts) > 1:
+            fused.append(prefix)
+    if fused:
+        chosen |= {fused[0], fused[-1]}
+    ranked = sorted(prefixes, key=lambda p: hashlib.sha256(p.encode()).digest())
+    chosen.update(ranked[:_PROBED_MODULES])
+    return chosen
+
+
+def _name_map_agrees_on(modules: Mapping[str, _Module], theirs: Layers, probed: set[str]) -> bool:
+    """Same layer names and ΔW shapes as ``_convert(modules)`` everywhere, and the same
+    ``ΔW x`` on the modules in ``probed``. Raises ``ValueError`` exactly where ``_convert`` does."""
     _check_known(modules)
     seen: set[str] = set()
     agree = True
     for prefix, m in modules.items():
-        for part, factors in _convert_module(prefix, m):
+        if prefix in probed:
+            converted = _convert_module(prefix, m)
+        else:  # names and shapes only: no float32 copy, no probe
+            parts, _ = _targets(prefix)
+            k = m.down.shape[1]
+            sizes = fused_part_sizes(len(parts), m.up.shape[0], k)
+            converted = [(part, (None, (rows, k))) for part, rows in zip(parts, sizes, strict=True)]
+        for part, factors in converted:
             if part in seen:
                 raise ValueError(f"layer {part} is given twice")
             seen.add(part)
             # after a mismatch, keep converting: a later ValueError still means "name map failed"
-            agree = agree and part in theirs and _layer_agrees(factors, theirs[part])
+            if not agree or part not in theirs:
+                agree = False
+            elif factors[0] is None:
+                c, d = theirs[part]  # ΔW's shape (d, k); ranks may differ (zero padding)
+                agree = c.shape[0] == d.shape[1] and (d.shape[0], c.shape[1]) == factors[1]
+            else:
+                agree = _layer_agrees(factors, theirs[part])
     return agree and seen == theirs.keys()
 
 
@@ -293,7 +345,7 @@ def _own(t: Tensor, taken: set[int]) -> Tensor:
 def _compact(a: Tensor, b: Tensor, taken: set[int]) -> tuple[Tensor, Tensor]:
     """Drop rank components that are exactly zero (zero-padded fused parts). The result shares
     memory with nothing in ``taken`` (storages of the input and of layers already handed out)."""
-    keep = (a.abs().sum(dim=1) > 0) & (b.abs().sum(dim=0) > 0)
+    keep = (a.abs().sum(dim=1) > 0) & (b.abs().sum(dim=0) > 0)  # (Tensor.any(dim) is ~5x slower)
     if bool(keep.all()):  # nothing to drop: indexing columns would be a slow needless copy
         return _own(a, taken), _own(b, taken)
     return a[keep].contiguous(), b[:, keep].contiguous()
@@ -376,7 +428,7 @@ def _convert_checked(tensors: Mapping[str, Tensor], modules: Mapping[str, _Modul
         notes.append(failed)
         return mine
     try:
-        if _name_map_agrees(modules, theirs):
+        if _name_map_agrees_on(modules, theirs, _probe_set(modules)):
             return theirs
     except ValueError:  # our name map cannot convert this file: diffusers' result stands
         return theirs
@@ -421,7 +473,7 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
 # fingerprint_features gives the unrounded numbers for a tolerant comparison. Probes come from
 # a fixed integer hash (splitmix64), not torch's RNG, so stored fingerprints stay valid.
 _FP_PROBES = 8
-_FP_VERSION = "autolora-fingerprint-v1"
+_FP_VERSION = "autolora-fingerprint-v2"  # v2: factor products in float32 (v1: float64)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -441,6 +493,12 @@ def _signs(n: int, probes: int) -> Tensor:
     return torch.from_numpy(1.0 - 2.0 * bits)
 
 
+@functools.lru_cache(maxsize=64)
+def _signs32(n: int, probes: int) -> Tensor:
+    """:func:`_signs` as float32 (±1 is exact in any float type)."""
+    return _signs(n, probes).float()
+
+
 def _layer_weights(name: str) -> Tensor:
     digest = hashlib.sha256(name.encode()).digest()
     return torch.tensor([0.5 + b / 255.0 for b in digest[:_FP_PROBES]], dtype=torch.float64)
@@ -448,13 +506,16 @@ def _layer_weights(name: str) -> Tensor:
 
 def fingerprint_features(lora: CanonicalLoRA) -> tuple[float, list[float]]:
     """``(log10 N, [s_m / N])``: the unrounded numbers :func:`fingerprint` hashes."""
+    # The factors are read once, in float32 (a float64 copy of every factor would move 3x more
+    # bytes); only the small r x 8 and r x r products are widened to float64 before combining.
     sums = torch.zeros(_FP_PROBES, dtype=torch.float64)
     energy = 0.0
     for name in sorted(lora.layers):
-        a, b = (t.double() for t in lora.layers[name])
-        u, x = _signs(b.shape[0], _FP_PROBES), _signs(a.shape[1], _FP_PROBES)
-        sums += _layer_weights(name) * ((a @ x) * (b.T @ u)).sum(dim=0)
-        energy += float(((b.T @ b) * (a @ a.T)).sum())
+        a, b = (t.float() for t in lora.layers[name])
+        u, x = _signs32(b.shape[0], _FP_PROBES), _signs32(a.shape[1], _FP_PROBES)
+        ax, bu = (a @ x).double(), (b.T @ u).double()
+        sums += _layer_weights(name) * (ax * bu).sum(dim=0)
+        energy += float(((b.T @ b).double() * (a @ a.T).double()).sum())
     norm = math.sqrt(max(energy, 1e-300))
     return math.log10(norm), [float(s) / norm for s in sums]
 

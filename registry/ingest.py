@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from registry.blobstore import sha256_file
 from registry.errors import RejectedFile
-from registry.inspect import InspectedLoRA, inspect_file
+from registry.inspect import InspectedLoRA, _one_torch_thread, inspect_file
 from registry.metadata import from_header, from_sidecars
 from registry.store import Registry, _quote
 
@@ -89,7 +90,8 @@ class _Batch:
             rows = list(self.loras.values())
             from models.text_encoder import default_text_encoder
 
-            vectors = default_text_encoder().encode([r["search_text"] for r in rows])
+            with _one_torch_thread():  # a few short texts: OpenMP barriers cost more than they give
+                vectors = default_text_encoder().encode([r["search_text"] for r in rows])
             for row, vector in zip(rows, vectors):
                 row["text_vector"] = vector.tolist()
             reg.upsert(reg.loras, rows, "lora_id", update=False)
@@ -98,7 +100,7 @@ class _Batch:
         self.loras.clear(), self.files.clear(), self.rejections.clear()
 
 
-def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str) -> dict:
+def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str, staged: Path | None = None) -> dict:
     meta = from_header(info.header_metadata)
     meta.update(from_sidecars(info.path))
     render_blobs = []
@@ -109,7 +111,10 @@ def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str) -> dict:
             render_blobs.append(str(reg.blobs.put(render, sha, suffix).relative_to(reg.root)))
         else:
             render_blobs.append("")
-    blob = reg.blobs.put(info.path, info.sha256)
+    if staged is not None:  # the copy made while hashing: renamed into place now, complete
+        blob = reg.blobs.commit(staged, info.sha256)
+    else:
+        blob = reg.blobs.put(info.path, info.sha256)
     return {
         "lora_id": lora_id, "name": meta.name, "description": meta.description,
         "trigger_words": meta.trigger_words, "tags": meta.tags, "architecture": info.architecture,
@@ -122,6 +127,20 @@ def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str) -> dict:
     }
 
 
+def _maybe_known(reg: Registry, batch: _Batch, path: Path) -> bool:
+    """Whether ``path`` could be a file already ingested (a stored LoRA of the same size): then it
+    is hashed before inspection, so a duplicate costs no inspect. Otherwise hashing (and staging
+    the blob copy) runs alongside inspection. A duplicate this misses (e.g. a file that was a
+    fingerprint duplicate) is still caught by its sha256 after inspection: only work is wasted."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return True  # the sequential path reports it as unreadable
+    if any(row["size_bytes"] == size for row in batch.loras.values()):
+        return True
+    return bool(reg.loras.search().where(f"size_bytes = {int(size)}").limit(1).to_list())
+
+
 def ingest_paths(reg: Registry, paths: Iterable[str | os.PathLike], *, progress: bool = False,
                  batch_size: int = 64) -> IngestReport:
     """Ingest every candidate file under ``paths``; bad files are recorded, never raised."""
@@ -129,38 +148,69 @@ def ingest_paths(reg: Registry, paths: Iterable[str | os.PathLike], *, progress:
     batch = _Batch(reg)
     bases = reg.bases()
     candidates = collect_candidates(paths)
-    for path in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
-        shown = str(path)
-        try:
-            sha = sha256_file(path)
-        except OSError as error:
-            report.rejected.append({"path": shown, "reason": f"unreadable: {error}", "code": "unreadable"})
-            continue
-        known_file = batch.files.get(sha) or _existing(reg.files, "sha256", [sha]).get(sha)
-        if known_file:
-            report.duplicates.append({"path": shown, "lora_id": known_file["lora_id"], "kind": "sha256"})
-            continue
-        try:
-            info = inspect_file(path, bases, sha256=sha)
-        except RejectedFile as rejection:
-            key = hashlib.sha256(f"{path.resolve()}\0{sha}".encode()).hexdigest()
-            batch.rejections[key] = {"rejection_id": key, "path": str(path.resolve()), "sha256": sha,
-                                     "code": rejection.code, "reason": rejection.reason,
-                                     "rejected_at": _now()}
-            report.rejected.append({"path": shown, "reason": rejection.reason, "code": rejection.code})
-        else:
-            lora_id = lora_id_for(info.fingerprint)
-            stored = batch.loras.get(lora_id) or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id)
-            if stored and stored["sha256"] != sha:
-                report.duplicates.append({"path": shown, "lora_id": lora_id, "kind": "fingerprint"})
-            else:  # new, or the file whose row a killed run wrote before its file record
-                if not stored:
-                    batch.loras[lora_id] = _lora_row(reg, info, lora_id)
-                report.added.append({"lora_id": lora_id, "path": shown})
-            batch.files[sha] = {"sha256": sha, "lora_id": lora_id, "path": str(path.resolve()),
-                                "format": info.format, "seen_at": _now()}
-        if len(batch) >= batch_size:
-            batch.flush()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-hash") as pool:
+        for path in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
+            _ingest_one(reg, batch, report, bases, path, pool)
+            if len(batch) >= batch_size:
+                batch.flush()
     batch.flush()
     reg.ensure_indexes()
     return report
+
+
+def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path: Path,
+                pool: ThreadPoolExecutor) -> None:
+    shown = str(path)
+    staged: Path | None = None
+    outcome: InspectedLoRA | RejectedFile | None = None
+    try:
+        if _maybe_known(reg, batch, path):
+            sha = sha256_file(path)
+        else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
+            future = pool.submit(reg.blobs.stage, path)
+            try:
+                outcome = inspect_file(path, bases, sha256="pending")  # the real one set below
+            except RejectedFile as rejection:
+                outcome = rejection
+            except BaseException:
+                try:
+                    reg.blobs.discard(future.result()[1])
+                except Exception:  # noqa: BLE001 - the inspection error is the one to raise
+                    pass
+                raise
+            sha, staged = future.result()
+    except OSError as error:
+        report.rejected.append({"path": shown, "reason": f"unreadable: {error}", "code": "unreadable"})
+        return
+    try:
+        known_file = batch.files.get(sha) or _existing(reg.files, "sha256", [sha]).get(sha)
+        if known_file:
+            report.duplicates.append({"path": shown, "lora_id": known_file["lora_id"], "kind": "sha256"})
+            return
+        if outcome is None:
+            try:
+                outcome = inspect_file(path, bases, sha256=sha)
+            except RejectedFile as rejection:
+                outcome = rejection
+        if isinstance(outcome, RejectedFile):
+            key = hashlib.sha256(f"{path.resolve()}\0{sha}".encode()).hexdigest()
+            batch.rejections[key] = {"rejection_id": key, "path": str(path.resolve()), "sha256": sha,
+                                     "code": outcome.code, "reason": outcome.reason,
+                                     "rejected_at": _now()}
+            report.rejected.append({"path": shown, "reason": outcome.reason, "code": outcome.code})
+            return
+        info = outcome
+        info.sha256 = sha
+        lora_id = lora_id_for(info.fingerprint)
+        stored = batch.loras.get(lora_id) or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id)
+        if stored and stored["sha256"] != sha:
+            report.duplicates.append({"path": shown, "lora_id": lora_id, "kind": "fingerprint"})
+        else:  # new, or the file whose row a killed run wrote before its file record
+            if not stored:
+                batch.loras[lora_id] = _lora_row(reg, info, lora_id, staged)
+                staged = None  # committed (or discarded as already present)
+            report.added.append({"lora_id": lora_id, "path": shown})
+        batch.files[sha] = {"sha256": sha, "lora_id": lora_id, "path": str(path.resolve()),
+                            "format": info.format, "seen_at": _now()}
+    finally:
+        reg.blobs.discard(staged)

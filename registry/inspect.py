@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +66,13 @@ def load_canonical(path: str | os.PathLike) -> tuple[CanonicalLoRA, dict[str, st
     return canonicalise(tensors, metadata), metadata
 
 
-def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel], sha256: str | None = None) -> InspectedLoRA:
-    """Validate + canonicalise ``path``; raises :class:`RejectedFile` with the reason."""
+def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
+                 sha256: str | Callable[[], str] | None = None) -> InspectedLoRA:
+    """Validate + canonicalise ``path``; raises :class:`RejectedFile` with the reason.
+
+    ``sha256``: the file's hash if known, or a callable giving it (called last, only for an
+    accepted file, so the hash can be computed concurrently), or ``None`` to hash here.
+    """
     path = Path(path)
     if not path.is_file():
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
@@ -82,9 +87,12 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel], sha256: st
                 f"a {lora.architecture} LoRA whose layer names and shapes match no registered base "
                 f"model (registered: {known})",
             )
+        fp = fingerprint(lora)
+        if callable(sha256):
+            sha256 = sha256()
         return InspectedLoRA(
             path=path, sha256=sha256 or sha256_file(path), size=path.stat().st_size,
             format=lora.format, architecture=lora.architecture, base_model=base.name,
-            rank=lora.rank, layers=len(lora.layers), fingerprint=fingerprint(lora),
+            rank=lora.rank, layers=len(lora.layers), fingerprint=fp,
             header_metadata=dict(metadata),
         )

@@ -282,3 +282,12 @@ def test_rejections():
     error = reject({f"{odd}.lora_down.weight": torch.ones(4, 3072),
                     f"{odd}.lora_up.weight": torch.ones(3072, 4)}, "unsupported_layers")
     assert odd in error.reason
+
+
+def test_rank_zero_module_with_alpha_is_rejected():
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    state = {f"{key}.lora_down.weight": torch.zeros(0, 3072),
+             f"{key}.lora_up.weight": torch.zeros(3072, 0), f"{key}.alpha": torch.tensor(4.0)}
+    with pytest.raises(RejectedFile) as info:
+        canonicalise(state, {})
+    assert info.value.code == "rank_mismatch"
