@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: build the demo world if missing, ingest, search")
     demo.add_argument("folders", nargs="*", help="ingest these instead of the demo world")
     demo.add_argument("--workdir", default=".autolora")
-    demo.add_argument("--size", choices=["micro", "default"], default="default")
+    demo.add_argument("--size", choices=["micro", "default"], default="micro")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
