@@ -69,7 +69,7 @@ def training_scheduler(pipe: FluxPipeline) -> FlowMatchEulerDiscreteScheduler:
 def flow_matching_loss(
     pipe: FluxPipeline, x0: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
     text_ids: torch.Tensor, gen: torch.Generator, sched: FlowMatchEulerDiscreteScheduler,
-    weighting_scheme: str = "logit_normal",
+    weighting_scheme: str = "none",
 ) -> torch.Tensor:
     """One FLUX flow-matching loss on scaled latents ``x0`` (B×C×h×w), as in diffusers' scripts.
 
@@ -122,7 +122,7 @@ def fit_vae(pipe: FluxPipeline, images: np.ndarray, *, steps: int, seed: int, ba
 def train_base(
     images: np.ndarray, captions: Sequence[str], *, steps: int, seed: int, out_dir: str | Path,
     progress: bool = True, batch_size: int = 32, lr: float = 2e-3, vae_steps: int | None = None,
-    caption_dropout: float = 0.1, weighting_scheme: str = "logit_normal",
+    caption_dropout: float = 0.1, weighting_scheme: str = "none",
     log: dict | None = None,
 ) -> Path:
     """Build, train and ``save_pretrained`` the tiny FLUX base; returns ``out_dir``.

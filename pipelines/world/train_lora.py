@@ -29,7 +29,7 @@ _ADAPTER = "autolora_train"
 def train_lora(
     pipe: FluxPipeline, images: np.ndarray, captions: Sequence[str], *, rank: int,
     target_modules: Sequence[str] | str, alpha: float, steps: int, seed: int, lr: float,
-    batch_size: int = 8, weighting_scheme: str = "logit_normal", losses: list[float] | None = None,
+    batch_size: int = 8, weighting_scheme: str = "none", losses: list[float] | None = None,
 ) -> Layers:
     """Train one LoRA on ``images`` (N×32×32×3 uint8) + ``captions``; returns canonical layers.
 
