@@ -42,12 +42,12 @@ def train_lora(
     torch.manual_seed(seed)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     prev_active = tr.active_adapters() if getattr(tr, "_hf_peft_config_loaded", False) else []
+    grad_before = {n: p.requires_grad for n, p in tr.named_parameters()}
     tr.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"),
                    adapter_name=_ADAPTER)
     try:
         tr.set_adapter(_ADAPTER)
         params = [p for n, p in tr.named_parameters() if f".{_ADAPTER}." in n]
-        grad_before = {n: p.requires_grad for n, p in tr.named_parameters()}
         tr.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
@@ -64,7 +64,6 @@ def train_lora(
             opt.step()
             if losses is not None:
                 losses.append(loss.item())
-        tr.eval()
         state = get_peft_model_state_dict(tr, adapter_name=_ADAPTER)
         scale = alpha / rank
         layers: Layers = {}
@@ -73,10 +72,11 @@ def train_lora(
                 path = key[: -len(".lora_A.weight")]
                 b = state[f"{path}.lora_B.weight"]
                 layers[path] = (a.detach().float().clone(), (b.detach().float() * scale).clone())
-        for n, p in tr.named_parameters():
-            p.requires_grad_(grad_before.get(n, False))
     finally:
+        tr.eval()
         _remove_adapter(pipe, prev_active)
+        for n, p in tr.named_parameters():
+            p.requires_grad_(grad_before.get(n, p.requires_grad))
     return layers
 
 
