@@ -197,8 +197,6 @@ class Registry:
             return []
         if mode not in ("hybrid", "text", "vector"):
             raise ValueError(f"unknown search mode {mode!r}; use hybrid, text or vector")
-        if mode != "vector":
-            self.ensure_indexes()
         vector = None
         if mode != "text":
             from models.text_encoder import default_text_encoder
