@@ -1,39 +1,26 @@
 """Read a LoRA state dict in any supported FLUX format into one canonical object.
 
 Pipeline of :func:`canonicalise`: refuse what is not a plain LoRA (LoKr, LoHa, DoRA, full
-checkpoints, ...), detect the base architecture from keys/shapes (metadata second), then convert.
-Conversion runs diffusers' own converters (``FluxPipeline.lora_state_dict``, fed float32 copies so
-alpha folding loses no precision) and checks the result against our name map
-(:mod:`registry.lora_formats`). Our map wins where diffusers fails or disagrees; the gaps we found
-in diffusers 0.42 are: BFL names with PEFT suffixes pass through unconverted (its loader then drops
-them), kohya/ComfyUI conversion hard-codes FLUX.1's 19/38 blocks and 3072/12288 split sizes,
-OneTrainer names outside attention collapse onto the block name, fal/Kontext and BFL Control need
-full coverage, and BFL Control's final adaLN swap is applied to ``lora_A`` too. XLabs files are
-converted by diffusers alone.
+checkpoints, ...), detect the base architecture from keys/shapes (metadata second), then convert
+(:mod:`registry.conversion`: diffusers' converters checked against our name map), fold PEFT
+scales and drop exactly-zero rank components. The weights fingerprint lives in
+:mod:`registry.fingerprint` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from registry.conversion import Module, convert_checked, group
 from registry.errors import RejectedFile
-from registry.lora_formats import (  # noqa: F401 - detect_format is part of this module's API
-    detect_format,
-    fused_part_sizes,
-    resolve_layer_name,
-    resolve_text_encoder_name,
-    split_key,
-    swap_halves,
-)
+from registry.fingerprint import fingerprint, fingerprint_features  # noqa: F401 - public API here
+from registry.lora_formats import detect_format  # noqa: F401 - detect_format is part of this API
 
 Tensor = torch.Tensor
 Layers = dict[str, tuple[Tensor, Tensor]]
@@ -128,208 +115,6 @@ def detect_architecture(
     return found if found != "unknown" else _architecture_from_metadata(metadata or {})
 
 
-# --- grouping raw keys into (down, up, alpha) modules ------------------------------------------
-@dataclass
-class _Module:
-    down: Tensor | None = None
-    up: Tensor | None = None
-    alpha: float | None = None
-
-
-def _as_matrix(t: Tensor, key: str) -> Tensor:
-    if t.ndim == 4 and tuple(t.shape[2:]) == (1, 1):  # 1x1 conv LoRA == linear
-        t = t.reshape(t.shape[0], t.shape[1])
-    if t.ndim != 2:
-        raise RejectedFile("rank_mismatch",
-                           f"{key} has shape {tuple(t.shape)}; a LoRA factor must be a matrix")
-    return t
-
-
-def _group(tensors: Mapping[str, Tensor | float]) -> tuple[dict[str, _Module], list[str]]:
-    """Split keys into LoRA modules (validated pairs) and the keys that are no LoRA factor."""
-    modules: dict[str, _Module] = {}
-    extras: list[str] = []
-    for key, value in tensors.items():
-        role = split_key(key)
-        if role is None:
-            extras.append(key)
-            continue
-        prefix, kind = role
-        module = modules.setdefault(prefix, _Module())
-        if kind == "alpha":
-            if isinstance(value, Tensor) and value.numel() != 1:
-                raise RejectedFile("bad_alpha", f"{key} has shape {tuple(value.shape)}; "
-                                                "an alpha is a scalar")
-            module.alpha = float(value.item() if isinstance(value, Tensor) else value)
-        else:
-            setattr(module, kind, _as_matrix(value, key))
-    for prefix, m in list(modules.items()):
-        if m.down is None and m.up is None:  # an alpha with no factors: nothing to apply it to
-            del modules[prefix]
-        elif m.down is None or m.up is None:
-            which = "up" if m.down is None else "down"
-            raise RejectedFile("unpaired_lora_key",
-                               f"{prefix}: a LoRA {which} matrix without its partner")
-        elif m.down.shape[0] != m.up.shape[1]:
-            raise RejectedFile("rank_mismatch", f"{prefix}: A/down has {m.down.shape[0]} rows but "
-                                                f"B/up has {m.up.shape[1]} columns")
-        elif m.down.shape[0] == 0 and m.alpha is not None:  # alpha / rank is undefined
-            raise RejectedFile("rank_mismatch", f"{prefix}: rank 0 with an alpha ({m.alpha}); "
-                                                "alpha / rank is undefined")
-    return modules, extras
-
-
-# --- conversion --------------------------------------------------------------------------------
-_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.",
-             "lora_unet_", "lora_transformer_")
-
-
-def _targets(prefix: str) -> tuple[tuple[str, ...], bool] | None:
-    te = resolve_text_encoder_name(prefix)
-    if te is not None:
-        return (te,), False
-    name, changed = prefix, True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return resolve_layer_name(name)
-
-
-def _check_known(modules: Mapping[str, _Module]) -> None:
-    unknown = [p for p in modules if _targets(p) is None]
-    if unknown:
-        raise ValueError(f"{len(unknown)} unrecognised LoRA modules, e.g. {unknown[:3]}")
-
-
-def _convert_module(prefix: str, m: _Module) -> list[tuple[str, tuple[Tensor, Tensor]]]:
-    """One module's canonical layer(s): alpha/rank folded into B, a fused B split by rows."""
-    parts, swap = _targets(prefix)
-    a, b = m.down.to(torch.float32), m.up.to(torch.float32)
-    if m.alpha is not None:
-        b = b * (m.alpha / a.shape[0])
-    if swap:
-        b = swap_halves(b)
-    sizes = fused_part_sizes(len(parts), b.shape[0], a.shape[1])
-    rows = torch.split(b, sizes, dim=0)
-    return [(part, (a, r)) for part, r in zip(parts, rows, strict=True)]
-
-
-def _convert(modules: Mapping[str, _Module]) -> Layers:
-    """Our own conversion: name map, alpha/rank folded into B, fused layers split by B's rows."""
-    _check_known(modules)
-    layers: Layers = {}
-    for prefix, m in modules.items():
-        for part, factors in _convert_module(prefix, m):
-            if part in layers:
-                raise ValueError(f"layer {part} is given twice")
-            layers[part] = factors
-    return layers
-
-
-def _via_diffusers(tensors: Mapping[str, Tensor]) -> Layers:
-    from diffusers import FluxPipeline
-
-    # float32 copies: the converters pop keys, scale in place and would round in float16.
-    copy = {k: v.to(torch.float32, copy=True) for k, v in tensors.items()}
-    state, alphas = FluxPipeline.lora_state_dict(copy, return_alphas=True)
-    modules, _ = _group({**state, **(alphas or {})})
-    return _convert(modules)
-
-
-def _probe(a: Tensor, b: Tensor) -> Tensor:
-    return b.double() @ (a.double() @ _signs(a.shape[1], 1)[:, 0])
-
-
-def _equal(x: Tensor, y: Tensor) -> bool:
-    """Same shape, dtype and values (NaN equals nothing); numpy's compare is ~3x torch.equal's."""
-    if x.shape != y.shape or x.dtype != y.dtype:
-        return False
-    try:
-        return bool(np.array_equal(x.detach().numpy(), y.detach().numpy()))
-    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
-        return torch.equal(x, y)
-
-
-def _layer_agrees(mine: tuple[Tensor, Tensor], theirs: tuple[Tensor, Tensor]) -> bool:
-    """The same ``ΔW x`` for a fixed probe ``x`` (to 1e-4 relative); identical factors (the usual
-    case) give an identical ``ΔW x`` and skip the float64 probe."""
-    (a, b), (c, d) = mine, theirs
-    if _equal(a, c) and _equal(b, d):
-        return True
-    y, z = _probe(a, b), _probe(c, d)
-    return bool(y.shape == z.shape and (y - z).norm() <= 1e-4 * y.norm() + 1e-12)
-
-
-def _name_map_agrees(modules: Mapping[str, _Module], theirs: Layers) -> bool:
-    """Whether ``_convert(modules)`` has the same layers as ``theirs`` and each the same ``ΔW x``.
-
-    Raises ``ValueError`` exactly where ``_convert`` does. Converts one module at a time and drops
-    it after the comparison, so no float32 copy of the whole LoRA is made on the usual path.
-    """
-    return _name_map_agrees_on(modules, theirs, set(modules))
-
-
-# Modules whose ΔW is probed on the cheap check (besides those named below): a few picked by a
-# hash of the prefix, so the choice is deterministic for a file.
-_PROBED_MODULES = 4
-
-
-def _probe_set(modules: Mapping[str, _Module]) -> set[str]:
-    """The modules whose ΔW :func:`_convert_checked` compares with diffusers' result.
-
-    Names and shapes of every layer are always compared (that catches every name-level gap we
-    know of in diffusers' converters). Values are compared on: every module whose halves our map
-    swaps (diffusers' BFL-Control swap of ``lora_A`` differs only there), the first and last fused
-    module (part order), the first and last module, and a few more picked by a hash of the name.
-    """
-    _check_known(modules)  # ValueError where our map cannot convert (as _name_map_agrees_on)
-    prefixes = sorted(modules)
-    chosen = {prefixes[0], prefixes[-1]}
-    fused = []
-    for prefix in prefixes:
-        parts, swap = _targets(prefix)
-        if swap:
-            chosen.add(prefix)
-        if len(parts) > 1:
-            fused.append(prefix)
-    if fused:
-        chosen |= {fused[0], fused[-1]}
-    ranked = sorted(prefixes, key=lambda p: hashlib.sha256(p.encode()).digest())
-    chosen.update(ranked[:_PROBED_MODULES])
-    return chosen
-
-
-def _name_map_agrees_on(modules: Mapping[str, _Module], theirs: Layers, probed: set[str]) -> bool:
-    """Same layer names and ΔW shapes as ``_convert(modules)`` everywhere, and the same
-    ``ΔW x`` on the modules in ``probed``. Raises ``ValueError`` exactly where ``_convert`` does."""
-    _check_known(modules)
-    seen: set[str] = set()
-    agree = True
-    for prefix, m in modules.items():
-        if prefix in probed:
-            converted = _convert_module(prefix, m)
-        else:  # names and shapes only: no float32 copy, no probe
-            parts, _ = _targets(prefix)
-            k = m.down.shape[1]
-            sizes = fused_part_sizes(len(parts), m.up.shape[0], k)
-            converted = [(part, (None, (rows, k))) for part, rows in zip(parts, sizes, strict=True)]
-        for part, factors in converted:
-            if part in seen:
-                raise ValueError(f"layer {part} is given twice")
-            seen.add(part)
-            # after a mismatch, keep converting: a later ValueError still means "name map failed"
-            if not agree or part not in theirs:
-                agree = False
-            elif factors[0] is None:
-                c, d = theirs[part]  # ΔW's shape (d, k); ranks may differ (zero padding)
-                agree = c.shape[0] == d.shape[1] and (d.shape[0], c.shape[1]) == factors[1]
-            else:
-                agree = _layer_agrees(factors, theirs[part])
-    return agree and seen == theirs.keys()
-
-
 def _own(t: Tensor, taken: set[int]) -> Tensor:
     """``t`` if it is contiguous and alone in a storage no input or earlier layer uses, else a
     contiguous copy; either way the result shares memory with nothing else handed out."""
@@ -386,7 +171,7 @@ _OTHER_KINDS = {  # code -> (what it is, key marks)
 
 
 def _check_kind(tensors: Mapping[str, Tensor],
-                metadata: Mapping[str, str]) -> tuple[dict[str, _Module], list[str]]:
+                metadata: Mapping[str, str]) -> tuple[dict[str, Module], list[str]]:
     """Refuse all but plain FLUX-family LoRAs; return the validated modules and non-LoRA keys."""
     if not tensors:
         raise RejectedFile("not_lora", "the file holds no tensors")
@@ -395,7 +180,7 @@ def _check_kind(tensors: Mapping[str, Tensor],
         if hit is not None:
             raise RejectedFile(code, f"{what} adapters are not supported (key {hit!r}); only "
                                      "plain low-rank LoRA (ΔW = B A) is")
-    modules, extras = _group(tensors)
+    modules, extras = group(tensors)
     if not modules:
         weights = [k for k in extras if k.endswith((".weight", ".bias")) and tensors[k].ndim >= 2]
         if weights:
@@ -413,29 +198,6 @@ def _check_kind(tensors: Mapping[str, Tensor],
     return modules, extras
 
 
-def _convert_checked(tensors: Mapping[str, Tensor], modules: Mapping[str, _Module],
-                     notes: list[str]) -> Layers:
-    """diffusers' conversion, checked against our name map (which wins on failure or mismatch)."""
-    try:
-        theirs = _via_diffusers(tensors)
-    except Exception as exc:  # noqa: BLE001 - third-party converters raise anything (assert, ...)
-        failed = f"diffusers: {type(exc).__name__}: {exc}"[:300]
-        try:
-            mine = _convert(modules)
-        except ValueError as mine_exc:
-            raise RejectedFile("unsupported_layers",
-                               f"could not convert: name map: {mine_exc}; {failed}") from None
-        notes.append(failed)
-        return mine
-    try:
-        if _name_map_agrees_on(modules, theirs, _probe_set(modules)):
-            return theirs
-    except ValueError:  # our name map cannot convert this file: diffusers' result stands
-        return theirs
-    notes.append("diffusers' converter disagreed with our name map; used the name map")
-    return _convert(modules)
-
-
 def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> CanonicalLoRA:
     """Convert a LoRA state dict (any supported FLUX format) to a :class:`CanonicalLoRA`.
 
@@ -445,7 +207,7 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
     metadata = metadata or {}
     modules, extras = _check_kind(tensors, metadata)
     notes = [f"ignored {len(extras)} non-LoRA tensors, e.g. {extras[0]!r}"] if extras else []
-    layers = _convert_checked(tensors, modules, notes)
+    layers = convert_checked(tensors, modules, notes)
     has_alpha = any(m.alpha is not None for m in modules.values())
     scale = None if has_alpha else _peft_scale(metadata)
     canonical: Layers = {}
@@ -459,70 +221,3 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
     if not canonical:
         raise RejectedFile("zero_lora", "every LoRA update in the file is exactly zero")
     return CanonicalLoRA(canonical, detect_format(tensors), "flux", notes)
-
-
-# --- fingerprint ------------------------------------------------------------------------------
-# The fingerprint hashes what ΔW does, never the factors, so it is invariant to the file format
-# and to B -> BM, A -> M^-1 A. With fixed ±1 probes u_m (length d), x_m (length k), m = 1..8, and
-# per-layer weights w_lm drawn from the layer name, it sums bilinear forms
-#     s_m = sum_l w_lm * u_m^T B_l (A_l x_m)       (O(r(d+k)) per layer, never a d x k matrix)
-# and divides by the total Frobenius norm N = sqrt(sum_l ||B_l A_l||^2) (r x r Gram matrices).
-# Hashed: sorted layer names and shapes, round(log10 N, 3) and round(s_m / N, 3). Nine O(1)
-# numbers at ~3 significant digits: float noise between formats (~1e-7 relative) flips a rounding
-# step with probability ~1e-3, while different LoRAs collide with negligible probability.
-# fingerprint_features gives the unrounded numbers for a tolerant comparison. Probes come from
-# a fixed integer hash (splitmix64), not torch's RNG, so stored fingerprints stay valid.
-_FP_PROBES = 8
-_FP_VERSION = "autolora-fingerprint-v2"  # v2: factor products in float32 (v1: float64)
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-@functools.lru_cache(maxsize=64)
-def _signs(n: int, probes: int) -> Tensor:
-    """Deterministic ±1 matrix ``[n, probes]`` (float64)."""
-    rows = np.arange(n, dtype=np.uint64)[:, None] * np.uint64(1 << 20)
-    idx = rows + np.arange(probes, dtype=np.uint64)[None, :] + np.uint64(n << 40)
-    bits = (_splitmix(idx) >> np.uint64(63)).astype(np.float64)
-    return torch.from_numpy(1.0 - 2.0 * bits)
-
-
-@functools.lru_cache(maxsize=64)
-def _signs32(n: int, probes: int) -> Tensor:
-    """:func:`_signs` as float32 (±1 is exact in any float type)."""
-    return _signs(n, probes).float()
-
-
-def _layer_weights(name: str) -> Tensor:
-    digest = hashlib.sha256(name.encode()).digest()
-    return torch.tensor([0.5 + b / 255.0 for b in digest[:_FP_PROBES]], dtype=torch.float64)
-
-
-def fingerprint_features(lora: CanonicalLoRA) -> tuple[float, list[float]]:
-    """``(log10 N, [s_m / N])``: the unrounded numbers :func:`fingerprint` hashes."""
-    # The factors are read once, in float32 (a float64 copy of every factor would move 3x more
-    # bytes); only the small r x 8 and r x r products are widened to float64 before combining.
-    sums = torch.zeros(_FP_PROBES, dtype=torch.float64)
-    energy = 0.0
-    for name in sorted(lora.layers):
-        a, b = (t.float() for t in lora.layers[name])
-        u, x = _signs32(b.shape[0], _FP_PROBES), _signs32(a.shape[1], _FP_PROBES)
-        ax, bu = (a @ x).double(), (b.T @ u).double()
-        sums += _layer_weights(name) * (ax * bu).sum(dim=0)
-        energy += float(((b.T @ b).double() * (a @ a.T).double()).sum())
-    norm = math.sqrt(max(energy, 1e-300))
-    return math.log10(norm), [float(s) / norm for s in sums]
-
-
-def fingerprint(lora: CanonicalLoRA) -> str:
-    """Hex sha256 of the quantised canonical content; equal for the same ΔW in any format."""
-    log_norm, features = fingerprint_features(lora)
-    lines = [_FP_VERSION, *(f"{n}:{d}x{k}" for n, (d, k) in sorted(lora.shapes().items()))]
-    lines.append(",".join(str(round(v * 1000)) for v in [log_norm, *features]))
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
