@@ -9,6 +9,9 @@ scales and drop exactly-zero rank components. The weights fingerprint lives in
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import json
 import math
 import re
@@ -19,7 +22,13 @@ import torch
 
 from registry.conversion import Module, convert_checked, group
 from registry.errors import RejectedFile
-from registry.fingerprint import fingerprint, fingerprint_features  # noqa: F401 - public API here
+from registry.fingerprint import (  # noqa: F401 - fingerprint(_features) are public API here
+    Projections,
+    fingerprint,
+    fingerprint_features,
+    project,
+    projections,
+)
 from registry.lora_formats import detect_format  # noqa: F401 - detect_format is part of this API
 
 Tensor = torch.Tensor
@@ -29,21 +38,42 @@ SD_FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
 
 @dataclass
 class CanonicalLoRA:
-    """``module path -> (A [r,k], B [d,r])``, float32, alpha folded in so that ``ΔW = B @ A``."""
+    """``module path -> (A [r,k], B [d,r])`` with alpha folded in so that ``ΔW = B @ A``.
 
-    layers: dict[str, tuple[Tensor, Tensor]]
+    ``factors`` keep the file's float dtype (a bfloat16 LoRA is not widened; B is float32 where a
+    scale was folded in) and may share memory with the tensors read; no rank component of any
+    layer is exactly zero. :attr:`layers` is the same in float32, contiguous and in memory of its
+    own, made on first use (ingest never needs it).
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor]]
     format: str
     architecture: str
     notes: list[str] = field(default_factory=list)  # what conversion dropped or worked around
+    _projections: Projections | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def layers(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``factors`` as float32 contiguous copies sharing memory with nothing else."""
+        def own(t: Tensor) -> Tensor:
+            return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+        return {name: (own(a), own(b)) for name, (a, b) in self.factors.items()}
+
+    def projections(self) -> Projections:
+        """The fingerprint's per-layer probe projections (computed once)."""
+        if self._projections is None:
+            self._projections = projections(self.factors)
+        return self._projections
 
     @property
     def rank(self) -> int:
         """The largest rank over layers."""
-        return max((a.shape[0] for a, _ in self.layers.values()), default=0)
+        return max((a.shape[0] for a, _ in self.factors.values()), default=0)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """``name -> (d, k)`` of every adapted layer."""
-        return {name: (int(b.shape[0]), int(a.shape[1])) for name, (a, b) in self.layers.items()}
+        return {name: (int(b.shape[0]), int(a.shape[1])) for name, (a, b) in self.factors.items()}
 
 
 # --- architecture and format detection --------------------------------------------------------
@@ -115,25 +145,39 @@ def detect_architecture(
     return found if found != "unknown" else _architecture_from_metadata(metadata or {})
 
 
-def _own(t: Tensor, taken: set[int]) -> Tensor:
-    """``t`` if it is contiguous and alone in a storage no input or earlier layer uses, else a
-    contiguous copy; either way the result shares memory with nothing else handed out."""
-    storage = t.untyped_storage()
-    ptr = storage.data_ptr()
-    if (ptr and ptr not in taken and t.is_contiguous() and t.storage_offset() == 0
-            and storage.nbytes() == t.numel() * t.element_size()):
-        taken.add(ptr)
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+def _drop_zero_components(factors: Layers, proj: Projections) -> None:
+    """Remove rank components that are exactly zero (row j of A or column j of B; zero-padded
+    fused parts, untrained layers), and layers left with none, from ``factors`` and ``proj``.
 
-
-def _compact(a: Tensor, b: Tensor, taken: set[int]) -> tuple[Tensor, Tensor]:
-    """Drop rank components that are exactly zero (zero-padded fused parts). The result shares
-    memory with nothing in ``taken`` (storages of the input and of layers already handed out)."""
-    keep = (a.abs().sum(dim=1) > 0) & (b.abs().sum(dim=0) > 0)  # (Tensor.any(dim) is ~5x slower)
-    if bool(keep.all()):  # nothing to drop: indexing columns would be a slow needless copy
-        return _own(a, taken), _own(b, taken)
-    return a[keep].contiguous(), b[:, keep].contiguous()
+    An exactly-zero component has an all-zero row in ``A X`` or column in ``U^T B`` (the
+    fingerprint's projections), so only components showing that are checked element by element.
+    """
+    names = list(factors)
+    if not names:
+        return
+    ax = torch.cat([proj[n][0] for n in names])  # [R, P]
+    ubt = torch.cat([proj[n][1].T for n in names])  # [R, P]
+    suspects = ((ax == 0).all(dim=1) | (ubt == 0).all(dim=1)).nonzero().flatten().tolist()
+    if not suspects:
+        return
+    starts = list(itertools.accumulate((factors[n][0].shape[0] for n in names), initial=0))
+    by_layer: dict[str, list[int]] = {}
+    for row in suspects:
+        i = bisect.bisect_right(starts, row) - 1
+        by_layer.setdefault(names[i], []).append(row - starts[i])
+    for name, rows in by_layer.items():
+        a, b = factors[name]
+        idx = torch.tensor(rows)
+        zero = ~(a[idx].ne(0).any(dim=1) & b[:, idx].ne(0).any(dim=0))
+        if not bool(zero.any()):
+            continue
+        keep = torch.ones(a.shape[0], dtype=torch.bool)
+        keep[idx[zero]] = False
+        if not bool(keep.any()):
+            del factors[name], proj[name]
+            continue
+        a, b = a[keep].contiguous(), b[:, keep].contiguous()
+        factors[name], proj[name] = (a, b), project(a, b)
 
 
 def _peft_scale(metadata: Mapping[str, str]) -> Callable[[str], float] | None:
@@ -210,14 +254,14 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
     layers = convert_checked(tensors, modules, notes)
     has_alpha = any(m.alpha is not None for m in modules.values())
     scale = None if has_alpha else _peft_scale(metadata)
-    canonical: Layers = {}
-    taken = {t.untyped_storage().data_ptr() for t in tensors.values() if isinstance(t, Tensor)}
+    factors: Layers = {}
     for name in sorted(layers):
         a, b = layers[name]
-        a, b = a.to(torch.float32), b.to(torch.float32)
-        a, b = _compact(a, b * scale(name) if scale else b, taken)  # (b * 1.0: a needless copy)
+        s = scale(name) if scale else 1.0
         if a.shape[0]:
-            canonical[name] = (a, b)
-    if not canonical:
+            factors[name] = (a, b if s == 1.0 else b.to(torch.float32) * s)
+    proj = projections(factors)  # one pass over every factor: fingerprint + zero test
+    _drop_zero_components(factors, proj)
+    if not factors:
         raise RejectedFile("zero_lora", "every LoRA update in the file is exactly zero")
-    return CanonicalLoRA(canonical, detect_format(tensors), "flux", notes)
+    return CanonicalLoRA(factors, detect_format(tensors), "flux", notes, proj)

@@ -9,12 +9,18 @@ then drops them), kohya/ComfyUI conversion hard-codes FLUX.1's 19/38 blocks and 
 sizes, OneTrainer names outside attention collapse onto the block name, fal/Kontext and BFL
 Control need full coverage, and BFL Control's final adaLN swap is applied to ``lora_A`` too.
 XLabs files are converted by diffusers alone.
+
+Where diffusers' converter would hand the state dict back unchanged (:func:`diffusers_keeps`:
+diffusers/PEFT names, no alphas; the usual case), its result is by construction our name map's
+own, so that is used directly, without the float32 copy. Converted layers keep the file's float
+dtype unless an alpha is folded into B (then B is float32).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +96,7 @@ _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", 
              "lora_unet_", "lora_transformer_")
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def _targets(prefix: str) -> tuple[tuple[str, ...], bool] | None:
     te = resolve_text_encoder_name(prefix)
     if te is not None:
@@ -109,12 +116,16 @@ def _check_known(modules: Mapping[str, Module]) -> None:
         raise ValueError(f"{len(unknown)} unrecognised LoRA modules, e.g. {unknown[:3]}")
 
 
-def _convert_module(prefix: str, m: Module) -> list[tuple[str, tuple[Tensor, Tensor]]]:
-    """One module's canonical layer(s): alpha/rank folded into B, a fused B split by rows."""
+def _convert_module(prefix: str, m: Module, dtype: torch.dtype | None = None
+                    ) -> list[tuple[str, tuple[Tensor, Tensor]]]:
+    """One module's canonical layer(s): alpha/rank folded into B (in float32), a fused B split by
+    rows. Factors keep their dtype unless ``dtype`` is given."""
     parts, swap = _targets(prefix)
-    a, b = m.down.to(torch.float32), m.up.to(torch.float32)
+    a, b = m.down, m.up
+    if dtype is not None:
+        a, b = a.to(dtype), b.to(dtype)
     if m.alpha is not None:
-        b = b * (m.alpha / a.shape[0])
+        b = b.to(torch.float32) * (m.alpha / a.shape[0])
     if swap:
         b = swap_halves(b)
     sizes = fused_part_sizes(len(parts), b.shape[0], a.shape[1])
@@ -132,6 +143,18 @@ def convert(modules: Mapping[str, Module]) -> Layers:
                 raise ValueError(f"layer {part} is given twice")
             layers[part] = factors
     return layers
+
+
+# Key substrings on which FluxLoraLoaderMixin.lora_state_dict (diffusers 0.42) converts or pops
+# anything: DoRA scales, kohya, XLabs, BFL Control, fal/Kontext, alphas. A state dict with none
+# of them is returned as it came (tests/registry/test_canonical.py checks this against diffusers).
+_DIFFUSERS_CONVERTS = ("dora_scale", ".lora_down.weight", "processor", "query_norm.scale",
+                       "base_model", "alpha")
+
+
+def diffusers_keeps(keys: Iterable[str]) -> bool:
+    """Whether diffusers' FLUX converter returns a state dict with these keys unchanged."""
+    return not any(m in key for key in keys for m in _DIFFUSERS_CONVERTS)
 
 
 def _via_diffusers(tensors: Mapping[str, Tensor]) -> Layers:
@@ -200,13 +223,13 @@ def _probe_set(modules: Mapping[str, Module]) -> set[str]:
 
 def _name_map_agrees_on(modules: Mapping[str, Module], theirs: Layers, probed: set[str]) -> bool:
     """Same layer names and ΔW shapes as ``convert(modules)`` everywhere, and the same
-    ``ΔW x`` on the modules in ``probed``. Raises ``ValueError`` exactly where ``_convert`` does."""
+    ``ΔW x`` on the modules in ``probed``. Raises ``ValueError`` exactly where ``convert`` does."""
     _check_known(modules)
     seen: set[str] = set()
     agree = True
     for prefix, m in modules.items():
         if prefix in probed:
-            converted = _convert_module(prefix, m)
+            converted = _convert_module(prefix, m, torch.float32)
         else:  # names and shapes only: no float32 copy, no probe
             parts, _ = _targets(prefix)
             k = m.down.shape[1]
@@ -229,7 +252,17 @@ def _name_map_agrees_on(modules: Mapping[str, Module], theirs: Layers, probed: s
 
 def convert_checked(tensors: Mapping[str, Tensor], modules: Mapping[str, Module],
                      notes: list[str]) -> Layers:
-    """diffusers' conversion, checked against our name map (which wins on failure or mismatch)."""
+    """diffusers' conversion, checked against our name map (which wins on failure or mismatch).
+
+    When diffusers would return the state dict unchanged, its conversion *is* ``convert(modules)``
+    (grouped from the same keys), so that is returned without running it; only a name-map failure
+    goes the long way, which words the rejection.
+    """
+    if diffusers_keeps(tensors):
+        try:
+            return convert(modules)
+        except ValueError:
+            pass
     try:
         theirs = _via_diffusers(tensors)
     except Exception as exc:  # noqa: BLE001 - third-party converters raise anything (assert, ...)

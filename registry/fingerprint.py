@@ -1,10 +1,36 @@
-"""Weights fingerprint of a canonical LoRA: equal for the same ΔW in any file format."""
+"""Weights fingerprint of a canonical LoRA: equal for the same ΔW in any file format.
+
+The fingerprint hashes what ΔW does, never the factors, so it is invariant to the file format
+and to B -> BM, A -> M^-1 A. Fixed ±1 probe matrices X_k ([k, P]) and U_d ([d, P]), P = 8, come
+from a fixed integer hash (splitmix64, never torch's RNG, so stored fingerprints stay valid);
+for each layer the two thin projections
+
+    AX = A X   ([r, P])        UB = U^T B   ([P, r])        (O(r (d + k) P) flops, in float32)
+
+give the P x P bilinear forms F = UB @ AX = U^T ΔW X (in float64). From them, with per-layer
+weights w_lm drawn from the layer name:
+
+    s_m = sum_l w_lm F_l[m, m]              N^2 = sum_l ||F_l||_F^2 / P^2
+
+N^2 estimates sum_l ||ΔW_l||_F^2 without bias over random ±1 probes (U and X are drawn
+independently, also where d = k); for fixed probes it is just another function of ΔW.
+Hashed: sorted layer names and shapes, round(log10 N, 3) and round(s_m / N, 3). Nine O(1)
+numbers at ~3 significant digits: float noise between formats (~1e-7 relative) flips a rounding
+step with probability ~1e-3, while different LoRAs collide with negligible probability.
+:func:`fingerprint_features` gives the unrounded numbers for a tolerant comparison.
+
+v3 replaced v2's exact norm (r x r Gram matrices of both factors, 3x the flops) by the probe
+estimate; the projections also tell :func:`registry.canonical.canonicalise` which rank
+components may be exactly zero (an all-zero row of AX or column of UB), so one pass over the
+factors serves both.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,20 +40,10 @@ if TYPE_CHECKING:
     from registry.canonical import CanonicalLoRA
 
 Tensor = torch.Tensor
+Projections = dict[str, tuple[Tensor, Tensor]]  # name -> (AX [r, P], UB [P, r]), float32
 
-
-# The fingerprint hashes what ΔW does, never the factors, so it is invariant to the file format
-# and to B -> BM, A -> M^-1 A. With fixed ±1 probes u_m (length d), x_m (length k), m = 1..8, and
-# per-layer weights w_lm drawn from the layer name, it sums bilinear forms
-#     s_m = sum_l w_lm * u_m^T B_l (A_l x_m)       (O(r(d+k)) per layer, never a d x k matrix)
-# and divides by the total Frobenius norm N = sqrt(sum_l ||B_l A_l||^2) (r x r Gram matrices).
-# Hashed: sorted layer names and shapes, round(log10 N, 3) and round(s_m / N, 3). Nine O(1)
-# numbers at ~3 significant digits: float noise between formats (~1e-7 relative) flips a rounding
-# step with probability ~1e-3, while different LoRAs collide with negligible probability.
-# fingerprint_features gives the unrounded numbers for a tolerant comparison. Probes come from
-# a fixed integer hash (splitmix64), not torch's RNG, so stored fingerprints stay valid.
-_FP_PROBES = 8
-_FP_VERSION = "autolora-fingerprint-v2"  # v2: factor products in float32 (v1: float64)
+FP_PROBES = 8
+FP_VERSION = "autolora-fingerprint-v3"  # v3: probe estimate of the norm (v2: Gram matrices)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -40,7 +56,7 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def signs(n: int, probes: int) -> Tensor:
-    """Deterministic ±1 matrix ``[n, probes]`` (float64)."""
+    """Deterministic ±1 matrix ``[n, probes]`` (float64); column j does not depend on ``probes``."""
     rows = np.arange(n, dtype=np.uint64)[:, None] * np.uint64(1 << 20)
     idx = rows + np.arange(probes, dtype=np.uint64)[None, :] + np.uint64(n << 40)
     bits = (_splitmix(idx) >> np.uint64(63)).astype(np.float64)
@@ -48,35 +64,60 @@ def signs(n: int, probes: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _signs32(n: int, probes: int) -> Tensor:
-    """:func:`signs` as float32 (±1 is exact in any float type)."""
-    return signs(n, probes).float()
+def _input_probes(k: int) -> Tensor:
+    """X_k: columns 0..P-1 of :func:`signs`, float32 (±1 is exact in any float type)."""
+    return signs(k, FP_PROBES).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _output_probes_t(d: int) -> Tensor:
+    """U_d^T, contiguous ``[P, d]``: columns P..2P-1 of :func:`signs`, so U_d and X_d differ."""
+    return signs(d, 2 * FP_PROBES)[:, FP_PROBES:].T.float().contiguous()
+
+
+@functools.lru_cache(maxsize=4096)
 def _layer_weights(name: str) -> Tensor:
     digest = hashlib.sha256(name.encode()).digest()
-    return torch.tensor([0.5 + b / 255.0 for b in digest[:_FP_PROBES]], dtype=torch.float64)
+    return torch.tensor([0.5 + b / 255.0 for b in digest[:FP_PROBES]], dtype=torch.float64)
+
+
+def project(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A X, U^T B)`` of one layer in float32, whatever the factors' float dtype."""
+    x, ut = _input_probes(a.shape[1]), _output_probes_t(b.shape[0])
+    return a.float() @ x, ut @ b.float()
+
+
+def projections(factors: Mapping[str, tuple[Tensor, Tensor]]) -> Projections:
+    """:func:`project` of every layer (one read of every factor; the float32 copies are per
+    layer and short-lived, so they stay in cache)."""
+    return {name: project(a, b) for name, (a, b) in factors.items()}
+
+
+def features_from_projections(proj: Projections) -> tuple[float, list[float]]:
+    """``(log10 N, [s_m / N])`` from per-layer projections (see the module docstring)."""
+    names = sorted(n for n, (ax, _) in proj.items() if ax.shape[0])
+    if not names:
+        return math.log10(1e-150), [0.0] * FP_PROBES
+    axs = [proj[n][0].double() for n in names]  # [r_l, P] each
+    ubts = [proj[n][1].T.double() for n in names]  # [r_l, P] each
+    ranks = torch.tensor([ax.shape[0] for ax in axs])
+    weights = torch.stack([_layer_weights(n) for n in names]).repeat_interleave(ranks, dim=0)
+    sums = (weights * torch.cat(ubts) * torch.cat(axs)).sum(dim=0)  # sum_l w_lm F_l[m, m]
+    # F_l = UB_l @ AX_l for all layers at once; zero-padding to the largest rank adds exact zeros
+    pad = torch.nn.utils.rnn.pad_sequence
+    f = torch.bmm(pad(ubts, batch_first=True).transpose(1, 2), pad(axs, batch_first=True))
+    norm = math.sqrt(max(float((f * f).sum()) / FP_PROBES**2, 1e-300))
+    return math.log10(norm), [float(s) / norm for s in sums]
 
 
 def fingerprint_features(lora: CanonicalLoRA) -> tuple[float, list[float]]:
     """``(log10 N, [s_m / N])``: the unrounded numbers :func:`fingerprint` hashes."""
-    # The factors are read once, in float32 (a float64 copy of every factor would move 3x more
-    # bytes); only the small r x 8 and r x r products are widened to float64 before combining.
-    sums = torch.zeros(_FP_PROBES, dtype=torch.float64)
-    energy = 0.0
-    for name in sorted(lora.layers):
-        a, b = (t.float() for t in lora.layers[name])
-        u, x = _signs32(b.shape[0], _FP_PROBES), _signs32(a.shape[1], _FP_PROBES)
-        ax, bu = (a @ x).double(), (b.T @ u).double()
-        sums += _layer_weights(name) * (ax * bu).sum(dim=0)
-        energy += float(((b.T @ b).double() * (a @ a.T).double()).sum())
-    norm = math.sqrt(max(energy, 1e-300))
-    return math.log10(norm), [float(s) / norm for s in sums]
+    return features_from_projections(lora.projections())
 
 
 def fingerprint(lora: CanonicalLoRA) -> str:
     """Hex sha256 of the quantised canonical content; equal for the same ΔW in any format."""
     log_norm, features = fingerprint_features(lora)
-    lines = [_FP_VERSION, *(f"{n}:{d}x{k}" for n, (d, k) in sorted(lora.shapes().items()))]
+    lines = [FP_VERSION, *(f"{n}:{d}x{k}" for n, (d, k) in sorted(lora.shapes().items()))]
     lines.append(",".join(str(round(v * 1000)) for v in [log_norm, *features]))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()

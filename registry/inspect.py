@@ -93,6 +93,6 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
         return InspectedLoRA(
             path=path, sha256=sha256 or sha256_file(path), size=path.stat().st_size,
             format=lora.format, architecture=lora.architecture, base_model=base.name,
-            rank=lora.rank, layers=len(lora.layers), fingerprint=fp,
+            rank=lora.rank, layers=len(lora.factors), fingerprint=fp,
             header_metadata=dict(metadata),
         )

@@ -20,9 +20,11 @@ from flux_fixtures import (
     top_level_names,
 )
 
+from registry import conversion
 from registry.base_models import flux1_dev, match_base
-from registry.canonical import canonicalise, detect_architecture, fingerprint
+from registry.canonical import canonicalise, detect_architecture, fingerprint, fingerprint_features
 from registry.errors import RejectedFile
+from registry.fingerprint import signs
 from registry.lora_formats import FORMATS, save_lora, to_format
 
 TE = "text_encoder.text_model.encoder.layers"
@@ -175,6 +177,103 @@ def test_fingerprint_is_factorisation_invariant_and_discriminates(partial):
     for x in (other, scaled, fewer):
         prints.add(fingerprint(canonicalise(to_format(x, "diffusers"), {})))
     assert len(prints) == 4 and all(len(p) == 64 for p in prints)
+
+
+def test_fingerprint_norm_is_close_to_the_exact_norm(partial):
+    lora = canonicalise(to_format(partial, "diffusers"), {})
+    exact = sum(float(delta(f).pow(2).sum()) for f in lora.layers.values()) ** 0.5
+    log_norm, _ = fingerprint_features(lora)
+    assert abs(10**log_norm / exact - 1) < 0.2  # an unbiased probe estimate of ||ΔW||
+
+
+# --- the fast path: diffusers' converter skipped where it would return its input unchanged ----
+def test_diffusers_keeps_exactly_what_diffusers_returns_unchanged(partial):
+    from diffusers import FluxPipeline
+
+    te = random_layers({f"{TE}.0.self_attn.q_proj": (768, 768)}, 4, seed=5)
+    kept = {
+        "diffusers": to_format(partial | te, "diffusers"),
+        "peft": {k.removeprefix("transformer."): v for k, v in to_format(partial, "diffusers").items()},
+        "bfl_peft": to_format(partial, "bfl_peft"),
+    }
+    for name, state in kept.items():
+        assert conversion.diffusers_keeps(state), name
+        out, alphas = FluxPipeline.lora_state_dict(dict(state), return_alphas=True)
+        assert not alphas and out.keys() == state.keys(), name
+        assert all(out[k] is v or torch.equal(out[k], v) for k, v in state.items()), name
+    converted = {fmt: to_format(partial, fmt) for fmt in ("kohya", "comfyui", "onetrainer")}
+    converted["diffusers+alpha"] = to_format(partial, "diffusers", alpha=8.0)
+    converted["fal_kontext"] = fal_kontext_state(partial)
+    for name, state in converted.items():
+        assert not conversion.diffusers_keeps(state), name
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "bfl_peft"])
+def test_fast_path_equals_the_checked_conversion(partial, monkeypatch, fmt):
+    state = to_format({n: (a.bfloat16(), b.bfloat16()) for n, (a, b) in partial.items()}, fmt)
+    fast = canonicalise(state, {})
+    monkeypatch.setattr(conversion, "diffusers_keeps", lambda keys: False)
+    checked = canonicalise(state, {})
+    assert fast.layers.keys() == checked.layers.keys() and fast.notes == checked.notes == []
+    for name, (a, b) in fast.layers.items():
+        assert torch.equal(a, checked.layers[name][0]) and torch.equal(b, checked.layers[name][1])
+    assert fingerprint(fast) == fingerprint(checked)
+
+
+def test_factors_keep_the_file_dtype_and_layers_are_float32_copies(partial):
+    state = to_format({n: (a.bfloat16(), b.bfloat16()) for n, (a, b) in partial.items()},
+                      "diffusers")
+    before = {k: v.clone() for k, v in state.items()}
+    lora = canonicalise(state, {})
+    assert all(a.dtype == b.dtype == torch.bfloat16 for a, b in lora.factors.values())
+    inputs = {t.untyped_storage().data_ptr() for t in state.values()}
+    ptrs = [t.untyped_storage().data_ptr() for f in lora.layers.values() for t in f]
+    assert len(set(ptrs)) == len(ptrs) and not inputs & set(ptrs)  # memory of their own
+    for name, (a, b) in lora.layers.items():
+        assert torch.equal(a, lora.factors[name][0].float())
+        assert torch.equal(b, lora.factors[name][1].float())
+    lora.layers[Q.removeprefix("transformer.")][0].add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in state.items())
+
+
+def _invisible_row(n: int) -> torch.Tensor:
+    """A non-zero length-``n`` vector orthogonal to the fingerprint's input probes X_n (two rows
+    of X_n with the same signs, taken with opposite signs), and one for output probes U_n."""
+    x = signs(n, 16)
+    rows = {}
+    for cols, kind in ((slice(0, 8), "x"), (slice(8, 16), "u")):
+        seen: dict[tuple, int] = {}
+        for i, pattern in enumerate(map(tuple, x[:, cols].tolist())):
+            if pattern in seen:
+                v = torch.zeros(n)
+                v[seen[pattern]], v[i] = 1.0, -1.0
+                rows[kind] = v
+                break
+            seen[pattern] = i
+    return rows["x"], rows["u"]
+
+
+def test_exactly_zero_components_are_dropped_and_only_those():
+    names = partial_names((1,), (), attention_only=True)[:4]
+    layers = flux_lora(names, 4, seed=11)
+    (n0, n1, n2, n3) = names
+    a, b = layers[n0]
+    layers[n0] = (torch.cat([a[:2], torch.zeros(1, a.shape[1]), a[3:]]), b)  # A row 2 zero
+    a, b = layers[n1]
+    layers[n1] = (a, torch.cat([torch.zeros(b.shape[0], 1), b[:, 1:]], dim=1))  # B column 0 zero
+    a, b = layers[n2]
+    layers[n2] = (a, torch.zeros_like(b))  # the whole layer is zero
+    a, b = layers[n3]
+    ax_zero, ub_zero = _invisible_row(a.shape[1])[0], _invisible_row(b.shape[0])[1]
+    layers[n3] = (torch.cat([ax_zero[None], a[1:]]), torch.cat([ub_zero[:, None], b[:, 1:]], 1))
+    lora = canonicalise(to_format(layers, "diffusers"), {})
+    assert {n: a.shape[0] for n, (a, _) in lora.factors.items()} == {n0: 3, n1: 3, n3: 4}
+    assert max_delta_error({n: layers[n] for n in (n0, n1, n3)}, lora.layers) < 1e-6
+    a, b = layers[n0]
+    keep = [0, 1, 3]
+    trimmed = {n0: (a[keep], b[:, keep]), n1: (layers[n1][0][1:], layers[n1][1][:, 1:]),
+               n3: layers[n3]}
+    assert fingerprint(canonicalise(to_format(trimmed, "diffusers"), {})) == fingerprint(lora)
 
 
 def test_fal_kontext_and_bfl_control():
