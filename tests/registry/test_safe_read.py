@@ -68,6 +68,35 @@ def test_header_length_with_0x80_low_byte_is_not_mistaken_for_pickle(tmp_path):
     assert tensors["w"].tolist() == [1.0, 2.0]
 
 
+def test_unaligned_data_section_loads_and_is_checked(tmp_path):
+    header = {"h": entry("F16", [1], 0, 2), "w": entry("F32", [2], 2, 10)}
+    data = struct.pack("<e", 1.5) + f32(1, 2)
+    path = write_raw_safetensors(tmp_path / "x.safetensors", header, data, pad_to=129)
+    tensors, _ = read_safetensors(path)  # data starts at byte 137: odd, and w at 139
+    assert tensors["h"].tolist() == [1.5] and tensors["w"].tolist() == [1.0, 2.0]
+    bad = write_raw_safetensors(tmp_path / "y.safetensors", header,
+                                struct.pack("<e", 1.5) + f32(1, float("inf")), pad_to=129)
+    err = rejected(bad)
+    assert err.code == "nan_inf" and "'w'" in err.reason and "1 Inf" in err.reason
+
+
+def test_tensors_are_private_copies_on_write(tmp_path):
+    path = write_good_safetensors(tmp_path / "ok.safetensors", {"w": torch.ones(4)})
+    before = path.read_bytes()
+    tensors, _ = read_safetensors(path)
+    tensors["w"].add_(1.0)
+    assert path.read_bytes() == before and read_safetensors(path)[0]["w"].tolist() == [1.0] * 4
+
+
+def test_nan_in_a_later_run_of_another_dtype_is_named(tmp_path):
+    t = torch.ones(1000, dtype=torch.bfloat16)
+    t[999] = float("nan")
+    tensors = {"a": torch.ones(10), "b": torch.ones(10, dtype=torch.float16), "c": t,
+               "d": torch.ones(3, dtype=torch.bfloat16)}
+    err = rejected(write_good_safetensors(tmp_path / "n.safetensors", tensors))
+    assert err.code == "nan_inf" and "'c'" in err.reason and "1 NaN" in err.reason
+
+
 def test_check_finite_false_allows_nan(tmp_path):
     path = write_raw_safetensors(tmp_path / "x.safetensors", {"w": entry("F32", [2])},
                                  f32(float("nan"), 1))
