@@ -22,7 +22,7 @@ from tqdm import tqdm
 from registry.blobstore import sha256_file
 from registry.errors import RejectedFile
 from registry.inspect import InspectedLoRA, _one_torch_thread, inspect_file
-from registry.metadata import from_header, from_sidecars
+from registry.metadata import LoraMetadata, from_header, from_sidecars
 from registry.store import Registry, _quote
 
 # Files that may be LoRAs when found while walking a folder (everything else there is a sidecar).
@@ -88,21 +88,47 @@ class _Batch:
         reg = self.registry
         if self.loras:
             rows = list(self.loras.values())
-            from models.text_encoder import default_text_encoder
-
-            with _one_torch_thread():  # a few short texts: OpenMP barriers cost more than they give
-                vectors = default_text_encoder().encode([r["search_text"] for r in rows])
-            for row, vector in zip(rows, vectors):
-                row["text_vector"] = vector.tolist()
+            missing = [row for row in rows if "text_vector" not in row]
+            for row, vector in zip(missing, _embed([r["search_text"] for r in missing])):
+                row["text_vector"] = vector
             reg.upsert(reg.loras, rows, "lora_id", update=False)
         reg.upsert(reg.files, list(self.files.values()), "sha256", update=True)
         reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
         self.loras.clear(), self.files.clear(), self.rejections.clear()
 
 
-def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str, staged: Path | None = None) -> dict:
+def _embed(texts: list[str]) -> list[list[float]]:
+    """Text vectors of ``texts`` with the default encoder."""
+    if not texts:
+        return []
+    from models.text_encoder import default_text_encoder
+
+    with _one_torch_thread():  # a few short texts: OpenMP barriers cost more than they give
+        return [v.tolist() for v in default_text_encoder().encode(texts)]
+
+
+def _metadata(info: InspectedLoRA) -> LoraMetadata:
     meta = from_header(info.header_metadata)
     meta.update(from_sidecars(info.path))
+    return meta
+
+
+@dataclass
+class _Early:
+    """An accepted file's metadata and text vector, made while its blob copy still runs."""
+
+    meta: LoraMetadata
+    vector: list[float]
+
+
+def _early(info: InspectedLoRA) -> _Early:
+    meta = _metadata(info)
+    return _Early(meta, _embed([meta.search_text()])[0])
+
+
+def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str, staged: Path | None = None,
+              early: _Early | None = None) -> dict:
+    meta = early.meta if early is not None else _metadata(info)
     render_blobs = []
     for render in meta.render_paths:
         if os.path.isfile(render):
@@ -115,7 +141,7 @@ def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str, staged: Path | N
         blob = reg.blobs.commit(staged, info.sha256)
     else:
         blob = reg.blobs.put(info.path, info.sha256)
-    return {
+    row = {
         "lora_id": lora_id, "name": meta.name, "description": meta.description,
         "trigger_words": meta.trigger_words, "tags": meta.tags, "architecture": info.architecture,
         "base_model": info.base_model, "format": info.format, "rank": info.rank, "layers": info.layers,
@@ -125,6 +151,9 @@ def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str, staged: Path | N
         "header_metadata": json.dumps(info.header_metadata, sort_keys=True),
         "search_text": meta.search_text(), "added_at": _now(),
     }
+    if early is not None:
+        row["text_vector"] = early.vector
+    return row
 
 
 def _maybe_known(reg: Registry, batch: _Batch, path: Path) -> bool:
@@ -163,15 +192,19 @@ def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path:
     shown = str(path)
     staged: Path | None = None
     outcome: InspectedLoRA | RejectedFile | None = None
+    early: _Early | None = None
     try:
         if _maybe_known(reg, batch, path):
             sha = sha256_file(path)
         else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
             future = pool.submit(reg.blobs.stage, path)
             try:
-                outcome = inspect_file(path, bases, sha256="pending")  # the real one set below
-            except RejectedFile as rejection:
-                outcome = rejection
+                try:
+                    outcome = inspect_file(path, bases, sha256="pending")  # real one set below
+                except RejectedFile as rejection:
+                    outcome = rejection
+                if isinstance(outcome, InspectedLoRA) and not future.done():
+                    early = _early(outcome)  # instead of waiting idle for the copy
             except BaseException:
                 try:
                     reg.blobs.discard(future.result()[1])
@@ -207,7 +240,7 @@ def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path:
             report.duplicates.append({"path": shown, "lora_id": lora_id, "kind": "fingerprint"})
         else:  # new, or the file whose row a killed run wrote before its file record
             if not stored:
-                batch.loras[lora_id] = _lora_row(reg, info, lora_id, staged)
+                batch.loras[lora_id] = _lora_row(reg, info, lora_id, staged, early)
                 staged = None  # committed (or discarded as already present)
             report.added.append({"lora_id": lora_id, "path": shown})
         batch.files[sha] = {"sha256": sha, "lora_id": lora_id, "path": str(path.resolve()),

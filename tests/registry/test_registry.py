@@ -117,6 +117,47 @@ def test_reingest_is_a_no_op_and_versions_tag(ingested, tmp_path):
         pinned.add([files["ember"]])
 
 
+def test_rows_made_while_the_blob_copy_runs_match_the_batched_ones(ingested, tmp_path, monkeypatch):
+    """While the hash + blob copy of a file still runs, its metadata and text vector are made
+    then instead of in the batch flush: the rows must come out the same."""
+    import threading
+
+    import numpy as np
+
+    from registry.blobstore import BlobStore
+
+    reg, files, report = ingested
+    release = threading.Event()
+    stage = BlobStore.stage
+
+    def slow_stage(self, source):
+        release.wait(timeout=30)
+        return stage(self, source)
+
+    def inspect_then_release(*args, **kwargs):
+        try:
+            return inspect_file(*args, **kwargs)
+        finally:
+            threading.Timer(0.2, release.set).start()
+
+    import registry.ingest as ingest
+
+    inspect_file, made_early = ingest.inspect_file, []
+    monkeypatch.setattr(BlobStore, "stage", slow_stage)
+    monkeypatch.setattr(ingest, "inspect_file", inspect_then_release)
+    monkeypatch.setattr(ingest, "_early", lambda info, f=ingest._early: made_early.append(1) or f(info))
+    early = Registry.open(tmp_path / "early")
+    assert len(early.add([files["ember"]]).added) == 1 and made_early == [1]
+    added = {Path(a["path"]).name: a["lora_id"] for a in report.added}
+    want, got = reg.get(added["ember_glow.safetensors"]), early.get(added["ember_glow.safetensors"])
+    for key in ("name", "trigger_words", "render_prompts", "search_text", "sha256", "fingerprint"):
+        assert got[key] == want[key], key
+    vectors = [t.loras.search().where(f"lora_id = '{want['lora_id']}'").limit(1).to_list()[0]
+               ["text_vector"] for t in (reg, early)]
+    assert np.allclose(vectors[0], vectors[1], atol=1e-5)
+    assert early.search("campfire embers", k=1, mode="vector")[0].name == "Ember Glow"
+
+
 def _bad_files(folder: Path, sentinel: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     good = _lora(9)
