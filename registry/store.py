@@ -11,7 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import lancedb
-from lancedb.index import FTS, BTree
+from lancedb.background_loop import LOOP  # the event loop LanceDB's own sync API runs on
+from lancedb.index import FTS, BTree, HnswSq
 import pyarrow as pa
 
 from registry.base_models import BaseModel, flux1_dev
@@ -19,12 +20,18 @@ from registry.blobstore import BlobStore
 from registry.schema import FILES_SCHEMA, REJECTIONS_SCHEMA, TEXT_DIM, loras_schema
 
 VECTOR_INDEX_MIN_ROWS = 50_000  # below this, exact (flat) search is fast (~5 ms) and exact
+# The vector index is IVF-HNSW-SQ with few, large partitions, all of them probed: k-means
+# partitions cut sets of near neighbours apart (at 1M rows of benchmarks/search.py, 122
+# partitions of 8k rows need 20 probes for recall@10 0.98), while each probe costs a fixed
+# ~0.3 ms and an HNSW graph's search cost grows only with the log of its size.
+VECTOR_PARTITION_ROWS = 250_000
+ANN_EF_CONSTRUCTION = 150  # HNSW build effort (LanceDB's default 300 doubles the build time)
+# ANN search knobs (benchmarks/search.py: recall@10 >= 0.95 at 1M rows)
+ANN_NPROBES = 16  # every partition up to 4M rows
+ANN_EF = 128  # HNSW candidate list (at least k * ANN_REFINE is used)
+ANN_REFINE = 4  # re-rank 4k candidates by their exact vectors (the index stores int8 codes)
 _LIST_COLUMNS = ("lora_id", "name", "base_model", "trigger_words")
 _RETRIES = 5
-# ANN search knobs (measured by benchmarks/search.py for recall@10 >= 0.95)
-ANN_NPROBES = 20
-ANN_EF = 64
-ANN_REFINE = 4
 
 
 @dataclass
@@ -40,6 +47,11 @@ class SearchHit:
     def to_dict(self) -> dict:
         return {"lora_id": self.lora_id, "name": self.name, "score": self.score,
                 "base_model": self.base_model, "trigger_words": list(self.trigger_words)}
+
+
+def _ann(query, k: int):
+    """Apply the ANN knobs (a flat search ignores them); HNSW needs ``ef >= k * refine``."""
+    return query.nprobes(ANN_NPROBES).ef(max(ANN_EF, k * ANN_REFINE)).refine_factor(ANN_REFINE)
 
 
 def _quote(value: str) -> str:
@@ -71,6 +83,8 @@ class Registry:
         self.files = self._table("files", FILES_SCHEMA, "sha256")
         self.rejections = self._table("rejections", REJECTIONS_SCHEMA, "rejection_id")
         self.read_only = version is not None
+        self._version = version
+        self._search_table = None  # the LoRA table through LanceDB's async API, for searches
         if version is not None:
             self.loras.checkout(version)
 
@@ -142,10 +156,10 @@ class Registry:
         if "search_text_idx" not in names:
             _retry(lambda: self.loras.create_index("search_text", config=FTS()))
         if "text_vector_idx" not in names and rows >= VECTOR_INDEX_MIN_ROWS:
-            partitions = max(1, rows // 8192)
-            _retry(lambda: self.loras.create_index(
-                metric="cosine", vector_column_name="text_vector", index_type="IVF_HNSW_SQ",
-                num_partitions=partitions, name="text_vector_idx"))
+            config = HnswSq(distance_type="cosine", ef_construction=ANN_EF_CONSTRUCTION,
+                            num_partitions=max(1, rows // VECTOR_PARTITION_ROWS))
+            _retry(lambda: self.loras.create_index("text_vector", config=config,
+                                                   name="text_vector_idx"))
         elif names and self.loras.index_stats("search_text_idx").num_unindexed_rows > 1000:
             _retry(self.loras.optimize)
 
@@ -207,9 +221,9 @@ class Registry:
         if mode == "hybrid":
             from lancedb.rerankers import RRFReranker
 
-            query = (self.loras.search(query_type="hybrid", vector_column_name="text_vector",
-                                       fts_columns="search_text")
-                     .vector(vector).text(prompt).rerank(RRFReranker()))
+            query = _ann(self.loras.search(query_type="hybrid", vector_column_name="text_vector",
+                                           fts_columns="search_text"), k
+                         ).vector(vector).text(prompt).rerank(RRFReranker())
             score = "_relevance_score"
         else:
             query, score = self.loras.search(prompt, query_type="fts", fts_columns="search_text"), "_score"
@@ -217,11 +231,32 @@ class Registry:
 
     def search_by_vector(self, vector, k: int = 5, base_model: str | None = None,
                          column: str = "text_vector") -> list[SearchHit]:
-        """Top-``k`` by cosine similarity to ``vector`` in ``column`` (ANN once indexed)."""
-        query = self.loras.search(vector, vector_column_name=column).distance_type("cosine")
-        if column in self._indexed_vectors():
-            query = query.nprobes(ANN_NPROBES).ef(ANN_EF).refine_factor(ANN_REFINE)
-        return self._hits(query, k, base_model, "_distance")
+        """Top-``k`` by cosine similarity to ``vector`` in ``column`` (ANN once indexed).
+
+        Runs as one coroutine on LanceDB's event loop: its sync API makes ~5 round trips to that
+        loop per query (~2 ms of a ~7 ms search). The ANN knobs are ignored by a flat search.
+        """
+        query = _ann(self._searchable().query().nearest_to(vector).column(column)
+                     .distance_type("cosine"), k)
+        if base_model:  # a prefilter (the async API's default)
+            query = query.where(f"base_model = {_quote(base_model)}")
+        rows = LOOP.run(query.select(list(_LIST_COLUMNS)).limit(k).to_list())
+        return [SearchHit(r["lora_id"], r["name"], 1.0 - r["_distance"], r["base_model"],
+                          r["trigger_words"] or []) for r in rows]
+
+    def _searchable(self):
+        """The LoRA table via LanceDB's async API (same consistency, same pinned version)."""
+        if self._search_table is None:
+            async def open_table():
+                db = await lancedb.connect_async(self.root / "lancedb",
+                                                 read_consistency_interval=timedelta(0))
+                table = await db.open_table("loras")
+                if self._version is not None:
+                    await table.checkout(self._version)
+                return table
+
+            self._search_table = LOOP.run(open_table())
+        return self._search_table
 
     def _indexed_vectors(self) -> set[str]:
         return {c for index in self.loras.list_indices() for c in index.columns

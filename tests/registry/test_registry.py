@@ -235,3 +235,62 @@ def test_bad_input_rejected_with_reasons_registry_unchanged(tmp_path):
     assert {Path(r["path"]).name for r in recorded} == set(rejected)
     assert all(r["reason"] for r in recorded)
     assert not sentinel.exists()
+
+
+def _synthetic_rows(reg: Registry, vectors, base_models) -> None:
+    """Rows with only ids, names, base models and text vectors (like benchmarks/search.py)."""
+    import pyarrow as pa
+
+    from registry.schema import TEXT_DIM
+
+    n, schema = len(vectors), reg.loras.schema
+    columns = {
+        "lora_id": pa.array([f"lora-{i:08d}" for i in range(n)]),
+        "name": pa.array([f"synthetic {i}" for i in range(n)]),
+        "base_model": pa.array(base_models),
+        "search_text": pa.array([f"synthetic lora {i}" for i in range(n)]),
+        "text_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), TEXT_DIM),
+    }
+    reg.loras.add(pa.Table.from_arrays(
+        [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in schema], schema=schema))
+
+
+def test_vector_index_search(tmp_path, monkeypatch):
+    """Past VECTOR_INDEX_MIN_ROWS the registry builds its IVF-HNSW index (here on a small table,
+    two partitions) and vector search goes through it: near-exact top-k, any k, prefiltered by
+    base model, and a pinned version searches that version."""
+    import numpy as np
+
+    from registry import store
+
+    monkeypatch.setattr(store, "VECTOR_INDEX_MIN_ROWS", 500)
+    monkeypatch.setattr(store, "VECTOR_PARTITION_ROWS", 300)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((600, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    reg = Registry.open(tmp_path / "registry")
+    _synthetic_rows(reg, vectors, ["FLUX.1-dev", "tiny-flux"] * 300)
+    flat_version = reg.version
+    reg.tag("flat")
+    reg.ensure_indexes()
+    assert reg._indexed_vectors() == {"text_vector"}
+    index = next(i for i in reg.loras.list_indices() if i.name == "text_vector_idx")
+    assert index.index_type == "IvfHnswSq"
+    found = 0
+    for i in range(20):
+        query = vectors[i] + 0.05 * rng.standard_normal(384).astype(np.float32)
+        exact = {f"lora-{j:08d}" for j in np.argsort(-(vectors @ query))[:10]}
+        found += len({h.lora_id for h in reg.search_by_vector(query, k=10)} & exact)
+    assert found >= 190  # recall@10 >= 0.95
+    many = reg.search_by_vector(vectors[3], k=100)  # k * ANN_REFINE > ANN_EF
+    assert len(many) == 100 and many[0].lora_id == "lora-00000003" and many[0].score > 0.999
+    hits = reg.search_by_vector(vectors[3], k=5, base_model="tiny-flux")
+    assert hits and all(h.base_model == "tiny-flux" for h in hits)
+    assert len(reg.search("synthetic lora", k=3)) == 3  # hybrid search with the index
+    later = Registry.open(tmp_path / "later")
+    _synthetic_rows(later, -vectors[:1], ["FLUX.1-dev"])  # a row the tagged version lacks
+    reg.loras.add(later.loras.to_arrow().set_column(0, "lora_id", [["lora-later"]]))
+    assert reg.search_by_vector(-vectors[0], k=1)[0].lora_id == "lora-later"
+    for pinned in (Registry.open(reg.root, version=flat_version), Registry.open(reg.root, version="flat")):
+        assert pinned.search_by_vector(-vectors[0], k=1)[0].lora_id != "lora-later"
+        assert pinned.search_by_vector(vectors[3], k=1)[0].lora_id == "lora-00000003"
