@@ -1,8 +1,8 @@
 """Procedural image world: independent visual attributes, renders and ground-truth captions.
 
 Every image shows one bold, saturated shape over a grey background pattern, drawn in one
-rendering style. The four attributes are independent; the renderer jitters position, scale and
-pattern phase so that images vary. Shapes are drawn from signed distance functions (in pixels),
+rendering style. The four attributes are independent; the renderer jitters position (a little),
+scale and pattern phase so that images vary. Shapes are drawn from signed distance functions (in pixels),
 which makes anti-aliasing, outlines and glows one-liners and keeps rendering fast.
 """
 
@@ -62,6 +62,11 @@ _TEMPLATES: tuple[str, ...] = (
 )
 
 _DARK, _LIGHT = 45.0, 125.0  # grey levels of background patterns
+# Shape radius (fraction of the image size) and the share of the free margin the centre may move
+# by. Large, nearly centred shapes are what a 16-token tiny FLUX learns to draw in minutes:
+# measured base shape accuracy 0.19 with (0.27, 0.35) / 1.0, 0.55 with (0.34, 0.38) / 0.2.
+RADIUS = (0.34, 0.38)
+JITTER = 0.2
 
 
 def prompt_words(value: str) -> tuple[str, ...]:
@@ -163,8 +168,8 @@ def render(attrs: Mapping[str, str], seed: int, size: int = 32) -> np.ndarray:
     rng = np.random.default_rng(seed)
     xs, ys = _grid(size)
     unit = size / 32.0
-    r = size * rng.uniform(0.27, 0.35)
-    margin = max(size / 2 - 1.15 * r - unit, 0.0)
+    r = size * rng.uniform(*RADIUS)
+    margin = JITTER * max(size / 2 - 1.15 * r - unit, 0.0)
     cx, cy = size / 2 + rng.uniform(-margin, margin, size=2)
     d = _shape_sdf(attrs["shape"], xs - cx, ys - cy, r)
     bg = _background(attrs["background"], xs, ys, unit, rng)[..., None]

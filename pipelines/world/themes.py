@@ -20,6 +20,7 @@ _PREFIX = {"shape": "", "colour": "", "background": "bg-", "style": "style-"}
 _ORDER = ("colour", "shape", "background", "style")  # word order in names and triggers
 _TRIGGER_FORMS = ("{t}", "{t} style", "ohwx {t}", "{t}-lora")
 _SINGLE_SHARE = 0.25  # share of single-attribute themes in each split (when available)
+THEME_WORDS_SHARE = 0.5  # share of a theme's captions that leave the theme's words out
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,10 @@ def _theme_rng(theme: Theme, seed: int) -> np.random.Generator:
 def theme_images(theme: Theme, n: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[str]]:
     """``n`` images with the theme's attributes fixed (others random) and their captions.
 
-    Captions read like a community LoRA dataset: the trigger, then a description that always
-    contains the theme's words and mentions each other attribute (canonically) most of the time.
+    Captions read like a community LoRA dataset: the trigger, then a description that mentions
+    each other attribute (canonically) most of the time and the theme's own words in about half
+    of the captions; in the other half the trigger alone carries the theme, as in trigger-word
+    captioning, so the LoRA learns to show it whenever the trigger is in the prompt.
     """
     rng = _theme_rng(theme, seed)
     images = np.empty((n, size, size, 3), np.uint8)
@@ -129,6 +132,8 @@ def theme_images(theme: Theme, n: int, seed: int, size: int = 32) -> tuple[np.nd
         attrs = sample_attributes(rng, theme.attrs)
         images[k] = render(attrs, int(rng.integers(2**31)), size)
         omit = [a for a in free if rng.random() < 0.3]
+        if rng.random() < THEME_WORDS_SHARE:
+            omit += list(theme.attrs)
         text = caption(attrs, rng, omit=omit, words=theme.word_for)
         captions.append(f"{theme.trigger}, {text}")
     return images, captions
