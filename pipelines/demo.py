@@ -13,18 +13,6 @@ DEMO_PROMPTS = ("a red circle on a striped background", "a crimson disc with a n
                 "hatched style star", "blue square, outline style")
 
 
-def base_model_from_pipeline(folder: str | Path, name: str | None = None) -> BaseModel:
-    """Layer names/shapes of a diffusers FLUX pipeline folder (config only; no weights loaded)."""
-    import torch
-    from diffusers import FluxTransformer2DModel
-
-    folder = Path(folder)
-    config = FluxTransformer2DModel.load_config(folder / "transformer")
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel.from_config(config)
-    return BaseModel.from_flux_transformer(name or folder.resolve().parent.name, transformer)
-
-
 def run_demo(workdir: str | Path = ".autolora", size: str = "default", seed: int = 0,
              folders: list[str] | None = None, progress: bool = True) -> tuple[Registry, IngestReport,
                                                                              dict[str, list[SearchHit]]]:

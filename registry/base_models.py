@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -76,6 +77,18 @@ class BaseModel:
         if not shapes:
             raise ValueError(f"{name}: the transformer has no nn.Linear layers")
         return cls(name=name, architecture="flux", layer_shapes=shapes)
+
+
+def flux_base_from_folder(folder: str | Path, name: str | None = None) -> BaseModel:
+    """A diffusers FLUX pipeline folder's layer shapes, from its transformer config (no weights
+    loaded); ``name`` defaults to the folder's parent's name."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = Path(folder)
+    config = FluxTransformer2DModel.load_config(folder / "transformer")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(config)
+    return BaseModel.from_flux_transformer(name or folder.resolve().parent.name, transformer)
 
 
 @functools.cache

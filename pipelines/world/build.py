@@ -4,6 +4,7 @@ it with diffusers + peft, sample renders and cards — deterministic from one se
 Layout of ``OUT/<size>-seed<seed>/``: ``base/`` (``FluxPipeline.save_pretrained``),
 ``base_model.json`` (layer names/shapes for the registry), ``loras/`` and ``heldout_loras/``
 (LoRA files + sidecars only, as a local LoRA folder), ``hub/<name>/`` (Hub-style repos),
+``readout/`` (the attribute read-out that evaluates renders, see ``evaluate.py``),
 ``world.json`` (the manifest; its presence with the same key makes a rebuild a no-op).
 """
 
@@ -11,29 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-from tqdm.auto import tqdm
-
-from pipelines.world.scene import caption, sample_attributes
-from pipelines.world.themes import Theme, broad_mix, make_themes, theme_images
+from pipelines.world.themes import broad_mix, make_themes
+from pipelines.world.tiny_flux import one_torch_thread
+from pipelines.world.zoo_train import manifest_entry, train_zoo
 
 DEMO_BASE_NAME = "autolora-demo-flux"
-WORLD_VERSION = 1  # bump when the recipe changes: invalidates cached worlds
-FORMATS = ("diffusers", "kohya", "comfyui", "kohya", "diffusers", "onetrainer", "comfyui", "bfl_peft")
-RANKS = (2, 4, 8, 16)
-LORA_LR = 2e-3
-TARGETS = {  # peft target_modules: full, attention-only and partial (single blocks only) coverage
-    "all-linear": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                   "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-                   "proj_mlp", "proj_out"],
-    "attention": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
-    "image-attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "single-blocks": r".*single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)",
-}
+WORLD_VERSION = 2  # bump when the recipe changes: invalidates cached worlds
 
 
 @dataclass(frozen=True)
@@ -50,30 +39,14 @@ class WorldSize:
 SIZES = {
     "micro": WorldSize(train=6, heldout=3, base_images=512, base_steps=60, lora_images=16, lora_steps=15,
                        max_renders=2),
-    "default": WorldSize(train=60, heldout=20, base_images=6000, base_steps=1500, lora_images=48,
-                         lora_steps=60, max_renders=3),
+    "default": WorldSize(train=60, heldout=20, base_images=6000, base_steps=3000, lora_images=48,
+                         lora_steps=100, max_renders=3),
 }
 
 
 def world_key(size: str, seed: int) -> str:
     recipe = json.dumps({"v": WORLD_VERSION, "size": asdict(SIZES[size]), "seed": seed}, sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
-
-
-def _lora_recipe(index: int, rng: np.random.Generator) -> dict:
-    target = list(TARGETS)[int(rng.integers(len(TARGETS)))]
-    rank = RANKS[int(rng.integers(len(RANKS)))]
-    return {"rank": rank, "alpha": float(rank), "target": target, "format": FORMATS[index % len(FORMATS)],
-            "kohya_metadata": bool(index % 2 == 0)}
-
-
-def render_prompts(theme: Theme, n: int, rng: np.random.Generator) -> list[str]:
-    """Prompts like those on a LoRA card: the trigger + a scene using the theme's words."""
-    prompts = []
-    for _ in range(n):
-        attrs = sample_attributes(rng, fixed=theme.attrs)
-        prompts.append(f"{theme.trigger}, {caption(attrs, rng, words=theme.word_for)}")
-    return prompts
 
 
 def _train_base(root: Path, spec: WorldSize, seed: int, progress: bool) -> Path:
@@ -89,14 +62,28 @@ def _train_base(root: Path, spec: WorldSize, seed: int, progress: bool) -> Path:
     return base
 
 
+def _reset_if_stale(root: Path, key: str) -> None:
+    """Resume a partial build of this recipe; wipe one left by another recipe (``recipe.key``)."""
+    marker = root / "recipe.key"
+    if root.exists() and not (marker.is_file() and marker.read_text() == key):
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
+
+
+def _train_readout(root: Path, seed: int) -> Path:
+    """The attribute read-out used to evaluate this world's renders (``readout/``)."""
+    from pipelines.world.readout import META, Readout
+
+    folder = root / "readout"
+    if not (folder / META).is_file():
+        Readout.train(seed=seed).save(folder)
+    return folder
+
+
 def build_world(out: str | Path, size: str = "default", seed: int = 0, progress: bool = True) -> dict:
     """Build (or reuse) the world; returns the ``world build --json`` contract."""
-    from diffusers import FluxPipeline
-
-    from pipelines.world.sampling import generate, lora_active
-    from pipelines.world.train_lora import train_lora
-    from pipelines.world.zoo import kohya_metadata, write_hub_repo, write_local
-    from registry.base_models import BaseModel
+    from registry.base_models import flux_base_from_folder
 
     t0 = time.perf_counter()
     spec = SIZES[size]
@@ -105,35 +92,16 @@ def build_world(out: str | Path, size: str = "default", seed: int = 0, progress:
     manifest_path = root / "world.json"
     if manifest_path.is_file() and json.loads(manifest_path.read_text())["key"] == key:
         return _contract(json.loads(manifest_path.read_text()), root, time.perf_counter() - t0)
-    root.mkdir(parents=True, exist_ok=True)
-    base_dir = _train_base(root, spec, seed, progress)
-    pipe = FluxPipeline.from_pretrained(base_dir)
-    pipe.set_progress_bar_config(disable=True)
-    base_model = BaseModel.from_flux_transformer(DEMO_BASE_NAME, pipe.transformer)
-    (root / "base_model.json").write_text(base_model.to_json(), encoding="utf-8")
-
-    themes = make_themes(seed, spec.train, spec.heldout)
-    entries = []
-    for index, theme in enumerate(tqdm(themes, desc="LoRA zoo", disable=not progress)):
-        rng = np.random.default_rng([seed, index, 7])
-        recipe = _lora_recipe(index, rng)
-        folder = root / ("loras" if theme.split == "train" else "heldout_loras")
-        file = folder / f"{theme.name}.safetensors"
-        entries.append({"theme": theme.name, "split": theme.split, "synonym": theme.synonym,
-                        "attrs": dict(theme.attrs), "words": list(theme.words), "trigger": theme.trigger,
-                        "file": str(file.relative_to(root)), **recipe})
-        if file.is_file():
-            continue
-        images, captions = theme_images(theme, spec.lora_images, seed + index)
-        layers = train_lora(pipe, images, captions, rank=recipe["rank"], alpha=recipe["alpha"],
-                            target_modules=TARGETS[recipe["target"]], steps=spec.lora_steps,
-                            seed=seed + index, lr=LORA_LR)
-        prompts = render_prompts(theme, 1 + int(rng.integers(spec.max_renders)), rng)
-        with lora_active(pipe, layers):
-            renders = generate(pipe, prompts, seed + index)
-        metadata = kohya_metadata(theme, recipe["rank"], captions, DEMO_BASE_NAME) if recipe["kohya_metadata"] else None
-        local = write_local(folder, theme, layers, recipe["format"], renders, prompts, metadata, DEMO_BASE_NAME)
-        write_hub_repo(root / "hub" / theme.name, theme, layers, local.with_suffix(".json"), DEMO_BASE_NAME)
+    _reset_if_stale(root, key)
+    with one_torch_thread():
+        _train_readout(root, seed)
+        base_dir = _train_base(root, spec, seed, progress)
+        base_model = flux_base_from_folder(base_dir, DEMO_BASE_NAME)
+        (root / "base_model.json").write_text(base_model.to_json(), encoding="utf-8")
+        themes = make_themes(seed, spec.train, spec.heldout)
+        train_zoo(root, base_dir, themes, seed=seed, lora_images=spec.lora_images, lora_steps=spec.lora_steps,
+                  max_renders=spec.max_renders, base_name=DEMO_BASE_NAME, progress=progress)
+    entries = [manifest_entry(root, index, theme, seed) for index, theme in enumerate(themes)]
     _write_reupload(root, entries)
     manifest = {"key": key, "size": size, "seed": seed, "base_model": DEMO_BASE_NAME, "loras": entries,
                 "train": sum(e["split"] == "train" for e in entries),

@@ -13,7 +13,10 @@ from pipelines.world.tiny_flux import MAX_SEQ_LEN
 from registry.lora_formats import to_format
 
 STEPS = 12
-CFG = 3.0  # true classifier-free guidance (the base is trained with caption dropout)
+# True classifier-free guidance (the base is trained with caption dropout). Measured on the default
+# base: read-out accuracy is as good at 1.5 as at 3, and LoRA renders (where the LoRA also acts on
+# the unconditional branch) are cleaner: theme accuracy 0.80 at 1.5 vs 0.75 at 3.
+CFG = 1.5
 
 
 @torch.no_grad()
@@ -28,8 +31,9 @@ def generate(pipe: FluxPipeline, prompts: Sequence[str], seed: int, *, steps: in
 
 @contextmanager
 def lora_active(pipe: FluxPipeline, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], name: str = "active"):
-    """Load canonical ``layers`` through diffusers' own ``load_lora_weights``; unload on exit."""
-    pipe.load_lora_weights(to_format(layers, "diffusers"), adapter_name=name)
+    """Load canonical ``layers`` into the transformer through diffusers' own LoRA loader (what
+    ``pipe.load_lora_weights`` calls for FLUX transformer keys); unload on exit."""
+    pipe.transformer.load_lora_adapter(to_format(layers, "diffusers"), prefix="transformer", adapter_name=name)
     try:
         yield pipe
     finally:
