@@ -94,6 +94,23 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_eval(args: argparse.Namespace) -> int:
+    from pipelines.world.evaluate import evaluate_world
+
+    report = evaluate_world(args.world, n_base=args.base_prompts, n_lora=args.lora_prompts, seed=args.seed,
+                            progress=not args.json)
+    if args.json:
+        _print_json(report)
+        return 0
+    base, loras = report["base"], report["loras"]
+    _table("base prompt-following (read-out accuracy)", ["attribute", "accuracy", "chance"],
+           [(a, f"{acc:.3f}", f"{base['chance'][a]:.3f}") for a, acc in base["accuracy"].items()])
+    _table(f"zoo LoRAs ({loras['count']}): theme read-out accuracy", ["", "value"],
+           [("with LoRA", f"{loras['with_lora']:.3f}"), ("without LoRA", f"{loras['without_lora']:.3f}"),
+            ("gain", f"{loras['gain']:.3f}")])
+    return 0
+
+
 def cmd_register_base(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -102,9 +119,9 @@ def cmd_register_base(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     if source.is_dir():
-        from pipelines.demo import base_model_from_pipeline
+        from registry.base_models import flux_base_from_folder
 
-        base = base_model_from_pipeline(source, args.name)
+        base = flux_base_from_folder(source, args.name)
     else:
         base = BaseModel.from_json(source.read_text(encoding="utf-8"))
     Registry.open(args.registry).register_base(base)
@@ -171,10 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     world_build.add_argument("--json", action="store_true")
     world_build.set_defaults(func=cmd_world_build)
 
+    world_eval = world.add_parser("eval", help="measure a built world: base prompt-following, LoRA themes")
+    world_eval.add_argument("--world", default=".autolora/world",
+                            help="a built world folder (or the --out folder holding one)")
+    world_eval.add_argument("--base-prompts", type=int, default=192)
+    world_eval.add_argument("--lora-prompts", type=int, default=8)
+    world_eval.add_argument("--seed", type=int, default=0)
+    world_eval.add_argument("--json", action="store_true")
+    world_eval.set_defaults(func=cmd_world_eval)
+
     demo = sub.add_parser("demo", help="the main job: build the demo world if missing, ingest, search")
     demo.add_argument("folders", nargs="*", help="ingest these instead of the demo world")
     demo.add_argument("--workdir", default=".autolora")
-    demo.add_argument("--size", choices=["micro", "default"], default="micro")
+    demo.add_argument("--size", choices=["micro", "default"], default="default")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
