@@ -240,7 +240,7 @@ class Registry:
                      .distance_type("cosine"), k)
         if base_model:  # a prefilter (the async API's default)
             query = query.where(f"base_model = {_quote(base_model)}")
-        rows = LOOP.run(query.select(list(_LIST_COLUMNS)).limit(k).to_list())
+        rows = LOOP.run(query.select([*_LIST_COLUMNS, "_distance"]).limit(k).to_list())
         return [SearchHit(r["lora_id"], r["name"], 1.0 - r["_distance"], r["base_model"],
                           r["trigger_words"] or []) for r in rows]
 
