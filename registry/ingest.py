@@ -115,15 +115,31 @@ def _metadata(info: InspectedLoRA) -> LoraMetadata:
 
 @dataclass
 class _Early:
-    """An accepted file's metadata and text vector, made while its blob copy still runs."""
+    """What an accepted file needs besides its hash, made while its blob copy still runs."""
 
+    lora_id: str
+    stored: dict | None  # the row already stored under lora_id, if any
     meta: LoraMetadata
     vector: list[float]
 
 
-def _early(info: InspectedLoRA) -> _Early:
+def _early(reg: Registry, batch: _Batch, info: InspectedLoRA) -> _Early:
+    lora_id = lora_id_for(info.fingerprint)
+    stored = batch.loras.get(lora_id) or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id)
     meta = _metadata(info)
-    return _Early(meta, _embed([meta.search_text()])[0])
+    return _Early(lora_id, stored, meta, _embed([meta.search_text()])[0])
+
+
+def _drop(reg: Registry, future) -> None:
+    """Wait for a staging copy that is no longer wanted and remove it."""
+    try:
+        reg.blobs.discard(future.result()[1])
+    except Exception:  # noqa: BLE001 - the error that made us drop it is the one to raise
+        pass
+
+
+def _unreadable(report: IngestReport, shown: str, error: OSError) -> None:
+    report.rejected.append({"path": shown, "reason": f"unreadable: {error}", "code": "unreadable"})
 
 
 def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str, staged: Path | None = None,
@@ -193,28 +209,34 @@ def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path:
     staged: Path | None = None
     outcome: InspectedLoRA | RejectedFile | None = None
     early: _Early | None = None
+    future = None
     try:
         if _maybe_known(reg, batch, path):
             sha = sha256_file(path)
         else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
             future = pool.submit(reg.blobs.stage, path)
             try:
-                try:
-                    outcome = inspect_file(path, bases, sha256="pending")  # real one set below
-                except RejectedFile as rejection:
-                    outcome = rejection
-                if isinstance(outcome, InspectedLoRA) and not future.done():
-                    early = _early(outcome)  # instead of waiting idle for the copy
+                outcome = inspect_file(path, bases, sha256="pending")  # the real one set below
+            except RejectedFile as rejection:
+                outcome = rejection
             except BaseException:
-                try:
-                    reg.blobs.discard(future.result()[1])
-                except Exception:  # noqa: BLE001 - the inspection error is the one to raise
-                    pass
+                _drop(reg, future)
                 raise
-            sha, staged = future.result()
     except OSError as error:
-        report.rejected.append({"path": shown, "reason": f"unreadable: {error}", "code": "unreadable"})
+        _unreadable(report, shown, error)
         return
+    if future is not None:
+        if isinstance(outcome, InspectedLoRA) and not future.done():
+            try:
+                early = _early(reg, batch, outcome)  # instead of waiting idle for the copy
+            except BaseException:
+                _drop(reg, future)
+                raise
+        try:
+            sha, staged = future.result()
+        except OSError as error:
+            _unreadable(report, shown, error)
+            return
     try:
         known_file = batch.files.get(sha) or _existing(reg.files, "sha256", [sha]).get(sha)
         if known_file:
@@ -234,8 +256,12 @@ def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path:
             return
         info = outcome
         info.sha256 = sha
-        lora_id = lora_id_for(info.fingerprint)
-        stored = batch.loras.get(lora_id) or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id)
+        if early is not None:
+            lora_id, stored = early.lora_id, early.stored
+        else:
+            lora_id = lora_id_for(info.fingerprint)
+            stored = (batch.loras.get(lora_id)
+                      or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id))
         if stored and stored["sha256"] != sha:
             report.duplicates.append({"path": shown, "lora_id": lora_id, "kind": "fingerprint"})
         else:  # new, or the file whose row a killed run wrote before its file record

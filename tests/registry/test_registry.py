@@ -145,7 +145,7 @@ def test_rows_made_while_the_blob_copy_runs_match_the_batched_ones(ingested, tmp
     inspect_file, made_early = ingest.inspect_file, []
     monkeypatch.setattr(BlobStore, "stage", slow_stage)
     monkeypatch.setattr(ingest, "inspect_file", inspect_then_release)
-    monkeypatch.setattr(ingest, "_early", lambda info, f=ingest._early: made_early.append(1) or f(info))
+    monkeypatch.setattr(ingest, "_early", lambda *a, f=ingest._early: made_early.append(1) or f(*a))
     early = Registry.open(tmp_path / "early")
     assert len(early.add([files["ember"]]).added) == 1 and made_early == [1]
     added = {Path(a["path"]).name: a["lora_id"] for a in report.added}
