@@ -19,9 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.torch_threads import one_torch_thread
 from registry.blobstore import sha256_file
 from registry.errors import RejectedFile
-from registry.inspect import InspectedLoRA, _one_torch_thread, inspect_file
+from registry.inspect import InspectedLoRA, inspect_file
 from registry.metadata import LoraMetadata, from_header, from_sidecars
 from registry.store import Registry, _quote
 
@@ -103,7 +104,7 @@ def _embed(texts: list[str]) -> list[list[float]]:
         return []
     from models.text_encoder import default_text_encoder
 
-    with _one_torch_thread():  # a few short texts: OpenMP barriers cost more than they give
+    with one_torch_thread():  # a few short texts: OpenMP barriers cost more than they give
         return [v.tolist() for v in default_text_encoder().encode(texts)]
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from models.torch_threads import one_torch_thread
 from registry.base_models import BaseModel, match_base
 from registry.blobstore import sha256_file
 from registry.canonical import CanonicalLoRA, canonicalise, fingerprint
@@ -41,25 +39,6 @@ class InspectedLoRA:
         }
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run torch ops on one intra-op thread, restoring the setting afterwards.
-
-    Inspection is thousands of ops on per-layer tensors of at most a few MB: splitting each over
-    OpenMP threads gains little, and on a busy machine every op waits at a barrier for a worker
-    that is not scheduled (a 172 MB FLUX LoRA: ~1.2 s on one thread, 5-70 s on two shared cores).
-    """
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def load_canonical(path: str | os.PathLike) -> tuple[CanonicalLoRA, dict[str, str]]:
     """Read a LoRA file safely and return its canonical form and header metadata."""
     tensors, metadata = read_safetensors(path)
@@ -76,7 +55,7 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
     path = Path(path)
     if not path.is_file():
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
-    with _one_torch_thread():
+    with one_torch_thread():
         lora, metadata = load_canonical(path)
         bases = list(bases)
         base = match_base(lora.shapes(), bases)

@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from models.torch_threads import one_torch_thread
 from pipelines.world.themes import broad_mix, make_themes
-from pipelines.world.tiny_flux import one_torch_thread
 from pipelines.world.zoo_train import manifest_entry, train_zoo
 
 DEMO_BASE_NAME = "autolora-demo-flux"
@@ -90,8 +90,8 @@ def build_world(out: str | Path, size: str = "default", seed: int = 0, progress:
     key = world_key(size, seed)
     root = Path(out) / f"{size}-seed{seed}"
     manifest_path = root / "world.json"
-    if manifest_path.is_file() and json.loads(manifest_path.read_text())["key"] == key:
-        return _contract(json.loads(manifest_path.read_text()), root, time.perf_counter() - t0)
+    if manifest_path.is_file() and (built := json.loads(manifest_path.read_text()))["key"] == key:
+        return _contract(built, root, time.perf_counter() - t0)
     _reset_if_stale(root, key)
     with one_torch_thread():
         _train_readout(root, seed)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from models.torch_threads import one_torch_thread
 from pipelines.world.readout import Readout, accuracy
 from pipelines.world.scene import ATTRIBUTES, caption, sample_attributes
-from pipelines.world.tiny_flux import one_torch_thread
 
 CHANCE = {a: 1.0 / len(v) for a, v in ATTRIBUTES.items()}
 

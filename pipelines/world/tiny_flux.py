@@ -32,8 +32,6 @@ Choices (measured on this machine's CPUs; numbers in the report of the change):
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -137,15 +135,3 @@ def base_layer_shapes(pipe: FluxPipeline) -> dict[str, tuple[int, int]]:
     """Every ``nn.Linear`` of the transformer: module path → (out_features, in_features)."""
     return {name: (m.out_features, m.in_features)
             for name, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear)}
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread (measured on 2 cores: tiny-model training on two threads slows
-    ~10x as soon as any other process runs; ``zoo_train`` uses one process per core instead)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
