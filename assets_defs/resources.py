@@ -5,7 +5,7 @@ import os
 
 import dagster as dg
 
-from registry.store import Registry
+from registry import Registry
 
 
 class RegistryResource(dg.ConfigurableResource):

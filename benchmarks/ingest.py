@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/ingest.py --profile 40      # + cProfile of one add, to stderr
 
 Builds a rank-16 LoRA on every linear layer of FLUX.1-dev's 19 double and 38 single blocks
-(494 layers, names and shapes from ``registry.base_models.flux1_dev()``), bfloat16, written in
-the diffusers format with ``registry.lora_formats.save_lora`` into a temp dir (~172 MB). Then:
+(494 layers, names and shapes from ``registry.lora.base_models.flux1_dev()``), bfloat16, written in
+the diffusers format with ``registry.lora.formats.save_lora`` into a temp dir (~172 MB). Then:
 
-* ``floor_s``: median time of ``registry.blobstore.sha256_file`` over the file, page cache warm
+* ``floor_s``: median time of ``registry.hashing.sha256_file`` over the file, page cache warm
   (the least any ingest must do: read every byte and hash it);
 * ``ingest_s``: median time of ``Registry.add([file])`` into a fresh registry per repetition.
   The registry is opened (LanceDB tables created) before the clock starts; everything ``add``
@@ -41,10 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registry.base_models import flux1_dev  # noqa: E402
-from registry.blobstore import sha256_file  # noqa: E402
-from registry.lora_formats import save_lora  # noqa: E402
-from registry.store import Registry  # noqa: E402
+from registry.lora.base_models import flux1_dev  # noqa: E402
+from registry.hashing import sha256_file  # noqa: E402
+from registry.lora.formats import save_lora  # noqa: E402
+from registry import Registry  # noqa: E402
 
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registry.schema import TEXT_DIM  # noqa: E402
-from registry.store import Registry  # noqa: E402
+from registry.store.schema import TEXT_DIM  # noqa: E402
+from registry import Registry  # noqa: E402
 
 
 def clustered_vectors(n: int, dim: int, seed: int, clusters: int = 2048) -> np.ndarray:

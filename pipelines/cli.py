@@ -31,13 +31,13 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from registry.errors import RejectedFile
-    from registry.inspect import inspect_file
-    from registry.store import Registry
+    from registry.lora.errors import RejectedFile
+    from registry.lora.inspect import inspect_file
+    from registry import Registry
 
     bases = Registry.open(args.registry).bases() if args.registry else None
     if bases is None:
-        from registry.base_models import flux1_dev
+        from registry.lora.base_models import flux1_dev
 
         bases = [flux1_dev()]
     try:
@@ -54,7 +54,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from registry.store import Registry
+    from registry import Registry
 
     registry = Registry.open(args.registry)
     report = registry.add(args.paths, progress=not args.json and sys.stderr.isatty(),
@@ -74,7 +74,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from registry.store import Registry
+    from registry import Registry
 
     hits = Registry.open(args.registry).search(args.prompt, k=args.k, base_model=args.base_model,
                                                mode=args.mode)
@@ -114,12 +114,12 @@ def cmd_world_eval(args: argparse.Namespace) -> int:
 def cmd_register_base(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from registry.base_models import BaseModel
-    from registry.store import Registry
+    from registry.lora.base_models import BaseModel
+    from registry import Registry
 
     source = Path(args.source)
     if source.is_dir():
-        from registry.base_models import flux_base_from_folder
+        from registry.lora.base_models import flux_base_from_folder
 
         base = flux_base_from_folder(source, args.name)
     else:

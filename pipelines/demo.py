@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from registry.base_models import BaseModel
+from registry.lora.base_models import BaseModel
 from registry.ingest import IngestReport
-from registry.store import Registry, SearchHit
+from registry import Registry, SearchHit
 
 DEMO_PROMPTS = ("a red circle on a striped background", "a crimson disc with a neon glow",
                 "hatched style star", "blue square, outline style")

@@ -20,11 +20,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.torch_threads import one_torch_thread
-from registry.blobstore import sha256_file
-from registry.errors import RejectedFile
-from registry.inspect import InspectedLoRA, inspect_file
-from registry.metadata import LoraMetadata, from_header, from_sidecars
-from registry.store import Registry, _quote
+from registry.hashing import sha256_file
+from registry.lora.errors import RejectedFile
+from registry.lora.inspect import InspectedLoRA, inspect_file
+from registry.lora.metadata import LoraMetadata, from_header, from_sidecars
+from registry.store.maintenance import ensure_indexes
+from registry.store.store import Store as Registry, quote as _quote
 
 # Files that may be LoRAs when found while walking a folder (everything else there is a sidecar).
 # An explicitly named file is always considered, whatever its extension.
@@ -93,7 +94,7 @@ class _Batch:
             for row, vector in zip(missing, _embed([r["search_text"] for r in missing])):
                 row["text_vector"] = vector
             reg.upsert(reg.loras, rows, "lora_id", update=False)
-        reg.upsert(reg.files, list(self.files.values()), "sha256", update=True)
+        reg.upsert(reg.files, list(self.files.values()), "path", update=True)
         reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
         self.loras.clear(), self.files.clear(), self.rejections.clear()
 
@@ -184,7 +185,7 @@ def _maybe_known(reg: Registry, batch: _Batch, path: Path) -> bool:
         return True  # the sequential path reports it as unreadable
     if any(row["size_bytes"] == size for row in batch.loras.values()):
         return True
-    return bool(reg.loras.search().where(f"size_bytes = {int(size)}").limit(1).to_list())
+    return bool(reg.files.search().where(f"size_bytes = {int(size)}").limit(1).to_list())
 
 
 def ingest_paths(reg: Registry, paths: Iterable[str | os.PathLike], *, progress: bool = False,
@@ -200,7 +201,7 @@ def ingest_paths(reg: Registry, paths: Iterable[str | os.PathLike], *, progress:
             if len(batch) >= batch_size:
                 batch.flush()
     batch.flush()
-    reg.ensure_indexes()
+    ensure_indexes(reg)
     return report
 
 
@@ -239,7 +240,8 @@ def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path:
             _unreadable(report, shown, error)
             return
     try:
-        known_file = batch.files.get(sha) or _existing(reg.files, "sha256", [sha]).get(sha)
+        known_file = (next((f for f in batch.files.values() if f["sha256"] == sha), None)
+                      or _existing(reg.files, "sha256", [sha]).get(sha))
         if known_file:
             report.duplicates.append({"path": shown, "lora_id": known_file["lora_id"], "kind": "sha256"})
             return
@@ -270,7 +272,7 @@ def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path:
                 batch.loras[lora_id] = _lora_row(reg, info, lora_id, staged, early)
                 staged = None  # committed (or discarded as already present)
             report.added.append({"lora_id": lora_id, "path": shown})
-        batch.files[sha] = {"sha256": sha, "lora_id": lora_id, "path": str(path.resolve()),
+        batch.files[str(path.resolve())] = {"sha256": sha, "lora_id": lora_id, "path": str(path.resolve()),
                             "format": info.format, "seen_at": _now()}
     finally:
         reg.blobs.discard(staged)

@@ -83,7 +83,7 @@ def _train_readout(root: Path, seed: int) -> Path:
 
 def build_world(out: str | Path, size: str = "default", seed: int = 0, progress: bool = True) -> dict:
     """Build (or reuse) the world; returns the ``world build --json`` contract."""
-    from registry.base_models import flux_base_from_folder
+    from registry.lora.base_models import flux_base_from_folder
 
     t0 = time.perf_counter()
     spec = SIZES[size]
@@ -113,8 +113,8 @@ def build_world(out: str | Path, size: str = "default", seed: int = 0, progress:
 
 def _write_reupload(root: Path, entries: list[dict]) -> None:
     """One train LoRA re-saved in another format, as people re-upload: a fingerprint duplicate."""
-    from registry.inspect import load_canonical
-    from registry.lora_formats import save_lora
+    from registry.lora.inspect import load_canonical
+    from registry.lora.formats import save_lora
 
     first = next(e for e in entries if e["split"] == "train")
     lora, _ = load_canonical(root / first["file"])

@@ -69,7 +69,7 @@ def lora_scores(pipe, readout: Readout, root: Path, entries: list[dict], n: int 
                 progress: bool = False) -> list[LoraScore]:
     """Score every manifest entry's LoRA file (loaded from disk through the registry's reader)."""
     from pipelines.world.sampling import generate, lora_active
-    from registry.inspect import load_canonical
+    from registry.lora.inspect import load_canonical
 
     scores = []
     for entry in tqdm(entries, desc="LoRA read-out", disable=not progress):

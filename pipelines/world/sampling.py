@@ -10,7 +10,7 @@ import torch
 from diffusers import FluxPipeline
 
 from pipelines.world.tiny_flux import MAX_SEQ_LEN
-from registry.lora_formats import to_format
+from registry.lora.formats import to_format
 
 STEPS = 12
 # True classifier-free guidance (the base is trained with caption dropout). Measured on the default

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from pipelines.world.themes import Theme
-from registry.lora_formats import save_lora
+from registry.lora.formats import save_lora
 
 Layers = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 

@@ -15,8 +15,8 @@ from assets_defs.definitions import defs  # noqa: E402
 from assets_defs.ingest import ingested_loras  # noqa: E402
 from assets_defs.resources import RegistryResource  # noqa: E402
 from assets_defs.sensors import local_folder_sensor  # noqa: E402
-from registry.lora_formats import save_lora  # noqa: E402
-from registry.store import Registry  # noqa: E402
+from registry.lora.formats import save_lora  # noqa: E402
+from registry import Registry  # noqa: E402
 
 
 def test_definitions_validate():

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 from flux_fixtures import flux_lora, partial_names  # noqa: E402
 
-from registry.lora_formats import save_lora  # noqa: E402
+from registry.lora.formats import save_lora  # noqa: E402
 
 AUTOLORA = str(Path(sys.executable).with_name("autolora"))
 

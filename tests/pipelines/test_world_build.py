@@ -92,7 +92,7 @@ def test_zoo_ingests_with_zero_rejections_and_a_fingerprint_duplicate(micro, tmp
     stems = {Path(dup["path"]).stem, Path(original["path"]).stem}
     theme = min(stems, key=len)
     assert stems == {theme, f"{theme}-reupload"}
-    from registry.store import Registry
+    from registry import Registry
 
     reg = Registry.open(registry)
     assert {reg.get(e["lora_id"])["base_model"] for e in report["added"]} == {"autolora-demo-flux"}

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from registry.base_models import BaseModel, flux1_dev
-from registry.lora_formats import to_format
+from registry.lora.base_models import BaseModel, flux1_dev
+from registry.lora.formats import to_format
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from flux_fixtures import flux_lora, partial_names
 
-from registry.lora_formats import save_lora
-from registry.store import Registry
+from registry.lora.formats import save_lora
+from registry import Registry
 
 N_FILES = 40
 

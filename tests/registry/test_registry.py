@@ -12,8 +12,8 @@ import torch
 from bad_files import entry, write_malicious_pickle, write_malicious_torch_save, write_raw_safetensors
 from flux_fixtures import flux_lora, partial_names
 
-from registry.lora_formats import save_lora
-from registry.store import Registry
+from registry.lora.formats import save_lora
+from registry import Registry
 
 
 def _lora(seed: int, double=(0,), single=(1,)):
@@ -124,7 +124,7 @@ def test_rows_made_while_the_blob_copy_runs_match_the_batched_ones(ingested, tmp
 
     import numpy as np
 
-    from registry.blobstore import BlobStore
+    from registry.store.blobstore import BlobStore
 
     reg, files, report = ingested
     release = threading.Event()
@@ -241,7 +241,7 @@ def _synthetic_rows(reg: Registry, vectors, base_models) -> None:
     """Rows with only ids, names, base models and text vectors (like benchmarks/search.py)."""
     import pyarrow as pa
 
-    from registry.schema import TEXT_DIM
+    from registry.store.schema import TEXT_DIM
 
     n, schema = len(vectors), reg.loras.schema
     columns = {

@@ -1,4 +1,4 @@
-"""registry.canonical: every FLUX format to one canonical LoRA, rejections, fingerprint."""
+"""registry.lora.canonical: every FLUX format to one canonical LoRA, rejections, fingerprint."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from flux_fixtures import (
     top_level_names,
 )
 
-from registry import conversion
-from registry.base_models import flux1_dev, match_base
-from registry.canonical import canonicalise, detect_architecture, fingerprint, fingerprint_features
-from registry.errors import RejectedFile
-from registry.fingerprint import signs
-from registry.lora_formats import FORMATS, save_lora, to_format
+from registry.lora import conversion
+from registry.lora.base_models import flux1_dev, match_base
+from registry.lora.canonical import canonicalise, detect_architecture, fingerprint, fingerprint_features
+from registry.lora.errors import RejectedFile
+from registry.lora.fingerprint import signs
+from registry.lora.formats import FORMATS, save_lora, to_format
 
 TE = "text_encoder.text_model.encoder.layers"
 Q = "transformer.transformer_blocks.0.attn.to_q"

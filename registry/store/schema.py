@@ -1,10 +1,11 @@
-"""Arrow schemas of the registry's LanceDB tables."""
+"""Arrow schemas of the registry's LanceDB tables, and the on-disk format version."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2
+FORMAT_VERSION = 2  # v2: files keyed by path with a stat cache, loras.removed
 
 _TIME = pa.timestamp("us", tz="UTC")
 _STRINGS = pa.list_(pa.string())
@@ -35,17 +36,24 @@ def loras_schema(text_dim: int = TEXT_DIM) -> pa.Schema:
         pa.field("search_text", pa.string()),
         pa.field("text_vector", pa.list_(pa.float32(), text_dim)),
         pa.field("added_at", _TIME),
+        pa.field("removed", pa.bool_()),  # every known path of it is gone (``prune``)
     ])
 
 
 FILES_SCHEMA = pa.schema([
-    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("sha256", pa.string()),
     pa.field("lora_id", pa.string()),
-    pa.field("path", pa.string()),
     pa.field("format", pa.string()),
+    pa.field("size_bytes", pa.int64()),
+    pa.field("mtime_ns", pa.int64()),
+    pa.field("inode", pa.int64()),
+    pa.field("sidecars", pa.string()),  # signature of the sidecar files seen beside it
     pa.field("seen_at", _TIME),
+    pa.field("gone", pa.bool_()),  # the path no longer exists (``prune``)
 ])
-"""Every accepted file seen, keyed by its sha256 (several files can hold one LoRA)."""
+"""Every accepted file seen, keyed by its resolved path (several paths can hold one file, several
+files one LoRA). Size, mtime and inode are the stat cache: an unchanged file is not hashed again."""
 
 REJECTIONS_SCHEMA = pa.schema([
     pa.field("rejection_id", pa.string(), nullable=False),

@@ -6,7 +6,7 @@ Original-FLUX ("BFL") checkpoints fuse some of them: ``double_blocks.N.img_attn.
 The maps below are written from the two model definitions; part sizes always come from the
 tensors' shapes, so the same code serves FLUX.1 (width 3072) and tiny FLUX-architecture models.
 
-Writers (:func:`to_format`) are exact inverses of :func:`registry.canonical.canonicalise`: a fused
+Writers (:func:`to_format`) are exact inverses of :func:`registry.lora.canonical.canonicalise`: a fused
 BFL layer built from parts with their own factors gets ``A = [A_q; A_k; A_v]`` and a
 block-diagonal ``B`` (rank = sum of part ranks), so ``B A`` stacks the parts' updates exactly;
 missing parts are zero blocks (the reader drops all-zero rank components and layers again).

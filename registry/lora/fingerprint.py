@@ -20,7 +20,7 @@ step with probability ~1e-3, while different LoRAs collide with negligible proba
 :func:`fingerprint_features` gives the unrounded numbers for a tolerant comparison.
 
 v3 replaced v2's exact norm (r x r Gram matrices of both factors, 3x the flops) by the probe
-estimate; the projections also tell :func:`registry.canonical.canonicalise` which rank
+estimate; the projections also tell :func:`registry.lora.canonical.canonicalise` which rank
 components may be exactly zero (an all-zero row of AX or column of UB), so one pass over the
 factors serves both.
 """
@@ -31,13 +31,9 @@ import functools
 import hashlib
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from registry.canonical import CanonicalLoRA
 
 Tensor = torch.Tensor
 Projections = dict[str, tuple[Tensor, Tensor]]  # name -> (AX [r, P], UB [P, r]), float32
@@ -110,14 +106,10 @@ def features_from_projections(proj: Projections) -> tuple[float, list[float]]:
     return math.log10(norm), [float(s) / norm for s in sums]
 
 
-def fingerprint_features(lora: CanonicalLoRA) -> tuple[float, list[float]]:
-    """``(log10 N, [s_m / N])``: the unrounded numbers :func:`fingerprint` hashes."""
-    return features_from_projections(lora.projections())
-
-
-def fingerprint(lora: CanonicalLoRA) -> str:
-    """Hex sha256 of the quantised canonical content; equal for the same ΔW in any format."""
-    log_norm, features = fingerprint_features(lora)
-    lines = [FP_VERSION, *(f"{n}:{d}x{k}" for n, (d, k) in sorted(lora.shapes().items()))]
+def fingerprint_of(shapes: Mapping[str, tuple[int, int]], proj: Projections) -> str:
+    """Hex sha256 of the quantised canonical content (layer shapes ``name -> (d, k)`` and the
+    probe projections); equal for the same ΔW in any format."""
+    log_norm, features = features_from_projections(proj)
+    lines = [FP_VERSION, *(f"{n}:{d}x{k}" for n, (d, k) in sorted(shapes.items()))]
     lines.append(",".join(str(round(v * 1000)) for v in [log_norm, *features]))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.torch_threads import one_torch_thread
-from registry.base_models import BaseModel, match_base
-from registry.blobstore import sha256_file
-from registry.canonical import CanonicalLoRA, canonicalise, fingerprint
-from registry.errors import RejectedFile
-from registry.safe_read import read_safetensors
+from registry.lora.base_models import BaseModel, match_base
+from registry.hashing import sha256_file
+from registry.lora.canonical import CanonicalLoRA, canonicalise, fingerprint
+from registry.lora.errors import RejectedFile
+from registry.lora.safe_read import read_safetensors
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""registry.base_models: FLUX.1-dev's real shapes, JSON round trip, base matching."""
+"""registry.lora.base_models: FLUX.1-dev's real shapes, JSON round trip, base matching."""
 
 from __future__ import annotations
 
 import re
 
 from flux_fixtures import partial_names, tiny_flux_base
-from registry.base_models import BaseModel, flux1_dev, match_base
+from registry.lora.base_models import BaseModel, flux1_dev, match_base
 
 
 def test_flux1_dev_blocks_and_shapes():

@@ -2,7 +2,7 @@
 
 Only ``.safetensors`` files are accepted. The header is parsed and validated by hand first
 (sizes, dtypes, shapes, offsets, exact tiling of the data section, metadata) so that every
-problem gets its own stable :class:`~registry.errors.RejectedFile` code; only then is the data
+problem gets its own stable :class:`~registry.lora.errors.RejectedFile` code; only then is the data
 section memory-mapped (privately: writes to a tensor never reach the file) and each tensor viewed
 at the offsets the header check accepted. Nothing is ever unpickled.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from registry.errors import RejectedFile
+from registry.lora.errors import RejectedFile
 
 MAX_HEADER_BYTES: int = 100 * 1024 * 1024
 MAX_TENSORS: int = 20_000

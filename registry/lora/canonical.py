@@ -2,9 +2,9 @@
 
 Pipeline of :func:`canonicalise`: refuse what is not a plain LoRA (LoKr, LoHa, DoRA, full
 checkpoints, ...), detect the base architecture from keys/shapes (metadata second), then convert
-(:mod:`registry.conversion`: diffusers' converters checked against our name map), fold PEFT
+(:mod:`registry.lora.conversion`: diffusers' converters checked against our name map), fold PEFT
 scales and drop exactly-zero rank components. The weights fingerprint lives in
-:mod:`registry.fingerprint` and is re-exported here.
+:mod:`registry.lora.fingerprint` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -20,16 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from registry.conversion import Module, convert_checked, group
-from registry.errors import RejectedFile
-from registry.fingerprint import (  # noqa: F401 - fingerprint(_features) are public API here
-    Projections,
-    fingerprint,
-    fingerprint_features,
-    project,
-    projections,
-)
-from registry.lora_formats import detect_format  # noqa: F401 - detect_format is part of this API
+from registry.lora.conversion import Module, convert_checked, group
+from registry.lora.errors import RejectedFile
+from registry.lora.fingerprint import Projections, features_from_projections, fingerprint_of, project, projections
+from registry.lora.formats import detect_format  # noqa: F401 - detect_format is part of this API
 
 Tensor = torch.Tensor
 Layers = dict[str, tuple[Tensor, Tensor]]
@@ -245,7 +239,7 @@ def _check_kind(tensors: Mapping[str, Tensor],
 def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> CanonicalLoRA:
     """Convert a LoRA state dict (any supported FLUX format) to a :class:`CanonicalLoRA`.
 
-    Raises :class:`~registry.errors.RejectedFile` with a stable ``code`` for everything refused.
+    Raises :class:`~registry.lora.errors.RejectedFile` with a stable ``code`` for everything refused.
     ``tensors`` is not modified.
     """
     metadata = metadata or {}
@@ -265,3 +259,14 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
     if not factors:
         raise RejectedFile("zero_lora", "every LoRA update in the file is exactly zero")
     return CanonicalLoRA(factors, detect_format(tensors), "flux", notes, proj)
+
+
+def fingerprint_features(lora: CanonicalLoRA) -> tuple[float, list[float]]:
+    """``(log10 N, [s_m / N])``: the unrounded numbers :func:`fingerprint` hashes."""
+    return features_from_projections(lora.projections())
+
+
+def fingerprint(lora: CanonicalLoRA) -> str:
+    """The weights fingerprint (:mod:`registry.lora.fingerprint`): equal for the same ΔW in any
+    file format."""
+    return fingerprint_of(lora.shapes(), lora.projections())

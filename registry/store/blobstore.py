@@ -8,25 +8,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-_CHUNK = 8 * 1024 * 1024
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        buffer = bytearray(_CHUNK)
-        view = memoryview(buffer)
-        while n := handle.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
+from registry.hashing import CHUNK
 
 
 def _hash_and_copy(source: str | os.PathLike, target_fd: int) -> str:
     """One read pass over ``source``: hash it and write it to ``target_fd``; hex sha256."""
     digest = hashlib.sha256()
     with open(source, "rb", buffering=0) as handle, open(target_fd, "wb", buffering=0) as out:
-        buffer = bytearray(_CHUNK)
+        buffer = bytearray(CHUNK)
         view = memoryview(buffer)
         while n := handle.readinto(buffer):
             digest.update(view[:n])
@@ -39,9 +28,10 @@ def _hash_and_copy(source: str | os.PathLike, target_fd: int) -> str:
 class BlobStore:
     """Files stored under ``root/ab/cdef….ext``; writes are atomic (temp file + rename)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, create: bool = True) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, sha256: str, suffix: str = ".safetensors") -> Path:
         """Where the blob with this hash lives (whether or not it exists yet)."""

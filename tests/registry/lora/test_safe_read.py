@@ -1,4 +1,4 @@
-"""Tests for registry.safe_read: strict safetensors reading, never unpickling."""
+"""Tests for registry.lora.safe_read: strict safetensors reading, never unpickling."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from bad_files import (
     write_malicious_torch_save,
     write_raw_safetensors,
 )
-from registry import safe_read
-from registry.errors import RejectedFile
-from registry.safe_read import read_header, read_safetensors, sniff_kind
+from registry.lora import safe_read
+from registry.lora.errors import RejectedFile
+from registry.lora.safe_read import read_header, read_safetensors, sniff_kind
 
 
 def rejected(path, **kw) -> RejectedFile:

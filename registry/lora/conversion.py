@@ -3,7 +3,7 @@
 :func:`group` splits a state dict into LoRA modules (validated down/up/alpha triples) and other
 keys. :func:`convert_checked` runs diffusers' own converters (``FluxPipeline.lora_state_dict``,
 fed float32 copies so alpha folding loses no precision) and checks the result against our name
-map (:mod:`registry.lora_formats`). Our map wins where diffusers fails or disagrees; the gaps we
+map (:mod:`registry.lora.formats`). Our map wins where diffusers fails or disagrees; the gaps we
 found in diffusers 0.42 are: BFL names with PEFT suffixes pass through unconverted (its loader
 then drops them), kohya/ComfyUI conversion hard-codes FLUX.1's 19/38 blocks and 3072/12288 split
 sizes, OneTrainer names outside attention collapse onto the block name, fal/Kontext and BFL
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from registry.errors import RejectedFile
-from registry.fingerprint import signs
-from registry.lora_formats import (
+from registry.lora.errors import RejectedFile
+from registry.lora.fingerprint import signs
+from registry.lora.formats import (
     fused_part_sizes,
     resolve_layer_name,
     resolve_text_encoder_name,

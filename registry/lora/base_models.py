@@ -101,6 +101,11 @@ def flux1_dev() -> BaseModel:
     return BaseModel.from_flux_transformer("FLUX.1-dev", transformer)
 
 
+def builtin_bases() -> list[BaseModel]:
+    """The bases every registry recognises without registration."""
+    return [flux1_dev()]
+
+
 def match_base(
     layers: Mapping[str, tuple[int, int]], bases: Iterable[BaseModel]
 ) -> BaseModel | None:

@@ -1,0 +1,85 @@
+"""The registry client: ``from registry import Registry``.
+
+:class:`Registry` is the store (tables, versions, reads) plus what sits above both halves:
+ingest of files and folders, base models, search, maintenance and pruning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from registry.store.maintenance import MaintenanceReport, maintain
+from registry.store.prune import prune
+from registry.store.search import Searcher, SearchHit
+from registry.store.store import Store
+
+if TYPE_CHECKING:
+    from registry.ingest import IngestReport
+    from registry.lora.base_models import BaseModel
+
+
+class Registry(Store):
+    """A LoRA registry folder. ``Registry.open(path)`` creates it when missing;
+    ``Registry.open(path, create=False)`` only reads an existing one; ``Registry.open(path,
+    version=N | "tag")`` is a read-only view of every table as it was then."""
+
+    def __init__(self, root: Path, version: int | str | None = None) -> None:
+        super().__init__(root, version)
+        self._searcher = Searcher(self)
+
+    # ---- base models -------------------------------------------------------------------
+    @property
+    def _bases_dir(self) -> Path:
+        return self.root / "bases"
+
+    def register_base(self, base: BaseModel) -> None:
+        """Make LoRAs for ``base`` recognisable (persisted in ``bases/NAME.json``)."""
+        self._writable()
+        self._bases_dir.mkdir(exist_ok=True)
+        target = self._bases_dir / f"{base.name.replace('/', '__')}.json"
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(base.to_json(), encoding="utf-8")
+        os.replace(tmp, target)
+
+    def bases(self) -> list[BaseModel]:
+        """The built-in FLUX.1-dev and FLUX.1-schnell plus every registered base model."""
+        from registry.lora.base_models import BaseModel, builtin_bases
+
+        registered = [BaseModel.from_json(p.read_text(encoding="utf-8"))
+                      for p in sorted(self._bases_dir.glob("*.json"))]
+        return [*builtin_bases(), *registered]
+
+    # ---- writes ------------------------------------------------------------------------
+    def add(self, paths: Iterable[str | os.PathLike], *, progress: bool = False,
+            batch_size: int = 64) -> IngestReport:
+        """Ingest files and folders (walked; ``~`` and ``$VARS`` expanded). Known files whose
+        size, mtime and inode are unchanged cost a stat; new sidecars refresh their LoRA's row.
+        Returns an :class:`registry.ingest.IngestReport`; bad files are in it, never raised."""
+        from registry.ingest import ingest_paths
+
+        self._writable()
+        return ingest_paths(self, paths, progress=progress, batch_size=batch_size)
+
+    def maintain(self) -> MaintenanceReport:
+        """Refresh every index and compact the tables (the CLI runs it after each ingest)."""
+        return maintain(self)
+
+    def prune(self) -> dict[str, int]:
+        """Mark LoRAs whose every known path is gone as removed (hidden from search)."""
+        return prune(self)
+
+    # ---- search ------------------------------------------------------------------------
+    def search(self, prompt: str, k: int = 5, base_model: str | None = None, mode: str = "hybrid",
+               encoder=None, where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
+        """Top-``k`` LoRAs for ``prompt``. ``mode``: ``hybrid`` (full text + text embedding fused
+        by reciprocal rank; score 1.0 = first in both), ``text`` (BM25 score) or ``vector``
+        (cosine). ``where`` is a LanceDB SQL filter; removed LoRAs are hidden unless asked for."""
+        return self._searcher.search(prompt, k, base_model, mode, encoder, where, include_removed)
+
+    def search_by_vector(self, vector, k: int = 5, base_model: str | None = None,
+                         column: str = "text_vector", where: str | None = None) -> list[SearchHit]:
+        """Top-``k`` by cosine similarity to ``vector`` in ``column`` (ANN once indexed)."""
+        return self._searcher.by_vector(vector, k, base_model, column, where)

@@ -1,0 +1,86 @@
+"""Index maintenance, run from one place: the CLI after an ingest, or a Dagster asset.
+
+Ingest only *creates* indexes that are missing (cheap on a new table); refreshing them (folding
+new rows into the FTS and vector indexes, compacting fragments, dropping old manifests) is
+:func:`maintain`. It is safe beside concurrent ingests: LanceDB's optimistic commits either
+rebase (appends beside a compaction) or fail this step, which then yields and is reported; a
+later run picks it up. Nothing is ever half-written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lancedb.index import FTS, BTree, HnswSq
+
+from registry.store import search
+from registry.store.store import Store
+
+# Every column an ingest looks a row up by (no table scans on the ingest path).
+SCALAR_INDEXES: dict[str, tuple[str, ...]] = {
+    "loras": ("lora_id",),
+    "files": ("path", "sha256", "lora_id", "size_bytes"),
+    "rejections": ("rejection_id",),
+}
+_LANCE_ERRORS = (RuntimeError, OSError, ValueError)
+
+
+@dataclass
+class MaintenanceReport:
+    """What one :func:`maintain` did; ``yielded`` lists steps that lost a race and were left."""
+
+    created: list[str] = field(default_factory=list)
+    optimized: list[str] = field(default_factory=list)
+    yielded: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"created": self.created, "optimized": self.optimized, "yielded": self.yielded,
+                "seconds": round(self.seconds, 3)}
+
+
+def _existing(table) -> set[str]:
+    return {column for index in table.list_indices() for column in index.columns}
+
+
+def ensure_indexes(store: Store, *, vector: bool = False) -> list[str]:
+    """Create the missing scalar and full-text indexes (and, with ``vector``, the vector index
+    once the LoRA table is large enough); returns ``table.column`` of each one created."""
+    created = []
+    for name, table in store._tables().items():
+        if table.count_rows() == 0:
+            continue
+        have = _existing(table)
+        wanted = [(c, BTree()) for c in SCALAR_INDEXES[name] if c not in have]
+        if name == "loras" and "search_text" not in have:
+            wanted.append(("search_text", FTS()))
+        if (name == "loras" and vector and "text_vector" not in have
+                and table.count_rows() >= search.VECTOR_INDEX_MIN_ROWS):
+            rows = table.count_rows()
+            wanted.append(("text_vector", HnswSq(
+                distance_type="cosine", ef_construction=search.ANN_EF_CONSTRUCTION,
+                num_partitions=max(1, rows // search.VECTOR_PARTITION_ROWS))))
+        for column, config in wanted:
+            table.create_index(column, config=config, name=f"{column}_idx")
+            created.append(f"{name}.{column}")
+    return created
+
+
+def maintain(store: Store) -> MaintenanceReport:
+    """Create missing indexes (the vector index too, past its threshold), then optimize every
+    table: compact, fold new rows into every index, prune old versions (tags are kept)."""
+    store._writable()
+    report, start = MaintenanceReport(), time.perf_counter()
+    try:
+        report.created = ensure_indexes(store, vector=True)
+    except _LANCE_ERRORS as error:
+        report.yielded.append(f"indexes: {error}"[:300])
+    for name, table in store._tables().items():
+        try:
+            table.optimize()
+            report.optimized.append(name)
+        except _LANCE_ERRORS as error:  # a concurrent commit won: leave it for the next run
+            report.yielded.append(f"optimize {name}: {error}"[:300])
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,212 @@
+"""The LanceDB side of the registry: opening, tables, upserts, versions and tags, reads.
+
+A registry is a folder holding ``registry.json`` (its marker and format version), a LanceDB
+database (``lancedb/``: tables ``loras``, ``files`` and ``rejections``) and a content-addressed
+blob store (``blobs/``). Reading never creates anything: a folder without the marker is refused.
+A view pinned to a version or a tag pins every table and never writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import lancedb
+import pyarrow as pa
+
+from registry.store.blobstore import BlobStore
+from registry.store.schema import FILES_SCHEMA, FORMAT_VERSION, REJECTIONS_SCHEMA, TEXT_DIM, loras_schema
+
+MARKER = "registry.json"
+# name -> (schema, primary key)
+TABLES: dict[str, tuple[pa.Schema, str]] = {
+    "loras": (loras_schema(TEXT_DIM), "lora_id"),
+    "files": (FILES_SCHEMA, "path"),
+    "rejections": (REJECTIONS_SCHEMA, "rejection_id"),
+}
+# A write that conflicts with another process's commit is retried by LanceDB itself
+# (merge_insert rebases and retries); this bounds the time it may spend doing so.
+WRITE_TIMEOUT = timedelta(seconds=120)
+
+
+class RegistryNotFound(FileNotFoundError):
+    """The folder holds no autolora registry (or one this version cannot read)."""
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """A path as a user typed it: ``~`` and ``$VARS`` expanded."""
+    return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
+
+
+def quote(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def where_in(column: str, values: Iterable[str]) -> str:
+    """``column IN ('a', 'b')`` (a SQL filter)."""
+    return f"{column} IN ({', '.join(quote(v) for v in values)})"
+
+
+def _check_marker(root: Path) -> None:
+    try:
+        found = json.loads((root / MARKER).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError) as error:
+        raise RegistryNotFound(f"{root}: unreadable {MARKER}: {error}") from None
+    if found != FORMAT_VERSION:
+        raise RegistryNotFound(f"{root} is an autolora registry of format {found}; this version "
+                               f"reads format {FORMAT_VERSION}: ingest into a new folder")
+
+
+def _create_root(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise RegistryNotFound(f"{root} is a file, not a registry folder")
+    if root.is_dir() and any(p.name != MARKER for p in root.iterdir()):
+        raise RegistryNotFound(f"{root} exists and holds no autolora registry ({MARKER} is missing); "
+                               "give a new or empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{MARKER}.{os.getpid()}"
+    tmp.write_text(json.dumps({"format": FORMAT_VERSION}), encoding="utf-8")
+    os.replace(tmp, root / MARKER)  # atomic; concurrent creators write the same content
+
+
+class Store:
+    """The tables of one registry folder. Open with :meth:`open`."""
+
+    def __init__(self, root: Path, version: int | str | None = None) -> None:
+        self.root = root
+        self.blobs = BlobStore(root / "blobs", create=version is None)
+        self.read_only = version is not None
+        self.db = lancedb.connect(root / "lancedb", read_consistency_interval=timedelta(0))
+        if self.read_only:
+            try:
+                tables = {name: self.db.open_table(name) for name in TABLES}
+            except (ValueError, FileNotFoundError) as error:
+                raise RegistryNotFound(f"{root}: the registry has no tables yet ({error})") from None
+        else:
+            tables = {name: self._create_table(name, *spec) for name, spec in TABLES.items()}
+        self.loras, self.files, self.rejections = tables["loras"], tables["files"], tables["rejections"]
+        self.pinned: int | str | None = version
+        if version is not None:
+            self._pin(version)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, version: int | str | None = None, *, create: bool = True):
+        """Open the registry at ``path`` (``~`` and ``$VARS`` expanded).
+
+        ``version`` (a number or a tag) gives a read-only view of every table as it was then.
+        ``create`` makes a new registry where the folder is missing or empty; reading callers
+        pass ``create=False`` and get :class:`RegistryNotFound` instead.
+        """
+        root = user_path(path)
+        if not (root / MARKER).is_file():
+            if version is not None or not create:
+                raise RegistryNotFound(f"{root} holds no autolora registry ({MARKER} is missing)")
+            _create_root(root)
+        _check_marker(root)
+        return cls(root, version)
+
+    def _create_table(self, name: str, schema: pa.Schema, key: str):
+        existed = name in self.db.table_names()
+        table = self.db.create_table(name, schema=schema, exist_ok=True)
+        if not existed:  # setting it again is harmless (it replaces), so a race is fine
+            table.set_unenforced_primary_key(key)
+        return table
+
+    def _tables(self) -> dict[str, object]:
+        return {"loras": self.loras, "files": self.files, "rejections": self.rejections}
+
+    def _pin(self, version: int | str) -> None:
+        """Check out every table as of ``version`` of the LoRA table (or tag ``version`` where a
+        table carries it; otherwise its last version committed no later than the LoRA table's)."""
+        try:
+            self.loras.checkout(version)
+        except (ValueError, RuntimeError, OSError) as error:
+            raise RegistryNotFound(f"{self.root}: no version {version!r} ({error})") from None
+        stamp = next(v["timestamp"] for v in self.loras.list_versions()
+                     if v["version"] == self.loras.version)
+        for name, table in self._tables().items():
+            if name == "loras":
+                continue
+            if isinstance(version, str) and version in table.tags.list():
+                table.checkout(version)
+                continue
+            older = [v["version"] for v in table.list_versions() if v["timestamp"] <= stamp]
+            table.checkout(max(older) if older else 1)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise PermissionError("this registry view is pinned to a version; open it without one to write")
+
+    # ---- writes ------------------------------------------------------------------------
+    def upsert(self, table, rows: Sequence[dict], key: str, *, update: bool) -> None:
+        """One batched upsert keyed by ``key`` (one table version); ``update=False`` keeps the
+        row already stored. Conflicts with concurrent writers are retried by LanceDB."""
+        self._writable()
+        if not rows:
+            return
+        data = pa.Table.from_pylist(list(rows), schema=table.schema)
+        builder = table.merge_insert(key)
+        if update:
+            builder = builder.when_matched_update_all()
+        builder.when_not_matched_insert_all().execute(data, timeout=WRITE_TIMEOUT)
+
+    # ---- versions ----------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The registry's version: that of its LoRA table."""
+        return self.loras.version
+
+    def tag(self, name: str, version: int | None = None) -> None:
+        """Name the current state of every table (``version``: an older LoRA-table version,
+        tagged on that table alone); moves the tag where it exists."""
+        self._writable()
+        tables = self._tables() if version is None else {"loras": self.loras}
+        for table in tables.values():
+            at = table.version if version is None else version
+            if name in table.tags.list():
+                table.tags.update(name, at)
+            else:
+                table.tags.create(name, at)
+
+    def tags(self) -> dict[str, int]:
+        """Tag name -> LoRA-table version."""
+        return {name: info["version"] for name, info in self.loras.tags.list().items()}
+
+    # ---- reads -------------------------------------------------------------------------
+    def rows(self, table, where: str, limit: int, columns: list[str] | None = None) -> list[dict]:
+        """Rows of ``table`` matching a SQL filter (a scalar-indexed lookup where indexed)."""
+        query = table.search().where(where)
+        if columns:
+            query = query.select(columns)
+        return query.limit(limit).to_list()
+
+    def get(self, lora_id: str) -> dict | None:
+        """The full row of one LoRA (without its vectors), or ``None``."""
+        rows = self.rows(self.loras, f"lora_id = {quote(lora_id)}", 1)
+        if not rows:
+            return None
+        row = rows[0]
+        row.pop("text_vector", None)
+        row["header_metadata"] = json.loads(row.get("header_metadata") or "{}")
+        return row
+
+    def lora_ids(self) -> list[str]:
+        return self.loras.to_arrow(columns=["lora_id"]).column("lora_id").to_pylist() if len(self) else []
+
+    def paths_of(self, lora_id: str) -> list[dict]:
+        """Every file record of a LoRA (one per path it was seen at)."""
+        return self.rows(self.files, f"lora_id = {quote(lora_id)}", 1 << 16)
+
+    def blob_path(self, lora_id: str) -> Path:
+        """The stored file of a LoRA."""
+        row = self.get(lora_id)
+        if row is None:
+            raise KeyError(lora_id)
+        return self.root / row["blob"]
+
+    def __len__(self) -> int:
+        return self.loras.count_rows()
