@@ -1,11 +1,24 @@
-"""Ingest of one real-shaped FLUX.1-dev LoRA vs the floor of reading + hashing its bytes.
+"""Ingest of real-shaped FLUX.1-dev LoRAs, one per file format, vs the floor of reading + hashing.
 
-    .venv/bin/python benchmarks/ingest.py --json
-    .venv/bin/python benchmarks/ingest.py --profile 40      # + cProfile of one add, to stderr
+    .venv/bin/python benchmarks/ingest.py --json                 # every format
+    .venv/bin/python benchmarks/ingest.py --format kohya         # one format
+    .venv/bin/python benchmarks/ingest.py --format kohya --profile 40   # + cProfile, to stderr
 
-Builds a rank-16 LoRA on every linear layer of FLUX.1-dev's 19 double and 38 single blocks
-(494 layers, names and shapes from ``registry.lora.base_models.flux1_dev()``), bfloat16, written in
-the diffusers format with ``registry.lora.formats.save_lora`` into a temp dir (~172 MB). Then:
+For each format the writers produce (``registry.lora.formats.FORMATS``: diffusers, kohya,
+comfyui, xlabs, onetrainer, bfl_peft) a rank-16 LoRA on FLUX.1-dev's 19 double and 38 single
+blocks (names and shapes from ``registry.lora.base_models.flux1_dev()``), bfloat16, is written
+with ``registry.lora.formats.save_lora`` into a temp dir, shaped as files of that format are in
+the wild:
+
+* diffusers, onetrainer (trained on the diffusers model): every one of the 494 linear layers of
+  the blocks has its own rank-16 A and B (~172 MB);
+* kohya, comfyui, bfl_peft (trained on the original BFL model): every one of the 304 BFL modules
+  of the blocks (fused ``qkv``, ``linear1``, ...) has one rank-16 A and B (~153 MB);
+* xlabs: XLabs adapts attention only (``processor.qkv_lora1/2``, ``proj_lora1/2`` of the double
+  blocks, ``qkv_lora`` = q/k/v of the single blocks), so its LoRA covers exactly what XLabs can
+  name, again one rank-16 A and B per (fused) module (~37 MB).
+
+Then, per format:
 
 * ``floor_s``: median time of ``registry.hashing.sha256_file`` over the file, page cache warm
   (the least any ingest must do: read every byte and hash it);
@@ -13,13 +26,16 @@ the diffusers format with ``registry.lora.formats.save_lora`` into a temp dir (~
   The registry is opened (LanceDB tables created) before the clock starts; everything ``add``
   does is timed (hashing, validation, canonicalisation, fingerprint, blob copy, text embedding,
   LanceDB writes, index creation). Before timing, one warm-up ``add`` of a *different*, small
-  LoRA into a throwaway registry loads the MiniLM text encoder, diffusers and FLUX.1-dev's
-  base-model description, which are one-time per-process costs.
+  LoRA of the same format into a throwaway registry loads the MiniLM text encoder, diffusers
+  (and its converter for the format) and FLUX.1-dev's base-model description, which are
+  one-time per-process costs.
 
-``ratio = ingest_s / floor_s``; the target is <= 2. ``--json`` prints only the JSON object.
-Also reported: ``ingest_cpu_s`` and ``floor_cpu_s``, the medians of the process CPU time (all
-threads) of the same runs. On a machine shared with other CPU-bound work, the overlapped
-threads of an ingest get less than a core each, so wall times there track CPU time.
+``ratio = ingest_s / floor_s``; the target is <= 2. Also reported: ``ingest_cpu_s`` and
+``floor_cpu_s``, the medians of the process CPU time (all threads) of the same runs. On a
+machine shared with other CPU-bound work, the overlapped threads of an ingest get less than a
+core each, so wall times there track CPU time; ``load`` is ``os.getloadavg()`` before and after.
+``--json`` prints only ``{"formats": {"kohya": {"ingest_s", "floor_s", "ratio", ...}, ...},
+"load": {...}}``.
 """
 
 from __future__ import annotations
@@ -41,24 +57,47 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registry.lora.base_models import flux1_dev  # noqa: E402
-from registry.hashing import sha256_file  # noqa: E402
-from registry.lora.formats import save_lora  # noqa: E402
 from registry import Registry  # noqa: E402
+from registry.hashing import sha256_file  # noqa: E402
+from registry.lora.base_models import flux1_dev  # noqa: E402
+from registry.lora.formats import BFL_DOUBLE, BFL_SINGLE, FORMATS, save_lora  # noqa: E402
 
-BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]
+FUSED = ("kohya", "comfyui", "bfl_peft")  # files trained on the BFL model: fused modules
+XLABS_DOUBLE = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj")
+# XLabs' single-block processor adapts q/k/v of linear1 (qkv_lora), not the MLP part.
+XLABS_SINGLE = {"linear1": BFL_SINGLE["linear1"][:3]}
 
 
-def build_layers(names: list[str], rank: int, dtype: torch.dtype, seed: int):
-    """Random ``(A [r,k], B [d,r])`` per layer, ΔW entries ~1e-4 (like a trained LoRA)."""
+def module_groups(fmt: str, double: range, single: range) -> list[tuple[str, ...]]:
+    """Canonical layer names per LoRA module of a file of format ``fmt`` (several = fused)."""
+    if fmt in FUSED:
+        dtab, stab = BFL_DOUBLE, BFL_SINGLE
+    elif fmt == "xlabs":
+        dtab, stab = {k: BFL_DOUBLE[k] for k in XLABS_DOUBLE}, XLABS_SINGLE
+    else:
+        dtab = {p: (p,) for parts in BFL_DOUBLE.values() for p in parts}
+        stab = {p: (p,) for parts in BFL_SINGLE.values() for p in parts}
+    groups = [tuple(f"transformer_blocks.{i}.{p}" for p in parts)
+              for i in double for parts in dtab.values()]
+    groups += [tuple(f"single_transformer_blocks.{i}.{p}" for p in parts)
+               for i in single for parts in stab.values()]
+    return groups
+
+
+def build_layers(groups: list[tuple[str, ...]], rank: int, dtype: torch.dtype,
+                 seed: int) -> Layers:
+    """One random ``(A [r,k], B [d,r])`` per module, ΔW entries ~1e-4 (like a trained LoRA);
+    the parts of a fused module share A and split B's rows, as a fused file stores them."""
     shapes = flux1_dev().layer_shapes
     gen = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name in names:
-        d, k = shapes[name]
-        a = torch.randn(rank, k, generator=gen) / k**0.5 * 0.1
-        b = torch.randn(d, rank, generator=gen) * 0.01
-        layers[name] = (a.to(dtype), b.to(dtype))
+    layers: Layers = {}
+    for parts in groups:
+        k = shapes[parts[0]][1]
+        a = (torch.randn(rank, k, generator=gen) / k**0.5 * 0.1).to(dtype)
+        for part in parts:
+            b = torch.randn(shapes[part][0], rank, generator=gen) * 0.01
+            layers[part] = (a, b.to(dtype))
     return layers
 
 
@@ -68,90 +107,111 @@ def read_all(path: Path) -> None:
             pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each measure")
-    parser.add_argument("--json", action="store_true", help="print only a JSON object")
-    parser.add_argument("--profile", type=int, metavar="N", default=0,
-                        help="also cProfile one extra add and print the top N functions "
-                             "(cumulative and own time) to stderr")
-    args = parser.parse_args()
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+def bench_format(fmt: str, tmp: Path, args: argparse.Namespace, log) -> dict:
+    """Write the format's LoRA, warm up, then time the floor and ``Registry.add``."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    groups = module_groups(fmt, range(19), range(38))
+    lora = tmp / f"flux1-dev-{fmt}-r{args.rank}.safetensors"
+    layers = build_layers(groups, args.rank, dtype, seed=0)
+    save_lora(lora, layers, fmt)
+    size = lora.stat().st_size
+    log(f"[{fmt}] {len(groups)} modules = {len(layers)} layers, rank {args.rank}, {args.dtype}, "
+        f"{size} bytes ({size / 1e6:.1f} MB)")
 
-    names = [n for n in flux1_dev().layer_shapes if n.startswith(BLOCKS)]
-    with tempfile.TemporaryDirectory(prefix="autolora-bench-ingest-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        lora = tmp / "flux1-dev-full-r16.safetensors"
-        save_lora(lora, build_layers(names, args.rank, dtype, seed=0), "diffusers")
-        size = lora.stat().st_size
-        log(f"LoRA: {len(names)} layers, rank {args.rank}, {args.dtype}, "
-            f"{size} bytes ({size / 1e6:.1f} MB)")
+    # Warm-up: a different, small LoRA (two blocks) of the same format into a throwaway
+    # registry loads the text encoder, diffusers' converters and flux1_dev() once, untimed.
+    small = tmp / f"warmup-{fmt}.safetensors"
+    save_lora(small, build_layers(module_groups(fmt, range(1), range(1)), 4, dtype, seed=1), fmt)
+    warm = Registry.open(tmp / "warmup-registry").add([small])
+    assert len(warm.added) == 1, warm.to_dict()
+    shutil.rmtree(tmp / "warmup-registry")
 
-        # Warm-up: a different, small LoRA (two blocks) into a throwaway registry loads the text
-        # encoder, diffusers' converters and flux1_dev() once, outside the timed runs.
-        small = tmp / "warmup.safetensors"
-        few = [n for n in names if n.startswith(("transformer_blocks.0.",
-                                                 "single_transformer_blocks.0."))]
-        save_lora(small, build_layers(few, 4, dtype, seed=1), "diffusers")
-        warm = Registry.open(tmp / "warmup-registry").add([small])
-        assert len(warm.added) == 1, warm.to_dict()
-        shutil.rmtree(tmp / "warmup-registry")
+    read_all(lora)  # page cache warm for both measures
+    sha = sha256_file(lora)
+    floors, floor_cpus = [], []
+    for _ in range(args.reps):
+        t, c = time.perf_counter(), time.process_time()
+        assert sha256_file(lora) == sha
+        floors.append(time.perf_counter() - t)
+        floor_cpus.append(time.process_time() - c)
 
-        read_all(lora)  # page cache warm for both measures
-        sha = sha256_file(lora)
-        floors, floor_cpus = [], []
-        for _ in range(args.reps):
-            t, c = time.perf_counter(), time.process_time()
-            assert sha256_file(lora) == sha
-            floors.append(time.perf_counter() - t)
-            floor_cpus.append(time.process_time() - c)
+    ingests, ingest_cpus = [], []
+    for i in range(args.reps):
+        root = tmp / f"registry-{i}"
+        reg = Registry.open(root)  # LanceDB tables created outside the clock
+        t, c = time.perf_counter(), time.process_time()
+        report = reg.add([lora])
+        ingests.append(time.perf_counter() - t)
+        ingest_cpus.append(time.process_time() - c)
+        assert len(report.added) == 1, report.to_dict()
+        del reg
+        shutil.rmtree(root)
+        read_all(lora)  # keep the source in cache however the blob copy went
 
-        ingests, ingest_cpus = [], []
-        for i in range(args.reps):
-            root = tmp / f"registry-{i}"
-            reg = Registry.open(root)  # LanceDB tables created outside the clock
-            t, c = time.perf_counter(), time.process_time()
-            report = reg.add([lora])
-            ingests.append(time.perf_counter() - t)
-            ingest_cpus.append(time.process_time() - c)
-            assert len(report.added) == 1, report.to_dict()
-            del reg
-            shutil.rmtree(root)
-            read_all(lora)  # keep the source in cache however the blob copy went
-
-        if args.profile:
-            root = tmp / "registry-profile"
-            reg = Registry.open(root)
-            profiler = cProfile.Profile()
-            profiler.enable()
-            reg.add([lora])
-            profiler.disable()
-            for key in ("cumulative", "tottime"):
-                out = io.StringIO()
-                pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(args.profile)
-                print(out.getvalue(), file=sys.stderr)
+    if args.profile:
+        root = tmp / "registry-profile"
+        reg = Registry.open(root)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        reg.add([lora])
+        profiler.disable()
+        for key in ("cumulative", "tottime"):
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(args.profile)
+            print(f"[{fmt}] profile by {key}:\n{out.getvalue()}", file=sys.stderr)
+        del reg
+        shutil.rmtree(root)
+    lora.unlink()
 
     floor_s, ingest_s = statistics.median(floors), statistics.median(ingests)
     result = {"ingest_s": round(ingest_s, 4), "floor_s": round(floor_s, 4),
               "ratio": round(ingest_s / floor_s, 3), "file_mb": round(size / 1e6, 3),
               "ingest_cpu_s": round(statistics.median(ingest_cpus), 4),
-              "floor_cpu_s": round(statistics.median(floor_cpus), 4)}
+              "floor_cpu_s": round(statistics.median(floor_cpus), 4),
+              "modules": len(groups), "layers": len(layers),
+              "ingest_runs_s": [round(x, 4) for x in ingests],
+              "floor_runs_s": [round(x, 4) for x in floors]}
+    log(f"[{fmt}] floor:  {floor_s:.3f} s  (sha256 of the bytes, median of {args.reps}: "
+        + ", ".join(f"{x:.3f}" for x in floors) + ")")
+    log(f"[{fmt}] ingest: {ingest_s:.3f} s  (Registry.add, median of {args.reps}: "
+        + ", ".join(f"{x:.3f}" for x in ingests) + ")")
+    log(f"[{fmt}] ratio:  {ingest_s / floor_s:.2f}  (target <= 2); cpu: ingest "
+        f"{result['ingest_cpu_s']:.3f} s, floor {result['floor_cpu_s']:.3f} s (medians)")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", default="all", choices=("all", *FORMATS),
+                        help="the file format to benchmark (default: every format)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each measure")
+    parser.add_argument("--json", action="store_true", help="print only a JSON object")
+    parser.add_argument("--profile", type=int, metavar="N", default=0,
+                        help="also cProfile one extra add per format and print the top N "
+                             "functions (cumulative and own time) to stderr")
+    args = parser.parse_args()
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    formats = FORMATS if args.format == "all" else (args.format,)
+
+    load_before = os.getloadavg()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="autolora-bench-ingest-") as tmp_dir:
+        for fmt in formats:
+            results[fmt] = bench_format(fmt, Path(tmp_dir), args, log)
+    load = {"before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
     if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"file:   {size} bytes = {size / 1e6:.3f} MB ({len(names)} layers, "
-              f"rank {args.rank}, {args.dtype})")
-        print(f"floor:  {floor_s:.3f} s  (sha256 of the bytes, median of {args.reps}: "
-              + ", ".join(f"{x:.3f}" for x in floors) + ")")
-        print(f"ingest: {ingest_s:.3f} s  (Registry.add, median of {args.reps}: "
-              + ", ".join(f"{x:.3f}" for x in ingests) + ")")
-        print(f"ratio:  {ingest_s / floor_s:.2f}  (target <= 2)")
-        print(f"cpu:    ingest {result['ingest_cpu_s']:.3f} s, floor {result['floor_cpu_s']:.3f} s "
-              "(process CPU time, medians)")
+        print(json.dumps({"formats": results, "load": load}))
+        return
+    print(f"\n{'format':<11} {'file MB':>8} {'ingest s':>9} {'floor s':>8} {'ratio':>6}")
+    for fmt, r in results.items():
+        print(f"{fmt:<11} {r['file_mb']:>8.1f} {r['ingest_s']:>9.3f} {r['floor_s']:>8.3f} "
+              f"{r['ratio']:>6.2f}")
+    print(f"load average (1, 5, 15 min): before {load['before']}, after {load['after']} "
+          f"on {load['cpus']} CPUs")
 
 
 if __name__ == "__main__":
