@@ -1,9 +1,16 @@
-"""Ingest LoRA files and folders into a :class:`registry.store.Registry`.
+"""Ingest LoRA files and folders into a registry: files -> :mod:`registry.store`, using
+:mod:`registry.lora` to read each file.
 
 Crash-safe and idempotent: blobs are written atomically before any row refers to them, rows are
-upserted in batches keyed by content (``lora_id`` comes from the weights fingerprint, files by
-sha256), so a run killed at any point and run again ends with the same registry, and two processes
-ingesting overlapping folders cannot create duplicate LoRAs.
+upserted in batches keyed by content (``lora_id`` comes from the weights fingerprint, file
+records by resolved path), so a run killed at any point and run again ends with the same
+registry, and two processes ingesting overlapping folders cannot create duplicate LoRAs.
+
+Known files cost a stat: a file record keeps the size, mtime and inode it was hashed at (as
+git's index and rsync do), so an unchanged file is not read again; where they differ the sha256
+decides. Sidecars (card, ``.civitai.info``, previews) are watched by a signature of their stats:
+when it changes, the LoRA's row is rebuilt from its stored header metadata and the sidecars of
+every path it is known at, without re-reading the tensors.
 """
 
 from __future__ import annotations
@@ -23,25 +30,40 @@ from models.torch_threads import one_torch_thread
 from registry.hashing import sha256_file
 from registry.lora.errors import RejectedFile
 from registry.lora.inspect import InspectedLoRA, inspect_file
-from registry.lora.metadata import LoraMetadata, from_header, from_sidecars
+from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sidecar_files, sidecar_signature
 from registry.store.maintenance import ensure_indexes
-from registry.store.store import Store as Registry, quote as _quote
+from registry.store.store import Store, user_path, where_in
 
 # Files that may be LoRAs when found while walking a folder (everything else there is a sidecar).
 # An explicitly named file is always considered, whatever its extension.
 CANDIDATE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".lora"}
+_LOOKUP_CHUNK = 500  # paths per prefetch query
 
 
 @dataclass
 class IngestReport:
-    """What one ``add`` did; ``to_dict`` is the ``autolora ingest --json`` contract."""
+    """What one ``add`` did; ``to_dict`` is the ``autolora ingest --json`` contract.
+
+    ``added``: new LoRAs; ``duplicates``: files holding a LoRA already stored (``kind``: the same
+    bytes, ``sha256``, or the same weights in another file, ``fingerprint``); ``refreshed``:
+    known files whose sidecars changed (their LoRA's metadata was rebuilt); ``unchanged``: known
+    files skipped after a stat; ``rejected``: refused files and unreadable paths, with reasons;
+    ``warnings``: e.g. a folder holding no candidate file.
+    """
 
     added: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
+    refreshed: list[dict] = field(default_factory=list)
+    unchanged: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"added": self.added, "duplicates": self.duplicates, "rejected": self.rejected}
+        return {"added": self.added, "duplicates": self.duplicates, "refreshed": self.refreshed,
+                "unchanged": self.unchanged, "rejected": self.rejected, "warnings": self.warnings}
+
+    def reject(self, path: str, code: str, reason: str) -> None:
+        self.rejected.append({"path": path, "reason": reason, "code": code})
 
 
 def lora_id_for(fingerprint: str) -> str:
@@ -49,54 +71,70 @@ def lora_id_for(fingerprint: str) -> str:
     return f"lora-{fingerprint[:24]}"
 
 
-def collect_candidates(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively) into candidate files, sorted, without repeats."""
-    found: dict[str, Path] = {}
-    for raw in paths:
-        path = Path(raw)
+@dataclass
+class Candidate:
+    """A file to ingest, with the sorted names of its folder (for its sidecars)."""
+
+    path: Path
+    siblings: list[str]
+
+
+def _walk(folder: Path, report: IngestReport) -> list[Candidate]:
+    """Candidate files under ``folder`` (symlinked folders are not followed, so no loops);
+    unreadable folders and broken or looping links are reported, never skipped silently."""
+    found = []
+
+    def unreadable(error: OSError) -> None:
+        report.reject(str(error.filename or folder), "unreadable", f"unreadable folder: {error.strerror}")
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        siblings = sorted(names)
+        for name in siblings:
+            if Path(name).suffix.lower() not in CANDIDATE_SUFFIXES:
+                continue
+            path = Path(root) / name
+            if path.is_file():
+                found.append(Candidate(path, siblings))
+            elif path.is_symlink():
+                report.reject(str(path), "broken_link", "a symlink that is dangling or loops")
+    if not found:
+        report.warnings.append(f"no LoRA files found under {folder} "
+                               f"(looked for {', '.join(sorted(CANDIDATE_SUFFIXES))})")
+    return found
+
+
+def collect_candidates(paths: Iterable[str | os.PathLike], report: IngestReport) -> list[Candidate]:
+    """Expand the given files and folders (``~`` and ``$VARS`` expanded) into candidates, sorted,
+    without repeats. A path that does not exist raises ``FileNotFoundError`` before anything is
+    done; problems inside walked folders go into ``report``."""
+    given = [user_path(p) for p in paths]
+    missing = [str(p) for p in given if not os.path.lexists(p)]
+    if missing:
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+    found: dict[str, Candidate] = {}
+    for path in given:
         if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file() and child.suffix.lower() in CANDIDATE_SUFFIXES:
-                    found.setdefault(str(child.resolve()), child)
+            for candidate in _walk(path, report):
+                found.setdefault(os.path.realpath(candidate.path), candidate)
+        elif path.is_file():
+            found.setdefault(os.path.realpath(path), Candidate(path, _listing(path.parent)))
+        elif path.is_symlink():
+            report.reject(str(path), "broken_link", "a symlink that is dangling or loops")
         else:
-            found.setdefault(str(path.resolve()), path)
+            report.reject(str(path), "not_a_file", "neither a regular file nor a folder")
     return [found[key] for key in sorted(found)]
+
+
+def _listing(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _existing(table, column: str, values: list[str]) -> dict[str, dict]:
-    if not values:
-        return {}
-    where = f"{column} IN ({', '.join(_quote(v) for v in values)})"
-    return {row[column]: row for row in table.search().where(where).limit(len(values) + 1).to_list()}
-
-
-class _Batch:
-    """Rows waiting to be written together (every write is a table version: batch them)."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.loras: dict[str, dict] = {}
-        self.files: dict[str, dict] = {}
-        self.rejections: dict[str, dict] = {}
-
-    def __len__(self) -> int:
-        return len(self.loras) + len(self.files) + len(self.rejections)
-
-    def flush(self) -> None:
-        reg = self.registry
-        if self.loras:
-            rows = list(self.loras.values())
-            missing = [row for row in rows if "text_vector" not in row]
-            for row, vector in zip(missing, _embed([r["search_text"] for r in missing])):
-                row["text_vector"] = vector
-            reg.upsert(reg.loras, rows, "lora_id", update=False)
-        reg.upsert(reg.files, list(self.files.values()), "path", update=True)
-        reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
-        self.loras.clear(), self.files.clear(), self.rejections.clear()
 
 
 def _embed(texts: list[str]) -> list[list[float]]:
@@ -109,170 +147,265 @@ def _embed(texts: list[str]) -> list[list[float]]:
         return [v.tolist() for v in default_text_encoder().encode(texts)]
 
 
-def _metadata(info: InspectedLoRA) -> LoraMetadata:
-    meta = from_header(info.header_metadata)
-    meta.update(from_sidecars(info.path))
+class _Batch:
+    """Rows waiting to be written together (every write is a table version: batch them)."""
+
+    def __init__(self, reg: Store) -> None:
+        self.reg = reg
+        self.loras: dict[str, dict] = {}  # new LoRA rows
+        self.files: dict[str, dict] = {}  # file records by resolved path
+        self.rejections: dict[str, dict] = {}
+        self.refresh: set[str] = set()  # LoRAs whose metadata is rebuilt from their sidecars
+
+    def __len__(self) -> int:
+        return len(self.loras) + len(self.files) + len(self.rejections)
+
+    def stored_lora(self, lora_id: str) -> dict | None:
+        if lora_id in self.loras:
+            return self.loras[lora_id]
+        rows = self.reg.rows(self.reg.loras, where_in("lora_id", [lora_id]), 1)
+        return rows[0] if rows else None
+
+    def file_with_sha(self, sha: str) -> dict | None:
+        hit = next((f for f in self.files.values() if f["sha256"] == sha), None)
+        if hit is None:
+            rows = self.reg.rows(self.reg.files, where_in("sha256", [sha]), 1)
+            hit = rows[0] if rows else None
+        return hit
+
+    def flush(self) -> None:
+        reg = self.reg
+        if self.loras:
+            rows = list(self.loras.values())
+            missing = [row for row in rows if row.get("text_vector") is None]
+            for row, vector in zip(missing, _embed([r["search_text"] for r in missing])):
+                row["text_vector"] = vector
+            reg.upsert(reg.loras, rows, "lora_id", update=False)
+        reg.upsert(reg.files, list(self.files.values()), "path", update=True)
+        refreshed = _refreshed_rows(reg, self.refresh - set(self.loras))
+        reg.upsert(reg.loras, refreshed, "lora_id", update=True)  # one version for all of them
+        reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
+        self.loras.clear(), self.files.clear(), self.rejections.clear(), self.refresh.clear()
+
+
+def _render_blobs(reg: Store, meta: LoraMetadata) -> list[str]:
+    blobs = []
+    for render in meta.render_paths:
+        if os.path.isfile(render):
+            blob = reg.blobs.put(render, sha256_file(render), Path(render).suffix.lower())
+            blobs.append(str(blob.relative_to(reg.root)))
+        else:
+            blobs.append("")
+    return blobs
+
+
+def _metadata_of(header: dict[str, str], paths: list[str]) -> LoraMetadata:
+    """Header metadata, then every path's sidecars in order; the first stem names it last."""
+    meta = from_header(header)
+    for path in paths:
+        meta.update(from_sidecars(path, name_from_stem=False))
+    if not meta.name and paths:
+        meta.name = Path(paths[0]).stem
     return meta
 
 
-@dataclass
-class _Early:
-    """What an accepted file needs besides its hash, made while its blob copy still runs."""
-
-    lora_id: str
-    stored: dict | None  # the row already stored under lora_id, if any
-    meta: LoraMetadata
-    vector: list[float]
-
-
-def _early(reg: Registry, batch: _Batch, info: InspectedLoRA) -> _Early:
-    lora_id = lora_id_for(info.fingerprint)
-    stored = batch.loras.get(lora_id) or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id)
-    meta = _metadata(info)
-    return _Early(lora_id, stored, meta, _embed([meta.search_text()])[0])
-
-
-def _drop(reg: Registry, future) -> None:
-    """Wait for a staging copy that is no longer wanted and remove it."""
-    try:
-        reg.blobs.discard(future.result()[1])
-    except Exception:  # noqa: BLE001 - the error that made us drop it is the one to raise
-        pass
+def _refreshed_rows(reg: Store, lora_ids: set[str]) -> list[dict]:
+    """The rows of ``lora_ids`` with metadata rebuilt from the header stored and the sidecars of
+    every present path (the row's first source first), re-embedded, and ``removed`` cleared."""
+    if not lora_ids:
+        return []
+    rows = reg.rows(reg.loras, where_in("lora_id", sorted(lora_ids)), len(lora_ids))
+    for row in rows:
+        paths = sorted(f["path"] for f in reg.paths_of(row["lora_id"]) if os.path.exists(f["path"]))
+        paths.sort(key=lambda p: p != row["source_path"])
+        meta = _metadata_of(json.loads(row["header_metadata"] or "{}"), paths)
+        row.update(name=meta.name, description=meta.description, trigger_words=meta.trigger_words,
+                   tags=meta.tags, render_prompts=meta.render_prompts,
+                   render_blobs=_render_blobs(reg, meta), search_text=meta.search_text(),
+                   removed=False)
+    for row, vector in zip(rows, _embed([r["search_text"] for r in rows])):
+        row["text_vector"] = vector
+    return rows
 
 
-def _unreadable(report: IngestReport, shown: str, error: OSError) -> None:
-    report.rejected.append({"path": shown, "reason": f"unreadable: {error}", "code": "unreadable"})
-
-
-def _lora_row(reg: Registry, info: InspectedLoRA, lora_id: str, staged: Path | None = None,
-              early: _Early | None = None) -> dict:
-    meta = early.meta if early is not None else _metadata(info)
-    render_blobs = []
-    for render in meta.render_paths:
-        if os.path.isfile(render):
-            sha = sha256_file(render)
-            suffix = Path(render).suffix.lower()
-            render_blobs.append(str(reg.blobs.put(render, sha, suffix).relative_to(reg.root)))
-        else:
-            render_blobs.append("")
-    if staged is not None:  # the copy made while hashing: renamed into place now, complete
-        blob = reg.blobs.commit(staged, info.sha256)
-    else:
-        blob = reg.blobs.put(info.path, info.sha256)
-    row = {
+def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
+              staged: Path | None, vector: list[float] | None) -> dict:
+    blob = reg.blobs.commit(staged, info.sha256) if staged else reg.blobs.put(info.path, info.sha256)
+    return {
         "lora_id": lora_id, "name": meta.name, "description": meta.description,
         "trigger_words": meta.trigger_words, "tags": meta.tags, "architecture": info.architecture,
         "base_model": info.base_model, "format": info.format, "rank": info.rank, "layers": info.layers,
         "sha256": info.sha256, "fingerprint": info.fingerprint, "size_bytes": info.size,
-        "blob": str(blob.relative_to(reg.root)), "source_path": str(info.path.resolve()),
-        "render_prompts": meta.render_prompts, "render_blobs": render_blobs, "captions": [],
+        "blob": str(blob.relative_to(reg.root)), "source_path": os.path.realpath(info.path),
+        "render_prompts": meta.render_prompts, "render_blobs": _render_blobs(reg, meta), "captions": [],
         "header_metadata": json.dumps(info.header_metadata, sort_keys=True),
-        "search_text": meta.search_text(), "added_at": _now(),
+        "search_text": meta.search_text(), "text_vector": vector, "added_at": _now(), "removed": False,
     }
-    if early is not None:
-        row["text_vector"] = early.vector
-    return row
 
 
-def _maybe_known(reg: Registry, batch: _Batch, path: Path) -> bool:
-    """Whether ``path`` could be a file already ingested (a stored LoRA of the same size): then it
-    is hashed before inspection, so a duplicate costs no inspect. Otherwise hashing (and staging
-    the blob copy) runs alongside inspection. A duplicate this misses (e.g. a file that was a
-    fingerprint duplicate) is still caught by its sha256 after inspection: only work is wasted."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return True  # the sequential path reports it as unreadable
-    if any(row["size_bytes"] == size for row in batch.loras.values()):
-        return True
-    return bool(reg.files.search().where(f"size_bytes = {int(size)}").limit(1).to_list())
+def _early(meta: LoraMetadata) -> list[float]:  # its own function: tests watch that it runs
+    """The text vector of a new LoRA, made while its blob copy still runs."""
+    return _embed([meta.search_text()])[0]
 
 
-def ingest_paths(reg: Registry, paths: Iterable[str | os.PathLike], *, progress: bool = False,
+def _prefetch(reg: Store, candidates: list[Candidate]) -> dict[str, dict]:
+    """The stored file records of ``candidates``' paths, in a few indexed queries."""
+    paths = [os.path.realpath(c.path) for c in candidates]
+    known: dict[str, dict] = {}
+    for start in range(0, len(paths), _LOOKUP_CHUNK):
+        chunk = paths[start:start + _LOOKUP_CHUNK]
+        for row in reg.rows(reg.files, where_in("path", chunk), len(chunk)):
+            known[row["path"]] = row
+    return known
+
+
+def ingest_paths(reg: Store, paths: Iterable[str | os.PathLike], *, progress: bool = False,
                  batch_size: int = 64) -> IngestReport:
-    """Ingest every candidate file under ``paths``; bad files are recorded, never raised."""
+    """Ingest every candidate file under ``paths``; bad files are recorded, never raised (a
+    path that does not exist raises ``FileNotFoundError`` before anything is written)."""
     report = IngestReport()
+    candidates = collect_candidates(paths, report)
+    known = _prefetch(reg, candidates)
     batch = _Batch(reg)
-    bases = reg.bases()
-    candidates = collect_candidates(paths)
+    bases = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-hash") as pool:
-        for path in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
-            _ingest_one(reg, batch, report, bases, path, pool)
+        for candidate in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
+            ingest = _FileIngest(reg, batch, report, candidate, known.get(os.path.realpath(candidate.path)))
+            if not ingest.unchanged():
+                bases = bases if bases is not None else reg.bases()
+                ingest.run(bases, pool)
             if len(batch) >= batch_size:
                 batch.flush()
     batch.flush()
-    ensure_indexes(reg)
+    ensure_indexes(reg)  # only those missing: refreshing them is maintenance's job
     return report
 
 
-def _ingest_one(reg: Registry, batch: _Batch, report: IngestReport, bases, path: Path,
-                pool: ThreadPoolExecutor) -> None:
-    shown = str(path)
-    staged: Path | None = None
-    outcome: InspectedLoRA | RejectedFile | None = None
-    early: _Early | None = None
-    future = None
-    try:
-        if _maybe_known(reg, batch, path):
-            sha = sha256_file(path)
-        else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
-            future = pool.submit(reg.blobs.stage, path)
-            try:
-                outcome = inspect_file(path, bases, sha256="pending")  # the real one set below
-            except RejectedFile as rejection:
-                outcome = rejection
-            except BaseException:
-                _drop(reg, future)
-                raise
-    except OSError as error:
-        _unreadable(report, shown, error)
-        return
-    if future is not None:
-        if isinstance(outcome, InspectedLoRA) and not future.done():
-            try:
-                early = _early(reg, batch, outcome)  # instead of waiting idle for the copy
-            except BaseException:
-                _drop(reg, future)
-                raise
+class _FileIngest:
+    """One candidate file through the stat cache, hashing, inspection and the batch."""
+
+    def __init__(self, reg: Store, batch: _Batch, report: IngestReport, candidate: Candidate,
+                 record: dict | None) -> None:
+        self.reg, self.batch, self.report = reg, batch, report
+        self.path, self.shown = candidate.path, str(candidate.path)
+        self.resolved = os.path.realpath(candidate.path)
+        self.siblings = candidate.siblings
+        self.sidecars = sidecar_files(candidate.path, candidate.siblings)
+        self.record = record  # the stored file record of this path, if any
+        self.stat: os.stat_result | None = None
+
+    def _file_row(self, sha: str, lora_id: str, fmt: str) -> dict:
+        st = self.stat
+        return {"path": self.resolved, "sha256": sha, "lora_id": lora_id, "format": fmt,
+                "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+                "sidecars": sidecar_signature(self.sidecars), "seen_at": _now(), "gone": False}
+
+    def _known_content(self, record: dict) -> None:
+        """This path holds bytes already recorded (``record``): refresh what changed around it."""
+        row = self._file_row(record["sha256"], record["lora_id"], record["format"])
+        stale = row["sidecars"] != record["sidecars"] or record["gone"]
+        entry = {"path": self.shown, "lora_id": record["lora_id"]}
+        if stale:
+            self.batch.refresh.add(record["lora_id"])
+            self.report.refreshed.append(entry)
+        else:
+            self.report.unchanged.append(entry)
+        if stale or any(row[k] != record[k] for k in ("size_bytes", "mtime_ns", "inode")):
+            self.batch.files[self.resolved] = row
+
+    def unchanged(self) -> bool:
+        """Settle the file from its stat alone when it can be (no read, no hash)."""
         try:
-            sha, staged = future.result()
+            self.stat = os.stat(self.path)
         except OSError as error:
-            _unreadable(report, shown, error)
+            self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror}")
+            return True
+        record, st = self.record, self.stat
+        if record and (record["size_bytes"], record["mtime_ns"], record["inode"]) == (
+                st.st_size, st.st_mtime_ns, st.st_ino):
+            self._known_content(record)
+            return True
+        return False
+
+    def _maybe_known(self) -> bool:
+        """Whether a stored file has this size: then it is hashed before inspection, so a
+        duplicate costs no inspect. Otherwise hashing (and staging the blob copy) runs alongside
+        inspection. A duplicate this misses is still caught by its sha256: only work is wasted."""
+        size = self.stat.st_size
+        if self.record or any(f["size_bytes"] == size for f in self.batch.files.values()):
+            return True
+        return bool(self.reg.rows(self.reg.files, f"size_bytes = {int(size)}", 1, ["path"]))
+
+    def run(self, bases: list, pool: ThreadPoolExecutor) -> None:
+        """Hash, dedupe, inspect and stage one file that its stat did not settle."""
+        sidecars = from_sidecars(self.path, self.siblings)
+        staged: Path | None = None
+        try:
+            if self._maybe_known():
+                sha, outcome, vector = sha256_file(self.path), None, None
+            else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
+                future = pool.submit(self.reg.blobs.stage, self.path)
+                vector = None
+                try:
+                    outcome = self._inspect(bases, sidecars)
+                    if isinstance(outcome, InspectedLoRA) and not future.done():
+                        vector = _early(_header_first(outcome, sidecars))  # instead of idling
+                finally:
+                    sha, staged = future.result()
+        except OSError as error:
+            self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
             return
-    try:
-        known_file = (next((f for f in batch.files.values() if f["sha256"] == sha), None)
-                      or _existing(reg.files, "sha256", [sha]).get(sha))
-        if known_file:
-            report.duplicates.append({"path": shown, "lora_id": known_file["lora_id"], "kind": "sha256"})
-            return
+        try:
+            self._settle(sha, outcome, sidecars, staged, vector, bases)
+        finally:
+            self.reg.blobs.discard(staged)  # a no-op once committed into the store
+
+    def _inspect(self, bases: list, sidecars: LoraMetadata) -> InspectedLoRA | RejectedFile:
+        try:
+            return inspect_file(self.path, bases, sha256="pending", base_hint=sidecars.base_model_hint)
+        except RejectedFile as rejection:
+            return rejection
+
+    def _settle(self, sha: str, outcome, sidecars: LoraMetadata, staged: Path | None,
+                vector: list[float] | None, bases: list) -> None:
+        if self.record and self.record["sha256"] == sha:  # touched, same bytes
+            return self._known_content(self.record)
+        same_bytes = self.batch.file_with_sha(sha)
+        if same_bytes:
+            self.report.duplicates.append({"path": self.shown, "lora_id": same_bytes["lora_id"],
+                                           "kind": "sha256"})
+            return self._record(sha, same_bytes["lora_id"], same_bytes["format"], new=False)
         if outcome is None:
-            try:
-                outcome = inspect_file(path, bases, sha256=sha)
-            except RejectedFile as rejection:
-                outcome = rejection
+            outcome = self._inspect(bases, sidecars)
         if isinstance(outcome, RejectedFile):
-            key = hashlib.sha256(f"{path.resolve()}\0{sha}".encode()).hexdigest()
-            batch.rejections[key] = {"rejection_id": key, "path": str(path.resolve()), "sha256": sha,
-                                     "code": outcome.code, "reason": outcome.reason,
-                                     "rejected_at": _now()}
-            report.rejected.append({"path": shown, "reason": outcome.reason, "code": outcome.code})
-            return
+            key = hashlib.sha256(f"{self.resolved}\0{sha}".encode()).hexdigest()
+            self.batch.rejections[key] = {"rejection_id": key, "path": self.resolved, "sha256": sha,
+                                          "code": outcome.code, "reason": outcome.reason,
+                                          "rejected_at": _now()}
+            return self.report.reject(self.shown, outcome.code, outcome.reason)
         info = outcome
         info.sha256 = sha
-        if early is not None:
-            lora_id, stored = early.lora_id, early.stored
-        else:
-            lora_id = lora_id_for(info.fingerprint)
-            stored = (batch.loras.get(lora_id)
-                      or _existing(reg.loras, "lora_id", [lora_id]).get(lora_id))
+        lora_id = lora_id_for(info.fingerprint)
+        stored = self.batch.stored_lora(lora_id)
         if stored and stored["sha256"] != sha:
-            report.duplicates.append({"path": shown, "lora_id": lora_id, "kind": "fingerprint"})
-        else:  # new, or the file whose row a killed run wrote before its file record
-            if not stored:
-                batch.loras[lora_id] = _lora_row(reg, info, lora_id, staged, early)
-                staged = None  # committed (or discarded as already present)
-            report.added.append({"lora_id": lora_id, "path": shown})
-        batch.files[str(path.resolve())] = {"sha256": sha, "lora_id": lora_id, "path": str(path.resolve()),
-                            "format": info.format, "seen_at": _now()}
-    finally:
-        reg.blobs.discard(staged)
+            self.report.duplicates.append({"path": self.shown, "lora_id": lora_id, "kind": "fingerprint"})
+            return self._record(sha, lora_id, info.format, new=False)
+        if not stored:  # new (else: the file whose row a killed run wrote before its file record)
+            meta = _header_first(info, sidecars)
+            self.batch.loras[lora_id] = _lora_row(self.reg, info, lora_id, meta, staged, vector)
+        self.report.added.append({"lora_id": lora_id, "path": self.shown})
+        self._record(sha, lora_id, info.format, new=True)
+
+    def _record(self, sha: str, lora_id: str, fmt: str, new: bool) -> None:
+        """Record this path; a duplicate path that brings sidecars refreshes its LoRA's row."""
+        row = self._file_row(sha, lora_id, fmt)
+        self.batch.files[self.resolved] = row
+        if not new and row["sidecars"]:
+            self.batch.refresh.add(lora_id)
+
+
+def _header_first(info: InspectedLoRA, sidecars: LoraMetadata) -> LoraMetadata:
+    """Header metadata first, then the sidecars' (as :func:`_metadata_of` orders them)."""
+    meta = from_header(info.header_metadata)
+    meta.update(sidecars)
+    return meta

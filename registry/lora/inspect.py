@@ -46,7 +46,7 @@ def load_canonical(path: str | os.PathLike) -> tuple[CanonicalLoRA, dict[str, st
 
 
 def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
-                 sha256: str | Callable[[], str] | None = None) -> InspectedLoRA:
+                 sha256: str | Callable[[], str] | None = None, base_hint: str = "") -> InspectedLoRA:
     """Validate + canonicalise ``path``; raises :class:`RejectedFile` with the reason.
 
     ``sha256``: the file's hash if known, or a callable giving it (called last, only for an

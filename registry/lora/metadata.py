@@ -10,8 +10,12 @@ their prompts), ``NAME.civitai.info`` (a Civitai model-version JSON), preview im
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,23 +143,62 @@ def _from_civitai(info: dict) -> LoraMetadata:
     return meta
 
 
-def from_sidecars(lora_path: str | os.PathLike) -> LoraMetadata:
-    """Collect metadata from the files next to ``lora_path``; missing or broken ones are skipped."""
+def sidecar_files(lora_path: str | os.PathLike, siblings: Sequence[str] | None = None) -> list[Path]:
+    """The sidecar files of ``lora_path`` that exist: its card, ``.civitai.info``, previews and
+    their prompt ``.txt`` files. ``siblings``: the sorted names in its folder, when the caller
+    has listed the folder already (a walk of a big flat folder would otherwise list it per file).
+    """
     path = Path(lora_path)
-    folder, stem = path.parent, path.name[: -len(path.suffix)] if path.suffix else path.name
-    meta = _from_card(_load_json(folder / f"{stem}.json"), folder)
-    meta.update(_from_civitai(_load_json(folder / f"{stem}.civitai.info")))
-    previews = sorted(
-        p for p in folder.glob(f"{stem}*")
-        if p.suffix.lower() in _IMAGE_SUFFIXES and (p.stem == stem or p.stem.startswith(f"{stem}."))
-    )
+    folder, stem = path.parent, _stem(path)
+    if siblings is None:
+        try:
+            siblings = sorted(os.listdir(folder))
+        except OSError:
+            return []
+    start = bisect.bisect_left(siblings, stem)
+    found = []
+    for name in itertools.takewhile(lambda n: n.startswith(stem), siblings[start:]):
+        rest = name[len(stem):]
+        if rest in (".json", ".civitai.info") or (
+                rest.startswith(".") and Path(name).suffix.lower() in _IMAGE_SUFFIXES + (".txt",)):
+            found.append(folder / name)
+    return found
+
+
+def sidecar_signature(files: Iterable[Path]) -> str:
+    """A short digest of the names, sizes and mtimes of ``files`` (a stat each, no reads):
+    it changes when a sidecar is added, removed or rewritten."""
+    parts = []
+    for file in sorted(files):
+        try:
+            stat = file.stat()
+        except OSError:
+            continue
+        parts.append(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16] if parts else ""
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def from_sidecars(lora_path: str | os.PathLike, siblings: Sequence[str] | None = None,
+                  name_from_stem: bool = True) -> LoraMetadata:
+    """Collect metadata from the files next to ``lora_path``; missing or broken ones are skipped.
+    Without a name anywhere, the file's stem is the name (unless ``name_from_stem`` is off)."""
+    path = Path(lora_path)
+    folder, stem = path.parent, _stem(path)
+    files = {p.name: p for p in sidecar_files(path, siblings)}
+    meta = _from_card(_load_json(files[f"{stem}.json"]), folder) if f"{stem}.json" in files else LoraMetadata()
+    if f"{stem}.civitai.info" in files:
+        meta.update(_from_civitai(_load_json(files[f"{stem}.civitai.info"])))
     previews_meta = LoraMetadata()
-    for image in previews:
+    for image in sorted(p for p in files.values() if p.suffix.lower() in _IMAGE_SUFFIXES):
         resolved = str(image.resolve())
         if resolved not in meta.render_paths:
             previews_meta.render_paths.append(resolved)
             previews_meta.render_prompts.append(_image_prompt(image))
     meta.update(previews_meta)
-    if not meta.name:
+    if not meta.name and name_from_stem:
         meta.name = stem
     return meta

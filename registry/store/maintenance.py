@@ -44,9 +44,10 @@ def _existing(table) -> set[str]:
     return {column for index in table.list_indices() for column in index.columns}
 
 
-def ensure_indexes(store: Store, *, vector: bool = False) -> list[str]:
+def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | None = None) -> list[str]:
     """Create the missing scalar and full-text indexes (and, with ``vector``, the vector index
-    once the LoRA table is large enough); returns ``table.column`` of each one created."""
+    once the LoRA table is large enough); returns ``table.column`` of each one created. One that
+    a concurrent process is creating at the same moment is left to it (noted in ``yielded``)."""
     created = []
     for name, table in store._tables().items():
         if table.count_rows() == 0:
@@ -62,8 +63,12 @@ def ensure_indexes(store: Store, *, vector: bool = False) -> list[str]:
                 distance_type="cosine", ef_construction=search.ANN_EF_CONSTRUCTION,
                 num_partitions=max(1, rows // search.VECTOR_PARTITION_ROWS))))
         for column, config in wanted:
-            table.create_index(column, config=config, name=f"{column}_idx")
-            created.append(f"{name}.{column}")
+            try:
+                table.create_index(column, config=config, name=f"{column}_idx")
+                created.append(f"{name}.{column}")
+            except _LANCE_ERRORS as error:  # a concurrent commit won; it made the same index
+                if yielded is not None:
+                    yielded.append(f"index {name}.{column}: {error}"[:300])
     return created
 
 
@@ -72,10 +77,7 @@ def maintain(store: Store) -> MaintenanceReport:
     table: compact, fold new rows into every index, prune old versions (tags are kept)."""
     store._writable()
     report, start = MaintenanceReport(), time.perf_counter()
-    try:
-        report.created = ensure_indexes(store, vector=True)
-    except _LANCE_ERRORS as error:
-        report.yielded.append(f"indexes: {error}"[:300])
+    report.created = ensure_indexes(store, vector=True, yielded=report.yielded)
     for name, table in store._tables().items():
         try:
             table.optimize()

@@ -27,6 +27,7 @@ TABLES: dict[str, tuple[pa.Schema, str]] = {
     "files": (FILES_SCHEMA, "path"),
     "rejections": (REJECTIONS_SCHEMA, "rejection_id"),
 }
+_PRIMARY_KEY_MARK = b"lance-schema:unenforced-primary-key:position"  # in the key field's metadata
 # A write that conflicts with another process's commit is retried by LanceDB itself
 # (merge_insert rebases and retries); this bounds the time it may spend doing so.
 WRITE_TIMEOUT = timedelta(seconds=120)
@@ -110,10 +111,15 @@ class Store:
         return cls(root, version)
 
     def _create_table(self, name: str, schema: pa.Schema, key: str):
-        existed = name in self.db.table_names()
-        table = self.db.create_table(name, schema=schema, exist_ok=True)
-        if not existed:  # setting it again is harmless (it replaces), so a race is fine
-            table.set_unenforced_primary_key(key)
+        try:
+            table = self.db.open_table(name)
+        except ValueError:  # not created yet
+            try:
+                table = self.db.create_table(name, schema=schema)
+            except ValueError:  # created by a concurrent process meanwhile
+                table = self.db.open_table(name)
+        if _PRIMARY_KEY_MARK not in (table.schema.field(key).metadata or {}):
+            table.set_unenforced_primary_key(key)  # once; a racing second call just replaces it
         return table
 
     def _tables(self) -> dict[str, object]:

@@ -105,12 +105,16 @@ def test_search_hybrid_text_and_vector(ingested):
     assert reg.search("fire 'quoted\" (weird) ~ text*", k=2)  # query syntax never crashes
 
 
-def test_reingest_is_a_no_op_and_versions_tag(ingested, tmp_path):
+def test_reingest_is_a_no_op_and_versions_tag(ingested, tmp_path, monkeypatch):
+    import registry.ingest as ingest
+
     reg, files, _ = ingested
     reg.tag("v1")
     before = reg.version
-    again = reg.add([files["ember"].parent])
-    assert not again.added and len(again.duplicates) == 5 and len(reg) == 3
+    monkeypatch.setattr(ingest, "sha256_file", lambda path: pytest.fail(f"{path} was hashed"))
+    again = reg.add([files["ember"].parent])  # unchanged files cost a stat, not a hash
+    assert not again.added and not again.duplicates and len(again.unchanged) == 5 and len(reg) == 3
+    assert reg.version == before
     pinned = Registry.open(reg.root, version="v1")
     assert len(pinned) == 3 and pinned.tags()["v1"] == before
     with pytest.raises(PermissionError):
@@ -261,10 +265,10 @@ def test_vector_index_search(tmp_path, monkeypatch):
     base model, and a pinned version searches that version."""
     import numpy as np
 
-    from registry import store
+    from registry.store import search
 
-    monkeypatch.setattr(store, "VECTOR_INDEX_MIN_ROWS", 500)
-    monkeypatch.setattr(store, "VECTOR_PARTITION_ROWS", 300)
+    monkeypatch.setattr(search, "VECTOR_INDEX_MIN_ROWS", 500)
+    monkeypatch.setattr(search, "VECTOR_PARTITION_ROWS", 300)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((600, 384)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -272,8 +276,7 @@ def test_vector_index_search(tmp_path, monkeypatch):
     _synthetic_rows(reg, vectors, ["FLUX.1-dev", "tiny-flux"] * 300)
     flat_version = reg.version
     reg.tag("flat")
-    reg.ensure_indexes()
-    assert reg._indexed_vectors() == {"text_vector"}
+    reg.maintain()
     index = next(i for i in reg.loras.list_indices() if i.name == "text_vector_idx")
     assert index.index_type == "IvfHnswSq"
     found = 0
