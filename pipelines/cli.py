@@ -12,6 +12,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched implicit
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_REGISTRY = os.environ.get("AUTOLORA_REGISTRY", ".autolora/registry")
+USAGE_ERROR = 2  # argparse's exit status for a bad command line
+
+
+class UsageError(Exception):
+    """A command line that names something that is not there: exit 2 with the message."""
+
+
+def _quiet() -> None:
+    """No third-party chatter on stderr (library warnings, weight-loading bars, lance logs)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("TRANSFORMERS_VERBOSITY", "LANCE_LOG", "RUST_LOG"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def _open_registry(path: str, **kwargs):
+    """The registry at ``path``; a folder holding none is a usage error for reading commands."""
+    from registry import Registry, RegistryNotFound
+
+    try:
+        return Registry.open(path, **kwargs)
+    except RegistryNotFound as error:
+        raise UsageError(str(error)) from None
 
 
 def _print_json(value) -> None:
@@ -31,20 +59,22 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from registry.lora.base_models import builtin_bases
     from registry.lora.errors import RejectedFile
     from registry.lora.inspect import inspect_file
-    from registry import Registry
+    from registry.store.store import user_path
 
-    bases = Registry.open(args.registry).bases() if args.registry else None
-    if bases is None:
-        from registry.lora.base_models import flux1_dev
-
-        bases = [flux1_dev()]
+    path = user_path(args.file)
+    if not os.path.lexists(path):
+        raise UsageError(f"no such file: {path}")
+    bases = _open_registry(args.registry, create=False).bases() if args.registry else builtin_bases()
     try:
-        summary = inspect_file(args.file, bases).summary()
-    except RejectedFile as rejection:
-        result = {"rejected": True, "reason": rejection.reason, "code": rejection.code}
-        _print_json(result) if args.json else print(f"rejected ({rejection.code}): {rejection.reason}")
+        summary = inspect_file(path, bases).summary()
+    except (RejectedFile, OSError) as error:
+        code, reason = ((error.code, error.reason) if isinstance(error, RejectedFile)
+                        else ("unreadable", f"unreadable: {error.strerror or error}"))
+        result = {"rejected": True, "reason": reason, "code": code}
+        _print_json(result) if args.json else print(f"rejected ({code}): {reason}")
         return 1
     if args.json:
         _print_json(summary)
@@ -54,35 +84,68 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from registry import Registry
+    from registry.store.store import user_path
 
-    registry = Registry.open(args.registry)
-    report = registry.add(args.paths, progress=not args.json and sys.stderr.isatty(),
-                          batch_size=args.batch_size)
+    missing = [p for p in args.paths if not os.path.lexists(user_path(p))]
+    if missing:  # checked before the registry is opened, so nothing is created
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
+    registry = _open_registry(args.registry)
+    try:
+        report = registry.add(args.paths, progress=not args.json and sys.stderr.isatty(),
+                              batch_size=args.batch_size)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    maintenance = registry.maintain()
     if args.json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "maintenance": maintenance.to_dict()})
         return 0
-    _table("added", ["lora_id", "path"], [(r["lora_id"], r["path"]) for r in report.added])
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.added:
+        _table("added", ["lora_id", "path"], [(r["lora_id"], r["path"]) for r in report.added])
     if report.duplicates:
         _table("duplicates", ["path", "lora_id", "kind"],
                [(r["path"], r["lora_id"], r["kind"]) for r in report.duplicates])
     if report.rejected:
         _table("rejected", ["path", "reason"], [(r["path"], r["reason"]) for r in report.rejected])
+    if report.refreshed:
+        _table("metadata refreshed from new sidecars", ["path", "lora_id"],
+               [(r["path"], r["lora_id"]) for r in report.refreshed])
     print(f"{len(report.added)} added, {len(report.duplicates)} duplicates, "
+          f"{len(report.refreshed)} refreshed, {len(report.unchanged)} unchanged, "
           f"{len(report.rejected)} rejected; registry holds {len(registry)} LoRAs")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from registry import Registry
-
-    hits = Registry.open(args.registry).search(args.prompt, k=args.k, base_model=args.base_model,
-                                               mode=args.mode)
+    registry = _open_registry(args.registry, version=args.version, create=False)
+    try:
+        hits = registry.search(args.prompt, k=args.k, base_model=args.base_model, mode=args.mode,
+                               where=args.where, include_removed=args.include_removed)
+    except ValueError as error:  # e.g. a malformed --where filter
+        raise UsageError(f"search failed: {error}") from None
     if args.json:
         _print_json([hit.to_dict() for hit in hits])
     else:
         _table(f"top {args.k} for {args.prompt!r}", ["lora_id", "name", "score", "base_model", "trigger words"],
                [(h.lora_id, h.name, f"{h.score:.4f}", h.base_model, ", ".join(h.trigger_words)) for h in hits])
+        if not hits:
+            print("no LoRA matches" + (" (the registry is empty)" if len(registry) == 0 else ""))
+    return 0
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    report = _open_registry(args.registry, create=False).maintain()
+    _print_json(report.to_dict()) if args.json else _table(
+        "maintenance", ["field", "value"], list(report.to_dict().items()))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    counts = _open_registry(args.registry, create=False).prune()
+    _print_json(counts) if args.json else print(
+        f"{counts['removed']} LoRAs marked removed (every known path gone), {counts['restored']} "
+        f"restored; {counts['paths_gone']} paths gone, {counts['paths_back']} back")
     return 0
 
 
@@ -115,19 +178,29 @@ def cmd_register_base(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from registry.lora.base_models import BaseModel
-    from registry import Registry
 
-    source = Path(args.source)
+    source = Path(os.path.expandvars(os.path.expanduser(args.source)))
+    if not source.exists():
+        raise UsageError(f"no such pipeline folder or base_model.json: {source}")
     if source.is_dir():
         from registry.lora.base_models import flux_base_from_folder
 
-        base = flux_base_from_folder(source, args.name)
+        base = flux_base_from_folder(source, args.name or _described_name(source))
     else:
         base = BaseModel.from_json(source.read_text(encoding="utf-8"))
-    Registry.open(args.registry).register_base(base)
+    _open_registry(args.registry).register_base(base)
     result = {"name": base.name, "architecture": base.architecture, "layers": len(base.layer_shapes)}
     _print_json(result) if args.json else print(f"registered {base.name} ({len(base.layer_shapes)} layers)")
     return 0
+
+
+def _described_name(pipeline: Path) -> str | None:
+    """The name in a ``base_model.json`` beside (or in) a pipeline folder, so a base has one name
+    whichever route registers it (the demo world writes one next to its pipeline)."""
+    for candidate in (pipeline / "base_model.json", pipeline.parent / "base_model.json"):
+        if candidate.is_file():
+            return str(json.loads(candidate.read_text(encoding="utf-8"))["name"])
+    return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -147,8 +220,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autolora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library warnings and progress on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="validate and describe one LoRA file")
@@ -167,15 +249,30 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="find the LoRAs that fit a prompt")
     search.add_argument("prompt")
     search.add_argument("--registry", default=DEFAULT_REGISTRY)
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("-k", type=_positive, default=5, help="how many LoRAs (at least 1)")
     search.add_argument("--base-model")
     search.add_argument("--mode", choices=["hybrid", "text", "vector"], default="hybrid")
+    search.add_argument("--where", help="a LanceDB SQL filter, e.g. \"rank >= 8\"")
+    search.add_argument("--version", help="search a tagged or numbered version (read-only)")
+    search.add_argument("--include-removed", action="store_true",
+                        help="also LoRAs whose every known file is gone (see prune)")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
 
+    maintain = sub.add_parser("maintain", help="refresh the indexes and compact the tables")
+    maintain.add_argument("--registry", default=DEFAULT_REGISTRY)
+    maintain.add_argument("--json", action="store_true")
+    maintain.set_defaults(func=cmd_maintain)
+
+    prune = sub.add_parser("prune", help="mark LoRAs whose every known file is gone as removed")
+    prune.add_argument("--registry", default=DEFAULT_REGISTRY)
+    prune.add_argument("--json", action="store_true")
+    prune.set_defaults(func=cmd_prune)
+
     base = sub.add_parser("register-base", help="make LoRAs for a base model recognisable")
     base.add_argument("source", help="a diffusers FLUX pipeline folder or a base_model.json")
-    base.add_argument("--name", help="name for a pipeline folder (default: its parent folder's name)")
+    base.add_argument("--name", help="name for a pipeline folder (default: the name in a base_model.json "
+                                     "beside it, else the folder's parent's name)")
     base.add_argument("--registry", default=DEFAULT_REGISTRY)
     base.add_argument("--json", action="store_true")
     base.set_defaults(func=cmd_register_base)
@@ -209,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if not args.verbose:
+        _quiet()
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as error:
+        print(f"autolora {args.command}: {error}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def _set(table, column: str, key: str, ids: list[str], value: bool) -> None:
 def prune(store: Store) -> dict[str, int]:
     """Refresh ``files.gone`` and ``loras.removed`` from the file system; returns counts."""
     store._writable()
-    files = store.files.to_arrow(columns=["path", "lora_id", "gone"]).to_pylist()
+    files = store.column_rows(store.files, ["path", "lora_id", "gone"])
     present: dict[str, bool] = defaultdict(bool)
     newly_gone, back = [], []
     for row in files:
@@ -32,7 +32,7 @@ def prune(store: Store) -> dict[str, int]:
             newly_gone.append(row["path"])
     _set(store.files, "gone", "path", newly_gone, True)
     _set(store.files, "gone", "path", back, False)
-    loras = store.loras.to_arrow(columns=["lora_id", "removed"]).to_pylist()
+    loras = store.column_rows(store.loras, ["lora_id", "removed"])
     removed = [r["lora_id"] for r in loras if r["lora_id"] in present
                and not present[r["lora_id"]] and not r["removed"]]
     restored = [r["lora_id"] for r in loras if present.get(r["lora_id"]) and r["removed"]]

@@ -190,6 +190,11 @@ class Store:
             query = query.select(columns)
         return query.limit(limit).to_list()
 
+    def column_rows(self, table, columns: list[str]) -> list[dict]:
+        """Every row of ``table``, only ``columns`` read."""
+        n = table.count_rows()
+        return table.search().select(columns).limit(n).to_list() if n else []
+
     def get(self, lora_id: str) -> dict | None:
         """The full row of one LoRA (without its vectors), or ``None``."""
         rows = self.rows(self.loras, f"lora_id = {quote(lora_id)}", 1)
@@ -201,7 +206,7 @@ class Store:
         return row
 
     def lora_ids(self) -> list[str]:
-        return self.loras.to_arrow(columns=["lora_id"]).column("lora_id").to_pylist() if len(self) else []
+        return [row["lora_id"] for row in self.column_rows(self.loras, ["lora_id"])]
 
     def paths_of(self, lora_id: str) -> list[dict]:
         """Every file record of a LoRA (one per path it was seen at)."""
