@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets_defs.ingest import ingest_job, ingested_loras
+from assets_defs.ingest import ingested_loras
+from assets_defs.maintenance import registry_indexes
 from assets_defs.resources import RegistryResource
+from assets_defs.jobs import ingest_job
 from assets_defs.sensors import local_folder_sensor
 
 defs = dg.Definitions(
-    assets=[ingested_loras],
+    assets=[ingested_loras, registry_indexes],
     jobs=[ingest_job],
     sensors=[local_folder_sensor],
     resources={"registry": RegistryResource()},

@@ -21,7 +21,7 @@ def ingested_loras(context: dg.AssetExecutionContext, config: IngestConfig,
                    registry: RegistryResource) -> dg.MaterializeResult:
     """LoRA files validated, canonicalised, deduplicated and upserted into the registry."""
     reg = registry.open()
-    paths = [p for p in config.paths if os.path.exists(p)]
+    paths = [p for p in config.paths if os.path.lexists(os.path.expandvars(os.path.expanduser(p)))]
     missing = sorted(set(config.paths) - set(paths))
     if missing:
         context.log.warning(f"skipping paths that do not exist: {missing}")
@@ -31,6 +31,8 @@ def ingested_loras(context: dg.AssetExecutionContext, config: IngestConfig,
     return dg.MaterializeResult(metadata={
         "added": len(report.added),
         "duplicates": len(report.duplicates),
+        "refreshed": len(report.refreshed),
+        "unchanged": len(report.unchanged),
         "rejected": len(report.rejected),
         "registry_rows": len(reg),
         "registry_version": reg.version,
@@ -40,4 +42,3 @@ def ingested_loras(context: dg.AssetExecutionContext, config: IngestConfig,
                                            else "none"),
     })
 
-ingest_job = dg.define_asset_job("ingest_job", selection=[ingested_loras])

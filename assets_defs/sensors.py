@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets_defs.ingest import ingest_job
+from assets_defs.jobs import ingest_job
 from registry.ingest import CANDIDATE_SUFFIXES
 
 WATCH_DIR_ENV = "AUTOLORA_WATCH_DIR"

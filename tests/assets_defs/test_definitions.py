@@ -13,6 +13,7 @@ from flux_fixtures import flux_lora, partial_names  # noqa: E402
 
 from assets_defs.definitions import defs  # noqa: E402
 from assets_defs.ingest import ingested_loras  # noqa: E402
+from assets_defs.maintenance import registry_indexes  # noqa: E402
 from assets_defs.resources import RegistryResource  # noqa: E402
 from assets_defs.sensors import local_folder_sensor  # noqa: E402
 from registry.lora.formats import save_lora  # noqa: E402
@@ -40,7 +41,14 @@ def test_ingest_asset_materialises_in_process(tmp_path):
     assert result.success
     metadata = result.asset_materializations_for_node("ingested_loras")[0].metadata
     assert metadata["added"].value == 1 and metadata["rejected"].value == 1
-    assert len(Registry.open(registry)) == 1
+    reg = Registry.open(registry)
+    assert len(reg) == 1
+
+    maintained = dg.materialize([registry_indexes], resources={"registry": RegistryResource(path=str(registry))},
+                                instance=dg.DagsterInstance.ephemeral())
+    assert maintained.success
+    assert maintained.asset_materializations_for_node("registry_indexes")[0].metadata["yielded"].value == 0
+    assert all(reg.loras.index_stats(i.name).num_unindexed_rows == 0 for i in reg.loras.list_indices())
 
 
 def test_folder_sensor_requests_runs_for_new_files_only(tmp_path, monkeypatch):

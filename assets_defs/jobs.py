@@ -1,0 +1,8 @@
+"""Jobs: ingest new files, then refresh the registry's indexes."""
+
+import dagster as dg
+
+from assets_defs.ingest import ingested_loras
+from assets_defs.maintenance import registry_indexes
+
+ingest_job = dg.define_asset_job("ingest_job", selection=[ingested_loras, registry_indexes])
