@@ -69,3 +69,68 @@ def test_ingest_and_search_json(folder, tmp_path):
     assert hits[0]["name"] == "neon city" and hits[0]["trigger_words"] == ["n30n"]
     human = run("search", "neon", "--registry", str(registry))
     assert human.returncode == 0 and "neon city" in human.stdout
+
+
+def test_usage_errors_exit_2_and_create_nothing(folder, tmp_path):
+    typo = tmp_path / "TYPO"
+    for args in (("search", "neon", "--registry", str(typo)),
+                 ("search", "neon", "--registry", str(typo), "--version", "prod"),
+                 ("maintain", "--registry", str(typo)), ("prune", "--registry", str(typo)),
+                 ("ingest", str(tmp_path / "nothere"), "--registry", str(typo)),
+                 ("inspect", str(tmp_path / "nothere.safetensors"))):
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "Traceback" not in out.stderr and out.stderr.startswith("autolora "), out.stderr
+    assert not typo.exists()
+    for k in ("0", "-1"):
+        for mode in ("vector", "hybrid"):
+            out = run("search", "neon", "--registry", str(typo), "-k", k, "--mode", mode)
+            assert out.returncode == 2 and "must be at least 1" in out.stderr
+
+
+def test_links_empty_folders_and_quiet_output(folder, tmp_path):
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    (tmp_path / "empty").mkdir()
+    registry = str(tmp_path / "registry")
+    out = run("ingest", str(loop), str(tmp_path / "empty"), "--registry", registry, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [(r["path"], r["code"]) for r in report["rejected"]] == [(str(loop), "broken_link")]
+    assert any("no LoRA files found" in w for w in report["warnings"])
+    human = run("ingest", str(folder), "--registry", registry)
+    assert human.returncode == 0 and human.stderr == ""  # no library chatter by default
+    search = run("search", "neon", "--registry", registry)
+    assert search.returncode == 0 and search.stderr == "" and "neon city" in search.stdout
+    empty = run("search", "nothing matches", "--registry", registry, "--where", "rank > 1000")
+    assert empty.returncode == 0 and "no LoRA matches" in empty.stdout
+
+
+def test_inspect_unreadable_file_is_a_rejection_not_a_traceback(folder, monkeypatch, capsys):
+    """(Permissions do not bind root, who runs CI: the read is made to fail as it would.)"""
+    from pipelines import cli
+    from registry.lora import inspect
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(inspect, "read_safetensors", refuse)
+    assert cli.main(["inspect", str(folder / "neon_city.safetensors"), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"rejected": True, "code": "unreadable",
+                                                   "reason": "unreadable: Permission denied"}
+
+
+def test_prune_hides_vanished_loras(folder, tmp_path):
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(folder, mine)
+    registry = str(tmp_path / "registry")
+    added = json.loads(run("ingest", str(mine), "--registry", registry, "--json").stdout)["added"]
+    shutil.rmtree(mine)
+    counts = json.loads(run("prune", "--registry", registry, "--json").stdout)
+    assert counts["removed"] == len(added) == 1
+    hits = json.loads(run("search", "neon city", "--registry", registry, "--json").stdout)
+    assert hits == []
+    hidden = run("search", "neon city", "--registry", registry, "--include-removed", "--json")
+    assert [h["lora_id"] for h in json.loads(hidden.stdout)] == [added[0]["lora_id"]]

@@ -82,7 +82,9 @@ def test_zoo_ingests_with_zero_rejections_and_a_fingerprint_duplicate(micro, tmp
     c = micro["contract"]
     registry = str(tmp_path / "registry")
     root = Path(c["base"]).parent
-    assert run("register-base", str(root / "base_model.json"), "--registry", registry).returncode == 0
+    by_json = run_json("register-base", str(root / "base_model.json"), "--registry", registry)
+    by_folder = run_json("register-base", c["base"], "--registry", str(tmp_path / "other"))
+    assert by_json == by_folder and by_json["name"] == "autolora-demo-flux"  # one name, either route
     report = run_json("ingest", c["loras"], c["heldout_loras"], "--registry", registry)
     assert report["rejected"] == []
     assert len(report["added"]) == c["train"] + c["heldout"]
