@@ -220,6 +220,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expanded(text: str) -> str:
+    """A path argument with ``~`` and ``$VARS`` expanded (every path a user gives)."""
+    return os.path.expandvars(os.path.expanduser(text))
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -240,15 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     ingest = sub.add_parser("ingest", help="ingest LoRA files and folders into a registry")
-    ingest.add_argument("paths", nargs="+")
-    ingest.add_argument("--registry", default=DEFAULT_REGISTRY)
+    ingest.add_argument("paths", nargs="+", type=_expanded)
+    ingest.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     ingest.add_argument("--batch-size", type=int, default=64, help="files per registry write")
     ingest.add_argument("--json", action="store_true")
     ingest.set_defaults(func=cmd_ingest)
 
     search = sub.add_parser("search", help="find the LoRAs that fit a prompt")
     search.add_argument("prompt")
-    search.add_argument("--registry", default=DEFAULT_REGISTRY)
+    search.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     search.add_argument("-k", type=_positive, default=5, help="how many LoRAs (at least 1)")
     search.add_argument("--base-model")
     search.add_argument("--mode", choices=["hybrid", "text", "vector"], default="hybrid")
@@ -260,12 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     maintain = sub.add_parser("maintain", help="refresh the indexes and compact the tables")
-    maintain.add_argument("--registry", default=DEFAULT_REGISTRY)
+    maintain.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     maintain.add_argument("--json", action="store_true")
     maintain.set_defaults(func=cmd_maintain)
 
     prune = sub.add_parser("prune", help="mark LoRAs whose every known file is gone as removed")
-    prune.add_argument("--registry", default=DEFAULT_REGISTRY)
+    prune.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     prune.add_argument("--json", action="store_true")
     prune.set_defaults(func=cmd_prune)
 
@@ -273,20 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("source", help="a diffusers FLUX pipeline folder or a base_model.json")
     base.add_argument("--name", help="name for a pipeline folder (default: the name in a base_model.json "
                                      "beside it, else the folder's parent's name)")
-    base.add_argument("--registry", default=DEFAULT_REGISTRY)
+    base.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     base.add_argument("--json", action="store_true")
     base.set_defaults(func=cmd_register_base)
 
     world = sub.add_parser("world", help="the demo world").add_subparsers(dest="world_command", required=True)
     world_build = world.add_parser("build", help="build (or reuse) the demo world")
     world_build.add_argument("--size", choices=["micro", "default"], default="default")
-    world_build.add_argument("--out", default=".autolora/world")
+    world_build.add_argument("--out", default=".autolora/world", type=_expanded)
     world_build.add_argument("--seed", type=int, default=0)
     world_build.add_argument("--json", action="store_true")
     world_build.set_defaults(func=cmd_world_build)
 
     world_eval = world.add_parser("eval", help="measure a built world: base prompt-following, LoRA themes")
-    world_eval.add_argument("--world", default=".autolora/world",
+    world_eval.add_argument("--world", default=".autolora/world", type=_expanded,
                             help="a built world folder (or the --out folder holding one)")
     world_eval.add_argument("--base-prompts", type=int, default=192)
     world_eval.add_argument("--lora-prompts", type=int, default=8)
@@ -295,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     world_eval.set_defaults(func=cmd_world_eval)
 
     demo = sub.add_parser("demo", help="the main job: build the demo world if missing, ingest, search")
-    demo.add_argument("folders", nargs="*", help="ingest these instead of the demo world")
-    demo.add_argument("--workdir", default=".autolora")
+    demo.add_argument("folders", nargs="*", type=_expanded, help="ingest these instead of the demo world")
+    demo.add_argument("--workdir", default=".autolora", type=_expanded)
     demo.add_argument("--size", choices=["micro", "default"], default="default")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true")

@@ -25,5 +25,6 @@ def run_demo(workdir: str | Path = ".autolora", size: str = "default", seed: int
         world = build_world(workdir / "world", size=size, seed=seed, progress=progress)
         registry.register_base(BaseModel.from_json((Path(world["base"]).parent / "base_model.json").read_text()))
         folders = [world["loras"], world["heldout_loras"]]
-    report = registry.add(folders, progress=progress)
+    report = registry.add(folders, progress=progress)  # known files cost a stat on a rerun
+    registry.maintain()
     return registry, report, {p: registry.search(p, k=3) for p in DEMO_PROMPTS}
