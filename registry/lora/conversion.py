@@ -106,7 +106,7 @@ def _scaled(t: Tensor, scale: float) -> Tensor:
 
 
 def _fold(a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``(A, B)`` with ``B A`` scaled by ``scale``, folded into the smaller factor (less to copy)."""
+    """``(A, B)`` with ``B A`` scaled by ``scale``, folded into the smaller factor (less work)."""
     if scale == 1.0:
         return a, b
     return (_scaled(a, scale), b) if a.numel() <= b.numel() else (a, _scaled(b, scale))

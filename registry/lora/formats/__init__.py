@@ -46,8 +46,9 @@ assert all(_BY_NAME[name].writer for name in FORMATS)
 _ROLES = sorted({r for f in REGISTRY for r in f.roles}, key=lambda r: (-len(r[0]), r))
 _PREFIXES = tuple(dict.fromkeys(p for f in REGISTRY for p in f.prefixes))
 _TE_PREFIXES = tuple(dict.fromkeys(p for f in REGISTRY for p in f.te_prefixes))
-_NAMES = NameResolver({kind: {k: v for f in REGISTRY for k, v in f.block_names.get(kind, {}).items()}
-                       for kind in ("double_blocks", "single_blocks")})
+_NAMES = NameResolver({
+    kind: {k: v for f in REGISTRY for k, v in f.block_names.get(kind, {}).items()}
+    for kind in ("double_blocks", "single_blocks")})
 
 
 def get(name: str) -> Format:

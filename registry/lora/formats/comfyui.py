@@ -1,5 +1,6 @@
 """ComfyUI: dotted BFL module names under ``diffusion_model.`` (fused ``qkv`` and ``linear1``),
-CLIP-L under ``text_encoders.clip_l.transformer.``, kohya's ``lora_down``/``lora_up`` + ``.alpha``."""
+CLIP-L under ``text_encoders.clip_l.transformer.``, kohya's ``lora_down``/``lora_up`` and
+``.alpha``."""
 
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ class NameResolver:
                 names[u(k)] = v
             self._tables[kind] = (_DIFFUSERS_KIND[kind], names)
             self._tables[_DIFFUSERS_KIND[kind]] = (_DIFFUSERS_KIND[kind], parts(table))
-        self._top = {u(k): (v,) for k, v in BFL_TOP.items()} | {u(v): (v,) for v in BFL_TOP.values()}
+        self._top = {u(k): (v,) for k, v in BFL_TOP.items()}
+        self._top |= {u(v): (v,) for v in BFL_TOP.values()}
 
     def layer(self, module: str) -> tuple[Parts, bool] | None:
         """Canonical layer name(s) for ``module`` and whether B's row halves swap.
