@@ -15,8 +15,8 @@ the wild:
 * kohya, comfyui, bfl_peft (trained on the original BFL model): every one of the 304 BFL modules
   of the blocks (fused ``qkv``, ``linear1``, ...) has one rank-16 A and B (~153 MB);
 * xlabs: XLabs adapts attention only (``processor.qkv_lora1/2``, ``proj_lora1/2`` of the double
-  blocks, ``qkv_lora`` = q/k/v of the single blocks), so its LoRA covers exactly what XLabs can
-  name, again one rank-16 A and B per (fused) module (~37 MB).
+  blocks, ``qkv_lora`` = q/k/v and ``proj_lora`` = ``linear2`` of the single blocks), so its
+  LoRA covers exactly what XLabs can name, again one rank-16 A and B per (fused) module.
 
 Then, per format:
 
@@ -60,28 +60,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from registry import Registry  # noqa: E402
 from registry.hashing import sha256_file  # noqa: E402
 from registry.lora.base_models import flux1_dev  # noqa: E402
-from registry.lora.formats import BFL_DOUBLE, BFL_SINGLE, FORMATS, save_lora  # noqa: E402
+from registry.lora.formats import FORMATS, get, save_lora  # noqa: E402
+from registry.lora.formats.names import BFL_BLOCKS  # noqa: E402
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]
-FUSED = ("kohya", "comfyui", "bfl_peft")  # files trained on the BFL model: fused modules
-XLABS_DOUBLE = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj")
-# XLabs' single-block processor adapts q/k/v of linear1 (qkv_lora), not the MLP part.
-XLABS_SINGLE = {"linear1": BFL_SINGLE["linear1"][:3]}
 
 
 def module_groups(fmt: str, double: range, single: range) -> list[tuple[str, ...]]:
-    """Canonical layer names per LoRA module of a file of format ``fmt`` (several = fused)."""
-    if fmt in FUSED:
-        dtab, stab = BFL_DOUBLE, BFL_SINGLE
-    elif fmt == "xlabs":
-        dtab, stab = {k: BFL_DOUBLE[k] for k in XLABS_DOUBLE}, XLABS_SINGLE
-    else:
-        dtab = {p: (p,) for parts in BFL_DOUBLE.values() for p in parts}
-        stab = {p: (p,) for parts in BFL_SINGLE.values() for p in parts}
+    """Canonical layer names per LoRA module of a file of format ``fmt`` (several = fused): the
+    format writer's fused modules (BFL's for kohya/comfyui/bfl_peft, XLabs' attention
+    processors), else one module per layer of the BFL blocks."""
+    tables = get(fmt).writer.fused or {
+        kind: {p: (p,) for parts in table.values() for p in parts}
+        for kind, table in BFL_BLOCKS.items()}
     groups = [tuple(f"transformer_blocks.{i}.{p}" for p in parts)
-              for i in double for parts in dtab.values()]
+              for i in double for parts in tables["double_blocks"].values()]
     groups += [tuple(f"single_transformer_blocks.{i}.{p}" for p in parts)
-               for i in single for parts in stab.values()]
+               for i in single for parts in tables["single_blocks"].values()]
     return groups
 
 

@@ -3,15 +3,21 @@
 A :class:`BaseModel` is just a name, an architecture family and the ``(out_features,
 in_features)`` of every ``nn.Linear`` in its denoiser, keyed by diffusers module path. That is
 all the registry needs to decide which base a canonical LoRA fits (:func:`match_base`).
+
+Shapes cannot tell every base apart: FLUX.1-schnell is FLUX.1-dev without the guidance embedder,
+so a LoRA that does not adapt those two layers fits both. Then a hint from metadata decides
+(kohya ``ss_base_model_version``, ``modelspec.architecture``, a card's or Civitai's
+``base_model``/``baseModel``), and without one FLUX.1-dev, the common case, wins.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +34,9 @@ FLUX1_DEV_CONFIG: dict[str, object] = {
     "guidance_embeds": True,
     "axes_dims_rope": (16, 56, 56),
 }
+
+# FLUX.1-schnell's: the same but without guidance distillation (black-forest-labs/FLUX.1-schnell).
+FLUX1_SCHNELL_CONFIG: dict[str, object] = {**FLUX1_DEV_CONFIG, "guidance_embeds": False}
 
 # Layers a LoRA may carry that live outside the denoiser; base shapes do not cover them.
 TEXT_ENCODER_PREFIX = "text_encoder."
@@ -91,36 +100,79 @@ def flux_base_from_folder(folder: str | Path, name: str | None = None) -> BaseMo
     return BaseModel.from_flux_transformer(name or folder.resolve().parent.name, transformer)
 
 
-@functools.cache
-def flux1_dev() -> BaseModel:
-    """FLUX.1-dev's real layer shapes, read off the diffusers model built on the meta device."""
+def _flux_base(name: str, config: Mapping[str, object]) -> BaseModel:
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):  # no weights are allocated
-        transformer = FluxTransformer2DModel(**FLUX1_DEV_CONFIG)
-    return BaseModel.from_flux_transformer("FLUX.1-dev", transformer)
+        transformer = FluxTransformer2DModel(**config)
+    return BaseModel.from_flux_transformer(name, transformer)
+
+
+@functools.cache
+def flux1_dev() -> BaseModel:
+    """FLUX.1-dev's real layer shapes, read off the diffusers model built on the meta device."""
+    return _flux_base("FLUX.1-dev", FLUX1_DEV_CONFIG)
+
+
+@functools.cache
+def flux1_schnell() -> BaseModel:
+    """FLUX.1-schnell's real layer shapes: FLUX.1-dev's less the guidance embedder."""
+    return _flux_base("FLUX.1-schnell", FLUX1_SCHNELL_CONFIG)
 
 
 def builtin_bases() -> list[BaseModel]:
     """The bases every registry recognises without registration."""
-    return [flux1_dev()]
+    return [flux1_dev(), flux1_schnell()]
+
+
+# How metadata names the built-in bases, besides their own names (compared after normalising:
+# lower case, letters and digits only): Civitai's "Flux.1 D" / "Flux.1 S", kohya's "flux1-dev".
+_ALIASES = {"FLUX.1-dev": ("flux1d",), "FLUX.1-schnell": ("flux1s",)}
+# Bases chosen only when a hint names them or no other base fits: they share every shape with a
+# more common base (FLUX.1-schnell's layers are all FLUX.1-dev's).
+_ONLY_BY_HINT = frozenset({"FLUX.1-schnell"})
+# Header keys whose text names the base a LoRA was trained on (kohya sd-scripts writes the
+# checkpoint's file name, e.g. "flux1-schnell.safetensors", to ss_sd_model_name).
+HINT_KEYS = ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name")
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def hint_from_metadata(metadata: Mapping[str, str]) -> str:
+    """The base-model hint in a safetensors header's metadata (empty if none)."""
+    return " | ".join(str(metadata[k]) for k in HINT_KEYS if metadata.get(k))
+
+
+def _named_at(base: BaseModel, hint: str) -> int | None:
+    """Where in ``hint`` (its ``|``-separated parts normalised) ``base`` is first named."""
+    normalised = "|".join(_normalise(part) for part in hint.split("|"))
+    names = {_normalise(base.name), *_ALIASES.get(base.name, ())} - {""}
+    found = [i for n in names if (i := normalised.find(n)) >= 0]
+    return min(found) if found else None
 
 
 def match_base(
-    layers: Mapping[str, tuple[int, int]], bases: Iterable[BaseModel]
+    layers: Mapping[str, tuple[int, int]], bases: Iterable[BaseModel], hint: str = ""
 ) -> BaseModel | None:
     """The base every LoRA layer fits (same name, same ``(d, k)``), or ``None``.
 
     Text-encoder layers (``text_encoder.*``) are ignored: base shapes describe the denoiser only.
-    When several bases fit, the one the LoRA covers most (largest fraction of its layers) wins.
+    When several bases fit: the one ``hint`` names (metadata text such as "flux-1-schnell/lora",
+    "Flux.1 S", "black-forest-labs/FLUX.1-dev"; ``|`` separates sources, the earliest named
+    wins); else not a base that shapes cannot tell from a more common one (FLUX.1-schnell), then
+    the one the LoRA covers most (largest fraction of its layers).
     """
     wanted = {k: tuple(v) for k, v in layers.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
     if not wanted:
         return None
-    best: tuple[float, BaseModel] | None = None
+    best: tuple[tuple, BaseModel] | None = None
     for base in bases:
         if all(base.layer_shapes.get(name) == shape for name, shape in wanted.items()):
-            coverage = len(wanted) / len(base.layer_shapes)
-            if best is None or coverage > best[0]:
-                best = (coverage, base)
+            at = _named_at(base, hint) if hint else None
+            key = (at is not None, -(at or 0), base.name not in _ONLY_BY_HINT,
+                   len(wanted) / len(base.layer_shapes))
+            if best is None or key > best[0]:
+                best = (key, base)
     return None if best is None else best[1]

@@ -2,7 +2,7 @@
 
 Pipeline of :func:`canonicalise`: refuse what is not a plain LoRA (LoKr, LoHa, DoRA, full
 checkpoints, ...), detect the base architecture from keys/shapes (metadata second), then convert
-(:mod:`registry.lora.conversion`: diffusers' converters checked against our name map), fold PEFT
+(:mod:`registry.lora.conversion`: our name map, cross-checked by diffusers' converters), fold PEFT
 scales and drop exactly-zero rank components. The weights fingerprint lives in
 :mod:`registry.lora.fingerprint` and is re-exported here.
 """
@@ -23,7 +23,7 @@ import torch
 from registry.lora.conversion import Module, convert_checked, group
 from registry.lora.errors import RejectedFile
 from registry.lora.fingerprint import Projections, features_from_projections, fingerprint_of, project, projections
-from registry.lora.formats import detect_format  # noqa: F401 - detect_format is part of this API
+from registry.lora.formats import detect_format, get
 
 Tensor = torch.Tensor
 Layers = dict[str, tuple[Tensor, Tensor]]
@@ -34,10 +34,10 @@ SD_FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
 class CanonicalLoRA:
     """``module path -> (A [r,k], B [d,r])`` with alpha folded in so that ``ΔW = B @ A``.
 
-    ``factors`` keep the file's float dtype (a bfloat16 LoRA is not widened; B is float32 where a
-    scale was folded in) and may share memory with the tensors read; no rank component of any
-    layer is exactly zero. :attr:`layers` is the same in float32, contiguous and in memory of its
-    own, made on first use (ingest never needs it).
+    ``factors`` keep the file's float dtype (a bfloat16 LoRA is not widened; the smaller factor is
+    float32 where a scale was folded in inexactly) and may share memory with the tensors read;
+    no rank component of any layer is exactly zero. :attr:`layers` is the same in float32,
+    contiguous and in memory of its own, made on first use (ingest never needs it).
     """
 
     factors: dict[str, tuple[Tensor, Tensor]]
@@ -245,7 +245,8 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
     metadata = metadata or {}
     modules, extras = _check_kind(tensors, metadata)
     notes = [f"ignored {len(extras)} non-LoRA tensors, e.g. {extras[0]!r}"] if extras else []
-    layers = convert_checked(tensors, modules, notes)
+    fmt = detect_format(tensors)
+    layers = convert_checked(tensors, modules, notes, get(fmt))
     has_alpha = any(m.alpha is not None for m in modules.values())
     scale = None if has_alpha else _peft_scale(metadata)
     factors: Layers = {}
@@ -258,7 +259,7 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> Can
     _drop_zero_components(factors, proj)
     if not factors:
         raise RejectedFile("zero_lora", "every LoRA update in the file is exactly zero")
-    return CanonicalLoRA(factors, detect_format(tensors), "flux", notes, proj)
+    return CanonicalLoRA(factors, fmt, "flux", notes, proj)
 
 
 def fingerprint_features(lora: CanonicalLoRA) -> tuple[float, list[float]]:

@@ -1,40 +1,43 @@
-"""Convert grouped LoRA modules of any FLUX format to canonical layers, checked two ways.
+"""Convert grouped LoRA modules of any FLUX format to canonical layers, cross-checked by diffusers.
 
 :func:`group` splits a state dict into LoRA modules (validated down/up/alpha triples) and other
-keys. :func:`convert_checked` runs diffusers' own converters (``FluxPipeline.lora_state_dict``,
-fed float32 copies so alpha folding loses no precision) and checks the result against our name
-map (:mod:`registry.lora.formats`). Our map wins where diffusers fails or disagrees; the gaps we
-found in diffusers 0.42 are: BFL names with PEFT suffixes pass through unconverted (its loader
-then drops them), kohya/ComfyUI conversion hard-codes FLUX.1's 19/38 blocks and 3072/12288 split
-sizes, OneTrainer names outside attention collapse onto the block name, fal/Kontext and BFL
-Control need full coverage, and BFL Control's final adaLN swap is applied to ``lora_A`` too.
-XLabs files are converted by diffusers alone.
+keys. :func:`convert` is the primary conversion for every format: the project's own name map
+(:mod:`registry.lora.formats`), alpha/rank folded into B, fused layers split by B's rows.
+:func:`convert_checked` runs it, then diffusers' own converter (``FluxPipeline.lora_state_dict``,
+fed float32 copies so alpha folding loses no precision) on a deterministic sample of the file's
+modules (:func:`sample_modules`; the whole file for formats whose converter needs every block:
+fal/Kontext, BFL Control) and compares layer names, ΔW shapes and ΔW on a fixed probe. Our
+result stands; a diffusers failure or disagreement is noted. Where our name map cannot convert
+a file, diffusers' conversion of the whole file is used; where neither can, it is rejected.
+
+The gaps we found in diffusers 0.42 (where our map is right and the check notes it): BFL names
+with PEFT suffixes pass through unconverted (its loader then drops them), kohya/ComfyUI
+conversion hard-codes FLUX.1's 19/38 blocks and 3072/12288 split sizes and ignores the final
+layer's alphas, OneTrainer names outside attention collapse onto the block name, fal/Kontext
+and BFL Control need full coverage, and BFL Control's final adaLN swap is applied to
+``lora_A`` too.
 
 Where diffusers' converter would hand the state dict back unchanged (:func:`diffusers_keeps`:
 diffusers/PEFT names, no alphas; the usual case), its result is by construction our name map's
-own, so that is used directly, without the float32 copy. Converted layers keep the file's float
-dtype unless an alpha is folded into B (then B is float32).
+own, so no check runs. Converted layers keep the file's float dtype unless an alpha is folded
+in inexactly (then the smaller factor is float32).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import math
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from registry.lora.errors import RejectedFile
 from registry.lora.fingerprint import signs
-from registry.lora.formats import (
-    fused_part_sizes,
-    resolve_layer_name,
-    resolve_text_encoder_name,
-    split_key,
-    swap_halves,
-)
+from registry.lora.formats import Format, module_layers, split_key
+from registry.lora.formats.names import fused_part_sizes, swap_halves
 
 Tensor = torch.Tensor
 Layers = dict[str, tuple[Tensor, Tensor]]
@@ -46,6 +49,7 @@ class Module:
     down: Tensor | None = None
     up: Tensor | None = None
     alpha: float | None = None
+    keys: list[str] = field(default_factory=list)  # the file's keys of this module
 
 
 def _as_matrix(t: Tensor, key: str) -> Tensor:
@@ -68,6 +72,7 @@ def group(tensors: Mapping[str, Tensor | float]) -> tuple[dict[str, Module], lis
             continue
         prefix, kind = role
         module = modules.setdefault(prefix, Module())
+        module.keys.append(key)
         if kind == "alpha":
             if isinstance(value, Tensor) and value.numel() != 1:
                 raise RejectedFile("bad_alpha", f"{key} has shape {tuple(value.shape)}; "
@@ -91,41 +96,29 @@ def group(tensors: Mapping[str, Tensor | float]) -> tuple[dict[str, Module], lis
     return modules, extras
 
 
-# --- conversion --------------------------------------------------------------------------------
-_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.",
-             "lora_unet_", "lora_transformer_")
+# --- our conversion ----------------------------------------------------------------------------
+def _scaled(t: Tensor, scale: float) -> Tensor:
+    """``scale * t``: in ``t``'s dtype where that is exact (a power-of-two scale of a bfloat16 or
+    float32 factor: the usual kohya alphas 1, rank / 2, rank), else in float32."""
+    if math.frexp(scale)[0] == 0.5 and t.dtype in (torch.bfloat16, torch.float32):
+        return t * scale
+    return t.to(torch.float32) * scale
 
 
-@functools.lru_cache(maxsize=1 << 14)
-def _targets(prefix: str) -> tuple[tuple[str, ...], bool] | None:
-    te = resolve_text_encoder_name(prefix)
-    if te is not None:
-        return (te,), False
-    name, changed = prefix, True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return resolve_layer_name(name)
+def _fold(a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` with ``B A`` scaled by ``scale``, folded into the smaller factor (less work)."""
+    if scale == 1.0:
+        return a, b
+    return (_scaled(a, scale), b) if a.numel() <= b.numel() else (a, _scaled(b, scale))
 
 
-def _check_known(modules: Mapping[str, Module]) -> None:
-    unknown = [p for p in modules if _targets(p) is None]
-    if unknown:
-        raise ValueError(f"{len(unknown)} unrecognised LoRA modules, e.g. {unknown[:3]}")
-
-
-def _convert_module(prefix: str, m: Module, dtype: torch.dtype | None = None
-                    ) -> list[tuple[str, tuple[Tensor, Tensor]]]:
-    """One module's canonical layer(s): alpha/rank folded into B (in float32), a fused B split by
-    rows. Factors keep their dtype unless ``dtype`` is given."""
-    parts, swap = _targets(prefix)
+def _convert_module(prefix: str, m: Module) -> list[tuple[str, tuple[Tensor, Tensor]]]:
+    """One module's canonical layer(s): alpha/rank folded into the smaller factor, a fused B split
+    by rows. Factors keep their dtype otherwise."""
+    parts, swap = module_layers(prefix)
     a, b = m.down, m.up
-    if dtype is not None:
-        a, b = a.to(dtype), b.to(dtype)
     if m.alpha is not None:
-        b = b.to(torch.float32) * (m.alpha / a.shape[0])
+        a, b = _fold(a, b, m.alpha / a.shape[0])
     if swap:
         b = swap_halves(b)
     sizes = fused_part_sizes(len(parts), b.shape[0], a.shape[1])
@@ -134,8 +127,11 @@ def _convert_module(prefix: str, m: Module, dtype: torch.dtype | None = None
 
 
 def convert(modules: Mapping[str, Module]) -> Layers:
-    """Our own conversion: name map, alpha/rank folded into B, fused layers split by B's rows."""
-    _check_known(modules)
+    """Our own conversion: name map, alpha/rank folded into B, fused layers split by B's rows.
+    Raises ``ValueError`` for modules the map does not know or layers given twice."""
+    unknown = [p for p in modules if module_layers(p) is None]
+    if unknown:
+        raise ValueError(f"{len(unknown)} unrecognised LoRA modules, e.g. {unknown[:3]}")
     layers: Layers = {}
     for prefix, m in modules.items():
         for part, factors in _convert_module(prefix, m):
@@ -145,9 +141,10 @@ def convert(modules: Mapping[str, Module]) -> Layers:
     return layers
 
 
+# --- diffusers' conversion, the cross-check ----------------------------------------------------
 # Key substrings on which FluxLoraLoaderMixin.lora_state_dict (diffusers 0.42) converts or pops
 # anything: DoRA scales, kohya, XLabs, BFL Control, fal/Kontext, alphas. A state dict with none
-# of them is returned as it came (tests/registry/test_canonical.py checks this against diffusers).
+# of them is returned as it came (tests/registry/lora/test_canonical.py checks this).
 _DIFFUSERS_CONVERTS = ("dora_scale", ".lora_down.weight", "processor", "query_norm.scale",
                        "base_model", "alpha")
 
@@ -168,7 +165,8 @@ def _via_diffusers(tensors: Mapping[str, Tensor]) -> Layers:
 
 
 def _probe(a: Tensor, b: Tensor) -> Tensor:
-    return b.double() @ (a.double() @ signs(a.shape[1], 1)[:, 0])
+    """``ΔW x`` for a fixed ±1 probe ``x``, in float32 (ample for a 1e-4 comparison)."""
+    return b.float() @ (a.float() @ signs(a.shape[1], 1)[:, 0].float())
 
 
 def _equal(x: Tensor, y: Tensor) -> bool:
@@ -182,8 +180,8 @@ def _equal(x: Tensor, y: Tensor) -> bool:
 
 
 def _layer_agrees(mine: tuple[Tensor, Tensor], theirs: tuple[Tensor, Tensor]) -> bool:
-    """The same ``ΔW x`` for a fixed probe ``x`` (to 1e-4 relative); identical factors (the usual
-    case) give an identical ``ΔW x`` and skip the float64 probe."""
+    """The same ``ΔW x`` for a fixed probe ``x`` (to 1e-4 relative); identical factors give an
+    identical ``ΔW x`` and skip the probe."""
     (a, b), (c, d) = mine, theirs
     if _equal(a, c) and _equal(b, d):
         return True
@@ -191,93 +189,81 @@ def _layer_agrees(mine: tuple[Tensor, Tensor], theirs: tuple[Tensor, Tensor]) ->
     return bool(y.shape == z.shape and (y - z).norm() <= 1e-4 * y.norm() + 1e-12)
 
 
-# Modules whose ΔW is probed on the cheap check (besides those named below): a few picked by a
-# hash of the prefix, so the choice is deterministic for a file.
-_PROBED_MODULES = 4
+_HASHED_MODULES = 2  # modules picked by a hash of the name, besides the rule-picked ones
+_NUMBER = re.compile(r"\d+")
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
 
-def _probe_set(modules: Mapping[str, Module]) -> set[str]:
-    """The modules whose ΔW :func:`convert_checked` compares with diffusers' result.
+def sample_modules(modules: Mapping[str, Module]) -> set[str]:
+    """The modules diffusers' converter is run on and compared with ours: deterministic for a file.
 
-    Names and shapes of every layer are always compared (that catches every name-level gap we
-    know of in diffusers' converters). Values are compared on: every module whose halves our map
-    swaps (diffusers' BFL-Control swap of ``lora_A`` differs only there), the first and last fused
-    module (part order), the first and last module, and a few more picked by a hash of the name.
+    One module per kind (the name with its numbers as ``#``: the lowest-numbered; names depend on
+    the kind, not the index), the highest-numbered module of each block family (diffusers
+    hard-codes FLUX.1's block counts), every module whose B halves swap (diffusers' BFL-Control
+    swap of ``lora_A`` differs only there) and a few more picked by a hash of the name.
     """
-    _check_known(modules)  # ValueError where our map cannot convert (as _name_map_agrees_on)
-    prefixes = sorted(modules)
-    chosen = {prefixes[0], prefixes[-1]}
-    fused = []
-    for prefix in prefixes:
-        parts, swap = _targets(prefix)
+    kinds: dict[str, tuple[tuple[int, ...], str]] = {}
+    last: dict[str, tuple[int, str]] = {}
+    chosen = set()
+    for prefix in sorted(modules):
+        numbers = tuple(map(int, _NUMBER.findall(prefix)))
+        kind = _NUMBER.sub("#", prefix)
+        if kind not in kinds or numbers < kinds[kind][0]:
+            kinds[kind] = (numbers, prefix)
+        parts, swap = module_layers(prefix)
         if swap:
             chosen.add(prefix)
-        if len(parts) > 1:
-            fused.append(prefix)
-    if fused:
-        chosen |= {fused[0], fused[-1]}
-    ranked = sorted(prefixes, key=lambda p: hashlib.sha256(p.encode()).digest())
-    chosen.update(ranked[:_PROBED_MODULES])
+        m = _BLOCK.match(parts[0])
+        if m and (m.group(1) not in last or int(m.group(2)) > last[m.group(1)][0]):
+            last[m.group(1)] = (int(m.group(2)), prefix)
+    chosen |= {p for _, p in kinds.values()} | {p for _, p in last.values()}
+    ranked = sorted(modules, key=lambda p: hashlib.sha256(p.encode()).digest())
+    chosen.update(ranked[:_HASHED_MODULES])
     return chosen
 
 
-def _name_map_agrees_on(modules: Mapping[str, Module], theirs: Layers, probed: set[str]) -> bool:
-    """Same layer names and ΔW shapes as ``convert(modules)`` everywhere, and the same
-    ``ΔW x`` on the modules in ``probed``. Raises ``ValueError`` exactly where ``convert`` does."""
-    _check_known(modules)
-    seen: set[str] = set()
-    agree = True
-    for prefix, m in modules.items():
-        if prefix in probed:
-            converted = _convert_module(prefix, m, torch.float32)
-        else:  # names and shapes only: no float32 copy, no probe
-            parts, _ = _targets(prefix)
-            k = m.down.shape[1]
-            sizes = fused_part_sizes(len(parts), m.up.shape[0], k)
-            converted = [(part, (None, (rows, k))) for part, rows in zip(parts, sizes, strict=True)]
-        for part, factors in converted:
-            if part in seen:
-                raise ValueError(f"layer {part} is given twice")
-            seen.add(part)
-            # after a mismatch, keep converting: a later ValueError still means "name map failed"
-            if not agree or part not in theirs:
-                agree = False
-            elif factors[0] is None:
-                c, d = theirs[part]  # ΔW's shape (d, k); ranks may differ (zero padding)
-                agree = c.shape[0] == d.shape[1] and (d.shape[0], c.shape[1]) == factors[1]
-            else:
-                agree = _layer_agrees(factors, theirs[part])
-    return agree and seen == theirs.keys()
+def _agrees(mine: Layers, theirs: Layers, fed: Iterable[str], probed: Iterable[str]) -> bool:
+    """diffusers' layers from the modules ``fed`` have our names and ΔW shapes, and our ΔW x on
+    the layers of the modules ``probed``."""
+    covered = {part for p in fed for part in module_layers(p)[0]}
+    if theirs.keys() != covered:
+        return False
+    for part in covered:
+        (a, b), (c, d) = mine[part], theirs[part]
+        if c.shape[0] != d.shape[1] or (b.shape[0], a.shape[1]) != (d.shape[0], c.shape[1]):
+            return False
+    return all(_layer_agrees(mine[part], theirs[part])
+               for p in probed for part in module_layers(p)[0])
 
 
 def convert_checked(tensors: Mapping[str, Tensor], modules: Mapping[str, Module],
-                     notes: list[str]) -> Layers:
-    """diffusers' conversion, checked against our name map (which wins on failure or mismatch).
+                    notes: list[str], fmt: Format | None = None) -> Layers:
+    """Our conversion, cross-checked by diffusers' converter on a sample (see the module doc).
 
-    When diffusers would return the state dict unchanged, its conversion *is* ``convert(modules)``
-    (grouped from the same keys), so that is returned without running it; only a name-map failure
-    goes the long way, which words the rejection.
+    ``fmt``: the file's detected format (``None``: run diffusers on a sample). Appends to
+    ``notes`` when diffusers fails or disagrees; raises :class:`RejectedFile` when neither our
+    name map nor diffusers can convert the file.
     """
-    if diffusers_keeps(tensors):
-        try:
-            return convert(modules)
-        except ValueError:
-            pass
     try:
-        theirs = _via_diffusers(tensors)
-    except Exception as exc:  # noqa: BLE001 - third-party converters raise anything (assert, ...)
-        failed = f"diffusers: {type(exc).__name__}: {exc}"[:300]
+        mine = convert(modules)
+    except ValueError as mine_exc:  # our map cannot: diffusers' conversion of the whole file
         try:
-            mine = convert(modules)
-        except ValueError as mine_exc:
+            return _via_diffusers(tensors)
+        except Exception as exc:  # noqa: BLE001 - third-party converters raise anything
+            failed = f"diffusers: {type(exc).__name__}: {exc}"[:300]
             raise RejectedFile("unsupported_layers",
                                f"could not convert: name map: {mine_exc}; {failed}") from None
-        notes.append(failed)
+    if diffusers_keeps(tensors):
         return mine
+    probed = sample_modules(modules)
+    on_sample = fmt is None or fmt.diffusers_on_sample
+    fed = probed if on_sample else modules.keys()
+    sample = {k: tensors[k] for p in fed for k in modules[p].keys} if on_sample else tensors
     try:
-        if _name_map_agrees_on(modules, theirs, _probe_set(modules)):
-            return theirs
-    except ValueError:  # our name map cannot convert this file: diffusers' result stands
-        return theirs
-    notes.append("diffusers' converter disagreed with our name map; used the name map")
-    return convert(modules)
+        theirs = _via_diffusers(sample)
+    except Exception as exc:  # noqa: BLE001 - third-party converters raise anything (assert, ...)
+        notes.append(f"diffusers: {type(exc).__name__}: {exc}"[:300])
+        return mine
+    if not _agrees(mine, theirs, fed, probed):
+        notes.append("diffusers' converter disagreed with our name map; used the name map")
+    return mine

@@ -85,8 +85,16 @@ def project(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def projections(factors: Mapping[str, tuple[Tensor, Tensor]]) -> Projections:
     """:func:`project` of every layer (one read of every factor; the float32 copies are per
-    layer and short-lived, so they stay in cache)."""
-    return {name: project(a, b) for name, (a, b) in factors.items()}
+    layer and short-lived, so they stay in cache). An A shared by several layers (the parts of
+    a fused module read from a kohya/BFL file) is projected once."""
+    shared: dict[int, Tensor] = {}  # id(A) -> A X; every A stays alive in ``factors`` meanwhile
+    out: Projections = {}
+    for name, (a, b) in factors.items():
+        ax = shared.get(id(a))
+        if ax is None:
+            ax = shared[id(a)] = a.float() @ _input_probes(a.shape[1])
+        out[name] = (ax, _output_probes_t(b.shape[0]) @ b.float())
+    return out
 
 
 def features_from_projections(proj: Projections) -> tuple[float, list[float]]:

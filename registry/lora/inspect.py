@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.torch_threads import one_torch_thread
-from registry.lora.base_models import BaseModel, match_base
+from registry.lora.base_models import BaseModel, hint_from_metadata, match_base
 from registry.hashing import sha256_file
 from registry.lora.canonical import CanonicalLoRA, canonicalise, fingerprint
 from registry.lora.errors import RejectedFile
@@ -46,11 +46,14 @@ def load_canonical(path: str | os.PathLike) -> tuple[CanonicalLoRA, dict[str, st
 
 
 def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
-                 sha256: str | Callable[[], str] | None = None, base_hint: str = "") -> InspectedLoRA:
+                 sha256: str | Callable[[], str] | None = None,
+                 base_hint: str = "") -> InspectedLoRA:
     """Validate + canonicalise ``path``; raises :class:`RejectedFile` with the reason.
 
     ``sha256``: the file's hash if known, or a callable giving it (called last, only for an
     accepted file, so the hash can be computed concurrently), or ``None`` to hash here.
+    ``base_hint``: text naming the base from outside the file (a card's or Civitai's
+    ``base_model``), used after the header's own hint where shapes fit several bases.
     """
     path = Path(path)
     if not path.is_file():
@@ -58,7 +61,8 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
     with one_torch_thread():
         lora, metadata = load_canonical(path)
         bases = list(bases)
-        base = match_base(lora.shapes(), bases)
+        hint = " | ".join(h for h in (hint_from_metadata(metadata), base_hint) if h)
+        base = match_base(lora.shapes(), bases, hint)
         if base is None:
             known = ", ".join(b.name for b in bases) or "none"
             raise RejectedFile(

@@ -1,11 +1,24 @@
-"""registry.lora.base_models: FLUX.1-dev's real shapes, JSON round trip, base matching."""
+"""registry.lora.base_models: FLUX.1-dev's and -schnell's real shapes, JSON round trip, base
+matching (shapes first, metadata hints where shapes fit several bases)."""
 
 from __future__ import annotations
 
 import re
 
-from flux_fixtures import partial_names, tiny_flux_base
-from registry.lora.base_models import BaseModel, flux1_dev, match_base
+import pytest
+from flux_fixtures import flux_lora, partial_names, tiny_flux_base, top_level_names
+
+from registry.lora.base_models import (
+    BaseModel,
+    builtin_bases,
+    flux1_dev,
+    flux1_schnell,
+    match_base,
+)
+from registry.lora.formats import save_lora
+from registry.lora.inspect import inspect_file
+
+GUIDANCE = ("time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2")
 
 
 def test_flux1_dev_blocks_and_shapes():
@@ -55,3 +68,73 @@ def test_match_base():
     assert match_base({**lora, **te}, [flux]) is flux  # text-encoder layers are not the base's
     bigger = BaseModel("FLUX-bigger", "flux", {**flux.layer_shapes, "extra.layer": (8, 8)})
     assert match_base(lora, [bigger, flux]) is flux  # both fit: the one the LoRA covers most wins
+
+
+def test_flux1_schnell_is_dev_without_the_guidance_embedder():
+    dev, schnell = flux1_dev(), flux1_schnell()
+    assert schnell.name == "FLUX.1-schnell" and schnell.architecture == "flux"
+    assert set(dev.layer_shapes) - set(schnell.layer_shapes) == set(GUIDANCE)
+    assert all(dev.layer_shapes[n] == shape for n, shape in schnell.layer_shapes.items())
+    assert builtin_bases() == [dev, schnell] and flux1_schnell() is schnell
+
+
+SCHNELL_HINTS = ["flux1_schnell", "flux-1-schnell/lora", "Flux.1 S", "FLUX.1-schnell",
+                 "black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"]
+
+
+@pytest.mark.parametrize("hint", SCHNELL_HINTS)
+def test_a_hint_names_schnell(hint):
+    lora = {n: flux1_dev().layer_shapes[n] for n in partial_names()}
+    assert match_base(lora, builtin_bases(), hint) is flux1_schnell()
+
+
+@pytest.mark.parametrize("hint", ["", "flux1", "Flux.1 D", "flux-1-dev/lora", "FLUX.1-dev",
+                                  "sdxl_base_v1-0", "Flux.1 Kontext"])
+def test_without_a_schnell_hint_dev_wins(hint):
+    lora = {n: flux1_dev().layer_shapes[n] for n in partial_names()}
+    assert match_base(lora, builtin_bases(), hint) is flux1_dev()
+    assert match_base(lora, [flux1_schnell(), flux1_dev()], hint) is flux1_dev()  # any order
+
+
+def test_guidance_layers_fit_only_dev_and_hints_only_choose_among_fits():
+    dev, schnell, tiny = flux1_dev(), flux1_schnell(), tiny_flux_base()
+    lora = {n: dev.layer_shapes[n] for n in [*partial_names(), *GUIDANCE]}
+    assert match_base(lora, builtin_bases(), "Flux.1 S") is dev
+    assert match_base(lora, [schnell], "Flux.1 S") is None
+    only_schnell = {n: dev.layer_shapes[n] for n in partial_names()}
+    assert match_base(only_schnell, [schnell]) is schnell  # no other base fits
+    # the earliest-named fitting base wins ("|" separates the header's hint from a card's)
+    assert match_base(only_schnell, builtin_bases(), "flux-1-dev/lora | Flux.1 S") is dev
+    assert match_base(only_schnell, builtin_bases(), "Flux.1 S | flux-1-dev/lora") is schnell
+    # registered bases keep matching by shapes, and a hint can name them too
+    assert match_base({"transformer_blocks.1.attn.to_q": (32, 32)}, [*builtin_bases(), tiny],
+                      "Flux.1 S") is tiny
+    twin = BaseModel("my-flux", "flux", dev.layer_shapes)
+    assert match_base(only_schnell, [*builtin_bases(), twin], "trained on my-flux") is twin
+
+
+def _save(path, metadata=None):
+    layers = flux_lora(partial_names((0,), (), attention_only=True), 2, seed=3)
+    save_lora(path, layers, "kohya", metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("metadata", [{"modelspec.architecture": "flux-1-schnell/lora"},
+                                      {"ss_base_model_version": "flux1_schnell"},
+                                      {"ss_base_model_version": "flux1",
+                                       "ss_sd_model_name": "flux1-schnell.safetensors"}])
+def test_inspect_reads_a_schnell_label_from_the_header(tmp_path, metadata):
+    info = inspect_file(_save(tmp_path / "s.safetensors", metadata), builtin_bases())
+    assert info.base_model == "FLUX.1-schnell"
+
+
+def test_inspect_takes_the_callers_hint_after_the_header(tmp_path):
+    plain = _save(tmp_path / "plain.safetensors")
+    assert inspect_file(plain, builtin_bases()).base_model == "FLUX.1-dev"  # unlabelled
+    assert inspect_file(plain, builtin_bases(), base_hint="Flux.1 S").base_model == "FLUX.1-schnell"
+    dev = _save(tmp_path / "dev.safetensors", {"modelspec.architecture": "flux-1-dev/lora"})
+    assert inspect_file(dev, builtin_bases(), base_hint="Flux.1 S").base_model == "FLUX.1-dev"
+    top = flux_lora(top_level_names(), 2, seed=4)  # adapts the guidance embedder: dev only
+    save_lora(tmp_path / "g.safetensors", top, "kohya")
+    info = inspect_file(tmp_path / "g.safetensors", builtin_bases(), base_hint="FLUX.1-schnell")
+    assert info.base_model == "FLUX.1-dev"
