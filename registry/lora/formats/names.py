@@ -78,14 +78,14 @@ class NameResolver:
     underscores), diffusers (dotted or OneTrainer's underscores), plus extra names inside BFL
     blocks that some format uses (XLabs' ``processor.qkv_lora1``)."""
 
-    def __init__(self, extra: BlockNames = {}) -> None:
+    def __init__(self, extra: BlockNames | None = None) -> None:
         def parts(table: Mapping[str, Parts]) -> dict[str, Parts]:
             return {u(p): (p,) for v in table.values() for p in v}
 
         self._tables: dict[str, tuple[str, dict[str, Parts]]] = {}
         for kind, table in BFL_BLOCKS.items():
             names = {u(k): v for k, v in table.items()}
-            for k, v in extra.get(kind, {}).items():
+            for k, v in (extra or {}).get(kind, {}).items():
                 names[u(k)] = v
             self._tables[kind] = (_DIFFUSERS_KIND[kind], names)
             self._tables[_DIFFUSERS_KIND[kind]] = (_DIFFUSERS_KIND[kind], parts(table))

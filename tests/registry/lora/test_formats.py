@@ -1,0 +1,160 @@
+"""registry.lora.formats (one module per format behind a registry) and the conversion's
+diffusers cross-check on a sample of modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flux_fixtures import (
+    bfl_control_state,
+    delta,
+    fal_kontext_state,
+    flux_lora,
+    full_coverage_lora,
+    max_delta_error,
+    partial_names,
+    top_level_names,
+)
+
+from registry.lora import conversion, formats
+from registry.lora.canonical import canonicalise
+from registry.lora.formats import (
+    FORMATS,
+    REGISTRY,
+    detect_format,
+    module_layers,
+    split_key,
+    to_format,
+)
+
+SINGLE_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_out")
+
+
+@pytest.fixture(scope="module")
+def partial():
+    return flux_lora(partial_names(), 4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def xlabs_layers():
+    """What XLabs can name: double-block attention, single-block q/k/v and linear2 (proj_out)."""
+    names = partial_names((0, 18), (), attention_only=True)
+    names += [f"single_transformer_blocks.{i}.{p}" for i in (2, 37) for p in SINGLE_ATTENTION]
+    return flux_lora(names, 4, seed=2)
+
+
+def test_registry_lists_every_format_once_with_writers_for_formats():
+    names = [f.name for f in REGISTRY]
+    assert len(names) == len(set(names)) and set(FORMATS) <= set(names)
+    assert {n for n in names if formats.get(n).writer is None} == {"fal_kontext", "bfl_control",
+                                                                  "peft"}
+    with pytest.raises(ValueError, match="unknown format"):
+        formats.get("lokr")
+    with pytest.raises(ValueError, match="unknown format"):
+        to_format({}, "fal_kontext")  # read, never written
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_written_format_is_detected_and_every_key_is_read(partial, xlabs_layers, fmt):
+    state = to_format(xlabs_layers if fmt == "xlabs" else partial, fmt)
+    assert detect_format(state) == fmt
+    for key in state:
+        module, role = split_key(key)
+        assert role in ("down", "up", "alpha")
+        assert module_layers(module) is not None, key
+
+
+def test_read_only_formats_are_detected(partial):
+    assert detect_format(fal_kontext_state(partial)) == "fal_kontext"
+    assert detect_format(bfl_control_state(partial)) == "bfl_control"
+    bare = {k.removeprefix("transformer."): v for k, v in to_format(partial, "diffusers").items()}
+    assert detect_format(bare) == "peft"
+
+
+def test_xlabs_by_our_name_map_agrees_with_diffusers(xlabs_layers):
+    state = to_format(xlabs_layers, "xlabs")
+    assert "single_blocks.37.processor.proj_lora.down.weight" in state
+    modules, _ = conversion.group(state)
+    ours = conversion.convert(modules)
+    theirs = conversion._via_diffusers(state)  # diffusers' XLabs converter on the whole file
+    assert ours.keys() == theirs.keys() == xlabs_layers.keys()
+    assert max_delta_error(xlabs_layers, theirs) < 1e-6
+    lora = canonicalise(state, {})
+    assert lora.format == "xlabs" and not lora.notes
+    assert max_delta_error(xlabs_layers, lora.layers) < 1e-6
+
+
+def test_fused_parts_share_one_a_and_alpha_folds_exactly():
+    fused = {}  # a LoRA trained on the fused BFL layer: one A for q, k and v
+    a = torch.randn(8, 3072, dtype=torch.bfloat16)
+    for part in ("attn.to_q", "attn.to_k", "attn.to_v"):
+        fused[f"transformer_blocks.2.{part}"] = (a, torch.randn(3072, 8, dtype=torch.bfloat16))
+    state = to_format(fused, "kohya", alpha=2.0)  # scale 1/4: exact in bfloat16
+    assert state["lora_unet_double_blocks_2_img_attn_qkv.lora_down.weight"].shape == (8, 3072)
+    lora = canonicalise(state, {})
+    assert all(f[0].dtype == f[1].dtype == torch.bfloat16 for f in lora.factors.values())
+    got = delta(lora.factors["transformer_blocks.2.attn.to_k"])
+    want = delta(fused["transformer_blocks.2.attn.to_k"])
+    assert float((got - want).norm() / want.norm()) < 1e-6  # 4 B stored, A / 4 read: exact
+
+
+def test_sample_holds_one_module_per_kind_the_last_blocks_and_swapped_ones():
+    layers = full_coverage_lora(rank=2) | flux_lora(top_level_names(), 2, seed=3)
+    modules, _ = conversion.group(to_format(layers, "kohya"))
+    sample = conversion.sample_modules(modules)
+    assert conversion.sample_modules(modules) == sample  # deterministic
+    kinds = {conversion._NUMBER.sub("#", p) for p in modules}
+    assert kinds == {conversion._NUMBER.sub("#", p) for p in sample}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in sample  # lowest-numbered of its kind
+    assert any(p.startswith("lora_unet_double_blocks_18_") for p in sample)
+    assert any(p.startswith("lora_unet_single_blocks_37_") for p in sample)
+    assert "lora_unet_final_layer_adaLN_modulation_1" in sample  # B halves swap
+    assert len(sample) <= len(kinds) + 2 + conversion._HASHED_MODULES
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui", "onetrainer", "xlabs"])
+def test_diffusers_runs_on_a_sample_only(monkeypatch, fmt):
+    fed = []
+    real = conversion._via_diffusers
+    monkeypatch.setattr(conversion, "_via_diffusers", lambda t: fed.append(len(t)) or real(t))
+    if fmt == "xlabs":  # every layer XLabs can name
+        names = partial_names(range(19), range(38), attention_only=True)
+        layers = flux_lora(names + [f"single_transformer_blocks.{i}.proj_out" for i in range(38)],
+                           2, seed=5, dtype=torch.float16)
+    else:
+        layers = full_coverage_lora(rank=2)
+    state = to_format(layers, fmt)
+    lora = canonicalise(state, {})
+    assert max_delta_error(layers, lora.layers) < 1e-3
+    assert len(fed) == 1 and fed[0] < len(state) / 5
+
+
+def test_whole_file_for_formats_whose_converter_needs_every_block(monkeypatch, partial):
+    fed = []
+    real = conversion._via_diffusers
+    monkeypatch.setattr(conversion, "_via_diffusers", lambda t: fed.append(len(t)) or real(t))
+    state = fal_kontext_state(partial)
+    lora = canonicalise(state, {})
+    assert fed == [len(state)] and any("diffusers: KeyError" in n for n in lora.notes)
+
+
+def test_a_disagreement_on_the_sample_is_noted_and_our_map_wins():
+    # diffusers' kohya converter ignores the final layer's alphas (a documented gap)
+    layers = flux_lora(top_level_names(), 4, seed=4)
+    lora = canonicalise(to_format(layers, "kohya", alpha=2.0), {})
+    assert any("disagreed" in n for n in lora.notes)
+    assert max_delta_error(layers, lora.layers) < 1e-6
+
+
+def test_unknown_modules_fall_back_to_diffusers_or_are_rejected(monkeypatch, partial):
+    from registry.lora.errors import RejectedFile
+
+    state = to_format(partial, "kohya")
+    state["lora_unet_double_blocks_0_img_attn_foo.lora_down.weight"] = torch.ones(4, 3072)
+    state["lora_unet_double_blocks_0_img_attn_foo.lora_up.weight"] = torch.ones(3072, 4)
+    with pytest.raises(RejectedFile) as info:
+        canonicalise(state, {})
+    assert info.value.code == "unsupported_layers" and "name map" in info.value.reason
+    stand_in = flux_lora(["transformer_blocks.5.attn.to_q"], 2, seed=9)
+    monkeypatch.setattr(conversion, "_via_diffusers", lambda t: stand_in)  # diffusers knows it
+    assert canonicalise(state, {}).shapes() == {"transformer_blocks.5.attn.to_q": (3072, 3072)}
