@@ -23,6 +23,8 @@ SCALAR_INDEXES: dict[str, tuple[str, ...]] = {
     "files": ("path", "sha256", "lora_id", "size_bytes"),
     "rejections": ("rejection_id",),
 }
+# Below this many rows a lookup scans a few kB: an index would cost more to make than it saves.
+SCALAR_INDEX_MIN_ROWS = 1000
 _LANCE_ERRORS = (RuntimeError, OSError, ValueError)
 
 
@@ -50,15 +52,16 @@ def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | N
     a concurrent process is creating at the same moment is left to it (noted in ``yielded``)."""
     created = []
     for name, table in store._tables().items():
-        if table.count_rows() == 0:
+        rows = table.count_rows()
+        if rows == 0:
             continue
         have = _existing(table)
-        wanted = [(c, BTree()) for c in SCALAR_INDEXES[name] if c not in have]
+        wanted = [(c, BTree()) for c in SCALAR_INDEXES[name]
+                  if c not in have and rows >= SCALAR_INDEX_MIN_ROWS]
         if name == "loras" and "search_text" not in have:
             wanted.append(("search_text", FTS()))
         if (name == "loras" and vector and "text_vector" not in have
-                and table.count_rows() >= search.VECTOR_INDEX_MIN_ROWS):
-            rows = table.count_rows()
+                and rows >= search.VECTOR_INDEX_MIN_ROWS):
             wanted.append(("text_vector", HnswSq(
                 distance_type="cosine", ef_construction=search.ANN_EF_CONSTRUCTION,
                 num_partitions=max(1, rows // search.VECTOR_PARTITION_ROWS))))

@@ -72,7 +72,10 @@ def test_reading_never_creates_a_registry(tmp_path):
         Registry.open(reg.root, version="prod")
 
 
-def test_maintenance_during_a_concurrent_ingest_loses_nothing(tmp_path):
+def test_maintenance_during_a_concurrent_ingest_loses_nothing(tmp_path, monkeypatch):
+    from registry.store import maintenance
+
+    monkeypatch.setattr(maintenance, "SCALAR_INDEX_MIN_ROWS", 10)  # this maintenance makes them all
     folder = _folder(tmp_path / "loras", 30)
     root = tmp_path / "registry"
     reg = Registry.open(root)
@@ -99,4 +102,5 @@ def test_maintenance_during_a_concurrent_ingest_loses_nothing(tmp_path):
         assert (reg.root / reg.get(lora_id)["blob"]).is_file()
     stats = {i.name: reg.loras.index_stats(i.name) for i in reg.loras.list_indices()}
     assert {"lora_id_idx", "search_text_idx"} <= set(stats)
+    assert {i.name for i in reg.files.list_indices()} == {"path_idx", "sha256_idx", "lora_id_idx", "size_bytes_idx"}
     assert all(s.num_unindexed_rows == 0 for s in stats.values())
