@@ -34,13 +34,17 @@ VECTOR_INDEX_MIN_ROWS = 50_000  # below this, exact (flat) search is fast (~5 ms
 VECTOR_PARTITION_ROWS = 250_000
 ANN_EF_CONSTRUCTION = 150  # HNSW build effort (LanceDB's default 300 doubles the build time)
 ANN_NPROBES = 16  # every partition up to 4M rows
-ANN_EF = 128  # HNSW candidate list (at least k is used)
+# HNSW candidate list (at least k is used). Without re-ranking, recall is set by ef: at 1M rows
+# of benchmarks/search.py (cold page cache, load ~3.5 on 2 cores) ef 128/256/512/768/1024 gave
+# recall@10 0.834/0.907/0.955/0.960/0.964 at p50 6.4/9.8/7.9/8.7/9.0 ms, p99 11/20/31/29/15 ms.
+ANN_EF = 1024
 # No re-ranking by the stored float vectors (refine_factor): that reads the data files at
 # random, i.e. from disk once the OS has dropped them from its page cache (measured at 1M rows
 # with a cold cache: p50 17-119 ms, p99 0.2-1.2 s). The index's int8 codes rank well enough.
 ANN_REFINE: int | None = None
 RRF_K = 60  # LanceDB's RRFReranker default
 HYBRID_DEPTH = 50  # each channel's top list fused by RRF
+MAX_POSTFILTERED = 1_000  # removed rows hidden by over-fetching (see Searcher._plan)
 # LanceDB's caches, one per process (shared by every registry opened in it). The index cache
 # must hold the whole vector index (~0.6 GB at 1M rows) plus the full-text and scalar indexes.
 INDEX_CACHE_BYTES = 3 << 30
@@ -98,18 +102,36 @@ def _get_session() -> lancedb.Session:
     return _session
 
 
-def _filter(base_model: str | None, where: str | None, include_removed: bool) -> str | None:
-    parts = [] if include_removed else ["removed IS NOT TRUE"]
-    if base_model:
-        parts.append(f"base_model = {quote(base_model)}")
+_NOT_REMOVED = "(removed IS NULL OR removed = false)"  # = removed IS NOT TRUE; uses an index on it
+
+
+def _filter(base_model: str | None, where: str | None) -> str | None:
+    parts = [f"base_model = {quote(base_model)}"] if base_model else []
     if where:
         parts.append(f"({where})")
     return " AND ".join(parts) or None
 
 
-def _ann(query, k: int):
-    """Apply the ANN knobs (a flat search ignores them)."""
-    query = query.distance_type("cosine").nprobes(ANN_NPROBES).ef(max(ANN_EF, k * (ANN_REFINE or 1)))
+@dataclass(frozen=True)
+class _Plan:
+    """How a query filters: ``where`` as a prefilter, or (hiding removed rows only) as a
+    postfilter over ``extra`` more rows than asked for, which leaves exactly as many."""
+
+    where: str | None = None
+    postfilter: bool = False
+    extra: int = 0
+
+    def apply(self, query, limit: int):
+        if self.where:
+            query = query.where(self.where)  # a prefilter (the async API's default) ...
+            if self.postfilter:
+                query = query.postfilter()
+        return query.limit(limit + self.extra)
+
+
+def _ann(query, limit: int):
+    """Apply the ANN knobs (a flat search ignores them); HNSW needs ``ef >= limit``."""
+    query = query.distance_type("cosine").nprobes(ANN_NPROBES).ef(max(ANN_EF, limit * (ANN_REFINE or 1)))
     return query.refine_factor(ANN_REFINE) if ANN_REFINE else query
 
 
@@ -126,6 +148,7 @@ class Searcher:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._opening: concurrent.futures.Future | None = None
+        self._removed: tuple[int, int] | None = None  # (table version, rows marked removed)
 
     def warm(self) -> None:
         """Start opening the table and loading its indexes into memory, in the background
@@ -150,6 +173,22 @@ class Searcher:
         self.warm()
         return self._opening.result()
 
+    async def _plan(self, table, base_model: str | None, where: str | None, include_removed: bool) -> _Plan:
+        """Removed rows are hidden by a postfilter where they are few and nothing else filters:
+        a prefilter builds a mask of every row first (~40 ms at 1M rows, however few match)."""
+        user = _filter(base_model, where)
+        if include_removed:
+            return _Plan(user)
+        version = await table.version()  # the removed count is kept per table version
+        if self._removed is None or self._removed[0] != version:
+            self._removed = (version, await table.count_rows("removed = true"))
+        removed = self._removed[1]
+        if not removed:
+            return _Plan(user)
+        if user is None and removed <= MAX_POSTFILTERED:
+            return _Plan(_NOT_REMOVED, postfilter=True, extra=removed)
+        return _Plan(" AND ".join(filter(None, [_NOT_REMOVED, user])))
+
     def search(self, prompt: str, k: int = 5, base_model: str | None = None, mode: str = "hybrid",
                encoder=None, where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
         """Top-``k`` LoRAs for ``prompt``; see :meth:`registry.Registry.search`."""
@@ -160,42 +199,49 @@ class Searcher:
             from models.text_encoder import default_text_encoder
 
             vector = (encoder or default_text_encoder()).encode([prompt])[0]
-        condition = _filter(base_model, where, include_removed)
-        return _Loop.run(self._search(self._table(), prompt, vector, k, mode, condition))
+        return _Loop.run(self._search(self._table(), prompt, vector, k, mode, base_model, where, include_removed))
 
-    async def _search(self, table, prompt: str, vector, k: int, mode: str,
-                      condition: str | None) -> list[SearchHit]:
+    async def _search(self, table, prompt: str, vector, k: int, mode: str, base_model: str | None,
+                      where: str | None, include_removed: bool) -> list[SearchHit]:
         if await table.count_rows() == 0:  # (an empty table has no full-text index)
             return []
+        plan = await self._plan(table, base_model, where, include_removed)
         if mode == "vector":
-            return await self._nearest(table, vector, k, "text_vector", condition)
+            return await self._nearest(table, vector, k, "text_vector", plan)
+        depth = max(k, HYBRID_DEPTH) if mode == "hybrid" else k
+        text = table.query().nearest_to_text(prompt, columns="search_text")
+        queries = [text.select([*_LIST_COLUMNS, "_score"])]
+        if mode == "hybrid":  # both channels at once, fused by LanceDB's RRF reranker
+            nearest = _ann(table.query().nearest_to(vector).column("text_vector"), depth + plan.extra)
+            queries = [q.with_row_id() for q in (nearest.select([*_LIST_COLUMNS, "_distance"]), *queries)]
+        results = [r.slice(0, depth) for r in await asyncio.gather(
+            *(plan.apply(q, depth).to_arrow() for q in queries))]
+        if mode == "text":
+            return [SearchHit(r["lora_id"], r["name"], r["_score"], r["base_model"], r["trigger_words"] or [])
+                    for r in results[0].to_pylist()]
+        if not any(len(r) for r in results):
+            return []
         from lancedb.rerankers import RRFReranker
 
-        if mode == "hybrid":
-            query = _ann(table.query().nearest_to(vector).column("text_vector"), max(k, HYBRID_DEPTH))
-            query = query.nearest_to_text(prompt, columns="search_text").rerank(RRFReranker(K=RRF_K))
-            limit, score, scale = max(k, HYBRID_DEPTH), "_relevance_score", (RRF_K + 1) / 2
-        else:
-            query = table.query().nearest_to_text(prompt, columns="search_text")
-            limit, score, scale = k, "_score", 1.0
-        if condition:  # a prefilter (the async API's default)
-            query = query.where(condition)
-        rows = (await query.select(_LIST_COLUMNS).limit(limit).to_list())[:k]
-        return [SearchHit(r["lora_id"], r["name"], float(r[score]) * scale, r["base_model"],
-                          r["trigger_words"] or []) for r in rows]
+        fused = RRFReranker(K=RRF_K).rerank_hybrid(prompt, *results).slice(0, k).to_pylist()
+        scale = (RRF_K + 1) / 2  # two channels, each at best 1/(K+1)
+        return [SearchHit(r["lora_id"], r["name"], r["_relevance_score"] * scale, r["base_model"],
+                          r["trigger_words"] or []) for r in fused]
 
     @staticmethod
-    async def _nearest(table, vector, k: int, column: str, condition: str | None) -> list[SearchHit]:
-        query = _ann(table.query().nearest_to(vector).column(column), k)
-        if condition:
-            query = query.where(condition)
-        rows = await query.select([*_LIST_COLUMNS, "_distance"]).limit(k).to_list()
+    async def _nearest(table, vector, k: int, column: str, plan: _Plan) -> list[SearchHit]:
+        query = _ann(table.query().nearest_to(vector).column(column), k + plan.extra)
+        rows = await plan.apply(query.select([*_LIST_COLUMNS, "_distance"]), k).to_list()
         return [SearchHit(r["lora_id"], r["name"], 1.0 - r["_distance"], r["base_model"],
-                          r["trigger_words"] or []) for r in rows]
+                          r["trigger_words"] or []) for r in rows[:k]]
 
     def by_vector(self, vector, k: int = 5, base_model: str | None = None, column: str = "text_vector",
                   where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
         """Top-``k`` by cosine similarity to ``vector`` in ``column`` (ANN once indexed)."""
         _check("vector", k)
-        condition = _filter(base_model, where, include_removed)
-        return _Loop.run(self._nearest(self._table(), vector, k, column, condition))
+
+        async def nearest(table):
+            plan = await self._plan(table, base_model, where, include_removed)
+            return await self._nearest(table, vector, k, column, plan)
+
+        return _Loop.run(nearest(self._table()))
