@@ -116,8 +116,7 @@ def test_indexed_search_loads_the_index_and_needs_no_rerank(tmp_path, monkeypatc
 
     before = search._get_session().size_bytes
     fresh = Registry.open(reg.root, version=reg.version)  # a new view (and Searcher) of it
-    fresh._searcher.warm()
-    fresh._searcher._table()
+    fresh._searcher.warm(wait=True)
     assert search._get_session().size_bytes - before > 900 * TEXT_DIM  # the int8 codes, at least
     found = 0
     for i in range(20):
@@ -151,3 +150,19 @@ def test_query_vectors_equal_the_ones_stored_at_ingest(tmp_path):
     assert float(query @ stored / np.linalg.norm(stored)) >= 0.9999
     hit = reg.search(row["search_text"], k=1, mode="vector")[0]
     assert hit.lora_id == row["lora_id"] and hit.score >= 0.9999
+
+
+def test_empty_registry_and_a_failing_encoder(tmp_path):
+    reg = Registry.open(tmp_path / "registry")
+    for mode in search.MODES:
+        assert reg.search("anything", mode=mode, encoder=FixedEncoder(unit(1, 0)[0])) == []
+
+    class Broken:
+        def encode(self, texts, batch_size=64):
+            raise RuntimeError("no model")
+
+    add_rows(reg, unit(3, 0), ["a", "b", "c"])
+    reg.maintain()
+    with pytest.raises(RuntimeError, match="no model"):
+        reg.search("a", encoder=Broken())
+    assert reg.search("a", k=1, encoder=FixedEncoder(unit(3, 0)[0]))[0].lora_id == "lora-00000000"
