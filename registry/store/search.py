@@ -153,7 +153,7 @@ class Searcher:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._opening: concurrent.futures.Future | None = None
-        self._removed: tuple[int, int] | None = None  # (table version, rows marked removed)
+        self._counts: tuple[int, int, int] | None = None  # table version, rows, rows removed
 
     def warm(self, wait: bool = False) -> None:
         """Open the table and load its indexes into memory, in the background unless ``wait``
@@ -176,21 +176,21 @@ class Searcher:
         await asyncio.gather(*(table.prewarm_index(name) for name in names))
         return table
 
-    async def _plan(self, table, base_model: str | None, where: str | None, include_removed: bool) -> _Plan:
-        """Removed rows are hidden by a postfilter where they are few and nothing else filters:
-        a prefilter builds a mask of every row first (~40 ms at 1M rows, however few match)."""
+    async def _plan(self, table, base_model: str | None, where: str | None,
+                    include_removed: bool) -> tuple[_Plan, int]:
+        """How to filter, and the table's row count (both kept per table version). Removed rows
+        are hidden by a postfilter where they are few and nothing else filters: a prefilter
+        builds a mask of every row first (~40 ms at 1M rows, however few match)."""
+        version = await table.version()
+        if self._counts is None or self._counts[0] != version:
+            self._counts = (version, await table.count_rows(), await table.count_rows("removed = true"))
+        _, rows, removed = self._counts
         user = _filter(base_model, where)
-        if include_removed:
-            return _Plan(user)
-        version = await table.version()  # the removed count is kept per table version
-        if self._removed is None or self._removed[0] != version:
-            self._removed = (version, await table.count_rows("removed = true"))
-        removed = self._removed[1]
-        if not removed:
-            return _Plan(user)
+        if include_removed or not removed:
+            return _Plan(user), rows
         if user is None and removed <= MAX_POSTFILTERED:
-            return _Plan(_NOT_REMOVED, postfilter=True, extra=removed)
-        return _Plan(" AND ".join(filter(None, [_NOT_REMOVED, user])))
+            return _Plan(_NOT_REMOVED, postfilter=True, extra=removed), rows
+        return _Plan(" AND ".join(filter(None, [_NOT_REMOVED, user]))), rows
 
     def search(self, prompt: str, k: int = 5, base_model: str | None = None, mode: str = "hybrid",
                encoder=None, where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
@@ -218,10 +218,9 @@ class Searcher:
     async def _search(self, prompt: str, embedded: concurrent.futures.Future, k: int, mode: str,
                       base_model: str | None, where: str | None, include_removed: bool) -> list[SearchHit]:
         table = await asyncio.wrap_future(self._opening)
-        rows = await table.count_rows()
+        plan, rows = await self._plan(table, base_model, where, include_removed)
         if rows == 0:  # (an empty table has no full-text index)
             return []
-        plan = await self._plan(table, base_model, where, include_removed)
         if mode == "vector":
             return await self._nearest(table, await asyncio.wrap_future(embedded), k, "text_vector", plan, rows)
         depth = max(k, HYBRID_DEPTH) if mode == "hybrid" else k
@@ -261,8 +260,8 @@ class Searcher:
 
         async def nearest():
             table = await asyncio.wrap_future(self._opening)
-            plan = await self._plan(table, base_model, where, include_removed)
-            return await self._nearest(table, vector, k, column, plan, await table.count_rows())
+            plan, rows = await self._plan(table, base_model, where, include_removed)
+            return await self._nearest(table, vector, k, column, plan, rows) if rows else []
 
         self.warm()
         return _Loop.run(nearest())
