@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 _SQRT_HALF = np.float32(np.sqrt(0.5))
+_WORD = "embeddings.word_embeddings.weight"
+_ROWS_READ_ALONE = 256  # distinct tokens up to which word rows are read one by one
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -34,6 +36,10 @@ def _erf(x: np.ndarray) -> np.ndarray:
 def _gelu(x: np.ndarray) -> np.ndarray:
     """BERT's exact (erf) GELU."""
     return 0.5 * x * (1.0 + _erf(x * _SQRT_HALF))
+
+
+def _t(weight: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(weight.T)
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -91,9 +97,13 @@ class NumpyBertEncoder:
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.enable_truncation(max_length)
         self._tokenizer.no_padding()
-        with safe_open(str(model_dir / "model.safetensors"), framework="numpy") as f:
-            w = {key: f.get_tensor(key) for key in f.keys() if key.startswith(("embeddings.", "encoder."))}
-        self._word = w["embeddings.word_embeddings.weight"]
+        # The word table (30522 x 384, half the file) stays in the memory-mapped file: a query
+        # reads only its own tokens' rows; the whole table is loaded once a batch needs many.
+        self._file = safe_open(str(model_dir / "model.safetensors"), framework="numpy")
+        self._word_rows = self._file.get_slice(_WORD)
+        self._word: np.ndarray | None = None
+        w = {key: self._file.get_tensor(key) for key in self._file.keys()
+             if key.startswith(("embeddings.", "encoder.")) and key != _WORD}
         self._position = w["embeddings.position_embeddings.weight"]
         self._token_type = w["embeddings.token_type_embeddings.weight"][0]
         self._embedding_norm = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
@@ -102,14 +112,24 @@ class NumpyBertEncoder:
             p = f"encoder.layer.{i}."
             qkv = np.concatenate([w[p + f"attention.self.{n}.weight"] for n in ("query", "key", "value")])
             qkv_bias = np.concatenate([w[p + f"attention.self.{n}.bias"] for n in ("query", "key", "value")])
-            self._layers.append((
-                np.ascontiguousarray(qkv.T), qkv_bias,
-                np.ascontiguousarray(w[p + "attention.output.dense.weight"].T), w[p + "attention.output.dense.bias"],
+            self._layers.append((  # [in, out] copies of the stored [out, in]: ~15% faster products
+                _t(qkv), qkv_bias,
+                _t(w[p + "attention.output.dense.weight"]), w[p + "attention.output.dense.bias"],
                 w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
-                np.ascontiguousarray(w[p + "intermediate.dense.weight"].T), w[p + "intermediate.dense.bias"],
-                np.ascontiguousarray(w[p + "output.dense.weight"].T), w[p + "output.dense.bias"],
+                _t(w[p + "intermediate.dense.weight"]), w[p + "intermediate.dense.bias"],
+                _t(w[p + "output.dense.weight"]), w[p + "output.dense.bias"],
                 w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
             ))
+
+    def _words(self, ids: np.ndarray) -> np.ndarray:
+        """Word embeddings of token ``ids`` (any shape) → ids.shape + (dim,)."""
+        unique, inverse = np.unique(ids, return_inverse=True)
+        if self._word is None and len(unique) > _ROWS_READ_ALONE:
+            self._word = self._file.get_tensor(_WORD)
+        if self._word is not None:
+            return self._word[ids]
+        rows = np.stack([self._word_rows[int(i):int(i) + 1][0] for i in unique])
+        return rows[inverse.reshape(ids.shape)]
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embed ``texts`` → (N, dim) float32 unit vectors (normalised like ``TextEncoder``)."""
@@ -133,7 +153,7 @@ class NumpyBertEncoder:
         for row, encoding in enumerate(encodings):
             ids[row, :len(encoding.ids)] = encoding.ids
             mask[row, :len(encoding.ids)] = 1.0
-        x = self._word[ids] + self._position[:length] + self._token_type
+        x = self._words(ids) + self._position[:length] + self._token_type
         x = _layer_norm(x, *self._embedding_norm, self._eps)
         bias = ((1.0 - mask) * np.finfo(np.float32).min)[:, None, None, :]  # masks padded keys
         for layer in self._layers:

@@ -11,8 +11,8 @@ the numpy path does not cover run through sentence-transformers (:class:`TextEnc
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -69,7 +69,14 @@ def load_text_encoder(model: str | os.PathLike | None = None, device: str = "cpu
     return TextEncoder(model, device=device)
 
 
-@functools.cache
+_default: Encoder | None = None
+_default_lock = threading.Lock()
+
+
 def default_text_encoder() -> Encoder:
-    """The process-wide default encoder (loaded once)."""
-    return load_text_encoder()
+    """The process-wide default encoder (loaded once; a caller arriving during the load waits)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = load_text_encoder()
+        return _default

@@ -34,13 +34,21 @@ VECTOR_INDEX_MIN_ROWS = 50_000  # below this, exact (flat) search is fast (~5 ms
 VECTOR_PARTITION_ROWS = 250_000
 ANN_EF_CONSTRUCTION = 150  # HNSW build effort (LanceDB's default 300 doubles the build time)
 ANN_NPROBES = 16  # every partition up to 4M rows
-ANN_EF = 128  # HNSW candidate list (at least k is used)
+# HNSW candidate list: rows / ANN_ROWS_PER_EF within [ANN_EF, ANN_EF_MAX] (and at least the
+# limit). Without re-ranking, recall is set by ef and grows harder with the table: at 1M rows of
+# benchmarks/search.py (cold page cache, load ~3.5 on 2 cores) ef 128/256/512/768/1024 gave
+# recall@10 0.834/0.907/0.955/0.960/0.964 at p50 6.4/9.8/7.9/8.7/9.0 ms, p99 11/20/31/29/15 ms;
+# at 200k rows ef 128 already gave 0.974 (and 256 no more).
+ANN_EF = 128
+ANN_EF_MAX = 1024
+ANN_ROWS_PER_EF = 1_000
 # No re-ranking by the stored float vectors (refine_factor): that reads the data files at
 # random, i.e. from disk once the OS has dropped them from its page cache (measured at 1M rows
 # with a cold cache: p50 17-119 ms, p99 0.2-1.2 s). The index's int8 codes rank well enough.
 ANN_REFINE: int | None = None
 RRF_K = 60  # LanceDB's RRFReranker default
 HYBRID_DEPTH = 50  # each channel's top list fused by RRF
+MAX_POSTFILTERED = 1_000  # removed rows hidden by over-fetching (see Searcher._plan)
 # LanceDB's caches, one per process (shared by every registry opened in it). The index cache
 # must hold the whole vector index (~0.6 GB at 1M rows) plus the full-text and scalar indexes.
 INDEX_CACHE_BYTES = 3 << 30
@@ -98,18 +106,37 @@ def _get_session() -> lancedb.Session:
     return _session
 
 
-def _filter(base_model: str | None, where: str | None, include_removed: bool) -> str | None:
-    parts = [] if include_removed else ["removed IS NOT TRUE"]
-    if base_model:
-        parts.append(f"base_model = {quote(base_model)}")
+_NOT_REMOVED = "(removed IS NULL OR removed = false)"  # = removed IS NOT TRUE; uses an index on it
+
+
+def _filter(base_model: str | None, where: str | None) -> str | None:
+    parts = [f"base_model = {quote(base_model)}"] if base_model else []
     if where:
         parts.append(f"({where})")
     return " AND ".join(parts) or None
 
 
-def _ann(query, k: int):
-    """Apply the ANN knobs (a flat search ignores them)."""
-    query = query.distance_type("cosine").nprobes(ANN_NPROBES).ef(max(ANN_EF, k * (ANN_REFINE or 1)))
+@dataclass(frozen=True)
+class _Plan:
+    """How a query filters: ``where`` as a prefilter, or (hiding removed rows only) as a
+    postfilter over ``extra`` more rows than asked for, which leaves exactly as many."""
+
+    where: str | None = None
+    postfilter: bool = False
+    extra: int = 0
+
+    def apply(self, query, limit: int):
+        if self.where:
+            query = query.where(self.where)  # a prefilter (the async API's default) ...
+            if self.postfilter:
+                query = query.postfilter()
+        return query.limit(limit + self.extra)
+
+
+def _ann(query, limit: int, rows: int):
+    """Apply the ANN knobs (a flat search ignores them); HNSW needs ``ef >= limit``."""
+    ef = max(min(ANN_EF_MAX, rows // ANN_ROWS_PER_EF), ANN_EF, limit * (ANN_REFINE or 1))
+    query = query.distance_type("cosine").nprobes(ANN_NPROBES).ef(ef)
     return query.refine_factor(ANN_REFINE) if ANN_REFINE else query
 
 
@@ -126,12 +153,15 @@ class Searcher:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._opening: concurrent.futures.Future | None = None
+        self._counts: tuple[int, int, int] | None = None  # table version, rows, rows removed
 
-    def warm(self) -> None:
-        """Start opening the table and loading its indexes into memory, in the background
+    def warm(self, wait: bool = False) -> None:
+        """Open the table and load its indexes into memory, in the background unless ``wait``
         (the first search does this itself; call it early to overlap it with other work)."""
         if self._opening is None:
             self._opening = _Loop.submit(self._open())
+        if wait:
+            self._opening.result()
 
     async def _open(self):
         """The LoRA table on the async API (same consistency and pinned version as the store),
@@ -146,56 +176,92 @@ class Searcher:
         await asyncio.gather(*(table.prewarm_index(name) for name in names))
         return table
 
-    def _table(self):
-        self.warm()
-        return self._opening.result()
+    async def _plan(self, table, base_model: str | None, where: str | None,
+                    include_removed: bool) -> tuple[_Plan, int]:
+        """How to filter, and the table's row count (both kept per table version). Removed rows
+        are hidden by a postfilter where they are few and nothing else filters: a prefilter
+        builds a mask of every row first (~40 ms at 1M rows, however few match)."""
+        version = await table.version()
+        if self._counts is None or self._counts[0] != version:
+            self._counts = (version, await table.count_rows(), await table.count_rows("removed = true"))
+        _, rows, removed = self._counts
+        user = _filter(base_model, where)
+        if include_removed or not removed:
+            return _Plan(user), rows
+        if user is None and removed <= MAX_POSTFILTERED:
+            return _Plan(_NOT_REMOVED, postfilter=True, extra=removed), rows
+        return _Plan(" AND ".join(filter(None, [_NOT_REMOVED, user]))), rows
 
     def search(self, prompt: str, k: int = 5, base_model: str | None = None, mode: str = "hybrid",
                encoder=None, where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
-        """Top-``k`` LoRAs for ``prompt``; see :meth:`registry.Registry.search`."""
+        """Top-``k`` LoRAs for ``prompt``; see :meth:`registry.Registry.search`.
+
+        The query coroutine starts first: opening the table (first search), the filter plan and
+        the full-text leg run on the event loop while this thread embeds the prompt."""
         _check(mode, k)
-        self.warm()  # opens the table and loads its indexes while the prompt is embedded
-        vector = None
-        if mode != "text":
-            from models.text_encoder import default_text_encoder
+        self.warm()
+        embedded: concurrent.futures.Future = concurrent.futures.Future()
+        job = _Loop.submit(self._search(prompt, embedded, k, mode, base_model, where, include_removed))
+        try:
+            if mode == "text":
+                embedded.set_result(None)
+            else:
+                from models.text_encoder import default_text_encoder
 
-            vector = (encoder or default_text_encoder()).encode([prompt])[0]
-        condition = _filter(base_model, where, include_removed)
-        return _Loop.run(self._search(self._table(), prompt, vector, k, mode, condition))
+                embedded.set_result((encoder or default_text_encoder()).encode([prompt])[0])
+        except BaseException as error:
+            embedded.set_exception(error)
+            job.cancel()
+            raise
+        return job.result()
 
-    async def _search(self, table, prompt: str, vector, k: int, mode: str,
-                      condition: str | None) -> list[SearchHit]:
-        if await table.count_rows() == 0:  # (an empty table has no full-text index)
+    async def _search(self, prompt: str, embedded: concurrent.futures.Future, k: int, mode: str,
+                      base_model: str | None, where: str | None, include_removed: bool) -> list[SearchHit]:
+        table = await asyncio.wrap_future(self._opening)
+        plan, rows = await self._plan(table, base_model, where, include_removed)
+        if rows == 0:  # (an empty table has no full-text index)
             return []
         if mode == "vector":
-            return await self._nearest(table, vector, k, "text_vector", condition)
+            return await self._nearest(table, await asyncio.wrap_future(embedded), k, "text_vector", plan, rows)
+        depth = max(k, HYBRID_DEPTH) if mode == "hybrid" else k
+        text = table.query().nearest_to_text(prompt, columns="search_text").select([*_LIST_COLUMNS, "_score"])
+        if mode == "text":
+            found = (await plan.apply(text, depth).to_arrow()).slice(0, depth).to_pylist()
+            return [SearchHit(r["lora_id"], r["name"], r["_score"], r["base_model"], r["trigger_words"] or [])
+                    for r in found]
+        # hybrid: both legs at once (the full-text one already while the prompt is embedded),
+        # each cut to ``depth`` and fused by LanceDB's RRF reranker
+        text_leg = asyncio.ensure_future(plan.apply(text.with_row_id(), depth).to_arrow())
+        vector = await asyncio.wrap_future(embedded)
+        nearest = _ann(table.query().nearest_to(vector).column("text_vector"), depth + plan.extra, rows)
+        legs = await asyncio.gather(
+            plan.apply(nearest.select([*_LIST_COLUMNS, "_distance"]).with_row_id(), depth).to_arrow(), text_leg)
+        legs = [leg.slice(0, depth) for leg in legs]
+        if not any(len(leg) for leg in legs):
+            return []
         from lancedb.rerankers import RRFReranker
 
-        if mode == "hybrid":
-            query = _ann(table.query().nearest_to(vector).column("text_vector"), max(k, HYBRID_DEPTH))
-            query = query.nearest_to_text(prompt, columns="search_text").rerank(RRFReranker(K=RRF_K))
-            limit, score, scale = max(k, HYBRID_DEPTH), "_relevance_score", (RRF_K + 1) / 2
-        else:
-            query = table.query().nearest_to_text(prompt, columns="search_text")
-            limit, score, scale = k, "_score", 1.0
-        if condition:  # a prefilter (the async API's default)
-            query = query.where(condition)
-        rows = (await query.select(_LIST_COLUMNS).limit(limit).to_list())[:k]
-        return [SearchHit(r["lora_id"], r["name"], float(r[score]) * scale, r["base_model"],
-                          r["trigger_words"] or []) for r in rows]
+        fused = RRFReranker(K=RRF_K).rerank_hybrid(prompt, *legs).slice(0, k).to_pylist()
+        scale = (RRF_K + 1) / 2  # two channels, each at best 1/(K+1)
+        return [SearchHit(r["lora_id"], r["name"], r["_relevance_score"] * scale, r["base_model"],
+                          r["trigger_words"] or []) for r in fused]
 
     @staticmethod
-    async def _nearest(table, vector, k: int, column: str, condition: str | None) -> list[SearchHit]:
-        query = _ann(table.query().nearest_to(vector).column(column), k)
-        if condition:
-            query = query.where(condition)
-        rows = await query.select([*_LIST_COLUMNS, "_distance"]).limit(k).to_list()
+    async def _nearest(table, vector, k: int, column: str, plan: _Plan, rows: int) -> list[SearchHit]:
+        query = _ann(table.query().nearest_to(vector).column(column), k + plan.extra, rows)
+        found = await plan.apply(query.select([*_LIST_COLUMNS, "_distance"]), k).to_list()
         return [SearchHit(r["lora_id"], r["name"], 1.0 - r["_distance"], r["base_model"],
-                          r["trigger_words"] or []) for r in rows]
+                          r["trigger_words"] or []) for r in found[:k]]
 
     def by_vector(self, vector, k: int = 5, base_model: str | None = None, column: str = "text_vector",
                   where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
         """Top-``k`` by cosine similarity to ``vector`` in ``column`` (ANN once indexed)."""
         _check("vector", k)
-        condition = _filter(base_model, where, include_removed)
-        return _Loop.run(self._nearest(self._table(), vector, k, column, condition))
+
+        async def nearest():
+            table = await asyncio.wrap_future(self._opening)
+            plan, rows = await self._plan(table, base_model, where, include_removed)
+            return await self._nearest(table, vector, k, column, plan, rows) if rows else []
+
+        self.warm()
+        return _Loop.run(nearest())

@@ -74,20 +74,27 @@ def test_hybrid_scores_do_not_depend_on_k(small):
         assert all(h.score == pytest.approx(deep[h.lora_id], abs=1e-6) for h in hits)
 
 
-def test_hybrid_filters_apply_to_both_channels(tmp_path):
+@pytest.mark.parametrize("postfiltered", [1_000, 0])
+def test_filters_and_removed_rows(tmp_path, monkeypatch, postfiltered):
+    """Filters apply to both hybrid channels; removed rows are hidden in every mode, whether by
+    over-fetching and a postfilter (few removed) or by a prefilter, and shown on request."""
+    monkeypatch.setattr(search, "MAX_POSTFILTERED", postfiltered)
     reg = Registry.open(tmp_path / "registry")
     vectors = unit(40, 1)
     add_rows(reg, vectors, [f"w{i} common" for i in range(40)], ["FLUX.1-dev", "other"] * 20)
     reg.maintain()
     hits = reg.search("common", k=30, base_model="other", encoder=FixedEncoder(vectors[0]))
     assert len(hits) == 20 and {h.base_model for h in hits} == {"other"}
-    reg.loras.update(where="lora_id = 'lora-00000001'", values={"removed": True})
+    reg.loras.update(where="lora_id IN ('lora-00000001', 'lora-00000003')", values={"removed": True})
     for mode in search.MODES:
-        found = {h.lora_id for h in reg.search("w1", k=40, mode=mode, encoder=FixedEncoder(vectors[1]))}
-        assert "lora-00000001" not in found, mode
-        found = {h.lora_id for h in reg.search("w1", k=40, mode=mode, encoder=FixedEncoder(vectors[1]),
-                                               include_removed=True)}
-        assert "lora-00000001" in found, mode
+        hits = reg.search("w1 common", k=38, mode=mode, encoder=FixedEncoder(vectors[1]))
+        assert len(hits) == 38 and {"lora-00000001", "lora-00000003"}.isdisjoint(h.lora_id for h in hits), mode
+        hits = reg.search("w1", k=40, mode=mode, encoder=FixedEncoder(vectors[1]), include_removed=True)
+        assert "lora-00000001" in {h.lora_id for h in hits}, mode
+        hits = reg.search("w1 common", k=40, mode=mode, base_model="other", encoder=FixedEncoder(vectors[1]))
+        assert len(hits) == 18 and {h.base_model for h in hits} == {"other"}, mode
+    assert reg.search_by_vector(vectors[1], k=1)[0].lora_id != "lora-00000001"
+    assert len(reg.search_by_vector(vectors[1], k=40)) == 38
 
 
 def test_indexed_search_loads_the_index_and_needs_no_rerank(tmp_path, monkeypatch):
@@ -109,8 +116,7 @@ def test_indexed_search_loads_the_index_and_needs_no_rerank(tmp_path, monkeypatc
 
     before = search._get_session().size_bytes
     fresh = Registry.open(reg.root, version=reg.version)  # a new view (and Searcher) of it
-    fresh._searcher.warm()
-    fresh._searcher._table()
+    fresh._searcher.warm(wait=True)
     assert search._get_session().size_bytes - before > 900 * TEXT_DIM  # the int8 codes, at least
     found = 0
     for i in range(20):
@@ -144,3 +150,19 @@ def test_query_vectors_equal_the_ones_stored_at_ingest(tmp_path):
     assert float(query @ stored / np.linalg.norm(stored)) >= 0.9999
     hit = reg.search(row["search_text"], k=1, mode="vector")[0]
     assert hit.lora_id == row["lora_id"] and hit.score >= 0.9999
+
+
+def test_empty_registry_and_a_failing_encoder(tmp_path):
+    reg = Registry.open(tmp_path / "registry")
+    for mode in search.MODES:
+        assert reg.search("anything", mode=mode, encoder=FixedEncoder(unit(1, 0)[0])) == []
+
+    class Broken:
+        def encode(self, texts, batch_size=64):
+            raise RuntimeError("no model")
+
+    add_rows(reg, unit(3, 0), ["a", "b", "c"])
+    reg.maintain()
+    with pytest.raises(RuntimeError, match="no model"):
+        reg.search("a", encoder=Broken())
+    assert reg.search("a", k=1, encoder=FixedEncoder(unit(3, 0)[0]))[0].lora_id == "lora-00000000"
