@@ -166,3 +166,33 @@ def test_empty_registry_and_a_failing_encoder(tmp_path):
     with pytest.raises(RuntimeError, match="no model"):
         reg.search("a", encoder=Broken())
     assert reg.search("a", k=1, encoder=FixedEncoder(unit(3, 0)[0]))[0].lora_id == "lora-00000000"
+
+
+def test_listing_in_memory_follows_the_table(tmp_path, monkeypatch):
+    """Hits are listed from memory only for the table version they were found in: a renamed
+    LoRA shows its new name at once (read with the query), then from a reloaded listing."""
+    monkeypatch.setattr(search, "LISTING_RELOAD_S", 0.0)
+    reg = Registry.open(tmp_path / "registry")
+    vectors = unit(30, 4)
+    add_rows(reg, vectors, [f"w{i}" for i in range(30)])
+    reg.maintain()
+    searcher = reg._searcher
+    searcher.warm(wait=True)
+    assert searcher._listing is not None and len(searcher._listing.row_ids) == 30
+    before = {mode: reg.search("w5", k=3, mode=mode, encoder=FixedEncoder(vectors[5])) for mode in search.MODES}
+    assert all(hits[0].lora_id == "lora-00000005" for hits in before.values())
+
+    reg.loras.update(where="lora_id = 'lora-00000005'", values={"name": "renamed"})
+    for mode in search.MODES:
+        hits = reg.search("w5", k=3, mode=mode, encoder=FixedEncoder(vectors[5]))
+        assert hits[0].name == "renamed" and [h.lora_id for h in hits] == [h.lora_id for h in before[mode]]
+    async def reloaded():  # the reload the searches above started, on the search loop
+        await searcher._reloading
+
+    search._Loop.run(reloaded())
+    assert searcher._listing.version == reg.version
+    assert reg.search("w5", k=1, encoder=FixedEncoder(vectors[5]))[0].name == "renamed"
+
+    listing = searcher._listing
+    assert listing.hits(listing.row_ids[:2], [1.0, 0.5])[1].score == 0.5
+    assert listing.hits(np.array([listing.row_ids.max() + 1], dtype=listing.row_ids.dtype), [1.0]) is None
