@@ -1,0 +1,154 @@
+"""Layer tokens of the LoRA-weight encoder: one token per adapted layer, computed from the factors.
+
+A layer's token is ``W_t^T B (A Q)`` (ARCHITECTURE §3): ``Q`` holds ``P`` learned probe vectors,
+``W_t`` projects the ``d``-dim responses to ``c`` values each, and ``P·c`` values form the token.
+``B A`` is never formed, so a layer costs O(r(d+k)P + dcP). ``Q`` and ``W_t`` belong to the layer's
+*module type* (``transformer_blocks.*.attn.to_q``): per-layer projections would be ~10^8+ weights at
+FLUX.1 shape. Probes may instead be per layer (the authors' design, ``probe_sharing="layer"``).
+
+Layers of one module type share their shapes, so a batch of LoRAs is encoded with one padded
+``bmm`` chain per module type: ranks are zero-padded to the group's largest (a zero rank
+component adds nothing to ``B A`` nor to ``B (A Q)``). Hand-written: no library encodes LoRA
+factors into tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+Factors = tuple[Tensor, Tensor]  # (A [r, k], B [d, r]), ΔW = B @ A
+LoRA = Mapping[str, Factors]
+
+_BLOCK_INDEX = re.compile(r"(?<=blocks\.)\d+(?=\.|$)|(?<=layers\.)\d+(?=\.|$)")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A base-model linear layer a LoRA may adapt: diffusers module path and shape."""
+
+    name: str
+    d_out: int
+    d_in: int
+
+
+def module_type(name: str) -> str:
+    """``name`` with its block indices replaced by ``*`` (``transformer_blocks.3.attn.to_q`` ->
+    ``transformer_blocks.*.attn.to_q``); indices inside a block (``ff.net.0.proj``) are kept."""
+    return _BLOCK_INDEX.sub("*", name)
+
+
+@dataclass
+class TokenBatch:
+    """Tokens of a batch of LoRAs laid out over the encoder's layer list."""
+
+    tokens: Tensor        # [N, L, P*c] responses projected, scale-normalised if asked
+    log_rel_norm: Tensor  # [N, L] log(layer RMS / LoRA RMS); 0 where absent
+    present: Tensor       # [N, L] bool
+    unknown: list[list[str]]  # per LoRA: names not in the layer list or of the wrong shape
+
+
+class LayerTokenizer(nn.Module):
+    """Per-module-type probes and projections; turns LoRA factors into raw layer tokens."""
+
+    def __init__(self, layers: Sequence[LayerSpec], probes: int, probe_dim: int,
+                 probe_sharing: str = "type", normalise_scale: bool = True) -> None:
+        super().__init__()
+        if probe_sharing not in ("type", "layer"):
+            raise ValueError(f"probe_sharing must be 'type' or 'layer', not {probe_sharing!r}")
+        self.layers = list(layers)
+        self.index = {spec.name: i for i, spec in enumerate(self.layers)}
+        if len(self.index) != len(self.layers):
+            raise ValueError("layer names must be unique")
+        self.probes, self.probe_dim = probes, probe_dim
+        self.normalise_scale = normalise_scale
+        # module type -> its layers' positions; a type's layers must share one shape
+        self.types: dict[str, list[int]] = {}
+        for i, spec in enumerate(self.layers):
+            self.types.setdefault(module_type(spec.name), []).append(i)
+        self.type_keys = {t: f"t{j}" for j, t in enumerate(self.types)}  # safe parameter names
+        self.probe = nn.ParameterDict()
+        self.proj = nn.ParameterDict()
+        self._slot: dict[int, int] = {}  # layer position -> its probe set within its type
+        for t, members in self.types.items():
+            d, k = self.layers[members[0]].d_out, self.layers[members[0]].d_in
+            for i in members:
+                if (self.layers[i].d_out, self.layers[i].d_in) != (d, k):
+                    raise ValueError(f"{self.layers[i].name}: shape differs from its type {t}")
+            sets = len(members) if probe_sharing == "layer" else 1
+            for s, i in enumerate(members):
+                self._slot[i] = s if probe_sharing == "layer" else 0
+            key = self.type_keys[t]
+            self.probe[key] = nn.Parameter(torch.randn(sets, k, probes))
+            self.proj[key] = nn.Parameter(torch.randn(d, probe_dim) / math.sqrt(d))
+
+    @property
+    def token_dim(self) -> int:
+        """Length of a raw token: probes × probe_dim."""
+        return self.probes * self.probe_dim
+
+    def forward(self, loras: Sequence[LoRA]) -> TokenBatch:
+        """Raw tokens of ``loras`` over the layer list (absent layers are zero and not present)."""
+        n, n_layers = len(loras), len(self.layers)
+        device = next(iter(self.proj.values())).device
+        tokens = torch.zeros(n, n_layers, self.token_dim, device=device)
+        sq_norm = torch.zeros(n, n_layers, device=device)  # mean square of each layer's responses
+        present = torch.zeros(n, n_layers, dtype=torch.bool, device=device)
+        unknown: list[list[str]] = [[] for _ in loras]
+        groups: dict[str, list[tuple[int, int, Tensor, Tensor]]] = {}
+        for j, lora in enumerate(loras):
+            for name, (a, b) in lora.items():
+                i = self.index.get(name)
+                spec = self.layers[i] if i is not None else None
+                if (spec is None or a.dim() != 2 or b.dim() != 2 or a.shape[1] != spec.d_in
+                        or b.shape[0] != spec.d_out or a.shape[0] != b.shape[1]):
+                    unknown[j].append(name)
+                    continue
+                if a.shape[0] == 0:  # a rank-0 layer adapts nothing: the same as absent
+                    continue
+                groups.setdefault(module_type(name), []).append((j, i, a, b))
+        for t, entries in groups.items():
+            key = self.type_keys[t]
+            rows = torch.tensor([j for j, _, _, _ in entries], device=device)
+            cols = torch.tensor([i for _, i, _, _ in entries], device=device)
+            response = self._responses(key, entries, device)          # [m, d, P]
+            z = response.transpose(1, 2) @ self.proj[key]              # [m, P, c]
+            tokens[rows, cols] = z.reshape(len(entries), -1)
+            sq_norm[rows, cols] = response.square().mean(dim=(1, 2))
+            present[rows, cols] = True
+        log_rel = torch.zeros(n, n_layers, device=device)
+        if self.normalise_scale:
+            lora_ms = (sq_norm.sum(1) / present.sum(1).clamp(min=1)).clamp(min=1e-30)  # [N]
+            layer_ms = sq_norm.clamp(min=1e-30)
+            tokens = tokens / layer_ms.sqrt().unsqueeze(-1)
+            rel = (0.5 * torch.log(layer_ms / lora_ms.unsqueeze(1))).clamp(-15.0, 15.0)
+            log_rel = torch.where(present, rel, torch.zeros_like(rel))
+        return TokenBatch(tokens=tokens, log_rel_norm=log_rel, present=present, unknown=unknown)
+
+    def _responses(self, key: str, entries: list[tuple[int, int, Tensor, Tensor]],
+                   device: torch.device) -> Tensor:
+        """``B (A Q)`` for every (LoRA, layer) entry of one module type, ranks zero-padded."""
+        ranks = [a.shape[0] for _, _, a, _ in entries]
+        r_max = max(ranks)
+        if all(r == r_max for r in ranks):
+            a_pad = torch.stack([a for _, _, a, _ in entries]).to(device, torch.float32)
+            b_pad = torch.stack([b for _, _, _, b in entries]).to(device, torch.float32)
+        else:
+            first_a, first_b = entries[0][2], entries[0][3]
+            a_pad = torch.zeros(len(entries), r_max, first_a.shape[1], device=device)
+            b_pad = torch.zeros(len(entries), first_b.shape[0], r_max, device=device)
+            for m, (_, _, a, b) in enumerate(entries):
+                a_pad[m, : a.shape[0]] = a
+                b_pad[m, :, : b.shape[1]] = b
+        probe = self.probe[key]
+        if probe.shape[0] == 1:
+            aq = a_pad @ probe[0]                                       # [m, r, P]
+        else:
+            slots = torch.tensor([self._slot[i] for _, i, _, _ in entries], device=device)
+            aq = torch.bmm(a_pad, probe[slots])
+        return torch.bmm(b_pad, aq)                                     # [m, d, P]
