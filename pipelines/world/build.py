@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.torch_threads import one_torch_thread
-from pipelines.world.themes import broad_mix, make_themes
+from pipelines.world.themes import broad_mix, make_themes, make_twins
 from pipelines.world.zoo_train import manifest_entry, train_zoo
 
 DEMO_BASE_NAME = "autolora-demo-flux"
-WORLD_VERSION = 2  # bump when the recipe changes: invalidates cached worlds
+WORLD_VERSION = 3  # bump when the recipe changes: invalidates cached worlds (v3: held-out twins)
+BASE_VERSION = 2  # bump when the read-out or base recipe changes: invalidates the cached base too
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,14 @@ class WorldSize:
     lora_images: int
     lora_steps: int
     max_renders: int
+    twins: int  # held-out themes that get 1-2 more independently trained LoRAs
 
 
 SIZES = {
     "micro": WorldSize(train=6, heldout=3, base_images=512, base_steps=60, lora_images=16, lora_steps=15,
-                       max_renders=2),
+                       max_renders=2, twins=1),
     "default": WorldSize(train=60, heldout=20, base_images=6000, base_steps=3000, lora_images=48,
-                         lora_steps=100, max_renders=3),
+                         lora_steps=100, max_renders=3, twins=6),
 }
 
 
@@ -62,12 +64,27 @@ def _train_base(root: Path, spec: WorldSize, seed: int, progress: bool) -> Path:
     return base
 
 
-def _reset_if_stale(root: Path, key: str) -> None:
-    """Resume a partial build of this recipe; wipe one left by another recipe (``recipe.key``)."""
-    marker = root / "recipe.key"
+def base_key(size: str, seed: int) -> str:
+    """What the read-out and the base depend on: a recipe change elsewhere keeps them."""
+    spec = SIZES[size]
+    recipe = {"v": BASE_VERSION, "images": spec.base_images, "steps": spec.base_steps, "seed": seed}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_BASE_STAGE = ("readout", "base", "base.key")
+
+
+def _reset_if_stale(root: Path, key: str, stage_key: str) -> None:
+    """Resume a partial build of this recipe; wipe one left by another recipe (``recipe.key``),
+    keeping its read-out and base when their own key (``base.key``) still matches."""
+    marker, base_marker = root / "recipe.key", root / "base.key"
     if root.exists() and not (marker.is_file() and marker.read_text() == key):
-        shutil.rmtree(root)
+        keep = base_marker.is_file() and base_marker.read_text() == stage_key
+        for child in root.iterdir():
+            if not (keep and child.name in _BASE_STAGE):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     root.mkdir(parents=True, exist_ok=True)
+    base_marker.write_text(stage_key)
     marker.write_text(key)
 
 
@@ -92,13 +109,14 @@ def build_world(out: str | Path, size: str = "default", seed: int = 0, progress:
     manifest_path = root / "world.json"
     if manifest_path.is_file() and (built := json.loads(manifest_path.read_text()))["key"] == key:
         return _contract(built, root, time.perf_counter() - t0)
-    _reset_if_stale(root, key)
+    _reset_if_stale(root, key, base_key(size, seed))
     with one_torch_thread():
         _train_readout(root, seed)
         base_dir = _train_base(root, spec, seed, progress)
         base_model = flux_base_from_folder(base_dir, DEMO_BASE_NAME)
         (root / "base_model.json").write_text(base_model.to_json(), encoding="utf-8")
         themes = make_themes(seed, spec.train, spec.heldout)
+        themes += make_twins(themes, spec.twins, seed)
         train_zoo(root, base_dir, themes, seed=seed, lora_images=spec.lora_images, lora_steps=spec.lora_steps,
                   max_renders=spec.max_renders, base_name=DEMO_BASE_NAME, progress=progress)
     entries = [manifest_entry(root, index, theme, seed) for index, theme in enumerate(themes)]

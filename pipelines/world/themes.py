@@ -7,6 +7,7 @@ synonyms that no train theme uses (for honest zero-shot evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import zlib
 from collections.abc import Mapping
@@ -33,6 +34,12 @@ class Theme:
     trigger: str
     split: str
     synonym: bool
+    family: str = ""  # the theme identity that independently trained LoRAs share (default: name)
+
+    @property
+    def identity(self) -> str:
+        """Name of the theme family: LoRAs of one family fix the same attribute values."""
+        return self.family or self.name
 
     @property
     def word_for(self) -> dict[str, str]:
@@ -107,9 +114,28 @@ def _dedupe_triggers(themes: list[Theme]) -> list[Theme]:
         n = seen.get(t.trigger, 0)
         seen[t.trigger] = n + 1
         if n:
-            t = Theme(t.name, t.attrs, t.words, f"{t.trigger}{n + 1}", t.split, t.synonym)
+            t = dataclasses.replace(t, trigger=f"{t.trigger}{n + 1}")
         out.append(t)
     return out
+
+
+_CREATORS = ("kai", "mira", "oto", "lux", "vex", "nova", "rin", "zed")
+
+
+def make_twins(themes: list[Theme], n_themes: int, seed: int) -> list[Theme]:
+    """Independently trained LoRAs of ``n_themes`` held-out themes, as the community has many "pixel
+    art" LoRAs: 1 or 2 more per theme (so 2-3 in all), by other creators who pick their own name,
+    trigger and, for synonym themes, their own synonyms. Every other held-out theme is taken, so
+    synonym and canonical themes are both represented."""
+    rng = np.random.default_rng([seed, 0x7317])
+    heldout = [t for t in themes if t.split == "heldout"][::2][:n_themes]
+    twins = []
+    for k, theme in enumerate(heldout):
+        for j in range(1 + k % 2):
+            creator = _CREATORS[(2 * k + j) % len(_CREATORS)]
+            twin = _make_theme(tuple(theme.attrs.items()), "heldout", theme.synonym, rng)
+            twins.append(dataclasses.replace(twin, name=f"{twin.name}-by-{creator}", family=theme.name))
+    return _dedupe_triggers(themes + twins)[len(themes):]
 
 
 def _theme_rng(theme: Theme, seed: int) -> np.random.Generator:

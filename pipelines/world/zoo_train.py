@@ -60,7 +60,8 @@ def lora_file(root: Path, theme: Theme) -> Path:
 def manifest_entry(root: Path, index: int, theme: Theme, seed: int) -> dict:
     """The manifest row of one zoo LoRA (its recipe included)."""
     recipe = lora_recipe(index, np.random.default_rng([seed, index, 7]))
-    return {"theme": theme.name, "split": theme.split, "synonym": theme.synonym, "attrs": dict(theme.attrs),
+    return {"theme": theme.name, "family": theme.identity, "split": theme.split, "synonym": theme.synonym,
+            "attrs": dict(theme.attrs),
             "words": list(theme.words), "trigger": theme.trigger,
             "file": str(lora_file(root, theme).relative_to(root)), **recipe}
 

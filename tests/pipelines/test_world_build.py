@@ -39,7 +39,7 @@ def micro(tmp_path_factory) -> dict:
 def test_build_contract_and_budget(micro):
     c = micro["contract"]
     assert set(c) == {"base", "loras", "heldout_loras", "train", "heldout", "seconds"}
-    assert (c["train"], c["heldout"]) == (6, 3)
+    assert (c["train"], c["heldout"]) == (6, 4)  # 3 held-out themes + 1 independently trained twin
     assert (Path(c["base"]) / "model_index.json").is_file()
     assert c["seconds"] <= 60, f"micro world took {c['seconds']:.1f} s (budget 60 s)"
 
@@ -151,10 +151,30 @@ def test_a_partial_build_of_another_recipe_is_wiped(tmp_path):
     root = tmp_path / "micro-seed0"
     (root / "base").mkdir(parents=True)
     (root / "base" / "model_index.json").write_text("{}")  # left by an older recipe, no marker
-    _reset_if_stale(root, "k1")
-    assert list(root.iterdir()) == [root / "recipe.key"]
+    _reset_if_stale(root, "k1", "b1")
+    assert sorted(p.name for p in root.iterdir()) == ["base.key", "recipe.key"]
     (root / "loras").mkdir()
-    _reset_if_stale(root, "k1")  # same recipe: resume, keep what is there
+    (root / "base").mkdir()
+    _reset_if_stale(root, "k1", "b1")  # same recipe: resume, keep what is there
     assert (root / "loras").is_dir()
-    _reset_if_stale(root, "k2")
-    assert not (root / "loras").exists()
+    _reset_if_stale(root, "k2", "b1")  # another recipe on the same base: the base stays
+    assert not (root / "loras").exists() and (root / "base").is_dir()
+    _reset_if_stale(root, "k3", "b2")  # another base recipe: everything goes
+    assert not (root / "base").exists()
+
+
+def test_heldout_twins_are_independent_loras_of_one_family():
+    from pipelines.world.themes import make_themes, make_twins
+
+    themes = make_themes(0, 60, 20)
+    twins = make_twins(themes, 6, 0)
+    heldout = {t.name: t for t in themes if t.split == "heldout"}
+    assert len(twins) == 9 and all(t.split == "heldout" for t in twins)
+    families = {t.family for t in twins}
+    assert len(families) == 6 and families <= set(heldout)
+    assert any(heldout[f].synonym for f in families) and not all(heldout[f].synonym for f in families)
+    for t in twins:
+        assert dict(t.attrs) == dict(heldout[t.family].attrs) and t.synonym == heldout[t.family].synonym
+    names = [t.name for t in themes + twins]
+    triggers = [t.trigger for t in themes + twins]
+    assert len(set(names)) == len(names) and len(set(triggers)) == len(triggers)
