@@ -14,6 +14,8 @@ import importlib
 _EXPORTS = {
     "Registry": "registry.client",
     "SearchHit": "registry.store.search",
+    "NoWeightEncoder": "registry.store.search",
+    "EmbedReport": "registry.embed",
     "RegistryNotFound": "registry.store.store",
     "MaintenanceReport": "registry.store.maintenance",
     "IngestReport": "registry.ingest",

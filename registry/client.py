@@ -11,12 +11,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from registry.store.encoders import EncoderRecord, encoder_records, register_encoder
 from registry.store.maintenance import MaintenanceReport, maintain
 from registry.store.prune import prune
 from registry.store.search import Searcher, SearchHit
-from registry.store.store import Store
+from registry.store.store import Store, user_path
 
 if TYPE_CHECKING:
+    from registry.embed import EmbedReport
     from registry.ingest import IngestReport
     from registry.lora.base_models import BaseModel
 
@@ -63,6 +65,31 @@ class Registry(Store):
         self._writable()
         return ingest_paths(self, paths, progress=progress, batch_size=batch_size)
 
+    # ---- the LoRA-weight encoder ---------------------------------------------------------
+    def register_encoder(self, checkpoint: str | os.PathLike, activate: bool = True) -> EmbedReport:
+        """Add a trained encoder checkpoint (its version and base model are in its metadata) and,
+        with ``activate``, embed every LoRA of its base with it and switch search to it at once."""
+        from models.encoder import LoRAWeightEncoder
+        from registry.embed import EmbedReport, switch_encoder
+
+        self._writable()
+        encoder = LoRAWeightEncoder.load(user_path(checkpoint))  # checks the file; gives its version
+        if not encoder.version or "base_model" not in encoder.extra:
+            raise ValueError(f"{checkpoint}: an encoder checkpoint without a version or base model")
+        record = register_encoder(self, user_path(checkpoint), encoder.version, encoder.extra["base_model"],
+                                  encoder.extra)
+        return switch_encoder(self, record.version) if activate else EmbedReport()
+
+    def encoder_versions(self) -> list[EncoderRecord]:
+        """Every registered encoder version (``active`` marks the one search uses per base)."""
+        return encoder_records(self)
+
+    def refresh_embeddings(self) -> EmbedReport:
+        """Embed the LoRAs that lack their base's active encoder vector (incremental)."""
+        from registry.embed import refresh_embeddings
+
+        return refresh_embeddings(self)
+
     def maintain(self) -> MaintenanceReport:
         """Refresh every index and compact the tables (the CLI runs it after each ingest)."""
         return maintain(self)
@@ -72,12 +99,15 @@ class Registry(Store):
         return prune(self)
 
     # ---- search ------------------------------------------------------------------------
-    def search(self, prompt: str, k: int = 5, base_model: str | None = None, mode: str = "hybrid",
-               encoder=None, where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
-        """Top-``k`` LoRAs for ``prompt``. ``mode``: ``hybrid`` (full text + text embedding fused
-        by reciprocal rank; score 1.0 = first in both), ``text`` (BM25 score) or ``vector``
-        (cosine). ``where`` is a LanceDB SQL filter; removed LoRAs are hidden unless asked for."""
-        return self._searcher.search(prompt, k, base_model, mode, encoder, where, include_removed)
+    def search(self, prompt: str, k: int = 10, channel: str = "hybrid", base_model: str | None = None,
+               where: str | None = None, include_removed: bool = False, encoder=None) -> list[SearchHit]:
+        """Top-``k`` LoRAs for ``prompt``. ``channel``: ``weights`` (the LoRA-weight encoder's
+        embedding of the weights alone; cosine score), ``text`` (full text over names, trigger
+        words, render prompts, captions + the text embedding of them, fused by reciprocal rank)
+        or ``hybrid`` (all three fused; score 1.0 = first in every list). ``where`` is a LanceDB
+        SQL filter (e.g. ``"lora_id IN ('a', 'b')"``); removed LoRAs are hidden unless asked for;
+        ``encoder`` replaces the default text encoder for the query."""
+        return self._searcher.search(prompt, k, base_model, channel, encoder, where, include_removed)
 
     def search_by_vector(self, vector, k: int = 5, base_model: str | None = None,
                          column: str = "text_vector", where: str | None = None) -> list[SearchHit]:

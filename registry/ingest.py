@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from models.torch_threads import one_torch_thread
 from registry.hashing import sha256_file
+from registry.embed import WeightEmbedder
 from registry.lora.errors import RejectedFile
 from registry.lora.inspect import InspectedLoRA, inspect_file
 from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sidecar_files, sidecar_signature
@@ -156,6 +157,14 @@ class _Batch:
         self.files: dict[str, dict] = {}  # file records by resolved path
         self.rejections: dict[str, dict] = {}
         self.refresh: set[str] = set()  # LoRAs whose metadata is rebuilt from their sidecars
+        self._embedder: WeightEmbedder | None = None
+
+    @property
+    def embedder(self) -> WeightEmbedder:
+        """The registry's active LoRA-weight encoders (read once per ingest)."""
+        if self._embedder is None:
+            self._embedder = WeightEmbedder(self.reg)
+        return self._embedder
 
     def __len__(self) -> int:
         return len(self.loras) + len(self.files) + len(self.rejections)
@@ -392,7 +401,12 @@ class _FileIngest:
             return self._record(sha, lora_id, info.format, new=False)
         if not stored:  # new (else: the file whose row a killed run wrote before its file record)
             meta = _header_first(info, sidecars)
-            self.batch.loras[lora_id] = _lora_row(self.reg, info, lora_id, meta, staged, vector)
+            row = _lora_row(self.reg, info, lora_id, meta, staged, vector)
+            embedded = self.batch.embedder.embed(info.base_model, info.lora.factors)  # zero-shot
+            if embedded:
+                row["weight_vector"], row["encoder_version"] = embedded
+            self.batch.loras[lora_id] = row
+        info.lora = None  # its tensors are not kept in the batch
         self.report.added.append({"lora_id": lora_id, "path": self.shown})
         self._record(sha, lora_id, info.format, new=True)
 

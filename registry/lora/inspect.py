@@ -29,6 +29,7 @@ class InspectedLoRA:
     layers: int
     fingerprint: str
     header_metadata: dict[str, str] = field(default_factory=dict)
+    lora: CanonicalLoRA | None = field(default=None, repr=False, compare=False)  # ingest drops it once used
 
     def summary(self) -> dict:
         """The ``autolora inspect --json`` contract."""
@@ -77,5 +78,5 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
             path=path, sha256=sha256 or sha256_file(path), size=path.stat().st_size,
             format=lora.format, architecture=lora.architecture, base_model=base.name,
             rank=lora.rank, layers=len(lora.factors), fingerprint=fp,
-            header_metadata=dict(metadata),
+            header_metadata=dict(metadata), lora=lora,
         )

@@ -19,10 +19,12 @@ from registry.store.store import Store
 
 # Every column an ingest looks a row up by (no table scans on the ingest path).
 SCALAR_INDEXES: dict[str, tuple[str, ...]] = {
-    "loras": ("lora_id",),
+    "loras": ("lora_id", "encoder_version"),
     "files": ("path", "sha256", "lora_id", "size_bytes"),
     "rejections": ("rejection_id",),
+    "encoders": ("version",),
 }
+VECTOR_COLUMNS = ("text_vector", "weight_vector")  # on the LoRA table; rows without one are skipped
 # Below this many rows a lookup scans a few kB: an index would cost more to make than it saves.
 SCALAR_INDEX_MIN_ROWS = 1000
 _LANCE_ERRORS = (RuntimeError, OSError, ValueError)
@@ -60,11 +62,12 @@ def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | N
                   if c not in have and rows >= SCALAR_INDEX_MIN_ROWS]
         if name == "loras" and "search_text" not in have:
             wanted.append(("search_text", FTS()))
-        if (name == "loras" and vector and "text_vector" not in have
-                and rows >= search.VECTOR_INDEX_MIN_ROWS):
-            wanted.append(("text_vector", HnswSq(
-                distance_type="cosine", ef_construction=search.ANN_EF_CONSTRUCTION,
-                num_partitions=max(1, rows // search.VECTOR_PARTITION_ROWS))))
+        for column in VECTOR_COLUMNS if name == "loras" and vector else ():
+            filled = table.count_rows(f"{column} IS NOT NULL") if column not in have else 0
+            if filled >= search.VECTOR_INDEX_MIN_ROWS:
+                wanted.append((column, HnswSq(
+                    distance_type="cosine", ef_construction=search.ANN_EF_CONSTRUCTION,
+                    num_partitions=max(1, filled // search.VECTOR_PARTITION_ROWS))))
         for column, config in wanted:
             try:
                 table.create_index(column, config=config, name=f"{column}_idx")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2
-FORMAT_VERSION = 2  # v2: files keyed by path with a stat cache, loras.removed
+FORMAT_VERSION = 3  # v2: files keyed by path with a stat cache, loras.removed; v3: weight vectors, encoders
+WEIGHT_COLUMNS = (  # added by v3 (a v2 registry gains them, null, when opened for writing)
+    pa.field("weight_vector", pa.list_(pa.float32(), TEXT_DIM)),  # the LoRA-weight encoder's embedding
+    pa.field("encoder_version", pa.string()),  # the encoder that made it
+)
 
 _TIME = pa.timestamp("us", tz="UTC")
 _STRINGS = pa.list_(pa.string())
@@ -37,6 +41,7 @@ def loras_schema(text_dim: int = TEXT_DIM) -> pa.Schema:
         pa.field("text_vector", pa.list_(pa.float32(), text_dim)),
         pa.field("added_at", _TIME),
         pa.field("removed", pa.bool_()),  # every known path of it is gone (``prune``)
+        *WEIGHT_COLUMNS,
     ])
 
 
@@ -64,3 +69,14 @@ REJECTIONS_SCHEMA = pa.schema([
     pa.field("rejected_at", _TIME),
 ])
 """Every refused file with its reason, keyed by hash(path, sha256)."""
+
+ENCODERS_SCHEMA = pa.schema([
+    pa.field("version", pa.string(), nullable=False),
+    pa.field("base_model", pa.string()),
+    pa.field("file", pa.string()),  # relative to the registry root
+    pa.field("created_at", _TIME),
+    pa.field("info", pa.string()),  # json: training pool, config, loss, ...
+    pa.field("active", pa.bool_()),  # the one version search and ingest use for its base model
+])
+"""LoRA-weight encoder versions. Search uses a base model's active version only, and a version
+becomes active only after every row of that base carries its embedding (one switch)."""

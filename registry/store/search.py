@@ -1,11 +1,16 @@
-"""Search over the LoRA table: full text, text embedding, and both fused by LanceDB's RRF.
+"""Search over the LoRA table by channel, the lists fused by LanceDB's RRF.
 
-Scores: ``text`` is the BM25 score; ``vector`` the cosine similarity (1 = same direction; from
-the index's int8 codes once the table is indexed, so within ~0.01 of the exact value);
-``hybrid`` the reciprocal-rank-fusion score divided by its maximum: 1.0 means "ranked first by
-both channels", 0.5 "first in one channel and beyond the other's top ``HYBRID_DEPTH``". Each
-channel always contributes its top ``max(k, HYBRID_DEPTH)``, so a hit's score does not depend
-on ``k`` (for ``k <= HYBRID_DEPTH``).
+Three ranked lists exist: full text (BM25 over names, trigger words, render prompts, captions,
+tags), the text embedding of that metadata, and the **weight embedding** (the LoRA-weight
+encoder's vector, made from the LoRA's weights alone; only vectors of the base model's active
+encoder version are searched, so a query never ranks two encoders' vectors together; the query
+is embedded by the same frozen text encoder for every channel). Channels: ``weights`` is the
+weight list alone (score: cosine similarity, 1 = same direction; from the index's int8 codes
+once the table is indexed, so within ~0.01 of the exact value); ``text`` fuses the two text
+lists; ``hybrid`` fuses all three (the weight list only where an encoder is active). A fused
+score is the reciprocal-rank-fusion score divided by its maximum: 1.0 means "ranked first by
+every list". Each list always contributes its top ``max(k, HYBRID_DEPTH)``, so a hit's score
+does not depend on ``k`` (for ``k <= HYBRID_DEPTH``).
 
 Every query runs as one coroutine on LanceDB's public async API, on an event loop of our own
 (:class:`_Loop`). A process's first search opens the table and loads its vector and full-text
@@ -27,7 +32,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
-from registry.store.store import Store, quote
+from registry.store.store import Store, quote, where_in
 
 # Below this, exact (flat) search: it reads every vector per query, ~1 ms per 1,000 rows (20k
 # rows: p50 21 ms flat vs 2.9 ms indexed, recall@10 0.986, index built in 4.6 s).
@@ -59,9 +64,13 @@ LISTING_RELOAD_S = 10.0  # at most this often, a changed table's listing is read
 # must hold the whole vector index (~0.6 GB at 1M rows) plus the full-text and scalar indexes.
 INDEX_CACHE_BYTES = 3 << 30
 METADATA_CACHE_BYTES = 256 << 20
-MODES = ("hybrid", "text", "vector")
+CHANNELS = ("hybrid", "weights", "text")
 _LIST_COLUMNS = ["lora_id", "name", "base_model", "trigger_words"]
-_WARM_COLUMNS = ("text_vector", "search_text")  # indexes loaded whole when a table is opened
+_WARM_COLUMNS = ("text_vector", "weight_vector", "search_text")  # indexes loaded whole when a table is opened
+
+
+class NoWeightEncoder(LookupError):
+    """The weight channel was asked for, but no LoRA-weight encoder is active in the registry."""
 
 
 @dataclass
@@ -146,9 +155,9 @@ def _ann(query, limit: int, rows: int):
     return query.refine_factor(ANN_REFINE) if ANN_REFINE else query
 
 
-def _check(mode: str, k: int) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+def _check(channel: str, k: int) -> None:
+    if channel not in CHANNELS and channel != "vector":  # "vector": search_by_vector's own
+        raise ValueError(f"unknown search channel {channel!r}; use one of {', '.join(CHANNELS)}")
     if k < 1:
         raise ValueError(f"k must be at least 1 (got {k})")
 
@@ -163,6 +172,7 @@ class Searcher:
         self._listing: _Listing | None = None
         self._listing_started = 0.0
         self._reloading: asyncio.Future | None = None
+        self._active: tuple[int, list[str]] | None = None  # encoder-table version, active versions
 
     def warm(self, wait: bool = False) -> None:
         """Open the table and load its indexes into memory, in the background unless ``wait``
@@ -174,16 +184,25 @@ class Searcher:
 
     async def _open(self):
         """The LoRA table on the async API (same consistency and pinned version as the store),
-        its vector and full-text indexes loaded into the index cache, its listing into memory."""
+        its vector and full-text indexes loaded into the index cache, its listing into memory;
+        and the encoder table (pinned alike), to know each base model's active encoder."""
         store = self.store
         db = await lancedb.connect_async(store.root / "lancedb", read_consistency_interval=timedelta(0),
                                          session=_get_session())
-        table = await db.open_table("loras")
+        table, encoders = await asyncio.gather(db.open_table("loras"), db.open_table("encoders"))
         if store.pinned is not None:
-            await table.checkout(store.pinned)
+            await asyncio.gather(table.checkout(store.pinned), encoders.checkout(store.encoders.version))
         names = [i.name for i in await table.list_indices() if set(i.columns) & set(_WARM_COLUMNS)]
         await asyncio.gather(self._load_listing(table), *(table.prewarm_index(name) for name in names))
-        return table
+        return table, encoders
+
+    async def _active_versions(self, encoders) -> list[str]:
+        """The active encoder versions (one per base model), kept per encoder-table version."""
+        version = await encoders.version()
+        if self._active is None or self._active[0] != version:
+            rows = (await encoders.query().where("active = true").select(["version"]).to_arrow()).to_pylist()
+            self._active = (version, sorted(r["version"] for r in rows))
+        return self._active[1]
 
     async def _load_listing(self, table) -> None:
         self._listing_started = time.monotonic()
@@ -212,74 +231,42 @@ class Searcher:
             return _Plan(_NOT_REMOVED, postfilter=True, extra=removed), rows, listing
         return _Plan(" AND ".join(filter(None, [_NOT_REMOVED, user]))), rows, listing
 
-    def search(self, prompt: str, k: int = 5, base_model: str | None = None, mode: str = "hybrid",
+    def search(self, prompt: str, k: int = 5, base_model: str | None = None, channel: str = "hybrid",
                encoder=None, where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
         """Top-``k`` LoRAs for ``prompt``; see :meth:`registry.Registry.search`.
 
         The query coroutine starts first: opening the table (first search), the filter plan and
         the full-text leg run on the event loop while this thread embeds the prompt."""
-        _check(mode, k)
+        _check(channel, k)
         self.warm()
         embedded: concurrent.futures.Future = concurrent.futures.Future()
-        job = _Loop.submit(self._search(prompt, embedded, k, mode, base_model, where, include_removed))
+        job = _Loop.submit(self._search(prompt, embedded, k, channel, base_model, where, include_removed))
         try:
-            if mode == "text":
-                embedded.set_result(None)
-            else:
-                from models.text_encoder import default_text_encoder
+            from models.text_encoder import default_text_encoder
 
-                embedded.set_result((encoder or default_text_encoder()).encode([prompt])[0])
+            embedded.set_result((encoder or default_text_encoder()).encode([prompt])[0])
         except BaseException as error:
             embedded.set_exception(error)
             job.cancel()
             raise
         return job.result()
 
-    async def _search(self, prompt: str, embedded: concurrent.futures.Future, k: int, mode: str,
+    async def _search(self, prompt: str, embedded: concurrent.futures.Future, k: int, channel: str,
                       base_model: str | None, where: str | None, include_removed: bool,
                       column: str = "text_vector") -> list[SearchHit]:
-        table = await asyncio.wrap_future(self._opening)
+        table, encoders = await asyncio.wrap_future(self._opening)
         plan, rows, listing = await self._plan(table, base_model, where, include_removed)
+        active = await self._active_versions(encoders) if channel in ("hybrid", "weights") else []
+        if channel == "weights" and not active:
+            raise NoWeightEncoder(f"{self.store.root}: no LoRA-weight encoder is active in this registry "
+                                  "(train one: `autolora train encoder`), so there is no weight channel")
         if rows == 0:  # (an empty table has no full-text index)
             return []
-        query = (table, prompt, embedded, k, mode, plan, rows, column)
-        hits = await self._ranked(*query, listing)
+        query = _Query(table, prompt, embedded, k, channel, plan, rows, column, active)
+        hits = await query.ranked(listing)
         if hits is None:  # a hit the listing lacks: the table changed meanwhile
-            hits = await self._ranked(*query, None)
+            hits = await query.ranked(None)
         return hits
-
-    @staticmethod
-    async def _ranked(table, prompt: str, embedded: concurrent.futures.Future, k: int, mode: str,
-                      plan: _Plan, rows: int, column: str, listing: _Listing | None) -> list[SearchHit] | None:
-        """The top ``k``, listed from ``listing`` (None if it lacks a hit) or, without one, from
-        the columns the queries read along."""
-        columns = [] if listing else _LIST_COLUMNS
-        depth = max(k, HYBRID_DEPTH) if mode == "hybrid" else k
-
-        async def run(query) -> pa.Table:
-            return (await plan.apply(query.with_row_id(), depth).to_arrow()).slice(0, depth)
-
-        text_leg = None
-        if mode != "vector":  # the full-text leg runs while the prompt is still being embedded
-            text = table.query().nearest_to_text(prompt, columns="search_text")
-            text_leg = asyncio.ensure_future(run(text.select([*columns, "_score"])))
-        if mode == "text":
-            found = await text_leg
-            return _list(found, found["_score"].to_pylist(), listing)
-        vector = await asyncio.wrap_future(embedded)
-        nearest = _ann(table.query().nearest_to(vector).column(column), depth + plan.extra, rows)
-        vector_leg = run(nearest.select([*columns, "_distance"]))
-        if mode == "vector":
-            found = await vector_leg
-            return _list(found, [1.0 - d for d in found["_distance"].to_pylist()], listing)
-        legs = await asyncio.gather(vector_leg, text_leg)  # hybrid: fused by LanceDB's RRF
-        if not any(len(leg) for leg in legs):
-            return []
-        from lancedb.rerankers import RRFReranker
-
-        fused = RRFReranker(K=RRF_K).rerank_hybrid(prompt, *legs).slice(0, k)
-        scale = (RRF_K + 1) / 2  # two channels, each at best 1/(K+1)
-        return _list(fused, [score * scale for score in fused["_relevance_score"].to_pylist()], listing)
 
     def by_vector(self, vector, k: int = 5, base_model: str | None = None, column: str = "text_vector",
                   where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
@@ -289,6 +276,57 @@ class Searcher:
         embedded: concurrent.futures.Future = concurrent.futures.Future()
         embedded.set_result(vector)
         return _Loop.run(self._search("", embedded, k, "vector", base_model, where, include_removed, column))
+
+
+@dataclass
+class _Query:
+    """One search's ranked lists (legs) and their fusion."""
+
+    table: object
+    prompt: str
+    embedded: concurrent.futures.Future
+    k: int
+    channel: str  # a channel, or "vector": one vector column alone (``by_vector``)
+    plan: _Plan
+    rows: int
+    column: str
+    active: list[str]  # active encoder versions (the weight leg searches only their vectors)
+
+    async def ranked(self, listing: _Listing | None) -> list[SearchHit] | None:
+        """The top ``k``, listed from ``listing`` (None if it lacks a hit) or, without one, from
+        the columns the queries read along."""
+        columns = [] if listing else _LIST_COLUMNS
+        fused = self.channel in ("hybrid", "text")
+        depth = max(self.k, HYBRID_DEPTH) if fused else self.k
+        legs = []
+        if fused:  # the full-text leg runs while the prompt is still being embedded
+            text = self.table.query().nearest_to_text(self.prompt, columns="search_text")
+            legs.append(asyncio.ensure_future(self._run(text.select([*columns, "_score"]), depth, self.plan)))
+        vector = await asyncio.wrap_future(self.embedded)
+        if self.channel in ("text", "hybrid", "vector"):
+            legs.append(self._nearest(vector, self.column, depth, columns, self.plan))
+        if self.channel in ("weights", "hybrid") and self.active:
+            weight_filter = where_in("encoder_version", self.active)
+            where = " AND ".join(f"({w})" for w in (self.plan.where, weight_filter) if w)
+            legs.append(self._nearest(vector, "weight_vector", depth, columns, _Plan(where)))
+        found = await asyncio.gather(*legs)
+        if not fused:
+            return _list(found[0], [1.0 - d for d in found[0]["_distance"].to_pylist()], listing)
+        found = [leg.drop_columns([c for c in ("_score", "_distance") if c in leg.column_names]) for leg in found]
+        if not any(len(leg) for leg in found):
+            return []
+        from lancedb.rerankers import RRFReranker
+
+        result = RRFReranker(K=RRF_K).rerank_multivector(found, self.prompt, deduplicate=True).slice(0, self.k)
+        scale = (RRF_K + 1) / len(found)  # every list at best 1/(K+1)
+        return _list(result, [score * scale for score in result["_relevance_score"].to_pylist()], listing)
+
+    async def _run(self, query, depth: int, plan: _Plan) -> pa.Table:
+        return (await plan.apply(query.with_row_id(), depth).to_arrow()).slice(0, depth)
+
+    def _nearest(self, vector, column: str, depth: int, columns: list[str], plan: _Plan):
+        query = _ann(self.table.query().nearest_to(vector).column(column), depth + plan.extra, self.rows)
+        return self._run(query.select([*columns, "_distance"]), depth, plan)
 
 
 def _list(found: pa.Table, scores: list[float], listing: _Listing | None) -> list[SearchHit] | None:

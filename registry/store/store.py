@@ -1,8 +1,9 @@
 """The LanceDB side of the registry: opening, tables, upserts, versions and tags, reads.
 
 A registry is a folder holding ``registry.json`` (its marker and format version), a LanceDB
-database (``lancedb/``: tables ``loras``, ``files`` and ``rejections``) and a content-addressed
-blob store (``blobs/``). Reading never creates anything: a folder without the marker is refused.
+database (``lancedb/``: tables ``loras``, ``files``, ``rejections`` and ``encoders``), a
+content-addressed blob store (``blobs/``) and the LoRA-weight encoders' checkpoints
+(``encoders/``). Reading never creates anything: a folder without the marker is refused.
 A view pinned to a version or a tag pins every table and never writes.
 """
 
@@ -18,7 +19,9 @@ import lancedb
 import pyarrow as pa
 
 from registry.store.blobstore import BlobStore
-from registry.store.schema import FILES_SCHEMA, FORMAT_VERSION, REJECTIONS_SCHEMA, TEXT_DIM, loras_schema
+from registry.store.schema import (
+    ENCODERS_SCHEMA, FILES_SCHEMA, FORMAT_VERSION, REJECTIONS_SCHEMA, TEXT_DIM, WEIGHT_COLUMNS, loras_schema,
+)
 
 MARKER = "registry.json"
 # name -> (schema, primary key)
@@ -26,7 +29,9 @@ TABLES: dict[str, tuple[pa.Schema, str]] = {
     "loras": (loras_schema(TEXT_DIM), "lora_id"),
     "files": (FILES_SCHEMA, "path"),
     "rejections": (REJECTIONS_SCHEMA, "rejection_id"),
+    "encoders": (ENCODERS_SCHEMA, "version"),
 }
+MIGRATABLE = (2,)  # formats a writable open upgrades in place (v2 -> v3: add the weight columns)
 _PRIMARY_KEY_MARK = b"lance-schema:unenforced-primary-key:position"  # in the key field's metadata
 # A write that conflicts with another process's commit is retried by LanceDB itself
 # (merge_insert rebases and retries); this bounds the time it may spend doing so.
@@ -52,14 +57,26 @@ def where_in(column: str, values: Iterable[str]) -> str:
     return f"{column} IN ({', '.join(quote(v) for v in values)})"
 
 
-def _check_marker(root: Path) -> None:
+def _read_format(root: Path) -> int | None:
     try:
-        found = json.loads((root / MARKER).read_text(encoding="utf-8")).get("format")
+        return json.loads((root / MARKER).read_text(encoding="utf-8")).get("format")
     except (OSError, ValueError, AttributeError) as error:
         raise RegistryNotFound(f"{root}: unreadable {MARKER}: {error}") from None
-    if found != FORMAT_VERSION:
-        raise RegistryNotFound(f"{root} is an autolora registry of format {found}; this version "
-                               f"reads format {FORMAT_VERSION}: ingest into a new folder")
+
+
+def _check_marker(root: Path, writable: bool) -> None:
+    found = _read_format(root)
+    if found == FORMAT_VERSION or (writable and found in MIGRATABLE):
+        return
+    hint = "open it for writing once to upgrade it" if found in MIGRATABLE else "ingest into a new folder"
+    raise RegistryNotFound(f"{root} is an autolora registry of format {found}; this version "
+                           f"reads format {FORMAT_VERSION}: {hint}")
+
+
+def _write_marker(root: Path) -> None:
+    tmp = root / f".{MARKER}.{os.getpid()}"
+    tmp.write_text(json.dumps({"format": FORMAT_VERSION}), encoding="utf-8")
+    os.replace(tmp, root / MARKER)  # atomic; concurrent writers write the same content
 
 
 def _create_root(root: Path) -> None:
@@ -69,9 +86,7 @@ def _create_root(root: Path) -> None:
         raise RegistryNotFound(f"{root} exists and holds no autolora registry ({MARKER} is missing); "
                                "give a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{MARKER}.{os.getpid()}"
-    tmp.write_text(json.dumps({"format": FORMAT_VERSION}), encoding="utf-8")
-    os.replace(tmp, root / MARKER)  # atomic; concurrent creators write the same content
+    _write_marker(root)
 
 
 class Store:
@@ -89,7 +104,10 @@ class Store:
                 raise RegistryNotFound(f"{root}: the registry has no tables yet ({error})") from None
         else:
             tables = {name: self._create_table(name, *spec) for name, spec in TABLES.items()}
+            if _read_format(root) != FORMAT_VERSION:
+                self._upgrade(tables["loras"])
         self.loras, self.files, self.rejections = tables["loras"], tables["files"], tables["rejections"]
+        self.encoders = tables["encoders"]
         self.pinned: int | str | None = version
         if version is not None:
             self._pin(version)
@@ -107,8 +125,16 @@ class Store:
             if version is not None or not create:
                 raise RegistryNotFound(f"{root} holds no autolora registry ({MARKER} is missing)")
             _create_root(root)
-        _check_marker(root)
+        _check_marker(root, writable=version is None)
         return cls(root, version)
+
+    def _upgrade(self, loras) -> None:
+        """Format 2 -> 3: the LoRA table gains the (null) weight columns; then the marker says 3."""
+        have = set(loras.schema.names)
+        missing = [f for f in WEIGHT_COLUMNS if f.name not in have]
+        if missing:
+            loras.add_columns(missing)
+        _write_marker(self.root)
 
     def _create_table(self, name: str, schema: pa.Schema, key: str):
         try:
@@ -123,7 +149,8 @@ class Store:
         return table
 
     def _tables(self) -> dict[str, object]:
-        return {"loras": self.loras, "files": self.files, "rejections": self.rejections}
+        return {"loras": self.loras, "files": self.files, "rejections": self.rejections,
+                "encoders": self.encoders}
 
     def _pin(self, version: int | str) -> None:
         """Check out every table as of ``version`` of the LoRA table (or tag ``version`` where a
@@ -158,7 +185,8 @@ class Store:
         builder = table.merge_insert(key)
         if update:
             builder = builder.when_matched_update_all()
-        builder.when_not_matched_insert_all().execute(data, timeout=WRITE_TIMEOUT)
+        # a row without a weight vector (no encoder for its base yet) keeps it null
+        builder.when_not_matched_insert_all().execute(data, timeout=WRITE_TIMEOUT, on_bad_vectors="null")
 
     # ---- versions ----------------------------------------------------------------------
     @property
@@ -202,6 +230,7 @@ class Store:
             return None
         row = rows[0]
         row.pop("text_vector", None)
+        row.pop("weight_vector", None)
         row["header_metadata"] = json.loads(row.get("header_metadata") or "{}")
         return row
 

@@ -48,7 +48,7 @@ def test_a_sidecar_added_after_ingest_reaches_the_row_and_search_in_one_version(
     assert row["name"] == "Misty Harbour" and row["trigger_words"] == ["hrbrfg"]
     assert "lighthouse" in row["tags"]
     assert reg.search("lighthouse in sea mist", k=1)[0].lora_id == harbor
-    assert reg.search("lighthouse", k=1, mode="vector")[0].lora_id == harbor
+    assert reg.search("lighthouse", k=1, channel="text")[0].lora_id == harbor
 
     assert not reg.add([folder]).refreshed  # the new signature is remembered
 

@@ -97,10 +97,10 @@ def test_rows_carry_file_and_sidecar_metadata(ingested):
 
 def test_search_hybrid_text_and_vector(ingested):
     reg, _, _ = ingested
-    for mode in ("hybrid", "text", "vector"):
-        assert reg.search("ocean waves by the sea", k=1, mode=mode)[0].name == "ocean waves", mode
+    for channel in ("hybrid", "text"):
+        assert reg.search("ocean waves by the sea", k=1, channel=channel)[0].name == "ocean waves", channel
     assert reg.search("a drawing made with graphite", k=1)[0].name == "Pencil Sketch"
-    assert reg.search("campfire embers", k=1, mode="vector")[0].name == "Ember Glow"
+    assert reg.search("campfire embers", k=1, channel="text")[0].name == "Ember Glow"
     assert reg.search("ocean", k=3, base_model="SDXL") == []
     assert reg.search("fire 'quoted\" (weird) ~ text*", k=2)  # query syntax never crashes
 
@@ -159,7 +159,7 @@ def test_rows_made_while_the_blob_copy_runs_match_the_batched_ones(ingested, tmp
     vectors = [t.loras.search().where(f"lora_id = '{want['lora_id']}'").limit(1).to_list()[0]
                ["text_vector"] for t in (reg, early)]
     assert np.allclose(vectors[0], vectors[1], atol=1e-5)
-    assert early.search("campfire embers", k=1, mode="vector")[0].name == "Ember Glow"
+    assert early.search("campfire embers", k=1, channel="text")[0].name == "Ember Glow"
 
 
 def _bad_files(folder: Path, sentinel: Path) -> dict[str, Path]:

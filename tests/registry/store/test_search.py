@@ -26,8 +26,10 @@ class FixedEncoder:
         return np.repeat(self.vector[None], len(texts), axis=0)
 
 
-def add_rows(reg: Registry, vectors: np.ndarray, texts: list[str], base_models: list[str] | None = None) -> None:
-    """Rows with only ids, names, texts, base models and vectors (like benchmarks/search.py)."""
+def add_rows(reg: Registry, vectors: np.ndarray, texts: list[str], base_models: list[str] | None = None,
+             weights: np.ndarray | None = None, encoder_version: str = "enc-test") -> None:
+    """Rows with only ids, names, texts, base models and vectors (like benchmarks/search.py);
+    with ``weights``, weight vectors of ``encoder_version`` too, made active."""
     n, schema = len(vectors), reg.loras.schema
     columns = {
         "lora_id": pa.array([f"lora-{i:08d}" for i in range(n)]),
@@ -37,6 +39,11 @@ def add_rows(reg: Registry, vectors: np.ndarray, texts: list[str], base_models: 
         "text_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), TEXT_DIM),
         "added_at": pa.array([datetime.now(timezone.utc)] * n, type=schema.field("added_at").type),
     }
+    if weights is not None:
+        columns["weight_vector"] = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), TEXT_DIM)
+        columns["encoder_version"] = pa.array([encoder_version] * n)
+        reg.upsert(reg.encoders, [{"version": encoder_version, "base_model": "FLUX.1-dev", "file": "none",
+                                   "info": "{}", "active": True}], "version", update=True)
     reg.loras.add(pa.Table.from_arrays(
         [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in schema], schema=schema))
 
@@ -81,18 +88,21 @@ def test_filters_and_removed_rows(tmp_path, monkeypatch, postfiltered):
     monkeypatch.setattr(search, "MAX_POSTFILTERED", postfiltered)
     reg = Registry.open(tmp_path / "registry")
     vectors = unit(40, 1)
-    add_rows(reg, vectors, [f"w{i} common" for i in range(40)], ["FLUX.1-dev", "other"] * 20)
+    add_rows(reg, vectors, [f"w{i} common" for i in range(40)], ["FLUX.1-dev", "other"] * 20, weights=vectors)
     reg.maintain()
     hits = reg.search("common", k=30, base_model="other", encoder=FixedEncoder(vectors[0]))
     assert len(hits) == 20 and {h.base_model for h in hits} == {"other"}
     reg.loras.update(where="lora_id IN ('lora-00000001', 'lora-00000003')", values={"removed": True})
-    for mode in search.MODES:
-        hits = reg.search("w1 common", k=38, mode=mode, encoder=FixedEncoder(vectors[1]))
-        assert len(hits) == 38 and {"lora-00000001", "lora-00000003"}.isdisjoint(h.lora_id for h in hits), mode
-        hits = reg.search("w1", k=40, mode=mode, encoder=FixedEncoder(vectors[1]), include_removed=True)
-        assert "lora-00000001" in {h.lora_id for h in hits}, mode
-        hits = reg.search("w1 common", k=40, mode=mode, base_model="other", encoder=FixedEncoder(vectors[1]))
-        assert len(hits) == 18 and {h.base_model for h in hits} == {"other"}, mode
+    for channel in search.CHANNELS:
+        hits = reg.search("w1 common", k=38, channel=channel, encoder=FixedEncoder(vectors[1]))
+        assert len(hits) == 38 and {"lora-00000001", "lora-00000003"}.isdisjoint(h.lora_id for h in hits), channel
+        hits = reg.search("w1", k=40, channel=channel, encoder=FixedEncoder(vectors[1]), include_removed=True)
+        assert "lora-00000001" in {h.lora_id for h in hits}, channel
+        hits = reg.search("w1 common", k=40, channel=channel, base_model="other", encoder=FixedEncoder(vectors[1]))
+        assert len(hits) == 18 and {h.base_model for h in hits} == {"other"}, channel
+        hits = reg.search("common", k=5, channel=channel, where="lora_id IN ('lora-00000004', 'lora-00000006')",
+                          encoder=FixedEncoder(vectors[4]))
+        assert {h.lora_id for h in hits} == {"lora-00000004", "lora-00000006"}, channel
     assert reg.search_by_vector(vectors[1], k=1)[0].lora_id != "lora-00000001"
     assert len(reg.search_by_vector(vectors[1], k=40)) == 38
 
@@ -148,14 +158,16 @@ def test_query_vectors_equal_the_ones_stored_at_ingest(tmp_path):
     query = default_text_encoder().encode([row["search_text"]])[0]
     stored = np.asarray(row["text_vector"], dtype=np.float32)
     assert float(query @ stored / np.linalg.norm(stored)) >= 0.9999
-    hit = reg.search(row["search_text"], k=1, mode="vector")[0]
-    assert hit.lora_id == row["lora_id"] and hit.score >= 0.9999
+    hit = reg.search(row["search_text"], k=1, channel="text")[0]
+    assert hit.lora_id == row["lora_id"] and hit.score == pytest.approx(1.0)  # first in both lists
 
 
 def test_empty_registry_and_a_failing_encoder(tmp_path):
     reg = Registry.open(tmp_path / "registry")
-    for mode in search.MODES:
-        assert reg.search("anything", mode=mode, encoder=FixedEncoder(unit(1, 0)[0])) == []
+    for channel in ("hybrid", "text"):
+        assert reg.search("anything", channel=channel, encoder=FixedEncoder(unit(1, 0)[0])) == []
+    with pytest.raises(search.NoWeightEncoder, match="no LoRA-weight encoder is active"):
+        reg.search("anything", channel="weights", encoder=FixedEncoder(unit(1, 0)[0]))
 
     class Broken:
         def encode(self, texts, batch_size=64):
@@ -174,18 +186,18 @@ def test_listing_in_memory_follows_the_table(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "LISTING_RELOAD_S", 0.0)
     reg = Registry.open(tmp_path / "registry")
     vectors = unit(30, 4)
-    add_rows(reg, vectors, [f"w{i}" for i in range(30)])
+    add_rows(reg, vectors, [f"w{i}" for i in range(30)], weights=vectors)
     reg.maintain()
     searcher = reg._searcher
     searcher.warm(wait=True)
     assert searcher._listing is not None and len(searcher._listing.row_ids) == 30
-    before = {mode: reg.search("w5", k=3, mode=mode, encoder=FixedEncoder(vectors[5])) for mode in search.MODES}
+    before = {c: reg.search("w5", k=3, channel=c, encoder=FixedEncoder(vectors[5])) for c in search.CHANNELS}
     assert all(hits[0].lora_id == "lora-00000005" for hits in before.values())
 
     reg.loras.update(where="lora_id = 'lora-00000005'", values={"name": "renamed"})
-    for mode in search.MODES:
-        hits = reg.search("w5", k=3, mode=mode, encoder=FixedEncoder(vectors[5]))
-        assert hits[0].name == "renamed" and [h.lora_id for h in hits] == [h.lora_id for h in before[mode]]
+    for channel in search.CHANNELS:
+        hits = reg.search("w5", k=3, channel=channel, encoder=FixedEncoder(vectors[5]))
+        assert hits[0].name == "renamed" and [h.lora_id for h in hits] == [h.lora_id for h in before[channel]]
     async def reloaded():  # the reload the searches above started, on the search loop
         await searcher._reloading
 
@@ -196,3 +208,26 @@ def test_listing_in_memory_follows_the_table(tmp_path, monkeypatch):
     listing = searcher._listing
     assert listing.hits(listing.row_ids[:2], [1.0, 0.5])[1].score == 0.5
     assert listing.hits(np.array([listing.row_ids.max() + 1], dtype=listing.row_ids.dtype), [1.0]) is None
+
+
+def test_weight_channel_searches_only_the_active_encoder_version(tmp_path):
+    """The weight list holds vectors of the active encoder version only; hybrid fuses three lists
+    (score 1.0 = first in all three); a registry pinned before the switch has no weight channel."""
+    reg = Registry.open(tmp_path / "registry")
+    vectors = unit(20, 5)
+    add_rows(reg, vectors, [f"w{i}" for i in range(20)])
+    reg.tag("before")
+    reg.loras.delete("true")
+    add_rows(reg, vectors, [f"w{i}" for i in range(20)], weights=vectors, encoder_version="v1")
+    reg.maintain()
+    reg.loras.update(where="lora_id = 'lora-00000002'", values={"encoder_version": "v0"})  # a stale row
+    hits = reg.search("w2", k=20, channel="weights", encoder=FixedEncoder(vectors[2]))
+    assert len(hits) == 19 and "lora-00000002" not in {h.lora_id for h in hits}
+    assert hits[0].score == pytest.approx(max(float(vectors[i] @ vectors[2]) for i in range(20) if i != 2), abs=1e-5)
+    top = reg.search("w3", k=3, channel="hybrid", encoder=FixedEncoder(vectors[3]))
+    assert top[0].lora_id == "lora-00000003" and top[0].score == pytest.approx(1.0, abs=1e-6)
+    assert all(h.score <= 2 / 3 + 1e-6 for h in top[1:])  # first in at most two of the three lists
+    pinned = Registry.open(reg.root, version="before")
+    with pytest.raises(search.NoWeightEncoder):
+        pinned.search("w3", channel="weights", encoder=FixedEncoder(vectors[3]))
+    assert pinned.search("w3", k=1, encoder=FixedEncoder(vectors[3]))[0].lora_id == "lora-00000003"

@@ -1,0 +1,142 @@
+"""The weight channel's embeddings: LoRA rows embedded by the LoRA-weight encoder.
+
+* At ingest, a new LoRA is embedded with its base model's active encoder, zero-shot (no
+  retraining): :class:`WeightEmbedder`.
+* :func:`refresh_embeddings` embeds the rows that lack the active version's vector (incremental:
+  rows added before the encoder existed, or by a process that raced a switch).
+* :func:`switch_encoder` embeds every row of a base with a new version in one commit, then makes
+  that version active: search filters the weight channel on the active version, so a query never
+  ranks vectors of two encoders together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from registry.lora.inspect import load_canonical
+from registry.store.encoders import EncoderRecord, active_encoders, get_encoder, set_active
+from registry.store.store import Store, quote
+
+BATCH = 16  # LoRAs per encoder forward when re-embedding rows
+
+
+@dataclass
+class EmbedReport:
+    """What an embedding pass did: rows embedded per version, rows it could not read."""
+
+    embedded: dict[str, int] = field(default_factory=dict)
+    failed: list[dict] = field(default_factory=list)
+    activated: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"embedded": dict(self.embedded), "failed": list(self.failed), "activated": self.activated}
+
+
+def load_encoder(record: EncoderRecord):
+    """The encoder module of a registered version (torch; imported only when needed)."""
+    from models.encoder import LoRAWeightEncoder
+
+    return LoRAWeightEncoder.load(record.path).eval()
+
+
+class WeightEmbedder:
+    """The active encoder of each base model of a registry, loaded on first use."""
+
+    def __init__(self, store: Store) -> None:
+        self.records = active_encoders(store)
+        self._models: dict[str, object] = {}
+
+    def embed(self, base_model: str, factors: Mapping) -> tuple[list[float], str] | None:
+        """The weight vector of one LoRA and its encoder version (None: no active encoder)."""
+        record = self.records.get(base_model)
+        if record is None:
+            return None
+        return _encode(self._model(record), [factors])[0], record.version
+
+    def _model(self, record: EncoderRecord):
+        if record.version not in self._models:
+            self._models[record.version] = load_encoder(record)
+        return self._models[record.version]
+
+
+def _encode(model, batch: list[Mapping]) -> list[list[float]]:
+    import torch
+
+    with torch.no_grad():
+        return [v.tolist() for v in model(batch).float()]
+
+
+def _rows_to_embed(store: Store, base_model: str, version: str, only_missing: bool) -> list[dict]:
+    where = f"base_model = {quote(base_model)}"
+    if only_missing:
+        where += f" AND (encoder_version IS NULL OR encoder_version != {quote(version)})"
+    n = store.loras.count_rows(where)
+    return store.rows(store.loras, where, n, ["lora_id", "blob"]) if n else []
+
+
+def _embed_rows(store: Store, record: EncoderRecord, rows: list[dict], report: EmbedReport) -> list[dict]:
+    """``{lora_id, weight_vector, encoder_version}`` of ``rows`` (their stored blobs read)."""
+    model, out = load_encoder(record), []
+    for start in range(0, len(rows), BATCH):
+        batch, ids = [], []
+        for row in rows[start:start + BATCH]:
+            try:
+                lora, _ = load_canonical(store.root / row["blob"])
+            except (OSError, ValueError) as error:  # a blob gone or damaged: reported, not fatal
+                report.failed.append({"lora_id": row["lora_id"], "reason": str(error)})
+                continue
+            batch.append(lora.factors)
+            ids.append(row["lora_id"])
+        if batch:
+            out += [{"lora_id": i, "weight_vector": v, "encoder_version": record.version}
+                    for i, v in zip(ids, _encode(model, batch))]
+    return out
+
+
+def _write(store: Store, updates: list[dict]) -> None:
+    """One commit updating only the weight columns of existing rows."""
+    import pyarrow as pa
+
+    if not updates:
+        return
+    schema = pa.schema([store.loras.schema.field(n) for n in ("lora_id", "weight_vector", "encoder_version")])
+    data = pa.Table.from_pylist(updates, schema=schema)
+    from registry.store.store import WRITE_TIMEOUT
+
+    store.loras.merge_insert("lora_id").when_matched_update_all().execute(data, timeout=WRITE_TIMEOUT)
+
+
+def refresh_embeddings(store: Store) -> EmbedReport:
+    """Embed every row that lacks its base model's active encoder vector (one commit per base)."""
+    store._writable()
+    report = EmbedReport()
+    for base_model, record in active_encoders(store).items():
+        rows = _rows_to_embed(store, base_model, record.version, only_missing=True)
+        updates = _embed_rows(store, record, rows, report)
+        _write(store, updates)
+        report.embedded[record.version] = len(updates)
+    return report
+
+
+def switch_encoder(store: Store, version: str) -> EmbedReport:
+    """Embed every row of the version's base model with it (one commit), then make it active.
+    Rows ingested meanwhile with the previous version are caught up after the switch."""
+    store._writable()
+    record = get_encoder(store, version)
+    if record is None:
+        raise KeyError(f"no encoder version {version!r} in {store.root}")
+    report = EmbedReport()
+    if not record.active:
+        rows = _rows_to_embed(store, record.base_model, version, only_missing=True)
+        updates = _embed_rows(store, record, rows, report)
+        _write(store, updates)
+        report.embedded[version] = len(updates)
+        set_active(store, version)
+        report.activated = version
+    caught_up = refresh_embeddings(store)
+    for v, n in caught_up.embedded.items():
+        report.embedded[v] = report.embedded.get(v, 0) + n
+    report.failed += caught_up.failed
+    return report
+
