@@ -1,0 +1,136 @@
+"""HTTP for sources that are plain REST APIs (Civitai): a ``requests`` session whose retries
+(429 with ``Retry-After``, 5xx with exponential back-off) are urllib3's ``Retry``, and a
+resumable, size-capped, sha256-verified download.
+
+Written by hand (no library does it): resuming a ``.part`` file with ``Range`` after a cut
+connection, and stopping a body that runs past the size promised or the cap.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from pipelines.sources.base import SourceError
+from registry.hashing import sha256_file
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+_CHUNK = 64 * 1024  # small: a cut connection loses at most this much
+
+
+def make_session(token: str | None = None, retries: int = 4, backoff: float = 0.5,
+                 max_retry_after: float = 120.0) -> requests.Session:
+    """A session sending ``Authorization: Bearer token`` (requests drops it on a redirect to
+    another host, e.g. a CDN) that retries 429/5xx, honouring ``Retry-After`` up to
+    ``max_retry_after`` seconds."""
+    session = requests.Session()
+    retry = _CappedRetry(total=retries, connect=retries, read=retries, status=retries,
+                         status_forcelist=RETRY_STATUSES, backoff_factor=backoff,
+                         allowed_methods=frozenset({"GET", "HEAD"}), respect_retry_after_header=True,
+                         raise_on_status=False)
+    retry.max_retry_after = max_retry_after
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
+class _CappedRetry(Retry):
+    """``Retry`` whose wait for a ``Retry-After`` is capped (a server asking for an hour does
+    not stall a crawl: it fails and the candidate is retried at the next sync)."""
+
+    max_retry_after: float = 120.0
+
+    def new(self, **kw):  # urllib3 copies the object on every retry
+        new = super().new(**kw)
+        new.max_retry_after = self.max_retry_after
+        return new
+
+    def get_retry_after(self, response):
+        after = super().get_retry_after(response)
+        return None if after is None else min(after, self.max_retry_after)
+
+
+def get_json(session: requests.Session, url: str, params: dict | None = None, timeout: float = 30) -> dict:
+    """GET JSON; error statuses (after retries) raise :class:`SourceError`."""
+    try:
+        response = session.get(url, params=params, timeout=timeout)
+    except requests.RequestException as error:
+        raise SourceError("network", f"{url}: {error}") from error
+    if response.status_code == 404:
+        raise SourceError("vanished", f"{url}: 404 not found")
+    if response.status_code >= 400:
+        raise SourceError("http", f"{url}: HTTP {response.status_code} {response.text[:200]}")
+    try:
+        data = response.json()
+    except ValueError as error:
+        raise SourceError("http", f"{url}: not JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise SourceError("http", f"{url}: expected a JSON object")
+    return data
+
+
+def download(session: requests.Session, url: str, dest: Path, *, size: int | None = None,
+             sha256: str | None = None, max_bytes: int, attempts: int = 4, timeout: float = 60) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part`` (resumed with ``Range`` when a previous
+    attempt left one), stopping at ``max_bytes`` or past the promised ``size``; the finished file
+    must match ``size`` and ``sha256`` or it is deleted and :class:`SourceError` raised."""
+    part = dest.with_name(dest.name + ".part")
+    limit = min(max_bytes, size) if size is not None else max_bytes
+    for attempt in range(attempts):
+        have = part.stat().st_size if part.exists() else 0
+        if have > limit:
+            part.unlink()
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            _stream(session, url, part, have, headers, limit, timeout)
+            break
+        except SourceError:
+            part.unlink(missing_ok=True)
+            raise
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
+            if attempt == attempts - 1:
+                raise SourceError("network", f"{url}: {error}") from error
+            time.sleep(min(2 ** attempt * 0.25, 5))
+    got = part.stat().st_size
+    if size is not None and got != size:
+        part.unlink()
+        raise SourceError("sha256_mismatch", f"{url}: got {got} bytes, promised {size}")
+    if sha256:
+        actual = sha256_file(part)
+        if actual.lower() != sha256.lower():
+            part.unlink()
+            raise SourceError("sha256_mismatch", f"{url}: sha256 {actual} != promised {sha256.lower()}")
+    os.replace(part, dest)
+    return dest
+
+
+def _stream(session: requests.Session, url: str, part: Path, have: int, headers: dict,
+            limit: int, timeout: float) -> None:
+    with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
+        if response.status_code in (404, 410):
+            raise SourceError("vanished", f"{url}: HTTP {response.status_code}")
+        if response.status_code == 416 and have:  # the part is already whole
+            return
+        if response.status_code >= 400:
+            raise SourceError("http", f"{url}: HTTP {response.status_code}")
+        if have and response.status_code != 206:  # the server ignored Range: start over
+            have = 0
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and have + int(declared) > limit:
+            raise SourceError("too_large", f"{url}: {have + int(declared)} bytes > limit {limit}")
+        with open(part, "ab" if have else "wb") as handle:
+            written = have
+            for chunk in response.iter_content(_CHUNK):
+                written += len(chunk)
+                if written > limit:
+                    raise SourceError("too_large", f"{url}: more than {limit} bytes, stopped")
+                handle.write(chunk)

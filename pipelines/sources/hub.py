@@ -1,0 +1,160 @@
+"""The Hugging Face Hub as a LoRA source, through ``huggingface_hub`` only.
+
+Discovery lists adapters of a base model (``base_model:adapter:...``) newest-modified first and
+stops at the cursor's high-water mark (``lastModified`` plus the repos seen at exactly that
+instant, with their commit). Every later read is pinned to the listed commit sha: the card
+(``instance_prompt``, ``widget``), file sizes and LFS sha256, and ``hf_hub_download`` (which
+resumes an ``.incomplete`` file). ``HF_ENDPOINT`` and ``HF_TOKEN`` apply as usual; an explicit
+``endpoint``/``token`` wins.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+
+from pipelines.sources.base import Candidate, Cursor, RemoteFile, Render, SourceError, safe_name
+from registry.hashing import sha256_file
+
+FLUX_DEV_ADAPTERS = "base_model:adapter:black-forest-labs/FLUX.1-dev"
+_WEIGHT_SUFFIXES = (".safetensors",)
+
+
+class HubSource:
+    """Hub repos matching ``filter`` (default: LoRAs/adapters of FLUX.1-dev)."""
+
+    def __init__(self, *, filter: str = FLUX_DEV_ADAPTERS, endpoint: str | None = None,
+                 token: str | bool | None = None, page_size: int = 100, max_models: int | None = None,
+                 max_file_bytes: int = 2 << 30, renders_per_model: int = 4, name: str = "hub") -> None:
+        self.name, self.filter, self.page_size, self.max_models = name, filter, page_size, max_models
+        self.endpoint = endpoint or hf_constants.ENDPOINT
+        self.token = token
+        self.max_file_bytes, self.renders_per_model = max_file_bytes, renders_per_model
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+
+    # ---- discovery ---------------------------------------------------------------------
+    def discover(self, cursor: Cursor | None) -> tuple[list[Candidate], Cursor]:
+        """Repos modified since ``cursor`` (``{"since": iso time, "at_since": {repo: sha}}``)."""
+        cursor = cursor or {}
+        since = datetime.fromisoformat(cursor["since"]) if cursor.get("since") else None
+        at_since: dict[str, str] = dict(cursor.get("at_since", {}))
+        listing = []
+        try:
+            for model in self.api.list_models(filter=self.filter, sort="last_modified", full=True,
+                                              limit=self.max_models):
+                modified = model.last_modified
+                if since is not None and modified is not None and modified < since:
+                    break  # sorted newest first: the rest is older than the mark
+                if since is not None and modified == since and at_since.get(model.id) == model.sha:
+                    continue
+                listing.append(model)
+        except HfHubHTTPError as error:
+            raise _source_error(error, "listing") from error
+        found = []
+        for model in listing:
+            try:
+                found.append(self.candidate(model.id, model.sha))
+            except SourceError:
+                continue  # gone since the listing (or unreadable): nothing to fetch
+        times = [m.last_modified for m in listing if m.last_modified is not None]
+        if not times:
+            return found, {"since": cursor.get("since"), "at_since": at_since}
+        newest = max(times)
+        top = {m.id: m.sha for m in listing if m.last_modified == newest}
+        if since is not None and newest == since:
+            top = {**at_since, **top}
+        return found, {"since": newest.isoformat(), "at_since": top}
+
+    def candidate(self, repo_id: str, sha: str | None) -> Candidate:
+        """The candidate for ``repo_id`` at commit ``sha``: weights, card and renders."""
+        try:
+            info = self.api.model_info(repo_id, revision=sha, files_metadata=True)
+            sha = info.sha or sha
+            siblings = [s for s in info.siblings or [] if s.rfilename.lower().endswith(_WEIGHT_SUFFIXES)]
+            known = {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None) for s in siblings}
+            missing = [name for name, (size, _) in known.items() if size is None]
+            if missing:  # a server that left sizes out of model_info: ask paths-info
+                for entry in self.api.get_paths_info(repo_id, missing, revision=sha):
+                    lfs = getattr(entry, "lfs", None)
+                    known[entry.path] = (getattr(entry, "size", None), lfs.sha256 if lfs else None)
+        except HfHubHTTPError as error:
+            raise _source_error(error, repo_id) from error
+        card = info.card_data.to_dict() if info.card_data is not None else {}
+        files = [RemoteFile(name, self._url(repo_id, sha, name), size, lfs_sha)
+                 for name, (size, lfs_sha) in sorted(known.items())]
+        tags = list(info.tags or [])
+        return Candidate(
+            source=self.name, id=repo_id, revision=str(sha), name=repo_id.split("/")[-1],
+            files=files, trigger_words=_words(card.get("instance_prompt")),
+            renders=self._renders(repo_id, sha, card.get("widget")), licence=str(card.get("license") or ""),
+            nsfw_level="nsfw" if "not-for-all-audiences" in tags else "",
+            base_model=_first(card.get("base_model")), page_url=f"{self.endpoint}/{repo_id}/tree/{sha}",
+            tags=[t for t in tags if ":" not in t],
+        )
+
+    def _renders(self, repo_id: str, sha: str, widget: object) -> list[Render]:
+        renders = []
+        for item in widget if isinstance(widget, list) else []:
+            output = item.get("output") if isinstance(item, dict) else None
+            url = output.get("url") if isinstance(output, dict) else None
+            if isinstance(url, str) and url and "://" not in url and ".." not in url.split("/"):
+                renders.append(Render(RemoteFile(url, self._url(repo_id, sha, url)), str(item.get("text") or "")))
+        return renders[: self.renders_per_model]
+
+    def _url(self, repo_id: str, sha: str, name: str) -> str:
+        return f"{self.endpoint}/{repo_id}/resolve/{sha}/{name}"
+
+    # ---- download ----------------------------------------------------------------------
+    def fetch(self, candidate: Candidate, file: RemoteFile, dest_dir: Path) -> Path:
+        """``hf_hub_download`` at the candidate's commit into ``dest_dir/_hub`` (where a cut
+        download resumes), verified against the LFS sha256, then moved to ``dest_dir``."""
+        if file.size is not None and file.size > self.max_file_bytes:
+            raise SourceError("too_large", f"{file.name}: {file.size} bytes > limit {self.max_file_bytes}")
+        scratch = Path(dest_dir) / "_hub"
+        try:
+            got = Path(hf_hub_download(candidate.id, file.name, revision=candidate.revision, local_dir=scratch,
+                                       endpoint=self.endpoint, token=self.token))
+        except LocalEntryNotFoundError as error:  # no connection
+            raise SourceError("network", f"{candidate.id}/{file.name}: {error}") from error
+        except (HfHubHTTPError, EntryNotFoundError) as error:
+            raise _source_error(error, f"{candidate.id}/{file.name}") from error
+        except OSError as error:  # e.g. size differs from what the server announced
+            raise SourceError("network", f"{candidate.id}/{file.name}: {error}") from error
+        size = got.stat().st_size
+        if size > self.max_file_bytes:
+            got.unlink()
+            raise SourceError("too_large", f"{file.name}: {size} bytes > limit {self.max_file_bytes}")
+        if file.sha256 and sha256_file(got) != file.sha256.lower():
+            got.unlink()
+            raise SourceError("sha256_mismatch", f"{candidate.id}/{file.name}: content differs from LFS sha256 "
+                                                 f"{file.sha256}")
+        final = Path(dest_dir) / safe_name(file.name)
+        os.replace(got, final)
+        return final
+
+
+def _source_error(error: Exception, what: str) -> SourceError:
+    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)):
+        return SourceError("vanished", f"{what}: {error}")
+    return SourceError("http", f"{what}: {error}")
+
+
+def _words(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return []
+
+
+def _first(value: object) -> str:
+    if isinstance(value, list):
+        return str(value[0]) if value else ""
+    return str(value or "")
+

@@ -1,0 +1,78 @@
+"""Local folders as a LoRA source (ComfyUI ``models/loras``, A1111 ``models/Lora``: LoRA files
+with sidecar ``.json`` cards, ``.civitai.info`` and previews, read by the shared ingest).
+
+The cursor maps each LoRA file to a short digest of its size, mtime and its sidecars' stats,
+so a new file, a rewritten one, or one whose card or preview changed is a candidate again;
+a deleted file drops out of the cursor. Nothing is copied: ``fetch`` returns the file itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pipelines.sources.base import Candidate, Cursor, RemoteFile, SourceError
+from registry.ingest import CANDIDATE_SUFFIXES
+from registry.lora.metadata import sidecar_files, sidecar_signature
+
+
+class LocalSource:
+    """LoRA files under ``folder`` (walked; symlinked folders are not followed)."""
+
+    in_place = True  # sync ingests the files where they are
+
+    def __init__(self, folder: str | os.PathLike, name: str = "local") -> None:
+        self.folder, self.name = Path(folder).expanduser(), name
+
+    def discover(self, cursor: Cursor | None) -> tuple[list[Candidate], Cursor]:
+        """Files new or changed since ``cursor`` (``{"files": {path: digest}}``)."""
+        seen: dict[str, str] = dict((cursor or {}).get("files", {}))
+        now: dict[str, str] = {}
+        found = []
+        for path, stat, siblings in _lora_files(self.folder):
+            digest = _digest(path, stat, siblings)
+            now[str(path)] = digest
+            if seen.get(str(path)) != digest:
+                found.append(Candidate(source=self.name, id=str(path), revision=digest, name=path.stem,
+                                       files=[RemoteFile(path.name, path.as_uri(), stat.st_size)],
+                                       page_url=path.as_uri()))
+        return found, {"files": now}
+
+    def fetch(self, candidate: Candidate, file: RemoteFile, dest_dir: Path) -> Path:
+        """The local file itself (nothing is copied; ``dest_dir`` is unused)."""
+        path = Path(candidate.id)
+        if not path.is_file():
+            raise SourceError("vanished", f"{path} is gone")
+        return path
+
+
+def changed_files(folder: str | os.PathLike, cursor: str | None) -> tuple[list[str], str]:
+    """For a Dagster sensor: the paths of new or changed LoRA files under ``folder`` and the new
+    cursor, both as the sensor keeps them (sorted paths, a JSON string)."""
+    found, new = LocalSource(folder).discover(json.loads(cursor) if cursor else None)
+    return sorted(c.id for c in found), json.dumps(new, sort_keys=True)
+
+
+def _lora_files(folder: Path):
+    if not folder.is_dir():
+        return
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. a sync's .staging
+        siblings = sorted(names)
+        for name in siblings:
+            if Path(name).suffix.lower() not in CANDIDATE_SUFFIXES:
+                continue
+            path = Path(root) / name
+            try:
+                stat = path.stat()
+            except OSError:  # vanished or a broken link: not a candidate
+                continue
+            if path.is_file():
+                yield path, stat, siblings
+
+
+def _digest(path: Path, stat: os.stat_result, siblings: list[str]) -> str:
+    sidecars = sidecar_signature(sidecar_files(path, siblings))
+    return hashlib.sha1(f"{stat.st_size}\0{stat.st_mtime_ns}\0{sidecars}".encode()).hexdigest()[:16]

@@ -1,0 +1,207 @@
+"""Hub source against the real ``olah`` mirror server (offline mode) serving git mirrors built
+here: one git repo per model with a model card, LFS pointer files and the LFS objects under
+``.git/lfs/objects`` (so the sha256 olah reports is the content's). ``huggingface_hub`` makes
+every call; the only route added to olah is ``/api/models`` (see ``olah_server.py``).
+
+olah runs from its own venv (its pins downgrade psutil): ``python3.11 -m venv .venv-olah &&
+.venv-olah/bin/pip install olah==0.5.4`` at the repo root, or ``OLAH_PYTHON=/path/to/python``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import png_bytes, sha256
+
+import huggingface_hub.constants as hf_constants
+from pipelines.sources.hub import FLUX_DEV_ADAPTERS, HubSource
+from pipelines.sources.sync import STAGING, sync
+from registry import Registry
+
+HERE = Path(__file__).resolve().parent
+OLAH_PYTHON = Path(os.environ.get("OLAH_PYTHON", HERE.parents[2] / ".venv-olah" / "bin" / "python"))
+PAGE_SIZE = 2
+
+
+def _git(repo: Path, *args: str, when: str = "2025-01-01T00:00:00") -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when}
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def mirror_repo(mirrors: Path, repo_id: str, files: dict[str, bytes], card: str, when: str) -> str:
+    """A git mirror of ``repo_id``: README card, each weight as an LFS pointer + LFS object.
+    Returns the commit sha."""
+    repo = mirrors / "models" / repo_id
+    repo.mkdir(parents=True, exist_ok=True)
+    if not (repo / ".git").exists():
+        _git(repo, "init", "-q", "-b", "main")
+    (repo / "README.md").write_text(card, encoding="utf-8")
+    for name, data in files.items():
+        target = repo / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors"):
+            oid = sha256(data)
+            obj = repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+            obj.parent.mkdir(parents=True, exist_ok=True)
+            obj.write_bytes(data)
+            target.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n")
+        else:
+            target.write_bytes(data)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "upload", when=when)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def card(i: int) -> str:
+    return (f"---\nlicense: other\nbase_model: black-forest-labs/FLUX.1-dev\ntags:\n- lora\n"
+            f"instance_prompt: trig{i}\nwidget:\n- text: a paper lantern, trig{i}\n  output:\n"
+            f"    url: images/example.png\n---\n# Lantern {i}\n")
+
+
+class Olah:
+    """The olah process, its mirrors and the listing it serves."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.mirrors = root, root / "mirrors"
+        self.mirrors.mkdir(parents=True)
+        self.listing: list[dict] = []
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = root / "olah.toml"
+        self.config.write_text(
+            f'[basic]\nhost = "127.0.0.1"\nport = {self.port}\nrepos-path = "{root / "cache"}"\n'
+            f'mirrors-path = ["{self.mirrors}"]\nmirror-netloc = "127.0.0.1:{self.port}"\n'
+            f'mirror-lfs-netloc = "127.0.0.1:{self.port}"\n[accessibility]\noffline = true\n')
+        self.write_listing()
+        self.process = subprocess.Popen([str(OLAH_PYTHON), str(HERE / "olah_server.py"), str(self.config),
+                                         str(root / "listing.json"), str(PAGE_SIZE)],
+                                        stdout=subprocess.DEVNULL, stderr=open(root / "olah.err", "w"))
+        deadline = time.time() + 60
+        while True:
+            try:
+                requests.get(f"{self.url}/_test/count", timeout=1)
+                break
+            except requests.ConnectionError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"olah did not start: {(root / 'olah.err').read_text()[-2000:]}")
+                time.sleep(0.2)
+
+    def add(self, repo_id: str, files: dict[str, bytes], card_text: str, when: str) -> str:
+        sha = mirror_repo(self.mirrors, repo_id, files, card_text, when)
+        self.listing = [m for m in self.listing if m["id"] != repo_id]
+        self.listing.append({"id": repo_id, "sha": sha, "lastModified": when + ".000Z",
+                             "tags": ["lora", FLUX_DEV_ADAPTERS, "base_model:black-forest-labs/FLUX.1-dev"]})
+        self.write_listing()
+        return sha
+
+    def write_listing(self) -> None:
+        (self.root / "listing.json").write_text(json.dumps(self.listing))
+
+    def listing_pages(self) -> int:
+        return requests.get(f"{self.url}/_test/count", timeout=5).json()["listing_pages"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def olah(tmp_path, monkeypatch):
+    if not OLAH_PYTHON.exists():
+        pytest.skip(f"olah's venv is missing ({OLAH_PYTHON}); see this module's docstring")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # tests/conftest.py sets it for the rest
+    server = Olah(tmp_path / "olah")
+    yield server
+    server.stop()
+
+
+def _populate(olah: Olah, loras: list[bytes]) -> dict[str, str]:
+    shas = {}
+    for i, data in enumerate(loras):
+        shas[f"org{i}/lantern-{i}"] = olah.add(f"org{i}/lantern-{i}", {
+            "lantern.safetensors": data, "images/example.png": png_bytes(20 * i)}, card(i),
+            f"2025-01-0{i + 1}T00:00:00")
+    return shas
+
+
+def test_hub_crawl_pinned_to_commits_downloads_verifies_and_ingests(olah, loras, tmp_path):
+    shas = _populate(olah, loras)
+    source = HubSource(endpoint=olah.url, page_size=PAGE_SIZE)
+    started = time.perf_counter()
+    found, cursor = source.discover(None)
+    seconds = time.perf_counter() - started
+    pages = olah.listing_pages()
+    started = time.perf_counter()
+    for _ in range(10):  # the listing alone: pages/s through huggingface_hub's Link paging
+        list(source.api.list_models(filter=FLUX_DEV_ADAPTERS, sort="last_modified", full=True))
+    listing_rate = (olah.listing_pages() - pages) / (time.perf_counter() - started)
+    assert [c.id for c in found] == ["org2/lantern-2", "org1/lantern-1", "org0/lantern-0"]  # newest first
+    lantern = found[1]
+    assert lantern.revision == shas["org1/lantern-1"] and lantern.trigger_words == ["trig1"]
+    assert lantern.files[0].sha256 == sha256(loras[1]) and lantern.files[0].size == len(loras[1])
+    assert lantern.renders[0].prompt == "a paper lantern, trig1" and lantern.licence == "other"
+    print(f"\nhub discovery: {pages} listing pages + {len(found)} model_info in {seconds:.2f} s; "
+          f"listing alone {listing_rate:.0f} pages/s")
+
+    reg = Registry.open(tmp_path / "reg")
+    report = sync(source, reg, tmp_path / "dl")
+    assert report.failed == [] and len(report.ingest.added) == 3, report.to_dict()
+    rows = {r["name"]: r for r in reg.column_rows(reg.loras, ["name", "trigger_words", "render_prompts", "render_blobs"])}
+    assert rows["lantern-1"]["trigger_words"] == ["trig1"]
+    assert rows["lantern-1"]["render_prompts"] == ["a paper lantern, trig1"] and rows["lantern-1"]["render_blobs"][0]
+    assert not list((tmp_path / "dl" / STAGING / "hub").iterdir())
+
+    # a new commit to one repo: only that repo is rediscovered, at its new sha
+    new_sha = olah.add("org0/lantern-0", {"lantern.safetensors": loras[0], "extra.txt": b"x"}, card(0),
+                       "2025-02-01T00:00:00")
+    again = sync(source, reg, tmp_path / "dl", report.cursor)
+    assert again.downloaded == [f"hub:org0/lantern-0@{new_sha}"] and again.failed == []
+    assert again.ingest.added == [] and len(reg) == 3  # same weights: a duplicate, not a new LoRA
+    assert sync(source, reg, tmp_path / "dl", again.cursor).discovered == 0
+
+
+def test_hub_sha256_mismatch_is_rejected(olah, loras, tmp_path):
+    _populate(olah, loras[:1])
+    obj = next((olah.mirrors / "models" / "org0" / "lantern-0" / ".git" / "lfs" / "objects").rglob("*"))
+    while obj.is_dir():
+        obj = next(obj.iterdir())
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 0xFF  # the stored object no longer matches its pointer's sha256
+    obj.write_bytes(bytes(data))
+    reg = Registry.open(tmp_path / "reg")
+    report = sync(HubSource(endpoint=olah.url), reg, tmp_path / "dl")
+    assert [f["code"] for f in report.failed] == ["sha256_mismatch"] and len(reg) == 0
+    assert not (tmp_path / "dl" / "hub").exists() or not list((tmp_path / "dl" / "hub").iterdir())
+    assert not any((tmp_path / "dl").rglob("*.safetensors"))
+
+
+def test_hub_repo_vanished_between_listing_and_download(olah, loras, tmp_path):
+    _populate(olah, loras[:2])
+    source = HubSource(endpoint=olah.url)
+    found, cursor = source.discover(None)
+    shutil.rmtree(olah.mirrors / "models" / "org1")  # deleted after the listing
+    from pipelines.sources.base import SourceError
+
+    with pytest.raises(SourceError) as error:
+        source.fetch(found[0], found[0].files[0], tmp_path / "stage")
+    assert error.value.code == "vanished"
+    fetched = source.fetch(found[1], found[1].files[0], tmp_path / "stage")
+    assert sha256(fetched.read_bytes()) == sha256(loras[0])
+
+
+def test_hub_file_over_the_cap_is_not_downloaded(olah, loras, tmp_path):
+    _populate(olah, loras[:1])
+    reg = Registry.open(tmp_path / "reg")
+    report = sync(HubSource(endpoint=olah.url, max_file_bytes=1000), reg, tmp_path / "dl")
+    assert [f["code"] for f in report.failed] == ["too_large"] and len(reg) == 0
