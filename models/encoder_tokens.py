@@ -134,17 +134,14 @@ class LayerTokenizer(nn.Module):
                    device: torch.device) -> Tensor:
         """``B (A Q)`` for every (LoRA, layer) entry of one module type, ranks zero-padded."""
         ranks = [a.shape[0] for _, _, a, _ in entries]
-        r_max = max(ranks)
-        if all(r == r_max for r in ranks):
-            a_pad = torch.stack([a for _, _, a, _ in entries]).to(device, torch.float32)
-            b_pad = torch.stack([b for _, _, _, b in entries]).to(device, torch.float32)
-        else:
-            first_a, first_b = entries[0][2], entries[0][3]
-            a_pad = torch.zeros(len(entries), r_max, first_a.shape[1], device=device)
-            b_pad = torch.zeros(len(entries), first_b.shape[0], r_max, device=device)
-            for m, (_, _, a, b) in enumerate(entries):
-                a_pad[m, : a.shape[0]] = a
-                b_pad[m, :, : b.shape[1]] = b
+        r_max, first_a, first_b = max(ranks), entries[0][2], entries[0][3]
+        # one pass per factor: cast (e.g. from bf16) while copying into the padded batch
+        alloc = torch.empty if all(r == r_max for r in ranks) else torch.zeros
+        a_pad = alloc(len(entries), r_max, first_a.shape[1], device=device)
+        b_pad = alloc(len(entries), first_b.shape[0], r_max, device=device)
+        for m, (_, _, a, b) in enumerate(entries):
+            a_pad[m, : a.shape[0]].copy_(a)
+            b_pad[m, :, : b.shape[1]].copy_(b)
         probe = self.probe[key]
         if probe.shape[0] == 1:
             aq = a_pad @ probe[0]                                       # [m, r, P]

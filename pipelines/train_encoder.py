@@ -110,7 +110,9 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
     text_emb = torch.from_numpy(np.asarray(text_encoder.encode(list(texts)), dtype=np.float32))
     if text_emb.shape[1] != config.embed_dim:
         raise ValueError(f"text embeddings are {text_emb.shape[1]}-d, the encoder's {config.embed_dim}-d")
-    options = dict(augment_options or {})
+    # reparametrisation is off by default: the encoder is exactly invariant to it (tested), so it
+    # would only cost time; rank truncation (float64 QR+SVD per layer) is the costly one kept
+    options = {"p_reparametrise": 0.0, "p_truncate": 0.2, **(augment_options or {})}
     if config.require_all_layers:  # dropping layers would make every LoRA invalid
         options["p_drop"] = 0.0
     threads = torch.get_num_threads()
