@@ -159,7 +159,7 @@ class Captioner:
         found: dict[str, tuple[str, bool]] = {}
         todo: dict[str, bytes] = {}
         for sha, png in zip(shas, pngs, strict=True):
-            text = self.cache.get(sha, self.model, self.prompt) if self.cache else None
+            text = self.cache.get(sha, self.model, self.prompt) if self.cache is not None else None
             if text is not None:
                 found[sha] = (text, True)
             elif sha not in found:
@@ -175,7 +175,7 @@ class Captioner:
                         errors[sha] = e
                         continue
                     found[sha] = (text, False)
-                    if self.cache:
+                    if self.cache is not None:
                         self.cache.put(sha, self.model, self.prompt, text)
         if errors:
             first = next(iter(errors.values()))
@@ -185,7 +185,7 @@ class Captioner:
     def close(self) -> None:
         """Close the HTTP session and the cache."""
         self._session.close()
-        if self.cache:
+        if self.cache is not None:
             self.cache.close()
 
     def __enter__(self) -> Captioner:

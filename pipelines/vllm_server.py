@@ -72,7 +72,7 @@ def server_command(
         "--model", str(model_dir), "--served-model-name", served_name,
         "--host", "127.0.0.1", "--port", str(port),
         "--distributed-executor-backend", "uni", "--enforce-eager", "--dtype", "float32",
-        "--max-model-len", str(max_model_len), "--disable-log-stats",
+        "--max-model-len", str(max_model_len),
         *extra_args,
     ]  # fmt: skip
 
