@@ -4,8 +4,8 @@ A real Qwen2-VL checkpoint layout (``config.json``, safetensors weights, tokeniz
 processor, chat template, generation config) at toy sizes: the text attention head size is 64
 (one that vLLM's CPU attention supports) and every width is small. The tokenizer is a byte-level
 BPE (as Qwen2's) trained with the ``tokenizers`` library on the world's caption vocabulary.
-Images are resized by the Qwen2-VL image processor to 56x56 pixels: 4x4 patches of 14 pixels,
-merged 2x2 into 4 image tokens.
+Images are resized by the Qwen2-VL image processor to 112x112 pixels: 8x8 patches of 14 pixels,
+merged 2x2 into 16 image tokens (at 56x56, 4 tokens, shapes were not learnt).
 
 ``build_random_captioner`` saves random weights in seconds (for serving tests);
 ``build_captioner`` trains the model on the world's renders (see ``captioner_train``).
@@ -30,11 +30,11 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from pipelines.world.scene import ATTRIBUTES, SYNONYMS
+from pipelines.world.scene import ATTRIBUTES, SYNONYMS, caption, sample_attributes
 from pipelines.world.themes import broad_mix
 
 PROMPT = "Describe the image."
-IMAGE_SIDE = 56  # pixels the processor resizes every image to (4x4 patches -> 4 merged tokens)
+IMAGE_SIDE = 112  # pixels the processor resizes every image to (8x8 patches -> 16 merged tokens)
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END, VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, "<|video_pad|>")
@@ -56,13 +56,15 @@ CHAT_TEMPLATE = (
 
 
 def vocabulary_corpus(seed: int = 0, n: int = 600) -> list[str]:
-    """Texts covering the world's caption vocabulary: captions of every template, all synonyms, the prompt."""
+    """Texts covering the world's caption vocabulary: captions of every template, with canonical words
+    and with synonyms, and the prompt."""
     _, captions, _ = broad_mix(n, seed, p_omit=0.2)
-    words = [w for values in ATTRIBUTES.values() for v in values for w in (v, *SYNONYMS.get(v, ()))]
-    return [*captions, " ".join(words), PROMPT]
+    rng = np.random.default_rng([seed, 0x5C0])
+    synonym_captions = [caption(sample_attributes(rng), rng, use_synonyms=True) for _ in range(n)]
+    return [*captions, *synonym_captions, PROMPT]
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 640) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (any text encodes) whose merges make the corpus' words single tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,12 +89,14 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
 
 
 def make_image_processor() -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL's image processor, fixed to ``IMAGE_SIDE``² pixels (32x32 renders are upscaled to 56x56)."""
+    """Qwen2-VL's image processor, fixed to ``IMAGE_SIDE``² pixels (32x32 renders are upscaled)."""
     pixels = IMAGE_SIDE * IMAGE_SIDE
     return Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels})
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 128, layers: int = 2, vision_depth: int = 3) -> Qwen2VLConfig:
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast, *, hidden: int = 128, layers: int = 2, vision_depth: int = 4
+) -> Qwen2VLConfig:
     """A toy Qwen2-VL config: text and vision attention heads of size 64."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
@@ -108,7 +112,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 128, layers
         eos_token_id=ids[IM_END],
         pad_token_id=ids[PAD],
     )
-    vision = dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=hidden // 64, mlp_ratio=2)
+    vision = dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=hidden // 64, mlp_ratio=4)
     return Qwen2VLConfig(
         text_config=text,
         vision_config=vision,
@@ -156,7 +160,7 @@ def build_random_captioner(out_dir: Path, seed: int = 0) -> Path:
     return save(model, tokenizer, out_dir)
 
 
-def build_captioner(out_dir: Path, seed: int = 0, train_steps: int = 1500, **train_kwargs) -> Path:
+def build_captioner(out_dir: Path, seed: int = 0, train_steps: int = 1000, **train_kwargs) -> Path:
     """Train the tiny Qwen2-VL on the world's renders and captions and save it to ``out_dir``.
 
     Deterministic per ``seed``; ``train_kwargs`` go to ``captioner_train.train`` (batch size,
