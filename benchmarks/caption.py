@@ -1,7 +1,7 @@
 """Captioning benchmark: vLLM server start time and peak RSS, caption latency/throughput by concurrency,
 and, for a trained world captioner, attribute accuracy and agreement with transformers' greedy generate.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/caption.py [--trained] [--steps 600] [--n 48]
+    PYTHONPATH=. .venv/bin/python benchmarks/caption.py [--trained [--steps 1000] | --model-dir DIR] [--n 48]
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ def main() -> None:
     ap.add_argument("--trained", action="store_true", help="train the world captioner (else random weights)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--n", type=int, default=48, help="images per concurrency level")
+    ap.add_argument("--model-dir", type=Path, help="a trained captioner folder to serve (skips building)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     t0 = time.perf_counter()
-    if args.trained:
+    if args.model_dir:
+        folder, args.trained = args.model_dir, True
+    elif args.trained:
         import torch
 
         torch.set_num_threads(1)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
+from pipelines.caption import Captioner, png_bytes
+from pipelines.vllm_server import vllm_available, vllm_python, vllm_server
 from pipelines.world.captioner import (
     IMAGE_PAD,
     PROMPT,
@@ -117,6 +121,22 @@ def test_trained_captioner_describes_held_out_renders(tmp_path):
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     images, _, attrs = broad_mix(300, seed=987)  # another seed than training's: held-out renders
-    acc = attribute_accuracy(generate_captions(model, tok, make_image_processor(), images), attrs)
+    texts = generate_captions(model, tok, make_image_processor(), images)
+    acc = attribute_accuracy(texts, attrs)
     print(f"trained in {train_s:.0f} s; held-out attribute accuracy {acc}")
     assert acc["mean"] >= 0.8
+    if not vllm_available():
+        pytest.skip(f"no vLLM environment at {vllm_python()}: vLLM/transformers agreement not checked")
+    # vLLM serving the folder writes the same greedy captions as transformers' generate
+    pngs = [png_bytes(_png(im)) for im in images[:64]]
+    with vllm_server(folder) as srv, Captioner(srv.base_url, srv.model, concurrency=4, max_tokens=24) as cap:
+        served = [c.text for c in cap.caption(pngs)]
+    same = np.mean([a == b for a, b in zip(served, texts[:64], strict=True)])
+    print(f"vLLM captions identical to transformers': {same:.3f}")
+    assert same >= 0.95
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
