@@ -231,7 +231,7 @@ def _refreshed_rows(reg: Store, lora_ids: set[str]) -> list[dict]:
         row.update(name=meta.name, description=meta.description, trigger_words=meta.trigger_words,
                    tags=meta.tags, render_prompts=meta.render_prompts,
                    render_blobs=_render_blobs(reg, meta), search_text=meta.search_text(),
-                   removed=False)
+                   licence=meta.licence, nsfw_level=meta.nsfw_level, source_url=meta.source_url, removed=False)
     for row, vector in zip(rows, _embed([r["search_text"] for r in rows])):
         row["text_vector"] = vector
     return rows
@@ -249,6 +249,7 @@ def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
         "render_prompts": meta.render_prompts, "render_blobs": _render_blobs(reg, meta), "captions": [],
         "header_metadata": json.dumps(info.header_metadata, sort_keys=True),
         "search_text": meta.search_text(), "text_vector": vector, "added_at": _now(), "removed": False,
+        "licence": meta.licence, "nsfw_level": meta.nsfw_level, "source_url": meta.source_url,
     }
 
 

@@ -34,6 +34,9 @@ class LoraMetadata:
     base_model_hint: str = ""
     render_paths: list[str] = field(default_factory=list)
     render_prompts: list[str] = field(default_factory=list)
+    licence: str = ""
+    nsfw_level: str = ""  # as the source states it (Civitai: None/Soft/Mature/X or a number)
+    source_url: str = ""  # where it was downloaded from
 
     def search_text(self) -> str:
         """The document indexed for full-text and text-embedding search."""
@@ -43,7 +46,7 @@ class LoraMetadata:
 
     def update(self, other: "LoraMetadata") -> None:
         """Fill empty fields from ``other``; lists are merged without repeats."""
-        for name in ("name", "description", "base_model_hint"):
+        for name in ("name", "description", "base_model_hint", "licence", "nsfw_level", "source_url"):
             if not getattr(self, name) and getattr(other, name):
                 setattr(self, name, getattr(other, name))
         for name in ("trigger_words", "tags"):
@@ -118,6 +121,9 @@ def _from_card(card: dict, folder: Path) -> LoraMetadata:
         trigger_words=_split_words(card.get("trigger_words") or card.get("activation text") or ""),
         tags=_split_words(card.get("tags") or ""),
         base_model_hint=str(card.get("base_model") or card.get("sd version") or ""),
+        licence=str(card.get("licence") or card.get("license") or ""),
+        nsfw_level=str(card.get("nsfw_level") if card.get("nsfw_level") is not None else ""),
+        source_url=str(card.get("source_url") or ""),
     )
     for render in card.get("renders") or []:
         if isinstance(render, dict) and render.get("image"):
@@ -134,6 +140,8 @@ def _from_civitai(info: dict) -> LoraMetadata:
         trigger_words=_split_words(info.get("trainedWords") or []),
         tags=_split_words(model.get("tags") or []),
         base_model_hint=str(info.get("baseModel") or ""),
+        nsfw_level=str(model.get("nsfwLevel") if model.get("nsfwLevel") is not None else
+                       ("true" if model.get("nsfw") else "")),
     )
     for image in info.get("images") or []:
         prompt = (image.get("meta") or {}).get("prompt") if isinstance(image, dict) else None

@@ -9,6 +9,9 @@ FORMAT_VERSION = 3  # v2: files keyed by path with a stat cache, loras.removed; 
 WEIGHT_COLUMNS = (  # added by v3 (a v2 registry gains them, null, when opened for writing)
     pa.field("weight_vector", pa.list_(pa.float32(), TEXT_DIM)),  # the LoRA-weight encoder's embedding
     pa.field("encoder_version", pa.string()),  # the encoder that made it
+    pa.field("licence", pa.string()),  # as its card or source states it
+    pa.field("nsfw_level", pa.string()),
+    pa.field("source_url", pa.string()),
 )
 
 _TIME = pa.timestamp("us", tz="UTC")

@@ -104,8 +104,7 @@ class Store:
                 raise RegistryNotFound(f"{root}: the registry has no tables yet ({error})") from None
         else:
             tables = {name: self._create_table(name, *spec) for name, spec in TABLES.items()}
-            if _read_format(root) != FORMAT_VERSION:
-                self._upgrade(tables["loras"])
+            self._upgrade(tables["loras"])
         self.loras, self.files, self.rejections = tables["loras"], tables["files"], tables["rejections"]
         self.encoders = tables["encoders"]
         self.pinned: int | str | None = version
@@ -129,12 +128,13 @@ class Store:
         return cls(root, version)
 
     def _upgrade(self, loras) -> None:
-        """Format 2 -> 3: the LoRA table gains the (null) weight columns; then the marker says 3."""
+        """Format 2 -> 3: the LoRA table gains the columns it lacks (null); then the marker says 3."""
         have = set(loras.schema.names)
         missing = [f for f in WEIGHT_COLUMNS if f.name not in have]
         if missing:
             loras.add_columns(missing)
-        _write_marker(self.root)
+        if _read_format(self.root) != FORMAT_VERSION:
+            _write_marker(self.root)
 
     def _create_table(self, name: str, schema: pa.Schema, key: str):
         try:

@@ -44,6 +44,7 @@ def make_folder(folder: Path) -> dict[str, Path]:
     save_lora(files["sketch"], sketch, "kohya")
     (folder / "ember_glow.json").write_text(json.dumps({
         "name": "Ember Glow", "trigger_words": ["emb3r"], "description": "glowing embers, warm fire light",
+        "licence": "cc-by-4.0", "nsfw_level": "None", "source_url": "https://civitai.example/models/1",
         "renders": [{"image": "ember_glow.preview.png", "prompt": "emb3r, a campfire at night"}],
     }))
     from PIL import Image, PngImagePlugin
@@ -54,7 +55,7 @@ def make_folder(folder: Path) -> dict[str, Path]:
     Image.new("RGB", (8, 8), (90, 90, 90)).save(folder / "pencil_sketch.png", pnginfo=info)
     (folder / "pencil_sketch.civitai.info").write_text(json.dumps({
         "name": "v1", "trainedWords": ["skchy"], "baseModel": "Flux.1 D",
-        "model": {"name": "Pencil Sketch", "tags": ["drawing", "graphite"]},
+        "model": {"name": "Pencil Sketch", "tags": ["drawing", "graphite"], "nsfwLevel": "Mature"},
     }))
     return files
 
@@ -93,6 +94,15 @@ def test_rows_carry_file_and_sidecar_metadata(ingested):
     for row in rows.values():
         assert row["architecture"] == "flux" and row["base_model"] == "FLUX.1-dev" and row["rank"] == 4
         assert (reg.root / row["blob"]).is_file()
+
+
+def test_search_filters_on_licence_and_nsfw_level(ingested):
+    reg, _, _ = ingested
+    hits = reg.search("fire", k=5, channel="text", where="licence = 'cc-by-4.0' AND nsfw_level = 'None'")
+    assert [h.name for h in hits] == ["Ember Glow"]
+    assert reg.get(hits[0].lora_id)["source_url"] == "https://civitai.example/models/1"
+    safe = {h.name for h in reg.search("drawing", k=5, channel="text", where="nsfw_level IS NULL OR nsfw_level != 'Mature'")}
+    assert "Pencil Sketch" not in safe and "Ember Glow" in safe
 
 
 def test_search_hybrid_text_and_vector(ingested):
