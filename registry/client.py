@@ -78,7 +78,7 @@ class Registry(Store):
             raise ValueError(f"{checkpoint}: an encoder checkpoint without a version or base model")
         record = register_encoder(self, user_path(checkpoint), encoder.version, encoder.extra["base_model"],
                                   encoder.extra)
-        return switch_encoder(self, record.version) if activate else EmbedReport()
+        return switch_encoder(self, record.version, self.bases()) if activate else EmbedReport()
 
     def encoder_versions(self) -> list[EncoderRecord]:
         """Every registered encoder version (``active`` marks the one search uses per base)."""
@@ -88,7 +88,7 @@ class Registry(Store):
         """Embed the LoRAs that lack their base's active encoder vector (incremental)."""
         from registry.embed import refresh_embeddings
 
-        return refresh_embeddings(self)
+        return refresh_embeddings(self, self.bases())
 
     def maintain(self) -> MaintenanceReport:
         """Refresh every index and compact the tables (the CLI runs it after each ingest)."""

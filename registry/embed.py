@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from registry.lora.errors import RejectedFile
 from registry.lora.inspect import load_canonical
 from registry.store.encoders import EncoderRecord, active_encoders, get_encoder, set_active
 from registry.store.store import Store, quote
@@ -63,7 +64,9 @@ class WeightEmbedder:
 def _encode(model, batch: list[Mapping]) -> list[list[float]]:
     import torch
 
-    with torch.no_grad():
+    from models.torch_threads import one_torch_thread
+
+    with torch.no_grad(), one_torch_thread():  # small matmuls: OpenMP barriers cost more than they give
         return [v.tolist() for v in model(batch).float()]
 
 
@@ -75,15 +78,16 @@ def _rows_to_embed(store: Store, base_model: str, version: str, only_missing: bo
     return store.rows(store.loras, where, n, ["lora_id", "blob"]) if n else []
 
 
-def _embed_rows(store: Store, record: EncoderRecord, rows: list[dict], report: EmbedReport) -> list[dict]:
+def _embed_rows(store: Store, record: EncoderRecord, rows: list[dict], report: EmbedReport,
+                bases: Sequence) -> list[dict]:
     """``{lora_id, weight_vector, encoder_version}`` of ``rows`` (their stored blobs read)."""
     model, out = load_encoder(record), []
     for start in range(0, len(rows), BATCH):
         batch, ids = [], []
         for row in rows[start:start + BATCH]:
             try:
-                lora, _ = load_canonical(store.root / row["blob"])
-            except (OSError, ValueError) as error:  # a blob gone or damaged: reported, not fatal
+                lora, _ = load_canonical(store.root / row["blob"], bases)
+            except (OSError, ValueError, RejectedFile) as error:  # a blob gone or damaged: reported
                 report.failed.append({"lora_id": row["lora_id"], "reason": str(error)})
                 continue
             batch.append(lora.factors)
@@ -107,19 +111,20 @@ def _write(store: Store, updates: list[dict]) -> None:
     store.loras.merge_insert("lora_id").when_matched_update_all().execute(data, timeout=WRITE_TIMEOUT)
 
 
-def refresh_embeddings(store: Store) -> EmbedReport:
-    """Embed every row that lacks its base model's active encoder vector (one commit per base)."""
+def refresh_embeddings(store: Store, bases: Sequence = ()) -> EmbedReport:
+    """Embed every row that lacks its base model's active encoder vector (one commit per base).
+    ``bases``: the registry's base models (see :func:`registry.lora.inspect.load_canonical`)."""
     store._writable()
     report = EmbedReport()
     for base_model, record in active_encoders(store).items():
         rows = _rows_to_embed(store, base_model, record.version, only_missing=True)
-        updates = _embed_rows(store, record, rows, report)
+        updates = _embed_rows(store, record, rows, report, bases)
         _write(store, updates)
         report.embedded[record.version] = len(updates)
     return report
 
 
-def switch_encoder(store: Store, version: str) -> EmbedReport:
+def switch_encoder(store: Store, version: str, bases: Sequence = ()) -> EmbedReport:
     """Embed every row of the version's base model with it (one commit), then make it active.
     Rows ingested meanwhile with the previous version are caught up after the switch."""
     store._writable()
@@ -129,12 +134,12 @@ def switch_encoder(store: Store, version: str) -> EmbedReport:
     report = EmbedReport()
     if not record.active:
         rows = _rows_to_embed(store, record.base_model, version, only_missing=True)
-        updates = _embed_rows(store, record, rows, report)
+        updates = _embed_rows(store, record, rows, report, bases)
         _write(store, updates)
         report.embedded[version] = len(updates)
         set_active(store, version)
         report.activated = version
-    caught_up = refresh_embeddings(store)
+    caught_up = refresh_embeddings(store, bases)
     for v, n in caught_up.embedded.items():
         report.embedded[v] = report.embedded.get(v, 0) + n
     report.failed += caught_up.failed

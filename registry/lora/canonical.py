@@ -89,7 +89,8 @@ def _width(keys_and_shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int 
     return None
 
 
-def _architecture_from_keys(keys_and_shapes: Mapping[str, tuple[int, ...]]) -> str:
+def _architecture_from_keys(keys_and_shapes: Mapping[str, tuple[int, ...]],
+                            widths: Mapping[int, str] | None = None) -> str:
     keys = [k.replace(".", "_") for k in keys_and_shapes]
 
     def has(*marks: str) -> bool:
@@ -105,7 +106,7 @@ def _architecture_from_keys(keys_and_shapes: Mapping[str, tuple[int, ...]]) -> s
         return "flux"
     if has("transformer_blocks_"):  # diffusers names shared by FLUX and SD3: go by width
         width = _width(keys_and_shapes, r"transformer_blocks_\d+_attn_(to_q|to_k|to_v|add_q_proj)")
-        return {3072: "flux", 1536: "sd3", 2432: "sd3"}.get(width or 0, "unknown")
+        return {**(widths or {}), 3072: "flux", 1536: "sd3", 2432: "sd3"}.get(width or 0, "unknown")
     if has("lora_te2_text_model", "text_encoder_2_text_model"):
         return "sdxl"
     if has("encoder_block_", "SelfAttention", "DenseReluDense"):  # T5 text encoder: FLUX
@@ -132,10 +133,13 @@ def _architecture_from_metadata(metadata: Mapping[str, str]) -> str:
 
 
 def detect_architecture(
-    keys_and_shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]
+    keys_and_shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str],
+    widths: Mapping[int, str] | None = None,
 ) -> str:
-    """``flux|sdxl|sd1|sd2|sd3|unknown``: from keys and shapes first, metadata second."""
-    found = _architecture_from_keys(keys_and_shapes)
+    """``flux|sdxl|sd1|sd2|sd3|unknown``: from keys and shapes first, metadata second.
+    ``widths``: attention widths of registered bases -> their architecture (a tiny FLUX's
+    diffusers names are told from SD3's by its width, as FLUX.1's 3072 is)."""
+    found = _architecture_from_keys(keys_and_shapes, widths)
     return found if found != "unknown" else _architecture_from_metadata(metadata or {})
 
 
@@ -208,7 +212,7 @@ _OTHER_KINDS = {  # code -> (what it is, key marks)
 }
 
 
-def _check_kind(tensors: Mapping[str, Tensor],
+def _check_kind(tensors: Mapping[str, Tensor], widths: Mapping[int, str] | None,
                 metadata: Mapping[str, str]) -> tuple[dict[str, Module], list[str]]:
     """Refuse all but plain FLUX-family LoRAs; return the validated modules and non-LoRA keys."""
     if not tensors:
@@ -225,7 +229,7 @@ def _check_kind(tensors: Mapping[str, Tensor],
             raise RejectedFile("full_checkpoint", f"no LoRA factors but {len(weights)} plain "
                                                   f"weights (e.g. {weights[0]!r}): a checkpoint")
         raise RejectedFile("not_lora", f"no recognisable LoRA keys (e.g. {extras[0]!r})")
-    arch = detect_architecture({k: tuple(v.shape) for k, v in tensors.items()}, metadata)
+    arch = detect_architecture({k: tuple(v.shape) for k, v in tensors.items()}, metadata, widths)
     if arch in SD_FAMILIES:
         raise RejectedFile("unsupported_architecture", f"this is a {arch} LoRA; only FLUX-family "
                                                        "LoRAs are canonicalised for now")
@@ -236,14 +240,15 @@ def _check_kind(tensors: Mapping[str, Tensor],
     return modules, extras
 
 
-def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> CanonicalLoRA:
+def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str],
+                 widths: Mapping[int, str] | None = None) -> CanonicalLoRA:
     """Convert a LoRA state dict (any supported FLUX format) to a :class:`CanonicalLoRA`.
 
     Raises :class:`~registry.lora.errors.RejectedFile` with a stable ``code`` for everything refused.
-    ``tensors`` is not modified.
+    ``tensors`` is not modified. ``widths``: see :func:`detect_architecture`.
     """
     metadata = metadata or {}
-    modules, extras = _check_kind(tensors, metadata)
+    modules, extras = _check_kind(tensors, widths, metadata)
     notes = [f"ignored {len(extras)} non-LoRA tensors, e.g. {extras[0]!r}"] if extras else []
     fmt = detect_format(tensors)
     layers = convert_checked(tensors, modules, notes, get(fmt))

@@ -40,10 +40,21 @@ class InspectedLoRA:
         }
 
 
-def load_canonical(path: str | os.PathLike) -> tuple[CanonicalLoRA, dict[str, str]]:
-    """Read a LoRA file safely and return its canonical form and header metadata."""
+def attention_widths(bases: Iterable[BaseModel]) -> dict[int, str]:
+    """Attention width -> architecture of the given bases (to recognise LoRAs of small bases)."""
+    widths = {}
+    for base in bases:
+        shape = base.layer_shapes.get("transformer_blocks.0.attn.to_q")
+        if shape:
+            widths[shape[1]] = base.architecture
+    return widths
+
+
+def load_canonical(path: str | os.PathLike, bases: Iterable[BaseModel] = ()) -> tuple[CanonicalLoRA, dict[str, str]]:
+    """Read a LoRA file safely and return its canonical form and header metadata. ``bases``: the
+    registered bases, whose widths tell their LoRAs' architecture when names alone do not."""
     tensors, metadata = read_safetensors(path)
-    return canonicalise(tensors, metadata), metadata
+    return canonicalise(tensors, metadata, attention_widths(bases)), metadata
 
 
 def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
@@ -59,9 +70,9 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
     path = Path(path)
     if not path.is_file():
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
+    bases = list(bases)
     with one_torch_thread():
-        lora, metadata = load_canonical(path)
-        bases = list(bases)
+        lora, metadata = load_canonical(path, bases)
         hint = " | ".join(h for h in (hint_from_metadata(metadata), base_hint) if h)
         base = match_base(lora.shapes(), bases, hint)
         if base is None:
