@@ -121,9 +121,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     registry = _open_registry(args.registry, version=args.version, create=False)
     try:
-        hits = registry.search(args.prompt, k=args.k, base_model=args.base_model, mode=args.mode,
+        hits = registry.search(args.prompt, k=args.k, channel=args.channel, base_model=args.base_model,
                                where=args.where, include_removed=args.include_removed)
-    except ValueError as error:  # e.g. a malformed --where filter
+    except (ValueError, LookupError) as error:  # a malformed --where filter; no weight encoder yet
         raise UsageError(f"search failed: {error}") from None
     if args.json:
         _print_json([hit.to_dict() for hit in hits])
@@ -207,18 +207,29 @@ def _described_name(pipeline: Path) -> str | None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    registry, report, searches = run_demo(args.workdir, size=args.size, seed=args.seed,
-                                          folders=args.folders, progress=not args.json)
+    result = run_demo(args.workdir, size=args.size, seed=args.seed, folders=args.folders, progress=not args.json)
+    registry, report = result.registry, result.ingest
     if args.json:
-        _print_json({"ingest": report.to_dict(), "registry": str(registry.root),
-                     "searches": {p: [h.to_dict() for h in hits] for p, hits in searches.items()}})
+        encoder = {k: v for k, v in (result.encoder or {}).items() if k not in ("losses", "pool")}
+        _print_json({"ingest": report.to_dict(), "registry": str(registry.root), "encoder": encoder or None,
+                     "searches": {p: {c: [h.to_dict() for h in hits] for c, hits in by_channel.items()}
+                                  for p, by_channel in result.searches.items()}})
         return 0
     print(f"{len(report.added)} added, {len(report.duplicates)} duplicates, {len(report.rejected)} rejected; "
           f"registry {registry.root} holds {len(registry)} LoRAs")
-    for prompt, hits in searches.items():
-        _table(f"search: {prompt!r}", ["lora_id", "name", "score", "trigger words"],
-               [(h.lora_id, h.name, f"{h.score:.4f}", ", ".join(h.trigger_words)) for h in hits])
+    if result.encoder:
+        verb = "trained" if result.encoder["trained"] else "cached (training pool unchanged)"
+        print(f"LoRA-weight encoder {result.encoder['version']}: {verb}, pool of {result.encoder['pool_size']}")
+    for prompt, by_channel in result.searches.items():
+        channels = list(by_channel)
+        depth = max(len(hits) for hits in by_channel.values())
+        rows = [(rank + 1, *(_shown(by_channel[c], rank) for c in channels)) for rank in range(depth)]
+        _table(f"search: {prompt!r}", ["#", *channels], rows)
     return 0
+
+
+def _shown(hits, rank: int) -> str:
+    return f"{hits[rank].name} ({hits[rank].score:.2f})" if rank < len(hits) else ""
 
 
 def _expanded(text: str) -> str:
@@ -257,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     search.add_argument("-k", type=_positive, default=5, help="how many LoRAs (at least 1)")
     search.add_argument("--base-model")
-    search.add_argument("--mode", choices=["hybrid", "text", "vector"], default="hybrid")
+    search.add_argument("--channel", choices=["hybrid", "weights", "text"], default="hybrid",
+                        help="weights: the LoRA-weight encoder alone; text: names, triggers, prompts, "
+                             "captions; hybrid: both fused (default)")
     search.add_argument("--where", help="a LanceDB SQL filter, e.g. \"rank >= 8\"")
     search.add_argument("--version", help="search a tagged or numbered version (read-only)")
     search.add_argument("--include-removed", action="store_true",
@@ -307,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    from pipelines import cli_retrieval
+
+    evaluate = sub.add_parser("eval", help="evaluations on held-out LoRAs").add_subparsers(dest="what", required=True)
+    cli_retrieval.add_commands(sub, evaluate)
     return parser
 
 

@@ -83,8 +83,8 @@ def test_usage_errors_exit_2_and_create_nothing(folder, tmp_path):
         assert "Traceback" not in out.stderr and out.stderr.startswith("autolora "), out.stderr
     assert not typo.exists()
     for k in ("0", "-1"):
-        for mode in ("vector", "hybrid"):
-            out = run("search", "neon", "--registry", str(typo), "-k", k, "--mode", mode)
+        for channel in ("weights", "hybrid"):
+            out = run("search", "neon", "--registry", str(typo), "-k", k, "--channel", channel)
             assert out.returncode == 2 and "must be at least 1" in out.stderr
 
 

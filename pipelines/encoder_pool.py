@@ -1,0 +1,137 @@
+"""The LoRA-weight encoder trained on a registry's own LoRAs, versioned by what it was trained on.
+
+The training pool is the registry's LoRAs of one base model (optionally narrowed by a SQL
+``where``); each LoRA's texts are its card (name, description, tags), its render prompts and its
+captions. The version id is a hash of the pool (its LoRA ids), the design and the recipe, so an
+unchanged pool is never trained twice: :func:`train_registry_encoder` returns the registered
+version instead. Registering it embeds every LoRA of that base with it and switches search to it
+in one step (:meth:`registry.Registry.register_encoder`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.encoder import EncoderConfig, LoRAWeightEncoder
+from models.encoder_tokens import LayerSpec
+from models.text_encoder import default_text_encoder
+from pipelines.train_encoder import train_encoder
+from registry import Registry
+from registry.lora.inspect import load_canonical
+from registry.store.store import quote
+
+RECIPE_VERSION = 1  # bump when the training recipe changes: every pool is trained again
+DESIGNS = {"ours": EncoderConfig.ours, "paper": EncoderConfig.paper}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an encoder is trained (part of its version id)."""
+
+    design: str = "ours"
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def lora_texts(row: dict) -> list[str]:
+    """The texts a LoRA is described by: its card, render prompts and captions (no empty ones)."""
+    card = " ".join(filter(None, [row.get("name") or "", row.get("description") or "",
+                                  ", ".join(row.get("tags") or [])]))
+    texts = [card, *(row.get("render_prompts") or []), *(row.get("captions") or [])]
+    return [t for t in (t.strip() for t in texts) if t]
+
+
+def pool_rows(reg: Registry, base_model: str, where: str | None = None) -> list[dict]:
+    """The rows of the training pool: not removed, of ``base_model``, matching ``where``."""
+    clauses = [f"base_model = {quote(base_model)}", "(removed IS NULL OR removed = false)"]
+    if where:
+        clauses.append(f"({where})")
+    condition = " AND ".join(clauses)
+    n = reg.loras.count_rows(condition)
+    columns = ["lora_id", "blob", "name", "description", "tags", "render_prompts", "captions"]
+    rows = reg.rows(reg.loras, condition, n, columns) if n else []
+    return sorted(rows, key=lambda r: r["lora_id"])
+
+
+def layer_specs(reg: Registry, base_model: str) -> list[LayerSpec]:
+    """Every linear layer of the base model (so LoRAs adapting any subset of them count)."""
+    base = next((b for b in reg.bases() if b.name == base_model), None)
+    if base is None:
+        raise KeyError(f"base model {base_model!r} is not registered in {reg.root}")
+    return [LayerSpec(name, d, k) for name, (d, k) in base.layer_shapes.items()]
+
+
+def zero_filled(lora, layers: list[LayerSpec]) -> dict:
+    """``lora`` over exactly ``layers``, a missing one as rank-1 zero factors: how a LoRA that
+    leaves layers out must be given to the authors' design, which requires every layer."""
+    import torch
+
+    full = {spec.name: lora[spec.name] for spec in layers if spec.name in lora}
+    for spec in layers:
+        full.setdefault(spec.name, (torch.zeros(1, spec.d_in), torch.zeros(spec.d_out, 1)))
+    return full
+
+
+def version_of(pool_ids: list[str], base_model: str, recipe: Recipe) -> str:
+    """``enc-<hash>`` of the pool, the base model and the recipe."""
+    key = json.dumps({"pool": sorted(pool_ids), "base": base_model, "recipe": recipe.__dict__,
+                      "v": RECIPE_VERSION}, sort_keys=True)
+    return f"enc-{recipe.design}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
+                       recipe: Recipe = Recipe(), progress: bool = False) -> tuple[LoRAWeightEncoder, dict]:
+    """Train an encoder of ``recipe.design`` on the pool; returns it and its ``info`` (version,
+    pool, loss curve, seconds) without registering it."""
+    rows = pool_rows(reg, base_model, where)
+    if len(rows) < 2:
+        raise ValueError(f"the training pool has {len(rows)} LoRA(s) of {base_model!r}; contrastive "
+                         "training needs at least 2")
+    bases = reg.bases()
+    items = [(load_canonical(reg.root / row["blob"], bases)[0].factors, lora_texts(row)) for row in rows]
+    items = [(lora, texts or [row["lora_id"]]) for (lora, texts), row in zip(items, rows)]
+    config, layers = DESIGNS[recipe.design](), layer_specs(reg, base_model)
+    if config.require_all_layers:  # the authors' design: a fixed list of layers, every one present
+        adapted = set().union(*(lora.keys() for lora, _ in items))
+        layers = [spec for spec in layers if spec.name in adapted]
+        items = [(zero_filled(lora, layers), texts) for lora, texts in items]
+    start = time.perf_counter()
+    encoder, losses = train_encoder(items, default_text_encoder(), config, steps=recipe.steps,
+                                    batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
+                                    progress=progress, layers=layers)
+    ids = [row["lora_id"] for row in rows]
+    info = {"version": version_of(ids, base_model, recipe), "base_model": base_model, "pool": ids,
+            "pool_size": len(ids), "where": where or "", "recipe": recipe.__dict__,
+            "loss_first": losses[0], "loss_last": losses[-1], "losses": [round(x, 4) for x in losses],
+            "seconds": round(time.perf_counter() - start, 2)}
+    return encoder, info
+
+
+def train_registry_encoder(reg: Registry, base_model: str, where: str | None = None,
+                           recipe: Recipe = Recipe(), activate: bool = True, progress: bool = False) -> dict:
+    """Train (unless this pool's version is registered already), register and, with
+    ``activate``, embed every LoRA of the base with it and switch search to it. Returns the info
+    with ``trained`` (False when cached) and the embedding report."""
+    ids = [row["lora_id"] for row in pool_rows(reg, base_model, where)]
+    version = version_of(ids, base_model, recipe)
+    known = {r.version: r for r in reg.encoder_versions()}
+    if version in known:
+        info = dict(known[version].info, trained=False)
+        if activate and not known[version].active:
+            info["embedding"] = reg.register_encoder(known[version].path).to_dict()
+        else:
+            info["embedding"] = reg.refresh_embeddings().to_dict()
+        return info
+    encoder, info = train_pool_encoder(reg, base_model, where, recipe, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{info['version']}.safetensors"
+        encoder.save(path, info["version"], info)
+        report = reg.register_encoder(path, activate=activate)
+    return dict(info, trained=True, embedding=report.to_dict())

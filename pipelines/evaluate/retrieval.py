@@ -1,0 +1,138 @@
+"""``autolora eval retrieval``: how well search finds held-out LoRAs, per channel, against the
+authors' design and non-learned baselines (queries and metrics: :mod:`retrieval_queries`).
+
+Rows: ``weights``, ``text`` and ``hybrid`` through :meth:`registry.Registry.search` over the
+held-out pool (the zero-shot setting; ``where`` keeps the pool), the same three on a **stripped**
+copy of the held-out LoRAs (hashed file names, no sidecars, no header metadata: the weights alone)
+ingested into a scratch registry with the same encoder, then ``paper_design``, ``weight_stats``,
+``render_read`` and ``random`` (:mod:`retrieval_baselines`). ``whole_registry`` repeats our three
+channels over every LoRA of the registry. Writes ``retrieval.md`` and a cosine heatmap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.encoder_pool import Recipe, layer_specs, train_pool_encoder
+from pipelines.evaluate import retrieval_baselines as baselines
+from pipelines.evaluate.retrieval_queries import (
+    DEPTH, make_queries, metrics, random_metrics, rank_by_cosine, theme_cosines,
+)
+from pipelines.evaluate.retrieval_report import write_report
+from registry import Registry
+from registry.lora.inspect import load_canonical
+from registry.store.store import where_in
+
+CHANNELS = ("weights", "text", "hybrid")
+
+
+def _manifest_ids(reg: Registry, root: Path, entries: list[dict]) -> dict[str, str]:
+    """World file (relative) -> lora_id, through the registry's file records."""
+    paths = {os.path.realpath(root / e["file"]): e["file"] for e in entries}
+    rows = reg.rows(reg.files, where_in("path", paths), len(paths), ["path", "lora_id"])
+    found = {paths[r["path"]]: r["lora_id"] for r in rows}
+    missing = [f for f in paths.values() if f not in found]
+    if missing:
+        raise LookupError(f"{len(missing)} world LoRA(s) are not in {reg.root} (e.g. {missing[0]}): ingest the world first")
+    return found
+
+
+def _search_rows(reg: Registry, queries, pool: list[str] | None) -> dict[str, list[list[str]]]:
+    where = where_in("lora_id", pool) if pool else None
+    return {c: [[h.lora_id for h in reg.search(q.text, k=DEPTH, channel=c, where=where)] for q in queries]
+            for c in CHANNELS}
+
+
+def stripped_copy(reg: Registry, root: Path, entries: list[dict], scratch: Path) -> Registry:
+    """The held-out LoRAs with hashed names, no sidecars and no header metadata, ingested into a
+    new scratch registry that has the same base models and active encoders."""
+    from safetensors.torch import load_file, save_file
+
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    files = scratch / "files"
+    files.mkdir(parents=True)
+    for entry in entries:
+        name = hashlib.sha256(entry["file"].encode()).hexdigest()[:16]
+        save_file(load_file(root / entry["file"]), files / f"{name}.safetensors")  # no metadata
+    copy = Registry.open(scratch / "registry")
+    for base in reg.bases():
+        copy.register_base(base)
+    for record in reg.encoder_versions():
+        if record.active:
+            copy.register_encoder(record.path)
+    copy.add([files])
+    return copy
+
+
+def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                       *, baselines_too: bool = True, progress: bool = False) -> dict:
+    """Run the evaluation; returns the ``autolora eval retrieval --json`` object."""
+    from pipelines.world.evaluate import resolve_world_root
+
+    root = resolve_world_root(world_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((root / "world.json").read_text())
+    reg = Registry.open(registry_dir, create=False)
+    active = next((r for r in reg.encoder_versions() if r.active), None)
+    if active is None:
+        raise LookupError(f"{reg.root} has no active LoRA-weight encoder: train one first (autolora train encoder)")
+    entries = manifest["loras"]
+    ids = _manifest_ids(reg, root, entries)
+    heldout = [e for e in entries if e["split"] == "heldout"]
+    pool = [ids[e["file"]] for e in heldout]
+    attrs_of = {ids[e["file"]]: e["attrs"] for e in entries}
+    queries = make_queries(heldout)
+    report: dict = {"queries": len(queries), "pool": len(pool), "encoder": active.version}
+    for channel, ranks in _search_rows(reg, queries, pool).items():
+        report[channel] = metrics(ranks, queries, attrs_of)
+    copy = stripped_copy(reg, root, heldout, out / "stripped")
+    report["stripped"] = {c: metrics(r, queries, attrs_of) for c, r in _search_rows(copy, queries, None).items()}
+    report["whole_registry"] = {c: metrics(r, queries, attrs_of) for c, r in _search_rows(reg, queries, None).items()}
+    report["whole_registry"]["pool"] = len(reg)
+
+    rows = {r["lora_id"]: r for r in reg.rows(reg.loras, where_in("lora_id", pool), len(pool),
+                                                ["lora_id", "weight_vector", "blob", "base_model"])}
+    ours = np.asarray([rows[i]["weight_vector"] for i in pool], dtype=np.float32)
+    families = [e["family"] for e in heldout]
+    report["within_theme_cos"], report["cross_theme_cos"] = theme_cosines(ours, families)
+    report["random"] = random_metrics(pool, queries, attrs_of)
+    figures = {"weights": (ours, families)}
+    if baselines_too:
+        report.update(_baselines(reg, root, active, pool, rows, queries, attrs_of, figures, progress))
+    report["figures"] = write_report(out, report, figures, [e["theme"] for e in heldout])
+    return report
+
+
+def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of, figures, progress) -> dict:
+    from models.text_encoder import default_text_encoder
+    from pipelines.encoder_pool import lora_texts
+
+    base = rows[pool[0]]["base_model"]
+    shapes = {s.name: (s.d_out, s.d_in) for s in layer_specs(reg, base)}
+    held = [load_canonical(reg.root / rows[i]["blob"], reg.bases())[0].factors for i in pool]
+    q = default_text_encoder().encode([x.text for x in queries])
+    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper"})
+    paper, _ = train_pool_encoder(reg, base, active.info.get("where") or None, recipe, progress)
+    out = {}
+    emb = baselines.paper_embeddings(paper, held)
+    figures["paper_design"] = (emb, figures["weights"][1])
+    out["paper_design"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
+    out["paper_design"]["within_theme_cos"], out["paper_design"]["cross_theme_cos"] = theme_cosines(
+        emb, figures["weights"][1])
+    train_ids = active.info.get("pool", [])
+    train_rows = reg.rows(reg.loras, where_in("lora_id", train_ids), len(train_ids),
+                          ["lora_id", "blob", "name", "description", "tags", "render_prompts", "captions"])
+    train = [load_canonical(reg.root / r["blob"], reg.bases())[0].factors for r in train_rows]
+    emb = baselines.weight_stats_embeddings(train, [lora_texts(r) or [r["lora_id"]] for r in train_rows], held, shapes)
+    out["weight_stats"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
+    emb, _ = baselines.render_read_embeddings(root, held)
+    out["render_read"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
+    return out

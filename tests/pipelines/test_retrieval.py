@@ -1,0 +1,72 @@
+"""Retrieval end to end on a micro world, as a user runs it: ingest the training LoRAs, train the
+encoder (cached while the pool is unchanged), ingest held-out LoRAs (embedded zero-shot), search
+every channel, and the evaluation's JSON contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+AUTOLORA = str(Path(sys.executable).with_name("autolora"))
+METRICS = {"recall_at_1", "recall_at_3", "recall_at_10", "mrr"}
+
+
+def run_json(*args: str):
+    out = subprocess.run([AUTOLORA, *args, "--json"], capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def trained(micro_world, tmp_path_factory):
+    registry = str(tmp_path_factory.mktemp("retrieval") / "registry")
+    run_json("register-base", str(micro_world / "base_model.json"), "--registry", registry)
+    run_json("ingest", str(micro_world / "loras"), "--registry", registry)
+    pool = f"source_path LIKE '{os.path.realpath(micro_world / 'loras')}/%'"
+    first = run_json("train", "encoder", "--registry", registry, "--where", pool, "--steps", "30")
+    again = run_json("train", "encoder", "--registry", registry, "--where", pool, "--steps", "30")
+    held = run_json("ingest", str(micro_world / "heldout_loras"), "--registry", registry)
+    return registry, first, again, held
+
+
+def test_encoder_is_trained_once_per_pool_and_embeds_new_loras_zero_shot(trained, micro_world):
+    from registry import Registry
+
+    registry, first, again, held = trained
+    manifest = json.loads((micro_world / "world.json").read_text())
+    assert first["trained"] and first["pool_size"] == manifest["train"]
+    assert first["embedding"]["activated"] == first["version"]
+    assert not again["trained"] and again["version"] == first["version"]
+    reg = Registry.open(registry, create=False)
+    rows = reg.loras.to_arrow().select(["lora_id", "encoder_version", "weight_vector"]).to_pylist()
+    assert len(rows) == manifest["train"] + manifest["heldout"]
+    assert all(r["encoder_version"] == first["version"] and len(r["weight_vector"]) == 384 for r in rows)
+    assert {a["lora_id"] for a in held["added"]} <= {r["lora_id"] for r in rows}
+
+
+def test_search_channels_from_the_cli(trained):
+    registry = trained[0]
+    results = {c: run_json("search", "a red circle", "--registry", registry, "--channel", c, "-k", "3")
+               for c in ("weights", "text", "hybrid")}
+    assert all(len(hits) == 3 for hits in results.values())
+    assert all(-1 <= h["score"] <= 1 for h in results["weights"])
+
+
+def test_retrieval_evaluation_contract(trained, micro_world, tmp_path):
+    report = run_json("eval", "retrieval", "--registry", trained[0], "--world", str(micro_world),
+                      "--out", str(tmp_path))
+    for row in ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random"):
+        assert set(report[row]) >= METRICS and all(0 <= report[row][m] <= 1 for m in METRICS), row
+    assert set(report["stripped"]) == {"weights", "text", "hybrid"}
+    assert report["pool"] == json.loads((micro_world / "world.json").read_text())["heldout"]
+    assert report["queries"] > report["pool"]
+    assert -1 <= report["cross_theme_cos"] <= 1 and -1 <= report["within_theme_cos"] <= 1
+    assert (tmp_path / "retrieval.md").is_file() and (tmp_path / "heatmap-weights.png").is_file()
+    # the stripped copy has no text at all: its text channel can only be as good as chance
+    assert report["stripped"]["weights"] == report["weights"]
