@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def test_folder_sensor_requests_runs_for_new_files_only(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setenv("AUTOLORA_WATCH_DIR", str(folder))
     save_lora(folder / "one.safetensors", flux_lora(partial_names((1,), ()), seed=2), "diffusers")
-    (folder / "one.json").write_text("{}")  # sidecars do not trigger runs
+    (folder / "one.json").write_text("{}")  # a sidecar alone is no candidate
     first = local_folder_sensor(dg.build_sensor_context(cursor=None))
     assert len(first.run_requests) == 1
     paths = first.run_requests[0].run_config["ops"]["ingested_loras"]["config"]["paths"]
@@ -67,7 +66,10 @@ def test_folder_sensor_requests_runs_for_new_files_only(tmp_path, monkeypatch):
     third = local_folder_sensor(dg.build_sensor_context(cursor=first.cursor))
     assert [r.run_config["ops"]["ingested_loras"]["config"]["paths"] for r in third.run_requests] == [
         [str(folder / "two.safetensors")]]
-    assert json.loads(third.cursor)["mark"] >= json.loads(first.cursor)["mark"]
+    (folder / "two.json").write_text('{"name": "Two"}')  # a new card is a change: the row is refreshed
+    fourth = local_folder_sensor(dg.build_sensor_context(cursor=third.cursor))
+    assert [r.run_config["ops"]["ingested_loras"]["config"]["paths"] for r in fourth.run_requests] == [
+        [str(folder / "two.safetensors")]]
 
 
 def test_committed_instance_config_loads(tmp_path):
