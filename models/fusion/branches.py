@@ -1,0 +1,73 @@
+"""The k LoRA branches of one layer packed so that their outputs are two matmuls, not k.
+
+Ranks are padded to the largest (zero rows of A, zero columns of B: the padding adds exactly 0):
+``a`` [n·r, k] stacks the A's, so ``z = h a^T`` is every branch's down-projection at once; ``bt``
+[n, r, d] holds the B's transposed, so one batched matmul gives all n outputs [n, M, d], and the
+plain sum Σ_i B_i A_i h is ``z @ bt.reshape(n·r, d)``, a single matmul.  The buffers are reused
+(filled in place) whenever a new set has the same count and padded rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class LoraBranches:
+    """Packed LoRA factors (A_i [r_i, k], B_i [d, r_i]) of one layer, as plain tensors (no gradients)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.a: torch.Tensor | None = None   # [n * r, k]
+        self.bt: torch.Tensor | None = None  # [n, r, d]
+        self.count = 0
+        self.rank = 0
+
+    def pack(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], *, dtype: torch.dtype,
+             device: torch.device, rank: int = 0) -> bool:
+        """Load ``factors`` (padded to max(rank, their ranks)); True if the old buffers were reused."""
+        k, d = self.in_features, self.out_features
+        n = len(factors)
+        r = max([rank, *(a.shape[0] for a, _ in factors)]) if factors else 0
+        for a, b in factors:
+            if a.shape[1] != k or b.shape[0] != d or a.shape[0] != b.shape[1]:
+                raise ValueError(f"LoRA factors A{tuple(a.shape)} B{tuple(b.shape)} do not fit a "
+                                 f"{k} -> {d} layer")
+        reuse = (self.a is not None and (self.count, self.rank) == (n, r)
+                 and self.a.dtype == dtype and self.a.device == device)
+        if not reuse:
+            self.a = torch.empty(n * r, k, dtype=dtype, device=device)
+            self.bt = torch.empty(n, r, d, dtype=dtype, device=device)
+        self.count, self.rank = n, r
+        a3 = self.a.view(n, r, k)
+        with torch.no_grad():
+            for i, (a, b) in enumerate(factors):
+                ri = a.shape[0]
+                a3[i, :ri].copy_(a)
+                self.bt[i, :ri].copy_(b.T)
+                if ri < r:
+                    a3[i, ri:].zero_()
+                    self.bt[i, ri:].zero_()
+        return reuse
+
+    def clear(self) -> None:
+        """Drop the buffers."""
+        self.a = self.bt = None
+        self.count = self.rank = 0
+
+    def project(self, h: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Down-projections of the first ``count`` branches: h [M, k] -> z [M, count·r]."""
+        count = self.count if count is None else count
+        return F.linear(h, self.a[: count * self.rank])
+
+    def outputs(self, z: torch.Tensor) -> torch.Tensor:
+        """Every branch's output B_i (A_i h) from z [M, n·r] -> [n, M, d] (one batched matmul)."""
+        m = z.shape[0]
+        return torch.bmm(z.view(m, self.count, self.rank).transpose(0, 1), self.bt)
+
+    def summed(self, z: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Σ_i B_i (A_i h) over the first ``count`` branches from z [M, count·r] -> [M, d] (one matmul)."""
+        count = self.count if count is None else count
+        return z @ self.bt[:count].reshape(count * self.rank, self.out_features)

@@ -1,0 +1,89 @@
+"""A base ``nn.Linear`` wrapped with its fusion gate and the current LoRA branches."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from models.fusion.branches import LoraBranches
+from models.fusion.gate import FusionGate
+
+Mode = Literal["gated", "linear"]
+MODES = ("gated", "linear")
+
+
+class TimeContext:
+    """The current timestep features, shared by every wrapped layer of one transformer."""
+
+    def __init__(self) -> None:
+        self.features: torch.Tensor | None = None
+
+
+class FusedLinear(nn.Module):
+    """``base(h)`` plus the active LoRA branches, fused by ``gate`` (``gated``) or summed (``linear``).
+
+    With no branch active the output is ``base(h)`` itself.  In ``linear`` mode the global LoRA
+    branch (if packed, it is the last) is left out: that mode is the plain-addition baseline.
+    """
+
+    def __init__(self, base: nn.Linear, gate: FusionGate, time: TimeContext | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.gate = gate
+        self.branches = LoraBranches(base.in_features, base.out_features)
+        self.mode: Mode = "gated"
+        self.n_loras = 0          # branches that are LoRAs (the global LoRA, if any, comes after)
+        self.has_global = False
+        self._time = time
+
+    # the attributes code outside may read from the nn.Linear it replaced
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def set_branches(self, factors: list[tuple[torch.Tensor, torch.Tensor]],
+                     global_factors: tuple[torch.Tensor, torch.Tensor] | None, rank: int = 0) -> bool:
+        """Load LoRA factors (+ the global LoRA last); True if the buffers were reused in place."""
+        packed = list(factors) + ([global_factors] if global_factors is not None else [])
+        w = self.base.weight
+        if not factors:
+            self.clear()
+            return False
+        reused = self.branches.pack(packed, dtype=w.dtype, device=w.device, rank=rank)
+        self.n_loras, self.has_global = len(factors), global_factors is not None
+        return reused
+
+    def clear(self) -> None:
+        """No LoRA: the output is the base layer's."""
+        self.branches.clear()
+        self.n_loras, self.has_global = 0, False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.base(h)
+        if self.n_loras == 0:
+            return y
+        h2 = h.reshape(-1, h.shape[-1])
+        if self.mode == "linear":
+            z = self.branches.project(h2, self.n_loras)
+            return y + self.branches.summed(z, self.n_loras).view(y.shape)
+        z = self.branches.project(h2)
+        outs = self.branches.outputs(z).view(self.branches.count, *y.shape)
+        feats = self._time.features if self._time is not None else None
+        return self.gate(y, outs, global_last=self.has_global, time_feats=feats)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, loras={self.n_loras}, global={self.has_global}"
