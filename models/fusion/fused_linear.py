@@ -8,17 +8,19 @@ import torch
 from torch import nn
 
 from models.fusion.branches import LoraBranches
-from models.fusion.gate import FusionGate
+from models.fusion.gate import EPS, FusionGate
+from models.fusion.workspace import Workspace
 
 Mode = Literal["gated", "linear"]
 MODES = ("gated", "linear")
 
 
-class TimeContext:
-    """The current timestep features, shared by every wrapped layer of one transformer."""
+class SharedState:
+    """What every wrapped layer of one transformer shares: timestep features and scratch buffers."""
 
     def __init__(self) -> None:
         self.features: torch.Tensor | None = None
+        self.workspace = Workspace()
 
 
 class FusedLinear(nn.Module):
@@ -28,7 +30,7 @@ class FusedLinear(nn.Module):
     branch (if packed, it is the last) is left out: that mode is the plain-addition baseline.
     """
 
-    def __init__(self, base: nn.Linear, gate: FusionGate, time: TimeContext | None = None) -> None:
+    def __init__(self, base: nn.Linear, gate: FusionGate, shared: SharedState | None = None) -> None:
         super().__init__()
         self.base = base
         self.gate = gate
@@ -36,7 +38,7 @@ class FusedLinear(nn.Module):
         self.mode: Mode = "gated"
         self.n_loras = 0          # branches that are LoRAs (the global LoRA, if any, comes after)
         self.has_global = False
-        self._time = time
+        self._shared = shared or SharedState()
 
     # the attributes code outside may read from the nn.Linear it replaced
     @property
@@ -77,13 +79,23 @@ class FusedLinear(nn.Module):
         if self.n_loras == 0:
             return y
         h2 = h.reshape(-1, h.shape[-1])
+        # without autograd, y (a fresh tensor) and the scratch buffers are written in place
+        inplace = not torch.is_grad_enabled() or not (y.requires_grad or self.gate.w_x.requires_grad)
         if self.mode == "linear":
             z = self.branches.project(h2, self.n_loras)
+            if inplace:
+                return y.view(-1, y.shape[-1]).addmm_(z, self.branches.summed_weight(self.n_loras)).view(y.shape)
             return y + self.branches.summed(z, self.n_loras).view(y.shape)
         z = self.branches.project(h2)
-        outs = self.branches.outputs(z).view(self.branches.count, *y.shape)
-        feats = self._time.features if self._time is not None else None
-        return self.gate(y, outs, global_last=self.has_global, time_feats=feats)
+        n, shape = self.branches.count, (self.branches.count, *y.shape)
+        ws = self._shared.workspace
+        out = ws.get("branches", (n, *h2.shape[:-1], y.shape[-1]), y.dtype, y.device) if inplace else None
+        outs = self.branches.outputs(z, out=out).view(shape)
+        mean, rstd = self.branches.stats(z, EPS)
+        stats = mean.view(*shape[:-1], 1), rstd.view(*shape[:-1], 1)
+        scratch = ws.get("scratch", shape, y.dtype, y.device) if inplace else None
+        return self.gate(y, outs, global_last=self.has_global, time_feats=self._shared.features, stats=stats,
+                         inplace=inplace, scratch=scratch)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, loras={self.n_loras}, global={self.has_global}"

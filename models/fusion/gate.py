@@ -71,21 +71,35 @@ class FusionGate(nn.Module):
         return self.b + shift.reshape(shift.shape[0], *([1] * (x.dim() - 2)), self.dim)
 
     def forward(self, x: torch.Tensor, branches: torch.Tensor, *, global_last: bool = False,
-                time_feats: torch.Tensor | None = None) -> torch.Tensor:
-        """Fuse ``branches`` [n, *x.shape] (LoRA outputs; the global LoRA last if ``global_last``) into ``x``."""
+                time_feats: torch.Tensor | None = None,
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                inplace: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Fuse ``branches`` [n, *x.shape] (LoRA outputs; the global LoRA last if ``global_last``) into ``x``.
+
+        ``stats``: each branch's LayerNorm (mean, 1/std) over its last dim, shaped [n, ..., 1], when
+        the caller has them cheaper (see ``LoraBranches.stats``).  ``inplace`` (inference only, no
+        autograd): ``x`` and ``branches`` may be overwritten (the result is ``x``), and ``scratch``
+        (like ``branches``) spares the one [n, ..., d] allocation.
+        """
         d = self.dim
+        if stats is None:
+            var, mean = torch.var_mean(branches, -1, correction=0, keepdim=True)
+            stats = mean, (var + EPS).rsqrt()
+        mean, rstd = stats
         xh = F.layer_norm(x, (d,), eps=EPS)
         c = torch.addcmul(self.bias(x, time_feats), xh, self.w_x)  # the branch-independent terms
         v = torch.addcmul(self.w_l, xh, self.w_c)  # L̂_i ⊙ (w_l + x̂ ⊙ w_c)
-        pre = F.layer_norm(branches, (d,), eps=EPS)
-        if torch.is_grad_enabled() and (branches.requires_grad or self.w_x.requires_grad
-                                         or x.requires_grad):
-            gated = torch.sigmoid(torch.addcmul(c, pre, v)) * branches
+        shift = -mean * rstd
+        if not inplace:
+            pre = torch.addcmul(c, torch.addcmul(shift, branches, rstd), v)
+            gated = torch.sigmoid(pre) * branches
             if global_last:
                 gated = torch.cat([gated[:-1], gated[-1:] * self.w_g])
-        else:  # inference: the same arithmetic in place, three fewer [n, ..., d] buffers
-            torch.addcmul(c, pre, v, out=pre)
-            gated = pre.sigmoid_().mul_(branches)
-            if global_last:
-                gated[-1].mul_(self.w_g)
-        return torch.addcmul(x, gated.sum(0), self.w_o)
+            return torch.addcmul(x, gated.sum(0), self.w_o)
+        # the same arithmetic with no [n, ..., d] allocation (each such pass costs as much as the math)
+        pre = torch.addcmul(shift, branches, rstd, out=torch.empty_like(branches) if scratch is None else scratch)
+        torch.addcmul(c, pre, v, out=pre)
+        gated = pre.sigmoid_().mul_(branches)
+        if global_last:
+            gated[-1].mul_(self.w_g)
+        return x.addcmul_(torch.sum(gated, 0, out=branches[0]), self.w_o)

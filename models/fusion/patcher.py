@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.fusion.fused_linear import MODES, FusedLinear, Mode, TimeContext
+from models.fusion.fused_linear import MODES, FusedLinear, Mode, SharedState
 from models.fusion.gate import FusionGate, timestep_features
 from models.fusion.global_lora import global_lora
 
@@ -34,7 +34,8 @@ class GatedFusion:
                  mode: Mode = "gated", time_features: int = 0, gate_dtype: torch.dtype | None = None) -> None:
         names = block_linear_names(transformer) if layers == "all" else list(layers)
         self.transformer = transformer
-        self.time = TimeContext() if time_features else None
+        self.shared = SharedState()
+        self.time_features = time_features
         self.layers: dict[str, FusedLinear] = {}
         for name in names:
             base = transformer.get_submodule(name)
@@ -43,7 +44,7 @@ class GatedFusion:
             w = base.weight
             gate = FusionGate(base.out_features, time_features=time_features, dtype=gate_dtype or w.dtype,
                               device=w.device)
-            wrapper = FusedLinear(base, gate, self.time)
+            wrapper = FusedLinear(base, gate, self.shared)
             transformer.set_submodule(name, wrapper)
             self.layers[name] = wrapper
         self._hook = (transformer.register_forward_pre_hook(self._read_timestep, with_kwargs=True)
@@ -94,6 +95,7 @@ class GatedFusion:
         """No LoRA active: every wrapped layer returns its base output exactly."""
         for layer in self.layers.values():
             layer.clear()
+        self.shared.workspace.clear()
 
     def detach(self) -> None:
         """Put the original ``nn.Linear`` modules back; this object is empty afterwards."""
@@ -102,6 +104,7 @@ class GatedFusion:
         if self._hook is not None:
             self._hook.remove()
         self.layers = {}
+        self.shared.workspace.clear()
 
     def gate_state_dict(self) -> dict[str, torch.Tensor]:
         """Gate parameters keyed ``<layer path>.<param>`` (e.g. ``transformer_blocks.0.attn.to_q.w_x``)."""
@@ -136,5 +139,5 @@ class GatedFusion:
     def _read_timestep(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Forward pre-hook: features of the transformer's ``timestep`` argument for the gates."""
         t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-        count = next(iter(self.layers.values())).gate.time_features if self.layers else 0
-        self.time.features = None if t is None else timestep_features(torch.as_tensor(t).reshape(-1), count)
+        self.shared.features = (None if t is None
+                                else timestep_features(torch.as_tensor(t).reshape(-1), self.time_features))

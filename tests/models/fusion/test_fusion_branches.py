@@ -24,6 +24,13 @@ def test_batched_outputs_equal_the_loop() -> None:
     assert outs.shape == (3, 9, d)
     for i, (a, b) in enumerate(loras):
         torch.testing.assert_close(outs[i], h @ a.T @ b.T, rtol=1e-5, atol=1e-5)
+    var, mean = torch.var_mean(outs, -1, correction=0, keepdim=True)
+    got_mean, got_rstd = br.stats(br.project(h), 1e-5)  # from z and B^T B alone
+    torch.testing.assert_close(got_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_rstd, (var + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6)
+    out = torch.empty(3, 9, d)
+    assert br.outputs(br.project(h), out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, outs)
     want = sum(h @ a.T @ b.T for a, b in loras)
     torch.testing.assert_close(br.summed(br.project(h)), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(br.summed(br.project(h, 2), 2), want - h @ loras[2][0].T @ loras[2][1].T,

@@ -44,12 +44,21 @@ def test_gate_matches_the_equations(global_last: bool) -> None:
     x = torch.randn(2, 5, 24) * 3 + 1
     branches = torch.randn(3, 2, 5, 24) * torch.tensor([0.1, 1.0, 5.0]).view(3, 1, 1, 1)
     want = _reference(gate, x, list(branches), global_last)
-    with torch.no_grad():  # the in-place inference path
-        got = gate(x, branches, global_last=global_last)
+    with torch.no_grad():  # the in-place inference path: overwrites its inputs, returns x
+        xc, bc = x.clone(), branches.clone()
+        got = gate(xc, bc, global_last=global_last, inplace=True)
+        assert got.data_ptr() == xc.data_ptr()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     got_grad = gate(x, branches, global_last=global_last)  # the autograd path
     assert got_grad.requires_grad
     torch.testing.assert_close(got_grad.detach(), got, rtol=1e-6, atol=1e-6)
+    # statistics handed in by the caller are used as given
+    var, mean = torch.var_mean(branches, -1, correction=0, keepdim=True)
+    with torch.no_grad():
+        given = gate(x, branches, global_last=global_last, stats=(mean, (var + 1e-5).rsqrt()))
+        shifted = gate(x, branches, global_last=global_last, stats=(mean + 1.0, (var + 1e-5).rsqrt()))
+    torch.testing.assert_close(given, got, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(shifted, got)
 
 
 def test_untrained_gate_is_plain_addition_bit_for_bit() -> None:
@@ -58,6 +67,7 @@ def test_untrained_gate_is_plain_addition_bit_for_bit() -> None:
     branches = torch.randn(3, 7, 16)
     with torch.no_grad():
         assert torch.equal(gate(x, branches), x + branches.sum(0))
+        assert torch.equal(gate(x.clone(), branches.clone(), inplace=True), x + branches.sum(0))
         # a global LoRA branch starts switched off (w_g = 0): still the plain sum of the LoRAs
         with_global = torch.cat([branches, torch.randn(1, 7, 16)])
         assert torch.equal(gate(x, with_global, global_last=True), x + branches.sum(0))

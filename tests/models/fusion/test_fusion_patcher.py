@@ -158,9 +158,12 @@ def test_swap_in_place_equals_fresh_attach_and_gate_checkpoint(pipe, inputs, tmp
 def test_training_reaches_gates_only(pipe, transformer, inputs) -> None:
     shapes = base_layer_shapes(pipe)
     fusion = GatedFusion(transformer, _names(pipe, ATTN), time_features=4)
-    fusion.set_loras([_lora(shapes, _names(pipe, ATTN), 4, s) for s in (0, 1)])
-    fusion.prepare_training()
     _randomise_gates(fusion, 1)
+    with torch.inference_mode():  # buffers made under inference_mode must still serve training
+        fusion.set_loras([_lora(shapes, _names(pipe, ATTN), 4, s) for s in (0, 1)])
+        fast = transformer(**inputs)[0]
+    torch.testing.assert_close(fast, _run(transformer, inputs), rtol=0, atol=0)
+    fusion.prepare_training()
     out = transformer(**inputs)[0]
     out.square().mean().backward()
     gates = {id(p) for p in fusion.gate_parameters()}
@@ -171,10 +174,11 @@ def test_training_reaches_gates_only(pipe, transformer, inputs) -> None:
             assert p.grad is None and not p.requires_grad, name
     layer = fusion.layers["transformer_blocks.0.attn.to_q"]
     assert not layer.branches.a.requires_grad and layer.gate.time_proj.weight.grad.abs().sum() > 0
-    assert fusion.time.features.shape == (2, 4)  # read from the forward's timestep by the hook
+    assert fusion.shared.features.shape == (2, 4)  # read from the forward's timestep by the hook
     with torch.no_grad():
         other_t = transformer(**{**inputs, "timestep": torch.tensor([0.9, 0.1])})[0]
     assert not torch.allclose(other_t, out.detach())
+    torch.testing.assert_close(out.detach(), fast, rtol=1e-5, atol=1e-6)  # autograd path = in-place path
 
 
 def test_real_width_layer() -> None:
