@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FluxPipeline
 
+from torch import nn
+
 from models.fusion import GatedFusion
 from pipelines.fusion_methods.base import FusionMethod, Lora
 
@@ -34,6 +36,13 @@ class GateSet:
     use_global: bool = True
     version: str = "untrained"
     meta: dict = field(default_factory=dict)
+
+
+def fusion_layers(transformer: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` of the transformer.  ``GatedFusion``'s default ("all") wraps the block
+    linears only, but LoRAs trained with PEFT's ``proj_out``/``all-linear`` targets also touch the
+    top-level ``proj_out`` (and may touch the embedders): wrapped too, so no LoRA layer is dropped."""
+    return [name for name, m in transformer.named_modules() if type(m) is nn.Linear]
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> open GatedSession
@@ -53,7 +62,7 @@ class GatedSession:
             raise RuntimeError("this pipeline already has an open gated session")
         self.pipe = pipe
         self.gates = _as_gateset(gates)
-        self.fusion = GatedFusion(pipe.transformer, time_features=self.gates.time_features if self.gates else 0)
+        self.fusion = GatedFusion(pipe.transformer, fusion_layers(pipe.transformer), time_features=self.gates.time_features if self.gates else 0)
         if self.gates is not None:
             self.fusion.load_gate_state_dict(self.gates.state)
         _SESSIONS[pipe.transformer] = self
