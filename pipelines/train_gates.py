@@ -43,7 +43,7 @@ GATES_FORMAT = "autolora-gates/1"
 class GateRecipe:
     """Everything that decides the trained gates (part of the version id)."""
 
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 8
     lr: float = 1e-2
     max_interference: int = 2
