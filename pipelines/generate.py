@@ -98,8 +98,6 @@ class Generator:
     def generate(self, prompt: str, *, k: int = 3, lora_ids: Sequence[str] | None = None,
                  method: str | None = None, seed: int = 0, n: int = 1, add_triggers: bool = True) -> Generation:
         """Render ``n`` images of ``prompt`` with ``lora_ids`` (default: the top-``k`` retrieved)."""
-        from pipelines.world.sampling import generate
-
         method = method or self.method
         hits: list[dict] = []
         if lora_ids is None:
@@ -109,11 +107,17 @@ class Generator:
         else:
             ids = list(lora_ids)
             triggers = [w for i in ids for w in self.triggers(i)]
-        loras = [self.lora(i) for i in ids]
         text = with_triggers(prompt, triggers) if add_triggers else prompt
-        with self._fusion(method).apply(self.pipe, loras, gates=self.gates):
-            images = generate(self.pipe, [text] * n, seed)
-        return Generation(images, text, ids, method, hits)
+        return Generation(self.render([text] * n, ids, seed, method), text, ids, method, hits)
+
+    def render(self, prompts: Sequence[str], lora_ids: Sequence[str], seed: int = 0,
+               method: str | None = None) -> np.ndarray:
+        """Render ``prompts`` (as given) in one batch with ``lora_ids`` fused by ``method``."""
+        from pipelines.world.sampling import generate
+
+        loras = [self.lora(i) for i in lora_ids]
+        with self._fusion(method or self.method).apply(self.pipe, loras, gates=self.gates):
+            return generate(self.pipe, list(prompts), seed)
 
     def close(self) -> None:
         """Detach the gated fusion (the base is exactly as loaded)."""
