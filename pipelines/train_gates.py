@@ -53,6 +53,7 @@ class GateRecipe:
     hinge: float = 0.0
     margin: float = 0.05
     seed: int = 0
+    trigger_only: bool = False  # world pools: keep only captions that carry the theme by the trigger alone
 
 
 @dataclass
@@ -80,7 +81,8 @@ class GateTraining:
 
 def gate_version(base_id: str, pool: Sequence[PoolLora], recipe: GateRecipe) -> str:
     """Hash of the base id, the pool (ids and file digests, order-free) and the recipe."""
-    payload = json.dumps({"base": base_id, "pool": sorted((p.lora_id, p.digest) for p in pool),
+    data = {p.lora_id: hashlib.sha256("\n".join(p.captions).encode()).hexdigest()[:16] for p in pool}
+    payload = json.dumps({"base": base_id, "pool": sorted((p.lora_id, p.digest, data[p.lora_id]) for p in pool),
                           "recipe": asdict(recipe), "format": GATES_FORMAT}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -194,8 +196,12 @@ def theme_of(entry: dict):
 
 
 def world_pool(root: str | Path, split: str = "train", images_per_lora: int = 16, seed: int = 1000,
-               ) -> list[PoolLora]:
-    """The ``split`` LoRAs of a built world with fresh images of their themes (``theme_images``)."""
+               trigger_only: bool = False) -> list[PoolLora]:
+    """The ``split`` LoRAs of a built world with fresh images of their themes (``theme_images``).
+
+    ``trigger_only`` keeps the pairs whose caption leaves the theme's words out (the trigger alone
+    carries the concept, as in the prompts fusion is used with); twice the images are drawn.
+    """
     from pipelines.world.themes import theme_images
     from registry.lora.inspect import load_canonical
 
@@ -206,7 +212,13 @@ def world_pool(root: str | Path, split: str = "train", images_per_lora: int = 16
         if entry["split"] != split:
             continue
         file = root / entry["file"]
-        images, captions = theme_images(theme_of(entry), images_per_lora, seed + index)
+        theme = theme_of(entry)
+        images, captions = theme_images(theme, images_per_lora * (2 if trigger_only else 1), seed + index)
+        if trigger_only:
+            keep = [i for i, c in enumerate(captions)
+                    if not any(w in c[len(theme.trigger):] for w in theme.words)][:images_per_lora]
+            keep = keep if len(keep) >= 2 else list(range(images_per_lora))
+            images, captions = images[keep], [captions[i] for i in keep]
         pool.append(PoolLora(entry["theme"], load_canonical(file)[0].layers, images, captions,
                              hashlib.sha256(file.read_bytes()).hexdigest()))
     return pool
@@ -220,7 +232,7 @@ def train_world_gates(root: str | Path, out_dir: str | Path | None = None, recip
     root = Path(root)
     manifest = json.loads((root / "world.json").read_text())
     out = Path(out_dir) if out_dir is not None else root / "gates"
-    pool = world_pool(root)
+    pool = world_pool(root, trigger_only=recipe.trigger_only)
     version = gate_version(manifest["key"], pool, recipe)
     if (out / f"gates-{version}.safetensors").is_file():
         return train_gates(None, pool, out, base_id=manifest["key"], recipe=recipe)  # type: ignore[arg-type]

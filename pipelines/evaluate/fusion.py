@@ -116,6 +116,7 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
                 for e in entries:
                     if e["theme"] not in loras:
                         loras[e["theme"]] = world.lora(e)
+                        # fresh images: LoRA i trained on seed + i, and held-out i >= train count > 7
                         losses[e["theme"]] = HeldoutLoss(world.pipe, e, n_loss, seed + 7)
                 lo = [loras[e["theme"]] for e in entries]
                 render_seed = seed + 1000 * k + index
