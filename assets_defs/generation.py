@@ -1,0 +1,107 @@
+"""Dagster assets for generation: the fusion gates (trained on the world's training pool) and the
+fusion and generation reports.  Business logic lives in ``pipelines``; this only wires it."""
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets_defs.resources import RegistryResource
+
+WORLD = os.environ.get("AUTOLORA_WORLD", ".autolora/world/default-seed0")
+REPORTS = os.environ.get("AUTOLORA_REPORTS", ".autolora/reports")
+
+
+class GatesConfig(dg.Config):
+    """Which world's training pool, and the recipe knobs worth changing from the launchpad."""
+
+    world: str = WORLD
+    steps: int = 600
+    hinge: float = 0.0
+
+
+class ReportConfig(dg.Config):
+    world: str = WORLD
+    out: str = REPORTS
+    sets: int = 8
+    prompts: int = 8
+
+
+def _png_data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _loss_curve_md(losses: list[float], window: int = 25) -> str:
+    """The gate loss curve as an embedded PNG (no ``MetadataValue.image`` in Dagster 1.13)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if not losses:
+        return "no losses recorded (loaded from cache without a curve)"
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) > window else np.array(losses)
+    w, h = 400, 160
+    img = Image.new("RGB", (w, h), "white")
+    lo, hi = float(smooth.min()), float(smooth.max()) or 1.0
+    pts = [(int(i * (w - 1) / max(1, len(smooth) - 1)), int((h - 10) - (v - lo) / max(hi - lo, 1e-9) * (h - 20)))
+           for i, v in enumerate(smooth)]
+    ImageDraw.Draw(img).line(pts, fill="navy", width=2)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return f"moving average ({window} steps), {lo:.3f} .. {hi:.3f}\n\n![gate loss]({url})"
+
+
+def _report_md(path: Path) -> str:
+    """A report's markdown with its PNG grids inlined as data URLs."""
+    text = path.read_text()
+    for png in path.parent.glob("*.png"):
+        text = text.replace(f"]({png.name})", f"]({_png_data_url(png)})")
+    return text
+
+
+@dg.asset(group_name="models", kinds={"pytorch"})
+def fusion_gates(context: dg.AssetExecutionContext, config: GatesConfig) -> dg.MaterializeResult:
+    """Gates trained with interference-resistant training on the world's training pool (cached by version)."""
+    from pipelines.train_gates import GateRecipe, train_world_gates
+
+    result = train_world_gates(config.world, recipe=GateRecipe(steps=config.steps, hinge=config.hinge))
+    context.log.info(f"gates {result.version} ({'cached' if result.cached else 'trained'}) at {result.path}")
+    return dg.MaterializeResult(metadata={
+        "version": result.version, "path": str(result.path), "cached": result.cached,
+        "pool_size": len(result.gates.meta.get("pool", [])), "seconds": float(result.gates.meta.get("seconds", 0.0)),
+        "final_loss": float(sum(result.losses[-50:]) / max(1, len(result.losses[-50:]))) if result.losses else 0.0,
+        "loss_curve": dg.MetadataValue.md(_loss_curve_md(result.losses)),
+    })
+
+
+@dg.asset(group_name="reports", deps=[fusion_gates])
+def fusion_report(context: dg.AssetExecutionContext, config: ReportConfig) -> dg.MaterializeResult:
+    """Every fusion method on held-out LoRA pairs and triples, with base and single rows."""
+    from pipelines.evaluate.fusion import evaluate_fusion
+    from pipelines.train_gates import train_world_gates
+
+    gates = train_world_gates(config.world).gates
+    report = evaluate_fusion(config.world, config.out, gates=gates, n_sets=config.sets, n_prompts=config.prompts,
+                             progress=False)
+    return dg.MaterializeResult(metadata={
+        "gated_k2_accuracy": report["gated"]["k2_accuracy"], "gated_k3_accuracy": report["gated"]["k3_accuracy"],
+        "report": dg.MetadataValue.md(_report_md(Path(config.out) / "fusion.md")),
+        "json": dg.MetadataValue.json(report)})
+
+
+@dg.asset(group_name="reports", deps=[fusion_gates, "ingested_loras"])
+def generation_report(context: dg.AssetExecutionContext, config: ReportConfig,
+                      registry: RegistryResource) -> dg.MaterializeResult:
+    """Word-only prompts on held-out themes: base vs top-1/2/3 retrieved LoRAs fused by gated."""
+    from pipelines.evaluate.generation import evaluate_generation
+    from pipelines.train_gates import train_world_gates
+
+    gates = train_world_gates(config.world).gates
+    report = evaluate_generation(registry.open(), config.world, config.out, gates=gates,
+                                 n_prompts=config.prompts, progress=False)
+    return dg.MaterializeResult(metadata={
+        "synonym_top3": report["synonym"]["top3"], "synonym_base": report["synonym"]["base"],
+        "report": dg.MetadataValue.md(_report_md(Path(config.out) / "generation.md")),
+        "json": dg.MetadataValue.json(report)})

@@ -1,0 +1,96 @@
+"""The k LoRA branches of one layer packed so that their outputs are two matmuls, not k.
+
+Ranks are padded to the largest (zero rows of A, zero columns of B: the padding adds exactly 0):
+``a`` [n·r, k] stacks the A's, so ``z = h a^T`` is every branch's down-projection at once; ``bt``
+[n, r, d] holds the B's transposed, so one batched matmul gives all n outputs [n, M, d], and the
+plain sum Σ_i B_i A_i h is ``z @ bt.reshape(n·r, d)``, a single matmul.  The buffers are reused
+(filled in place) whenever a new set has the same count and padded rank.
+
+Each branch's LayerNorm statistics come from z alone (written by hand, no library does this):
+mean(B z) = z·m with m = B^T 1 / d, and mean((B z)^2) = z^T (B^T B / d) z, so the gate never needs
+a pass over the [n, M, d] outputs to normalise them.  They are computed in float64 (tiny tensors),
+so the subtraction E[L²] - μ² keeps its precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class LoraBranches:
+    """Packed LoRA factors (A_i [r_i, k], B_i [d, r_i]) of one layer, as plain tensors (no gradients)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.a: torch.Tensor | None = None   # [n * r, k]
+        self.bt: torch.Tensor | None = None  # [n, r, d]
+        self.mean_vec: torch.Tensor | None = None  # [n, r]: B_i^T 1 / d (float64)
+        self.gram: torch.Tensor | None = None      # [n, r, r]: B_i^T B_i / d (float64)
+        self.count = 0
+        self.rank = 0
+
+    def pack(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], *, dtype: torch.dtype,
+             device: torch.device, rank: int = 0) -> bool:
+        """Load ``factors`` (padded to max(rank, their ranks)); True if the old buffers were reused."""
+        k, d = self.in_features, self.out_features
+        n = len(factors)
+        r = max([rank, *(a.shape[0] for a, _ in factors)]) if factors else 0
+        for a, b in factors:
+            if a.shape[1] != k or b.shape[0] != d or a.shape[0] != b.shape[1]:
+                raise ValueError(f"LoRA factors A{tuple(a.shape)} B{tuple(b.shape)} do not fit a "
+                                 f"{k} -> {d} layer")
+        reuse = (self.a is not None and (self.count, self.rank) == (n, r)
+                 and self.a.dtype == dtype and self.a.device == device)
+        # normal tensors even when called under inference_mode: training may use them later
+        with torch.inference_mode(False), torch.no_grad():
+            if not reuse:
+                self.a = torch.empty(n * r, k, dtype=dtype, device=device)
+                self.bt = torch.empty(n, r, d, dtype=dtype, device=device)
+            self.count, self.rank = n, r
+            a3 = self.a.view(n, r, k)
+            for i, (a, b) in enumerate(factors):
+                ri = a.shape[0]
+                a3[i, :ri].copy_(a)
+                self.bt[i, :ri].copy_(b.T)
+                if ri < r:
+                    a3[i, ri:].zero_()
+                    self.bt[i, ri:].zero_()
+            b64 = self.bt.to(torch.float64)
+            self.mean_vec = b64.sum(-1) / d
+            self.gram = b64 @ b64.transpose(1, 2) / d
+        return reuse
+
+    def clear(self) -> None:
+        """Drop the buffers."""
+        self.a = self.bt = self.mean_vec = self.gram = None
+        self.count = self.rank = 0
+
+    def project(self, h: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Down-projections of the first ``count`` branches: h [M, k] -> z [M, count·r]."""
+        count = self.count if count is None else count
+        return F.linear(h, self.a[: count * self.rank])
+
+    def outputs(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every branch's output B_i (A_i h) from z [M, n·r] -> [n, M, d] (one batched matmul)."""
+        m = z.shape[0]
+        return torch.bmm(z.view(m, self.count, self.rank).transpose(0, 1), self.bt, out=out)
+
+    def stats(self, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """LayerNorm (mean, 1/sqrt(var + eps)) of every branch output, from z [M, n·r] -> two [n, M, 1]."""
+        zt = z.view(z.shape[0], self.count, self.rank).transpose(0, 1).to(torch.float64)  # [n, M, r]
+        mean = (zt * self.mean_vec[:, None, :]).sum(-1, keepdim=True)
+        square = ((zt @ self.gram) * zt).sum(-1, keepdim=True)
+        rstd = ((square - mean.square()).clamp_min(0) + eps).rsqrt()
+        return mean.to(z.dtype), rstd.to(z.dtype)
+
+    def summed_weight(self, count: int | None = None) -> torch.Tensor:
+        """[B_1 … B_count]^T as one [count·r, d] matrix (a view)."""
+        count = self.count if count is None else count
+        return self.bt[:count].reshape(count * self.rank, self.out_features)
+
+    def summed(self, z: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Σ_i B_i (A_i h) over the first ``count`` branches from z [M, count·r] -> [M, d] (one matmul)."""
+        return z @ self.summed_weight(count)

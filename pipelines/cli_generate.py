@@ -1,0 +1,129 @@
+"""``autolora generate``, ``autolora eval fusion`` and ``autolora eval generation``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.cli import UsageError, _expanded, _open_registry, _positive, _print_json, _table
+
+
+def _world_root(path: str) -> Path:
+    from pipelines.world.evaluate import resolve_world_root
+
+    try:
+        return resolve_world_root(path)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+
+
+def _gates(args: argparse.Namespace, world: Path | None):
+    """--gates FILE, else the world's trained gates (trained now if missing), else none."""
+    from pipelines.train_gates import load_gates, train_world_gates
+
+    if args.gates:
+        if not Path(args.gates).is_file():
+            raise UsageError(f"no such gate checkpoint: {args.gates}")
+        return load_gates(args.gates)
+    return train_world_gates(world).gates if world is not None else None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from pipelines.fusion_methods import METHODS
+    from pipelines.generate import Generator
+
+    if args.fusion not in METHODS:
+        raise UsageError(f"unknown fusion {args.fusion!r}; known: {', '.join(METHODS)}")
+    registry = _open_registry(args.registry, create=False)
+    world = _world_root(args.world) if args.world else None
+    base = args.base or world
+    if base is None:
+        raise UsageError("give the base pipeline: --base FOLDER or --world DIR")
+    gates = _gates(args, world) if args.fusion.startswith("gated") else None
+    with Generator(registry, base, gates, method=args.fusion) as gen:
+        try:
+            result = gen.generate(args.prompt, k=args.k, lora_ids=args.lora or None, seed=args.seed)
+        except KeyError as error:
+            raise UsageError(str(error.args[0])) from None
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result.images[0]).save(args.output)
+    info = {"output": args.output, "prompt": result.prompt, "loras": result.lora_ids, "fusion": result.method,
+            "gates": getattr(gates, "version", None), "hits": result.hits}
+    _print_json(info) if args.json else print(f"{args.output}: {result.prompt!r} with {len(result.lora_ids)} "
+                                              f"LoRAs fused by {result.method}")
+    return 0
+
+
+def cmd_eval_fusion(args: argparse.Namespace) -> int:
+    from pipelines.evaluate.fusion import evaluate_fusion
+
+    world = _world_root(args.world)
+    report = evaluate_fusion(world, args.out, gates=_gates(args, world), n_sets=args.sets, n_prompts=args.prompts,
+                             seed=args.seed, methods=args.methods or None, progress=not args.json)
+    if args.json:
+        _print_json(report)
+        return 0
+    keys = ("k2_accuracy", "k3_accuracy", "k2_worst", "k3_worst", "prompt_accuracy", "loss_ratio")
+    _table("fusion on held-out LoRAs", ["method", *keys],
+           [(m, *(f"{row[k]:.3f}" for k in keys)) for m, row in report.items()])
+    print(f"report: {args.out}/fusion.md")
+    return 0
+
+
+def cmd_eval_generation(args: argparse.Namespace) -> int:
+    from pipelines.evaluate.generation import evaluate_generation
+
+    world = _world_root(args.world)
+    registry = _open_registry(args.registry, create=False)
+    report = evaluate_generation(registry, world, args.out, gates=_gates(args, world), n_prompts=args.prompts,
+                                 seed=args.seed, progress=not args.json)
+    if args.json:
+        _print_json(report)
+        return 0
+    cols = ("base", "top1", "top2", "top3")
+    _table("prompt read-out accuracy on held-out themes", ["prompts", *cols],
+           [(g, *(f"{report[g][c]:.3f}" for c in cols)) for g in ("synonym", "canonical", "all")])
+    print(f"report: {args.out}/generation.md")
+    return 0
+
+
+def add_commands(sub, evaluate) -> None:
+    """Register ``generate`` on ``sub`` and ``fusion`` / ``generation`` on ``evaluate`` (the ``eval`` subparsers)."""
+    from pipelines.cli import DEFAULT_REGISTRY
+
+    gen = sub.add_parser("generate", help="retrieve LoRAs for a prompt, fuse them and render")
+    gen.add_argument("prompt")
+    gen.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
+    gen.add_argument("-k", type=int, default=3, help="how many LoRAs to retrieve (0: none)")
+    gen.add_argument("--fusion", default="gated", help="none, linear, ties, dare, klora, gated, gated_noglobal")
+    gen.add_argument("-o", "--output", default="out.png", type=_expanded)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--lora", action="append", help="use this registry LoRA id (repeatable) instead of retrieval")
+    gen.add_argument("--world", type=_expanded, help="a demo world: its base, and its gates (trained if missing)")
+    gen.add_argument("--base", type=_expanded, help="a diffusers FLUX pipeline folder")
+    gen.add_argument("--gates", type=_expanded, help="a gate checkpoint (safetensors)")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    fusion = evaluate.add_parser("fusion", help="fusion methods on held-out LoRA pairs and triples")
+    fusion.add_argument("--world", default=".autolora/world", type=_expanded)
+    fusion.add_argument("--out", default=".autolora/reports", type=_expanded)
+    fusion.add_argument("--gates", type=_expanded, help="gate checkpoint (default: the world's, trained if missing)")
+    fusion.add_argument("--sets", type=_positive, default=12, help="LoRA sets per k")
+    fusion.add_argument("--prompts", type=_positive, default=8, help="prompts per set")
+    fusion.add_argument("--methods", nargs="*", help="a subset of the methods")
+    fusion.add_argument("--seed", type=int, default=0)
+    fusion.add_argument("--json", action="store_true")
+    fusion.set_defaults(func=cmd_eval_fusion)
+
+    generation = evaluate.add_parser("generation", help="retrieval + gated fusion vs the base, held-out themes")
+    generation.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
+    generation.add_argument("--world", default=".autolora/world", type=_expanded)
+    generation.add_argument("--out", default=".autolora/reports", type=_expanded)
+    generation.add_argument("--gates", type=_expanded)
+    generation.add_argument("--prompts", type=_positive, default=8, help="prompts per held-out theme")
+    generation.add_argument("--seed", type=int, default=0)
+    generation.add_argument("--json", action="store_true")
+    generation.set_defaults(func=cmd_eval_generation)

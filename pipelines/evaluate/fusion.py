@@ -1,0 +1,167 @@
+"""Fusion report on HELD-OUT LoRAs: every method side by side, with ``base`` and ``single`` rows.
+
+Sets of k = 2 and 3 held-out LoRAs whose themes fix *different* attributes (half of the pairs an
+object theme with a style theme, the rest random disjoint sets).  A set's prompts carry every
+trigger and a scene that leaves all the themes' attributes unsaid and states the others.  Per
+method (same prompts and seeds):
+
+* concept accuracy: for each concept, the share of its theme's attributes the read-out finds in
+  the renders; ``kN_accuracy`` is the mean over concepts and sets, ``kN_worst`` the mean over sets
+  of the set's worst concept;
+* ``prompt_accuracy``: read-out accuracy of the attributes the prompt states outright;
+* ``loss_ratio``: each concept's flow-matching loss on fresh images of its theme with the whole
+  set active, divided by the loss with its own LoRA alone (mean over concepts and sets).
+
+``base`` renders without LoRA; ``single`` renders each concept with its own LoRA alone (diffusers,
+weight 1) on the same prompts, which scores that concept (its ``prompt_accuracy`` pools the
+renders of all concepts).  Methods that need gates get ``gates`` (``gates_noglobal`` for the
+ablation if given, else the same gates).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from models.torch_threads import one_torch_thread
+from pipelines.evaluate.fusion_common import (
+    HeldoutLoss, attr_accuracy, markdown_table, open_world, save_grid, scene_accuracy,
+)
+from pipelines.fusion_methods import get
+from pipelines.world.scene import caption, sample_attributes
+
+METHODS = ("linear", "ties", "dare", "klora", "gated_noglobal", "gated")
+KEYS = ("k2_accuracy", "k3_accuracy", "k2_worst", "k3_worst", "prompt_accuracy", "loss_ratio")
+
+
+def _disjoint(entries: Sequence[Mapping]) -> bool:
+    keys = [set(e["attrs"]) for e in entries]
+    return all(not (a & b) for a, b in itertools.combinations(keys, 2))
+
+
+def concept_sets(heldout: Sequence[Mapping], k: int, n_sets: int, seed: int) -> list[list[Mapping]]:
+    """``n_sets`` distinct sets of ``k`` held-out entries with pairwise-disjoint theme attributes."""
+    rng = np.random.default_rng([seed, k, 0xF05E])
+    combos = [list(c) for c in itertools.combinations(heldout, k) if _disjoint(c)]
+    seen, unique = set(), []
+    for c in combos:  # one set per combination of theme identities (re-uploads share one)
+        ident = frozenset(frozenset(e["attrs"].items()) for e in c)
+        if ident not in seen:
+            seen.add(ident)
+            unique.append(c)
+    order = [unique[i] for i in rng.permutation(len(unique))]
+    if k == 2:  # half object + style pairs first
+        obj_style = [c for c in order if {"shape"} <= set(c[0]["attrs"]) | set(c[1]["attrs"])
+                     and any(set(e["attrs"]) == {"style"} or "style" in e["attrs"] for e in c)]
+        rest = [c for c in order if c not in obj_style]
+        order = obj_style[: n_sets // 2] + rest
+    return order[:n_sets]
+
+
+def set_prompts(entries: Sequence[Mapping], n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
+    """Prompts with every trigger and a scene omitting the themes' attributes; the stated attributes."""
+    rng = np.random.default_rng([seed, 0x5E7])
+    fixed = {a: v for e in entries for a, v in e["attrs"].items()}
+    triggers = ", ".join(e["trigger"] for e in entries)
+    prompts, stated = [], []
+    for _ in range(n):
+        scene = sample_attributes(rng, fixed)
+        prompts.append(f"{triggers}, {caption(scene, rng, omit=fixed)}")
+        stated.append({a: v for a, v in scene.items() if a not in fixed})
+    return prompts, stated
+
+
+def _score(world, images: np.ndarray, entries: Sequence[Mapping], stated) -> tuple[list[float], float]:
+    preds = world.readout.predict(images)
+    return [attr_accuracy(preds, e["attrs"]) for e in entries], scene_accuracy(preds, stated)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    """Mean ignoring nan; None when nothing was measured (e.g. no k=3 set in a tiny world)."""
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else None
+
+
+def _aggregate(rows: Mapping[str, dict]) -> dict[str, dict[str, float | None]]:
+    out = {}
+    for name, r in rows.items():
+        out[name] = {f"k{k}_accuracy": _mean([a for s in r[k] for a in s["acc"]]) for k in (2, 3)}
+        out[name].update({f"k{k}_worst": _mean([min(s["acc"]) for s in r[k]]) for k in (2, 3)})
+        out[name]["prompt_accuracy"] = _mean([s["prompt"] for k in (2, 3) for s in r[k]])
+        out[name]["loss_ratio"] = _mean([x for k in (2, 3) for s in r[k] for x in s["ratio"]])
+    return out
+
+
+def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gates_noglobal=None,
+                    n_sets: int = 12, n_prompts: int = 8, n_loss: int = 16, seed: int = 0,
+                    methods: Sequence[str] | None = None, progress: bool = True, pipe=None) -> dict:
+    """Run the report; writes ``fusion.json``, ``fusion.md`` and grids under ``out``; returns the JSON."""
+    world = open_world(world_root, pipe)
+    methods = list(methods or METHODS)
+    gate_for = {"gated": gates, "gated_noglobal": gates_noglobal if gates_noglobal is not None else gates}
+    names = ["base", "single", *methods]
+    rows: dict[str, dict] = {n: {2: [], 3: []} for n in names}
+    loras, losses, grids = {}, {}, {}
+    out = Path(out)
+    with one_torch_thread():
+        for k in (2, 3):
+            sets = concept_sets(world.heldout, k, n_sets, seed)
+            for index, entries in enumerate(tqdm(sets, desc=f"fusion k={k}", disable=not progress)):
+                prompts, stated = set_prompts(entries, n_prompts, seed + 100 * k + index)
+                for e in entries:
+                    if e["theme"] not in loras:
+                        loras[e["theme"]] = world.lora(e)
+                        # fresh images: LoRA i trained on seed + i, and held-out i >= train count > 7
+                        losses[e["theme"]] = HeldoutLoss(world.pipe, e, n_loss, seed + 7)
+                lo = [loras[e["theme"]] for e in entries]
+                render_seed = seed + 1000 * k + index
+                grid = {}
+                single_loss, single_acc, single_images = [], [], []
+                for i, e in enumerate(entries):
+                    with get("linear").apply(world.pipe, [lo[i]]):
+                        single_images.append(_render(world, prompts, render_seed))
+                        single_loss.append(losses[e["theme"]]())
+                    acc, _ = _score(world, single_images[-1], [e], stated)
+                    single_acc.append(acc[0])
+                    grid[f"single: {e['theme']}"] = single_images[-1]
+                pooled = np.concatenate(single_images)
+                rows["single"][k].append({"acc": single_acc, "ratio": [1.0] * len(entries),
+                                          "prompt": scene_accuracy(world.readout.predict(pooled), stated * len(entries))})
+                for name in ["base", *methods]:
+                    method = get("none" if name == "base" else name)
+                    with method.apply(world.pipe, lo, gates=gate_for.get(name)):
+                        images = _render(world, prompts, render_seed)
+                        ratio = [losses[e["theme"]]() / s for e, s in zip(entries, single_loss)]
+                    acc, prompt_acc = _score(world, images, entries, stated)
+                    rows[name][k].append({"acc": acc, "prompt": prompt_acc, "ratio": ratio,
+                                          "set": [e["theme"] for e in entries]})
+                    grid[name] = images
+                if index == 0:
+                    grids[k] = (save_grid(out / f"fusion_k{k}.png", grid), list(grid), prompts)
+    report = _aggregate(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fusion.json").write_text(json.dumps(report, indent=1))
+    (out / "fusion.md").write_text(_markdown(report, grids, n_sets, n_prompts, world.root, gates))
+    return report
+
+
+def _render(world, prompts: list[str], seed: int) -> np.ndarray:
+    from pipelines.world.sampling import generate
+
+    return generate(world.pipe, prompts, seed)
+
+
+def _markdown(report: Mapping, grids: Mapping, n_sets: int, n_prompts: int, root: Path, gates) -> str:
+    lines = ["# Fusion of held-out LoRAs", "",
+             f"World `{root}`; {n_sets} sets per k, {n_prompts} prompts each; held-out LoRAs only. "
+             f"Gates: `{getattr(gates, 'version', 'untrained')}`.", "",
+             markdown_table(["method", *KEYS], [(m, *(r[key] for key in KEYS)) for m, r in report.items()]), ""]
+    for k, (path, labels, prompts) in sorted(grids.items()):
+        lines += [f"## k = {k}: first set", "", f"Rows: {', '.join(labels)}.", "",
+                  f"Prompts: {'; '.join(prompts[:3])}; ...", "", f"![k={k}]({path.name})", ""]
+    return "\n".join(lines)

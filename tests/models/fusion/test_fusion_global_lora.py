@@ -1,0 +1,37 @@
+"""The global LoRA is the SVD truncation of the explicit sum Σ B_i A_i."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.fusion.global_lora import global_lora
+
+
+def _loras(d: int, k: int, ranks: list[int], seed: int = 0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(r, k, generator=gen, dtype=dtype), torch.randn(d, r, generator=gen, dtype=dtype))
+            for r in ranks]
+
+
+@pytest.mark.parametrize("d,k,ranks,rank", [(40, 30, [4, 8, 2], 4), (12, 50, [3, 16], 5), (64, 64, [16], 4)])
+def test_equals_truncated_svd_of_the_sum(d: int, k: int, ranks: list[int], rank: int) -> None:
+    loras = _loras(d, k, ranks)
+    total = sum(b @ a for a, b in loras)
+    u, s, vh = torch.linalg.svd(total)
+    want = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    a_g, b_g = global_lora(loras, rank)
+    assert a_g.shape == (rank, k) and b_g.shape == (d, rank)
+    torch.testing.assert_close(b_g @ a_g, want, rtol=1e-9, atol=1e-9)
+    # the error is the tail of the spectrum (Eckart-Young), i.e. it is the best rank-r approximation
+    err = torch.linalg.matrix_norm(total - b_g @ a_g)
+    torch.testing.assert_close(err, s[rank:].square().sum().sqrt())
+
+
+def test_full_rank_reproduces_the_sum_and_float32() -> None:
+    loras = _loras(48, 36, [2, 3], seed=1, dtype=torch.float32)
+    a_g, b_g = global_lora(loras, 16)
+    assert a_g.shape == (5, 36) and a_g.dtype == torch.float32  # capped at Σr
+    torch.testing.assert_close(b_g @ a_g, sum(b @ a for a, b in loras), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        global_lora([], 4)

@@ -1,0 +1,118 @@
+"""Generator, CLI and both evaluation contracts on a micro demo world (slow: the world is built)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from pipelines.evaluate.fusion import KEYS, concept_sets, evaluate_fusion, set_prompts
+from pipelines.evaluate.generation import GROUPS, SETTINGS, evaluate_generation, word_prompts
+from pipelines.fusion_methods.base import transformer_state
+from pipelines.generate import Generator, with_triggers
+from pipelines.train_gates import GateRecipe, train_world_gates
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipe(micro_world) -> FluxPipeline:
+    torch.set_num_threads(1)
+    p = FluxPipeline.from_pretrained(micro_world / "base")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def gates(micro_world, tmp_path_factory):
+    return train_world_gates(micro_world, tmp_path_factory.mktemp("gates"), GateRecipe(steps=4, batch_size=2)).gates
+
+
+def test_with_triggers():
+    assert with_triggers("a red disc", ["xyz", "red", "xyz"]) == "xyz, a red disc"
+
+
+def test_generator_ids_and_retrieval(micro_registry, pipe, gates):
+    before = transformer_state(pipe)
+    ids = micro_registry.lora_ids()
+    with Generator(micro_registry, pipe, gates) as gen:
+        wrappers = None
+        by_id = gen.generate("a circle", lora_ids=ids[:2], seed=3, n=2)
+        assert by_id.lora_ids == ids[:2] and by_id.images.shape == (2, 32, 32, 3)
+        for lora_id in ids[:2]:
+            assert all(t in by_id.prompt for t in gen.triggers(lora_id))
+        wrappers = dict(gen._session.fusion.layers)
+        found = gen.generate("a rhombus on a lined background", k=2, seed=3)
+        assert len(found.lora_ids) == 2 and [h["lora_id"] for h in found.hits] == found.lora_ids
+        assert all(w in found.prompt for h in found.hits for w in h["trigger_words"])
+        # the second LoRA set went into the same wrappers: no re-wrapping, no reload
+        assert all(gen._session.fusion.layers[n] is w for n, w in wrappers.items())
+        again = gen.generate("a circle", lora_ids=ids[:2], seed=3, n=2)
+        assert np.array_equal(again.images, by_id.images)
+        other = gen.generate("a circle", lora_ids=ids[:2], seed=3, n=2, method="linear")
+        assert other.method == "linear"
+        with pytest.raises(KeyError):
+            gen.generate("x", lora_ids=["lora-nope"])
+    after = transformer_state(pipe)
+    assert after["types"] == before["types"]
+    assert all(torch.equal(before["params"][k], v) for k, v in after["params"].items())
+
+
+def test_fusion_report_contract(micro_world, pipe, gates, tmp_path):
+    report = evaluate_fusion(micro_world, tmp_path, gates=gates, n_sets=1, n_prompts=2, n_loss=4, pipe=pipe,
+                             progress=False, methods=["linear", "gated"])
+    assert set(report) == {"base", "single", "linear", "gated"}
+    for row in report.values():
+        assert set(row) == set(KEYS)
+        assert 0.0 <= row["k2_accuracy"] <= 1.0 and row["loss_ratio"] > 0
+    assert report["single"]["loss_ratio"] == 1.0
+    assert json.loads((tmp_path / "fusion.json").read_text()) == report
+    assert (tmp_path / "fusion_k2.png").is_file() and "| gated |" in (tmp_path / "fusion.md").read_text()
+
+
+def test_fusion_sets_and_prompts(micro_world):
+    heldout = [e for e in json.loads((micro_world / "world.json").read_text())["loras"] if e["split"] == "heldout"]
+    for entries in concept_sets(heldout, 2, 5, 0):
+        keys = [set(e["attrs"]) for e in entries]
+        assert not keys[0] & keys[1]
+        prompts, stated = set_prompts(entries, 3, 0)
+        for p, s in zip(prompts, stated):
+            assert all(e["trigger"] in p for e in entries)
+            assert not set(s) & (keys[0] | keys[1])
+
+
+def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tmp_path):
+    report = evaluate_generation(micro_registry, micro_world, tmp_path, gates=gates, n_prompts=2, pipe=pipe,
+                                 progress=False)
+    heldout = [e for e in json.loads((micro_world / "world.json").read_text())["loras"] if e["split"] == "heldout"]
+    for group in GROUPS:
+        has = group == "all" or any(e["synonym"] == (group == "synonym") for e in heldout)
+        for s in SETTINGS:
+            value = report[group][s]
+            assert (value is not None and 0.0 <= value <= 1.0) if has else value is None
+    entry = heldout[0]
+    prompts, _ = word_prompts(entry, 3, 0)
+    assert all(entry["trigger"] not in p for p in prompts)
+    assert all(not math.isnan(v) for v in report["retrieval_found"].values())
+
+
+def test_cli_generate(micro_world, micro_registry, tmp_path, capsys):
+    from pipelines.cli import _quiet, build_parser
+    from pipelines.cli_generate import add_commands
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    if "eval" not in sub.choices:  # the lead wires add_commands into build_parser
+        evaluate = sub.add_parser("eval").add_subparsers(dest="what", required=True)
+        add_commands(sub, evaluate)
+    out = tmp_path / "img.png"
+    args = parser.parse_args(["generate", "a red diamond", "--registry", str(micro_registry.root), "-k", "2",
+                              "--fusion", "linear", "-o", str(out), "--world", str(micro_world), "--json"])
+    _quiet()
+    assert args.func(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert out.is_file() and len(info["loras"]) == 2 and info["fusion"] == "linear"
