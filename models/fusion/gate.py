@@ -42,6 +42,13 @@ def timestep_features(t: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def layer_norm_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rstd, shift) over the last dim, so that LayerNorm(t) = t ⊙ rstd + shift (no affine)."""
+    var, mean = torch.var_mean(t, -1, correction=0, keepdim=True)
+    rstd = (var + EPS).rsqrt()
+    return rstd, torch.mul(mean, rstd).neg_()
+
+
 class FusionGate(nn.Module):
     """Gate parameters of one base layer (width ``dim``), shared by whatever LoRAs are active."""
 
@@ -76,20 +83,16 @@ class FusionGate(nn.Module):
                 inplace: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Fuse ``branches`` [n, *x.shape] (LoRA outputs; the global LoRA last if ``global_last``) into ``x``.
 
-        ``stats``: each branch's LayerNorm (mean, 1/std) over its last dim, shaped [n, ..., 1], when
-        the caller has them cheaper (see ``LoraBranches.stats``).  ``inplace`` (inference only, no
-        autograd): ``x`` and ``branches`` may be overwritten (the result is ``x``), and ``scratch``
-        (like ``branches``) spares the one [n, ..., d] allocation.
+        ``stats``: (rstd, shift) [n, ..., 1] with LN(L_i) = L_i ⊙ rstd + shift, when the caller has
+        them cheaper (see ``LoraBranches.stats``).  ``inplace`` (inference only, no autograd): ``x``
+        and ``branches`` may be overwritten (the result is ``x``), and ``scratch`` (like
+        ``branches``) spares the one [n, ..., d] allocation.
         """
         d = self.dim
-        if stats is None:
-            var, mean = torch.var_mean(branches, -1, correction=0, keepdim=True)
-            stats = mean, (var + EPS).rsqrt()
-        mean, rstd = stats
+        rstd, shift = layer_norm_stats(branches) if stats is None else stats
         xh = F.layer_norm(x, (d,), eps=EPS)
         c = torch.addcmul(self.bias(x, time_feats), xh, self.w_x)  # the branch-independent terms
         v = torch.addcmul(self.w_l, xh, self.w_c)  # L̂_i ⊙ (w_l + x̂ ⊙ w_c)
-        shift = -mean * rstd
         if not inplace:
             pre = torch.addcmul(c, torch.addcmul(shift, branches, rstd), v)
             gated = torch.sigmoid(pre) * branches
