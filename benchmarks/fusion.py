@@ -141,13 +141,15 @@ def bench(transformer: nn.Module, inputs: dict, args: argparse.Namespace, inner:
            "base": step(transformer)}
     check = (fns["linear"]()[0] - fns["diffusers"]()[0]).abs().max().item()
     print(f"[{label}] linear vs diffusers max |diff| {check:.2e}; timing ...", file=sys.stderr, flush=True)
-    medians = time_interleaved(fns, args.repeats, inner)
-    steps = {f"{k}_ms": round(v * 1000, 3) for k, v in medians.items()}
-    steps.update(gated_vs_diffusers=round(medians["gated"] / medians["diffusers"], 3),
-                 gated_vs_base=round(medians["gated"] / medians["base"], 3),
-                 diffusers_vs_base=round(medians["diffusers"] / medians["base"], 3),
-                 linear_vs_diffusers=round(medians["linear"] / medians["diffusers"], 3),
-                 linear_max_abs_diff_vs_diffusers=check)
+    steps: dict = {}
+    medians = {} if args.switch_only else time_interleaved(fns, args.repeats, inner)
+    steps.update({f"{k}_ms": round(v * 1000, 3) for k, v in medians.items()})
+    if medians:
+        steps.update(gated_vs_diffusers=round(medians["gated"] / medians["diffusers"], 3),
+                     gated_vs_base=round(medians["gated"] / medians["base"], 3),
+                     diffusers_vs_base=round(medians["diffusers"] / medians["base"], 3),
+                     linear_vs_diffusers=round(medians["linear"] / medians["diffusers"], 3))
+    steps["linear_max_abs_diff_vs_diffusers"] = check
 
     # switching: two sets of three files on disk, alternated
     sets = []
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--demo-batch", type=int, default=4)
     parser.add_argument("--demo-inner", type=int, default=20, help="demo steps per timed sample")
     parser.add_argument("--skip-slice", action="store_true")
+    parser.add_argument("--switch-only", action="store_true", help="time switching only (no step timing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result: dict = {"config": dict(vars(args), torch=torch.__version__, load_before=os.getloadavg())}
@@ -218,7 +221,7 @@ def main() -> None:
             inputs = flux_inputs(1, grid, 64, args.text_tokens, 4096, 768)
             result["slice"], result["switch"] = bench(slice_transformer(), inputs, args, 1, Path(tmp), "slice")
     result["config"]["load_after"] = os.getloadavg()
-    if "slice" in result:
+    if "slice" in result and not args.switch_only:
         got = {"slice_gated_vs_diffusers": result["slice"]["gated_vs_diffusers"],
                "slice_gated_vs_base": result["slice"]["gated_vs_base"],
                "switch_ours_vs_diffusers": result["switch"]["ratio"]}

@@ -10,7 +10,7 @@ Each branch's LayerNorm statistics come from z alone (written by hand, no librar
 mean(B z) = z·m with m = B^T 1 / d, and mean((B z)^2) = z^T (B^T B / d) z, so the gate never needs
 a pass over the large [n, M, d] outputs to normalise them.  They are computed in float64 (tiny
 tensors), so the subtraction E[L²] - μ² keeps its precision.  Small outputs (≤ ``DIRECT_STATS``
-values, e.g. the demo model's) are normalised directly: fewer ops, and ops are what costs there.
+values, e.g. the demo model's) are normalised directly (one ``layer_norm``): ops are what costs there.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from models.fusion.gate import layer_norm_stats
 
 DIRECT_STATS = 1 << 20
 
@@ -81,10 +79,11 @@ class LoraBranches:
         m = z.shape[0]
         return torch.bmm(z.view(m, self.count, self.rank).transpose(0, 1), self.bt, out=out)
 
-    def stats(self, z: torch.Tensor, outputs: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """LayerNorm (rstd, shift) [n, M, 1] of every branch output (``outputs`` [n, M, d] = ``outputs(z)``)."""
-        if outputs.numel() <= DIRECT_STATS:
-            return layer_norm_stats(outputs)
+    def stats(self, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """LayerNorm (rstd, shift) [n, M, 1] of every branch output, or None when the outputs are small
+        enough (≤ ``DIRECT_STATS`` values) to be normalised directly."""
+        if z.shape[0] * self.count * self.out_features <= DIRECT_STATS:
+            return None
         r = self.rank
         zt = z.view(z.shape[0], self.count, r).transpose(0, 1).to(torch.float64)  # [n, M, r]
         q = torch.bmm(zt, self.moments)                                           # [n, M, r + 1]
