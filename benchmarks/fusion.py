@@ -160,11 +160,13 @@ def bench(transformer: nn.Module, inputs: dict, args: argparse.Namespace, inner:
             save_file(diffusers_keys(random_lora(shapes, args.rank, 100 + 10 * s + i)), path)
             paths.append(path)
         sets.append(paths)
-    ours_s, theirs_s, delete_s = [], [], []
+    ours_s, read_s, theirs_s, delete_s = [], [], [], []
     for rep in range(args.repeats + 1):
         paths = sets[rep % 2]
         start = time.perf_counter()
-        fusion.set_loras([read_lora(p) for p in paths], use_global=True, rank_global=args.rank_global)
+        new_loras = [read_lora(p) for p in paths]
+        read_t = time.perf_counter() - start
+        fusion.set_loras(new_loras, use_global=True, rank_global=args.rank_global)
         ours_t = time.perf_counter() - start
         new = [f"r{rep}_{i}" for i in range(args.k)]
         start = time.perf_counter()
@@ -178,11 +180,13 @@ def bench(transformer: nn.Module, inputs: dict, args: argparse.Namespace, inner:
         adapters = new
         if rep:  # the first round warms up
             ours_s.append(ours_t)
+            read_s.append(read_t)
             theirs_s.append(theirs_t)
             delete_s.append(delete_t)
     after = (fns["linear"]()[0] - fns["diffusers"]()[0]).abs().max().item()
     med = statistics.median
-    switch = dict(ours_s=round(med(ours_s), 4), diffusers_s=round(med(theirs_s), 4),
+    switch = dict(ours_s=round(med(ours_s), 4), ours_read_files_s=round(med(read_s), 4),
+                  diffusers_s=round(med(theirs_s), 4),
                   ratio=round(med(ours_s) / med(theirs_s), 4), diffusers_delete_s=round(med(delete_s), 4),
                   linear_max_abs_diff_vs_diffusers_after=after)
     fusion.detach()

@@ -60,8 +60,7 @@ class LoraBranches:
                 if ri < r:
                     a3[i, ri:].zero_()
                     self.bt[i, ri:].zero_()
-            b64 = self.bt.to(torch.float64)
-            self.moments = torch.cat([b64 @ b64.transpose(1, 2), -b64.sum(-1, keepdim=True)], -1).div_(d)
+            self.moments = None  # made on first use by ``stats`` (only large outputs need them)
         return reuse
 
     def clear(self) -> None:
@@ -85,6 +84,11 @@ class LoraBranches:
         if z.shape[0] * self.count * self.out_features <= DIRECT_STATS:
             return None
         r = self.rank
+        if self.moments is None:
+            with torch.inference_mode(False), torch.no_grad():
+                b64 = self.bt.to(torch.float64)
+                self.moments = torch.cat([b64 @ b64.transpose(1, 2), -b64.sum(-1, keepdim=True)], -1).div_(
+                    self.out_features)
         zt = z.view(z.shape[0], self.count, r).transpose(0, 1).to(torch.float64)  # [n, M, r]
         q = torch.bmm(zt, self.moments)                                           # [n, M, r + 1]
         neg_mean = q[..., r:]

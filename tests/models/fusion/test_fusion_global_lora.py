@@ -46,3 +46,12 @@ def test_batched_truncation_equals_one_at_a_time() -> None:
     for i, lo in enumerate(sets):
         a1, b1 = global_lora(lo, 3)
         torch.testing.assert_close(b_g[i] @ a_g[i], b1 @ a1, rtol=1e-9, atol=1e-9)
+
+
+def test_rank_deficient_stack() -> None:
+    """The same LoRA twice (and a zero LoRA): the stacked factors are rank-deficient."""
+    (a, b), = _loras(40, 30, [6], seed=2)
+    total = 2 * b @ a
+    u, s, vh = torch.linalg.svd(total)
+    a_g, b_g = global_lora([(a, b), (a, b), (torch.zeros(3, 30, dtype=a.dtype), torch.zeros(40, 3, dtype=a.dtype))], 4)
+    torch.testing.assert_close(b_g @ a_g, (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-8, atol=1e-8)
