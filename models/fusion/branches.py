@@ -8,8 +8,9 @@ plain sum Σ_i B_i A_i h is ``z @ bt.reshape(n·r, d)``, a single matmul.  The b
 
 Each branch's LayerNorm statistics come from z alone (written by hand, no library does this):
 mean(B z) = z·m with m = B^T 1 / d, and mean((B z)^2) = z^T (B^T B / d) z, so the gate never needs
-a pass over the [n, M, d] outputs to normalise them.  They are computed in float64 (tiny tensors),
-so the subtraction E[L²] - μ² keeps its precision.
+a pass over the large [n, M, d] outputs to normalise them.  They are computed in float64 (tiny
+tensors), so the subtraction E[L²] - μ² keeps its precision.  Small outputs (≤ ``DIRECT_STATS``
+values, e.g. the demo model's) are normalised directly (one ``layer_norm``): ops are what costs there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+DIRECT_STATS = 1 << 20
+
 
 class LoraBranches:
     """Packed LoRA factors (A_i [r_i, k], B_i [d, r_i]) of one layer, as plain tensors (no gradients)."""
@@ -27,8 +30,7 @@ class LoraBranches:
         self.in_features, self.out_features = in_features, out_features
         self.a: torch.Tensor | None = None   # [n * r, k]
         self.bt: torch.Tensor | None = None  # [n, r, d]
-        self.mean_vec: torch.Tensor | None = None  # [n, r]: B_i^T 1 / d (float64)
-        self.gram: torch.Tensor | None = None      # [n, r, r]: B_i^T B_i / d (float64)
+        self.moments: torch.Tensor | None = None  # [n, r, r + 1]: [B_i^T B_i / d | -B_i^T 1 / d] (float64)
         self.count = 0
         self.rank = 0
 
@@ -58,14 +60,12 @@ class LoraBranches:
                 if ri < r:
                     a3[i, ri:].zero_()
                     self.bt[i, ri:].zero_()
-            b64 = self.bt.to(torch.float64)
-            self.mean_vec = b64.sum(-1) / d
-            self.gram = b64 @ b64.transpose(1, 2) / d
+            self.moments = None  # made on first use by ``stats`` (only large outputs need them)
         return reuse
 
     def clear(self) -> None:
         """Drop the buffers."""
-        self.a = self.bt = self.mean_vec = self.gram = None
+        self.a = self.bt = self.moments = None
         self.count = self.rank = 0
 
     def project(self, h: torch.Tensor, count: int | None = None) -> torch.Tensor:
@@ -78,13 +78,23 @@ class LoraBranches:
         m = z.shape[0]
         return torch.bmm(z.view(m, self.count, self.rank).transpose(0, 1), self.bt, out=out)
 
-    def stats(self, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """LayerNorm (mean, 1/sqrt(var + eps)) of every branch output, from z [M, n·r] -> two [n, M, 1]."""
-        zt = z.view(z.shape[0], self.count, self.rank).transpose(0, 1).to(torch.float64)  # [n, M, r]
-        mean = (zt * self.mean_vec[:, None, :]).sum(-1, keepdim=True)
-        square = ((zt @ self.gram) * zt).sum(-1, keepdim=True)
-        rstd = ((square - mean.square()).clamp_min(0) + eps).rsqrt()
-        return mean.to(z.dtype), rstd.to(z.dtype)
+    def stats(self, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """LayerNorm (rstd, shift) [n, M, 1] of every branch output, or None when the outputs are small
+        enough (≤ ``DIRECT_STATS`` values) to be normalised directly."""
+        if z.shape[0] * self.count * self.out_features <= DIRECT_STATS:
+            return None
+        r = self.rank
+        if self.moments is None:
+            with torch.inference_mode(False), torch.no_grad():
+                b64 = self.bt.to(torch.float64)
+                self.moments = torch.cat([b64 @ b64.transpose(1, 2), -b64.sum(-1, keepdim=True)], -1).div_(
+                    self.out_features)
+        zt = z.view(z.shape[0], self.count, r).transpose(0, 1).to(torch.float64)  # [n, M, r]
+        q = torch.bmm(zt, self.moments)                                           # [n, M, r + 1]
+        neg_mean = q[..., r:]
+        var = torch.addcmul(torch.linalg.vecdot(q[..., :r], zt).unsqueeze(-1), neg_mean, neg_mean, value=-1)
+        rstd = torch.rsqrt(var.clamp_min(0) + eps)
+        return rstd.to(z.dtype), (neg_mean * rstd).to(z.dtype)
 
     def summed_weight(self, count: int | None = None) -> torch.Tensor:
         """[B_1 … B_count]^T as one [count·r, d] matrix (a view)."""

@@ -91,8 +91,9 @@ class FusedLinear(nn.Module):
         ws = self._shared.workspace
         out = ws.get("branches", (n, *h2.shape[:-1], y.shape[-1]), y.dtype, y.device) if inplace else None
         outs = self.branches.outputs(z, out=out).view(shape)
-        mean, rstd = self.branches.stats(z, EPS)
-        stats = mean.view(*shape[:-1], 1), rstd.view(*shape[:-1], 1)
+        stats = self.branches.stats(z, EPS)
+        if stats is not None:
+            stats = stats[0].view(*shape[:-1], 1), stats[1].view(*shape[:-1], 1)
         scratch = ws.get("scratch", shape, y.dtype, y.device) if inplace else None
         return self.gate(y, outs, global_last=self.has_global, time_feats=self._shared.features, stats=stats,
                          inplace=inplace, scratch=scratch)

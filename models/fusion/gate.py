@@ -76,29 +76,30 @@ class FusionGate(nn.Module):
                 inplace: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Fuse ``branches`` [n, *x.shape] (LoRA outputs; the global LoRA last if ``global_last``) into ``x``.
 
-        ``stats``: each branch's LayerNorm (mean, 1/std) over its last dim, shaped [n, ..., 1], when
-        the caller has them cheaper (see ``LoraBranches.stats``).  ``inplace`` (inference only, no
-        autograd): ``x`` and ``branches`` may be overwritten (the result is ``x``), and ``scratch``
-        (like ``branches``) spares the one [n, ..., d] allocation.
+        ``stats``: (rstd, shift) [n, ..., 1] with LN(L_i) = L_i ⊙ rstd + shift, when the caller has
+        them cheaper (see ``LoraBranches.stats``); else the branches go through ``F.layer_norm``.
+        ``inplace`` (inference only, no autograd): ``x`` and ``branches`` may be overwritten (the
+        result is ``x``), and ``scratch`` (like ``branches``) spares the one [n, ..., d] allocation.
         """
         d = self.dim
-        if stats is None:
-            var, mean = torch.var_mean(branches, -1, correction=0, keepdim=True)
-            stats = mean, (var + EPS).rsqrt()
-        mean, rstd = stats
         xh = F.layer_norm(x, (d,), eps=EPS)
         c = torch.addcmul(self.bias(x, time_feats), xh, self.w_x)  # the branch-independent terms
         v = torch.addcmul(self.w_l, xh, self.w_c)  # L̂_i ⊙ (w_l + x̂ ⊙ w_c)
-        shift = -mean * rstd
+        if stats is None:
+            normed = F.layer_norm(branches, (d,), eps=EPS)
+        elif not inplace:
+            normed = torch.addcmul(stats[1], branches, stats[0])
+        else:
+            out = torch.empty_like(branches) if scratch is None else scratch
+            normed = torch.addcmul(stats[1], branches, stats[0], out=out)
         if not inplace:
-            pre = torch.addcmul(c, torch.addcmul(shift, branches, rstd), v)
+            pre = torch.addcmul(c, normed, v)
             gated = torch.sigmoid(pre) * branches
             if global_last:
                 gated = torch.cat([gated[:-1], gated[-1:] * self.w_g])
             return torch.addcmul(x, gated.sum(0), self.w_o)
         # the same arithmetic with no [n, ..., d] allocation (each such pass costs as much as the math)
-        pre = torch.addcmul(shift, branches, rstd, out=torch.empty_like(branches) if scratch is None else scratch)
-        torch.addcmul(c, pre, v, out=pre)
+        pre = torch.addcmul(c, normed, v, out=normed)
         gated = pre.sigmoid_().mul_(branches)
         if global_last:
             gated[-1].mul_(self.w_g)

@@ -1,10 +1,16 @@
 """The global LoRA of one layer: the exact rank-r truncation of Σ_i B_i A_i, never forming a d×k matrix.
 
-Σ_i B_i A_i = [B_1 … B_k] [A_1; …; A_k] = B_s A_s.  With B_s = Q_b R_b and A_s^T = Q_a R_a (reduced
-QR), B_s A_s = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small core R_b R_a^T (Σr × Σr) gives the
-SVD of the sum: U_s = Q_b U, V_s = Q_a V.  Truncating to the top r singular values is the best
-rank-r approximation (Eckart-Young).  Written by hand: torch has QR and SVD, but no library offers
-this low-rank-sum truncation.  Cost O((d + k)(Σr)^2).
+Σ_i B_i A_i = [B_1 … B_k] [A_1; …; A_k] = B_s A_s.  With B_s = Q_b R_b and A_s^T = Q_a R_a
+(orthonormal Q, small square R), B_s A_s = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small core
+R_b R_a^T (Σr × Σr) gives the SVD of the sum: U_s = Q_b U, V_s = Q_a V.  Truncating to the top r
+singular values is the best rank-r approximation (Eckart-Young).  Cost O((d + k)(Σr)^2).
+
+The orthogonal-times-small factorisation is taken from the Σr × Σr Gram matrix (B_s^T B_s = V Λ V^T,
+so B_s = (B_s V Λ^{-1/2}) (Λ^{1/2} V^T), the Cholesky-QR idea with an eigendecomposition so that
+rank-deficient stacks, e.g. the same LoRA twice, are handled): Q_b is never formed, only a Σr × r
+matrix that B_s is multiplied by.  Measured on one thread, 11 stacks of 3072 × 48: LAPACK
+Householder QR 28 ms, float32 Gram + float64 eigh 8.5 ms; a switch of LoRAs does this per layer
+group.  Written by hand: torch has the decompositions, no library offers this low-rank-sum truncation.
 """
 
 from __future__ import annotations
@@ -14,25 +20,45 @@ from collections.abc import Sequence
 import torch
 
 
+def _gram_factor(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For M [.., n, R]: (R_m, P) with R_m = Λ^{1/2} V^T [.., R, R] and P = V Λ^{-1/2} (pseudo-inverse
+    on a null space), so that M = (M P) R_m with M P orthonormal on M's column space (float64)."""
+    lam, vec = torch.linalg.eigh((m.mT @ m).to(torch.float64))
+    lam = lam.clamp_min(0)
+    root = lam.sqrt()
+    keep = lam > lam[..., -1:] * 1e-12  # eigh sorts ascending: the last is the largest
+    inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
+    return root.unsqueeze(-1) * vec.mT, vec * inv.unsqueeze(-2)
+
+
+def truncate_sum(b_s: torch.Tensor, a_s: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (A_g [..., r, k], B_g [..., d, r]) of B_s A_s (B_s [..., d, R], A_s [..., R, k]).
+
+    Leading dims are a batch (layers of one shape are truncated in one call).  The singular values
+    are split evenly between the factors (√s each); r = min(rank, R).
+    """
+    r_b, p_b = _gram_factor(b_s)                   # B_s = (B_s P_b) R_b
+    r_a, p_a = _gram_factor(a_s.mT)                # A_s^T = (A_s^T P_a) R_a
+    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)      # the small [R, R] core
+    r = min(rank, s.shape[-1])
+    root = s[..., :r].sqrt()
+    right_b = (p_b @ (u[..., :r] * root.unsqueeze(-2))).to(b_s.dtype)        # [.., R, r]
+    left_a = ((root.unsqueeze(-1) * vh[..., :r, :]) @ p_a.mT).to(a_s.dtype)  # [.., r, R]
+    return left_a @ a_s, b_s @ right_b
+
+
 def global_lora(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], rank: int,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_g [r, k], B_g [d, r]) with B_g A_g the best rank-``rank`` approximation of Σ_i B_i A_i.
 
-    ``factors`` are (A_i [r_i, k], B_i [d, r_i]).  The singular values are split evenly between
-    the two factors (√s each).  The returned rank is min(rank, Σ r_i, d, k); computed in float32
-    (float64 if the inputs are), returned in the dtype of the first A.
+    ``factors`` are (A_i [r_i, k], B_i [d, r_i]).  Computed in float32 (float64 if the inputs
+    are), returned in the dtype of the first A.
     """
     if not factors:
         raise ValueError("global_lora needs at least one LoRA")
     dtype = factors[0][0].dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    b_s = torch.cat([b.to(work) for _, b in factors], dim=1)      # [d, Σr]
-    a_s_t = torch.cat([a.to(work).T for a, _ in factors], dim=1)  # [k, Σr]
-    q_b, r_b = torch.linalg.qr(b_s)                               # [d, m], [m, Σr]
-    q_a, r_a = torch.linalg.qr(a_s_t)                             # [k, n], [n, Σr]
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)                      # [m, n] core
-    r = min(rank, s.shape[0])
-    root = s[:r].sqrt()
-    b_g = q_b @ (u[:, :r] * root)
-    a_g = (root[:, None] * vh[:r]) @ q_a.T
+    b_s = torch.cat([b for _, b in factors], dim=1).to(work)  # [d, Σr]
+    a_s = torch.cat([a for a, _ in factors], dim=0).to(work)  # [Σr, k]
+    a_g, b_g = truncate_sum(b_s, a_s, rank)
     return a_g.to(dtype), b_g.to(dtype)

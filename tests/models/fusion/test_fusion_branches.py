@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.fusion import branches as branches_module
 from models.fusion.branches import LoraBranches
 
 
@@ -13,7 +14,10 @@ def _loras(d: int, k: int, ranks: list[int], seed: int = 0):
     return [(torch.randn(r, k, generator=gen), torch.randn(d, r, generator=gen)) for r in ranks]
 
 
-def test_batched_outputs_equal_the_loop() -> None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_batched_outputs_equal_the_loop(direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not direct:  # LayerNorm statistics from z and the moments of B, as for large layers
+        monkeypatch.setattr(branches_module, "DIRECT_STATS", 0)
     d, k = 20, 12
     loras = _loras(d, k, [4, 1, 7])
     h = torch.randn(9, k)
@@ -25,9 +29,14 @@ def test_batched_outputs_equal_the_loop() -> None:
     for i, (a, b) in enumerate(loras):
         torch.testing.assert_close(outs[i], h @ a.T @ b.T, rtol=1e-5, atol=1e-5)
     var, mean = torch.var_mean(outs, -1, correction=0, keepdim=True)
-    got_mean, got_rstd = br.stats(br.project(h), 1e-5)  # from z and B^T B alone
-    torch.testing.assert_close(got_mean, mean, rtol=1e-5, atol=1e-6)
+    stats = br.stats(br.project(h), 1e-5)
+    if direct:
+        assert stats is None  # small: the gate normalises the outputs itself
+        monkeypatch.setattr(branches_module, "DIRECT_STATS", 0)
+        stats = br.stats(br.project(h), 1e-5)
+    got_rstd, got_shift = stats
     torch.testing.assert_close(got_rstd, (var + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_shift, -mean * got_rstd, rtol=1e-5, atol=1e-6)
     out = torch.empty(3, 9, d)
     assert br.outputs(br.project(h), out=out).data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, outs)

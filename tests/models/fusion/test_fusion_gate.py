@@ -54,9 +54,10 @@ def test_gate_matches_the_equations(global_last: bool) -> None:
     torch.testing.assert_close(got_grad.detach(), got, rtol=1e-6, atol=1e-6)
     # statistics handed in by the caller are used as given
     var, mean = torch.var_mean(branches, -1, correction=0, keepdim=True)
+    rstd = (var + 1e-5).rsqrt()
     with torch.no_grad():
-        given = gate(x, branches, global_last=global_last, stats=(mean, (var + 1e-5).rsqrt()))
-        shifted = gate(x, branches, global_last=global_last, stats=(mean + 1.0, (var + 1e-5).rsqrt()))
+        given = gate(x, branches, global_last=global_last, stats=(rstd, -mean * rstd))
+        shifted = gate(x, branches, global_last=global_last, stats=(rstd, (1 - mean) * rstd))
     torch.testing.assert_close(given, got, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(shifted, got)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.fusion.global_lora import global_lora
+from models.fusion.global_lora import global_lora, truncate_sum
 
 
 def _loras(d: int, k: int, ranks: list[int], seed: int = 0, dtype=torch.float64):
@@ -35,3 +35,23 @@ def test_full_rank_reproduces_the_sum_and_float32() -> None:
     torch.testing.assert_close(b_g @ a_g, sum(b @ a for a, b in loras), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
         global_lora([], 4)
+
+
+def test_batched_truncation_equals_one_at_a_time() -> None:
+    sets = [_loras(30, 20, [4, 6], seed=s) for s in range(3)]
+    b_s = torch.stack([torch.cat([b for _, b in lo], 1) for lo in sets])
+    a_s = torch.stack([torch.cat([a for a, _ in lo], 0) for lo in sets])
+    a_g, b_g = truncate_sum(b_s, a_s, 3)
+    assert a_g.shape == (3, 3, 20) and b_g.shape == (3, 30, 3)
+    for i, lo in enumerate(sets):
+        a1, b1 = global_lora(lo, 3)
+        torch.testing.assert_close(b_g[i] @ a_g[i], b1 @ a1, rtol=1e-9, atol=1e-9)
+
+
+def test_rank_deficient_stack() -> None:
+    """The same LoRA twice (and a zero LoRA): the stacked factors are rank-deficient."""
+    (a, b), = _loras(40, 30, [6], seed=2)
+    total = 2 * b @ a
+    u, s, vh = torch.linalg.svd(total)
+    a_g, b_g = global_lora([(a, b), (a, b), (torch.zeros(3, 30, dtype=a.dtype), torch.zeros(40, 3, dtype=a.dtype))], 4)
+    torch.testing.assert_close(b_g @ a_g, (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-8, atol=1e-8)

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.fusion import FusedLinear, GatedFusion, block_linear_names
+from models.fusion import branches as branches_module
+from models.fusion.global_lora import global_lora
 from pipelines.world.tiny_flux import MAX_SEQ_LEN, TEXT_DIM, base_layer_shapes, build_tiny_flux
 
 ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_v_proj")
@@ -155,7 +157,10 @@ def test_swap_in_place_equals_fresh_attach_and_gate_checkpoint(pipe, inputs, tmp
         fresh.load_gate_state_dict({"nope.w_x": torch.zeros(3)})
 
 
-def test_training_reaches_gates_only(pipe, transformer, inputs) -> None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_training_reaches_gates_only(pipe, transformer, inputs, direct: bool, monkeypatch) -> None:
+    if not direct:  # branch statistics from the moments of B (the path of real-width layers)
+        monkeypatch.setattr(branches_module, "DIRECT_STATS", 0)
     shapes = base_layer_shapes(pipe)
     fusion = GatedFusion(transformer, _names(pipe, ATTN), time_features=4)
     _randomise_gates(fusion, 1)
@@ -197,4 +202,8 @@ def test_real_width_layer() -> None:
         got = holder.transformer_blocks[0].proj(h)
     want = base + sum(h @ a.T @ b.T for lora in loras for a, b in lora.values())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert fusion.layers["transformer_blocks.0.proj"].branches.bt.shape == (4, 16, 12288)
+    layer = fusion.layers["transformer_blocks.0.proj"]
+    assert layer.branches.bt.shape == (4, 16, 12288) and layer.has_global
+    a_g, b_g = global_lora([lo["transformer_blocks.0.proj"] for lo in loras], 4)  # packed last, rank 4 of 16
+    torch.testing.assert_close(layer.branches.bt[3, :4].T @ layer.branches.a[48:52], b_g @ a_g)
+    assert not layer.branches.a[52:].any()
