@@ -6,13 +6,15 @@ import dagster as dg
 
 from assets_defs.ingest import ingested_loras
 from assets_defs.maintenance import registry_indexes
+from assets_defs.generation import fusion_gates, fusion_report, generation_report
 from assets_defs.models import lora_weight_encoder, weight_embeddings
 from assets_defs.resources import RegistryResource
 from assets_defs.jobs import ingest_job, retrieval_job
 from assets_defs.sensors import local_folder_sensor
 
 defs = dg.Definitions(
-    assets=[ingested_loras, registry_indexes, lora_weight_encoder, weight_embeddings],
+    assets=[ingested_loras, registry_indexes, lora_weight_encoder, weight_embeddings, fusion_gates, fusion_report,
+            generation_report],
     jobs=[ingest_job, retrieval_job],
     sensors=[local_folder_sensor],
     resources={"registry": RegistryResource()},

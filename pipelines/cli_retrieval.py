@@ -68,9 +68,9 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub, evaluate) -> None:
-    """Register the subcommands (``evaluate``: the ``eval`` subparsers)."""
-    train = sub.add_parser("train", help="train a model on the registry").add_subparsers(dest="what", required=True)
+def add_commands(sub, train, evaluate) -> None:
+    """Register ``embed``, ``train encoder`` and ``eval retrieval`` (``train``, ``evaluate``: the
+    ``train`` and ``eval`` subparsers)."""
     encoder = train.add_parser("encoder", help="train the LoRA-weight encoder on the registry's LoRAs, "
                                                "embed every LoRA with it and switch search to it")
     encoder.add_argument("--registry", required=True, type=_expanded)
