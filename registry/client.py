@@ -7,7 +7,7 @@ ingest of files and folders, base models, search, maintenance and pruning.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,16 @@ class Registry(Store):
 
         self._writable()
         return ingest_paths(self, paths, progress=progress, batch_size=batch_size)
+
+    def set_captions(self, updates: Mapping[str, tuple[Sequence[str], str]],
+                     renders: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None) -> int:
+        """Store ``{lora_id: (captions, model)}`` (one caption per render) in one write, with the
+        search text and its vector rebuilt; ``renders`` replaces render lists in that write.
+        See :mod:`registry.captions`."""
+        from registry.captions import set_captions
+
+        self._writable()
+        return set_captions(self, updates, renders)
 
     # ---- the LoRA-weight encoder ---------------------------------------------------------
     def register_encoder(self, checkpoint: str | os.PathLike, activate: bool = True) -> EmbedReport:

@@ -12,6 +12,7 @@ WEIGHT_COLUMNS = (  # added by v3 (a v2 registry gains them, null, when opened f
     pa.field("licence", pa.string()),  # as its card or source states it
     pa.field("nsfw_level", pa.string()),
     pa.field("source_url", pa.string()),
+    pa.field("caption_model", pa.string()),  # the model that wrote ``captions`` (``Registry.set_captions``)
 )
 
 _TIME = pa.timestamp("us", tz="UTC")

@@ -1,0 +1,103 @@
+"""Captioning in Dagster: the vLLM captioner as a resource, and the ``lora_captions`` asset."""
+
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+
+from assets_defs.ingest import ingested_loras
+from assets_defs.resources import RegistryResource
+from assets_defs.sources import synced_loras
+from pipelines.caption import DEFAULT_PROMPT, Captioner
+from pipelines.caption_registry import caption_registry, pending_captions
+from pipelines.vllm_server import vllm_server
+
+DEMO_BASE = ("autolora-demo-flux", ".autolora/world/default-seed0/base")
+
+
+class CaptionerResource(dg.ConfigurableResource):
+    """An OpenAI-compatible captioning endpoint: ``url`` attaches to a running server (left
+    running); otherwise ``model_dir`` is served by vLLM from ``.venv-vllm`` for the duration of
+    :meth:`connect` (ready once ``/v1/models`` answers; its process group, by PID, stopped after)."""
+
+    url: str = os.environ.get("AUTOLORA_CAPTIONER_URL", "")
+    model_dir: str = os.environ.get("AUTOLORA_CAPTIONER_MODEL", "")
+    served_name: str = ""  # default: the first model a URL lists, or the model folder's name
+    prompt: str = DEFAULT_PROMPT
+    cache_dir: str = os.environ.get("AUTOLORA_CAPTION_CACHE", ".autolora/caption-cache")
+    concurrency: int = 4
+    timeout: float = 120.0
+    max_tokens: int = 64
+    startup_timeout: float = 600.0
+
+    def model_name(self) -> str | None:
+        """The model id captions will carry, when known without asking a server."""
+        if self.served_name:
+            return self.served_name
+        return None if self.url or not self.model_dir else Path(self.model_dir).resolve().name
+
+    @contextmanager
+    def connect(self) -> Iterator[tuple[Captioner, dict]]:
+        """A :class:`Captioner` on the endpoint, and ``{base_url, model, pid, start_seconds}``."""
+        if not self.url and not self.model_dir:
+            raise ValueError("CaptionerResource needs `url` (a running OpenAI server) or `model_dir` "
+                             "(a model folder to serve with vLLM); set AUTOLORA_CAPTIONER_URL or _MODEL")
+        t0 = time.perf_counter()
+        with vllm_server(Path(self.model_dir) if not self.url else None, url=self.url or None,
+                         served_name=self.served_name or None, startup_timeout=self.startup_timeout) as server:
+            info = {"base_url": server.base_url, "model": server.model, "pid": server.pid,
+                    "start_seconds": round(time.perf_counter() - t0, 2)}
+            with Captioner(server.base_url, server.model, prompt=self.prompt,
+                           cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+                           concurrency=self.concurrency, timeout=self.timeout,
+                           max_tokens=self.max_tokens) as captioner:
+                yield captioner, info
+
+
+def _default_bases() -> dict[str, str]:
+    given = os.environ.get("AUTOLORA_BASE_PIPELINES")  # JSON {base model: pipeline folder}
+    if given:
+        return json.loads(given)
+    return {DEMO_BASE[0]: DEMO_BASE[1]} if Path(DEMO_BASE[1]).is_dir() else {}
+
+
+class CaptionConfig(dg.Config):
+    """Self-rendering of LoRAs that came without sample renders."""
+
+    self_render: bool = True
+    n_renders: int = 3
+    base_pipelines: dict[str, str] = _default_bases()  # base model name -> diffusers pipeline folder
+
+
+@dg.asset(group_name="registry", kinds={"vllm", "lancedb"}, deps=[ingested_loras, synced_loras],
+          pool="registry_writes")
+def lora_captions(context: dg.AssetExecutionContext, config: CaptionConfig, registry: RegistryResource,
+                  captioner: CaptionerResource) -> dg.MaterializeResult:
+    """Every sample render captioned by the vision model (only LoRAs lacking its captions; those
+    without renders rendered by their base first); captions feed full-text search and training."""
+    reg = registry.open()
+    model = captioner.model_name()
+    if model is not None and pending_captions(reg, model) == 0:  # no server started for nothing
+        context.log.info(f"every LoRA has captions of {model}")
+        return dg.MaterializeResult(metadata={"model": model, "captioned": 0, "server_started": False,
+                                              "registry_version": reg.version})
+    with captioner.connect() as (cap, server):
+        report = caption_registry(reg, cap, base_pipelines=config.base_pipelines,
+                                  self_render=config.self_render, n_renders=config.n_renders)
+    for problem in report.skipped + report.failed:
+        context.log.warning(f"{problem['lora_id']}: {problem['reason']}")
+    return dg.MaterializeResult(metadata={
+        "model": report.model, "captioned": report.captioned, "up_to_date": report.up_to_date,
+        "images": report.images, "requests": report.requests, "self_rendered": len(report.self_rendered),
+        "skipped": len(report.skipped), "failed": len(report.failed),
+        "caption_seconds": round(report.caption_seconds, 2), "render_seconds": round(report.render_seconds, 2),
+        "images_per_second": round(report.images_per_second, 3),
+        "seconds_per_request": round(report.caption_seconds / report.requests, 3) if report.requests else 0.0,
+        "server_started": server["pid"] is not None, "server_start_seconds": server["start_seconds"],
+        "registry_version": reg.version,
+    })

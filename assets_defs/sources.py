@@ -1,0 +1,102 @@
+"""Source discovery in Dagster: one sensor per source configured in ``sources.toml``, each
+requesting a ``synced_loras`` run (download, verify, ingest: ``pipelines.sources.sync.sync``)
+when its source lists something new.
+
+A sensor's cursor is the sync cursor it last handed out (JSON). Each run carries in its config
+the cursor it starts from, so the run key (source + the cursor it leads to) is unique per new
+listing, and a failed run re-executed from the UI redoes the same window.
+"""
+
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import dagster as dg
+
+from assets_defs.resources import RegistryResource
+from pipelines.sources.base import Source, SourceError
+from pipelines.sources.config import load_sources
+from pipelines.sources.sync import sync
+
+SOURCES_FILE = os.environ.get("AUTOLORA_SOURCES", "sources.toml")
+DOWNLOAD_DIR = os.environ.get("AUTOLORA_DOWNLOAD_DIR", ".autolora/downloads")
+
+
+def configured_source(sources_file: str, name: str) -> Source:
+    """The enabled source ``name`` of ``sources_file`` (read again each time: edits apply)."""
+    sources = {s.name: s for s in load_sources(sources_file)}
+    if name not in sources:
+        raise ValueError(f"{sources_file} has no enabled source named {name!r} (it has {sorted(sources)})")
+    return sources[name]
+
+
+class SyncConfig(dg.Config):
+    """Which source to sync, from which cursor (JSON; empty: from the start)."""
+
+    source: str
+    cursor: str = ""
+    sources_file: str = SOURCES_FILE
+    download_dir: str = DOWNLOAD_DIR
+
+
+@dg.asset(group_name="registry", kinds={"lancedb"}, pool="registry_writes")
+def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
+                 registry: RegistryResource) -> dg.MaterializeResult:
+    """New releases of a configured source downloaded (verified, staged) and ingested."""
+    source = configured_source(config.sources_file, config.source)
+    report = sync(source, registry.open(), config.download_dir, json.loads(config.cursor) if config.cursor else None)
+    for failure in report.failed:
+        context.log.warning(f"{failure['key']} {failure['file']}: {failure['code']}: {failure['reason']}")
+    for warning in report.warnings:
+        context.log.warning(warning)
+    ingest = report.ingest
+    return dg.MaterializeResult(metadata={
+        "source": source.name, "discovered": report.discovered, "downloaded": len(report.downloaded),
+        "already_present": len(report.already_present), "failed": len(report.failed),
+        "added": len(ingest.added) if ingest else 0, "rejected": len(ingest.rejected) if ingest else 0,
+        "next_cursor": dg.MetadataValue.json(report.cursor),
+    })
+
+
+source_sync_job = dg.define_asset_job("source_sync_job", selection=[synced_loras])
+
+
+def _sensor_name(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", source) + "_source_sensor"
+
+
+def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str = DOWNLOAD_DIR,
+                  minimum_interval_seconds: int = 300) -> dg.SensorDefinition:
+    """The discovery sensor of source ``name``: one run request per new listing."""
+
+    @dg.sensor(name=_sensor_name(name), job=source_sync_job, minimum_interval_seconds=minimum_interval_seconds,
+               default_status=dg.DefaultSensorStatus.STOPPED, description=f"new LoRAs in source {name!r}")
+    def _discover(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        source = configured_source(sources_file, name)
+        start = json.loads(context.cursor) if context.cursor else {}
+        try:
+            found, listed = source.discover(start.get("source"))
+        except SourceError as error:  # the listing failed: keep the cursor, try again next tick
+            return dg.SkipReason(f"{name}: listing failed: {error}")
+        cursor = json.dumps({"source": listed}, sort_keys=True)
+        if not found:
+            return dg.SensorResult(skip_reason=f"nothing new in {name}", cursor=cursor)
+        run_key = f"{name}:{hashlib.sha256(cursor.encode()).hexdigest()[:16]}"
+        config = {"source": name, "cursor": json.dumps(start, sort_keys=True) if start else "",
+                  "sources_file": sources_file, "download_dir": download_dir}
+        request = dg.RunRequest(run_key=run_key, run_config={"ops": {"synced_loras": {"config": config}}},
+                                tags={"autolora/source": name, "autolora/candidates": str(len(found))})
+        return dg.SensorResult(run_requests=[request], cursor=cursor)
+
+    return _discover
+
+
+def source_sensors(sources_file: str = SOURCES_FILE, download_dir: str = DOWNLOAD_DIR) -> list[dg.SensorDefinition]:
+    """One sensor per enabled source in ``sources_file`` (none when the file does not exist; a
+    bad entry raises ``ValueError`` naming it)."""
+    if not Path(sources_file).is_file():
+        return []
+    return [source_sensor(s.name, sources_file, download_dir) for s in load_sources(sources_file)]

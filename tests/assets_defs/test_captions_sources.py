@@ -1,0 +1,121 @@
+"""The captioner resource (launches the real vLLM server from .venv-vllm and stops it by PID, or
+attaches to a running one and leaves it running), the ``lora_captions`` asset, and the
+per-source discovery sensors with their cursors, run keys and the ``synced_loras`` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
+from flux_fixtures import flux_lora, partial_names  # noqa: E402
+
+from assets_defs.captions import CaptionerResource, lora_captions  # noqa: E402
+from assets_defs.resources import RegistryResource  # noqa: E402
+from assets_defs.sources import source_sensors, synced_loras  # noqa: E402
+from pipelines.vllm_server import served_models, vllm_available, vllm_python  # noqa: E402
+from pipelines.world.captioner import build_random_captioner  # noqa: E402
+from registry import Registry  # noqa: E402
+from registry.lora.formats import save_lora  # noqa: E402
+
+
+def _lora(folder: Path, stem: str, seed: int, render: bool = False) -> None:
+    save_lora(folder / f"{stem}.safetensors", flux_lora(partial_names((seed,), (), attention_only=True), seed=seed),
+              "diffusers")
+    if render:
+        Image.new("RGB", (16, 16), (40 * seed % 255, 90, 200)).save(folder / f"{stem}.preview.png")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_resource_needs_a_url_or_a_model():
+    with pytest.raises(ValueError, match="url"):
+        with CaptionerResource(url="", model_dir="").connect():
+            pass
+
+
+def test_captioner_resource_launches_attaches_and_captions(tmp_path):
+    if not vllm_available():
+        pytest.skip(f"no vLLM environment at {vllm_python()} (bin/setup-vllm creates it)")
+    model = build_random_captioner(tmp_path / "tiny-qwen2-vl", seed=0)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    _lora(folder, "glow", 1, render=True)
+    registry = RegistryResource(path=str(tmp_path / "registry"))
+    assert len(registry.open().add([folder]).added) == 1
+    config = {"ops": {"lora_captions": {"config": {"self_render": False}}}}
+    launch = CaptionerResource(model_dir=str(model), cache_dir="", max_tokens=8)
+    assert launch.model_name() == "tiny-qwen2-vl"
+    with launch.connect() as (_, started):
+        pid = started["pid"]
+        assert pid is not None and _alive(pid) and started["model"] == "tiny-qwen2-vl"
+        attach = CaptionerResource(url=started["base_url"].removesuffix("/v1"), cache_dir="", max_tokens=8)
+        result = dg.materialize([lora_captions], resources={"registry": registry, "captioner": attach},
+                                run_config=config, instance=dg.DagsterInstance.ephemeral())
+        assert result.success
+        meta = result.asset_materializations_for_node("lora_captions")[0].metadata
+        assert meta["captioned"].value == 1 and meta["requests"].value == 1 and meta["server_started"].value is False
+        print(f"\nserver start {started['start_seconds']} s; caption latency {meta['seconds_per_request'].value} s")
+        assert served_models(started["base_url"]) == ["tiny-qwen2-vl"]  # attaching left it running
+    assert not _alive(pid)  # launched, so stopped by its PID
+    row = Registry.open(tmp_path / "registry").get(registry.open().lora_ids()[0])
+    assert row["caption_model"] == "tiny-qwen2-vl" and len(row["captions"]) == 1
+    # nothing left to caption: the launching resource does not start a server at all
+    again = dg.materialize([lora_captions], resources={"registry": registry, "captioner": launch},
+                           run_config=config, instance=dg.DagsterInstance.ephemeral())
+    meta = again.asset_materializations_for_node("lora_captions")[0].metadata
+    assert again.success and meta["captioned"].value == 0 and meta["server_started"].value is False
+
+
+def test_one_sensor_per_enabled_source_with_cursor_and_run_keys(tmp_path):
+    (tmp_path / "watched").mkdir()
+    toml = tmp_path / "sources.toml"
+    toml.write_text('[[source]]\nkind = "local"\nname = "mine"\nfolder = "watched"\n\n'
+                    '[[source]]\nkind = "hub"\nname = "hub"\nenabled = false\n')
+    sensors = source_sensors(str(toml), str(tmp_path / "downloads"))
+    assert [s.name for s in sensors] == ["mine_source_sensor"]
+    sensor = sensors[0]
+    empty = sensor(dg.build_sensor_context(cursor=None))
+    assert not empty.run_requests and json.loads(empty.cursor) == {"source": {"files": {}}}
+
+    _lora(tmp_path / "watched", "one", 1)
+    first = sensor(dg.build_sensor_context(cursor=empty.cursor))
+    (request,) = first.run_requests
+    assert request.run_key.startswith("mine:") and request.tags["autolora/source"] == "mine"
+    assert list(json.loads(first.cursor)["source"]["files"]) == [str(tmp_path / "watched" / "one.safetensors")]
+    assert json.loads(request.run_config["ops"]["synced_loras"]["config"]["cursor"]) == json.loads(empty.cursor)
+    assert not sensor(dg.build_sensor_context(cursor=first.cursor)).run_requests  # nothing new since
+
+    registry = RegistryResource(path=str(tmp_path / "registry"))
+    run = dg.materialize([synced_loras], resources={"registry": registry}, run_config=request.run_config,
+                         instance=dg.DagsterInstance.ephemeral())
+    meta = run.asset_materializations_for_node("synced_loras")[0].metadata
+    assert run.success and meta["discovered"].value == 1 and meta["added"].value == 1
+    assert len(registry.open()) == 1
+
+    _lora(tmp_path / "watched", "two", 2)
+    second = sensor(dg.build_sensor_context(cursor=first.cursor))
+    (request2,) = second.run_requests
+    assert request2.run_key != request.run_key and len(json.loads(second.cursor)["source"]["files"]) == 2
+
+
+def test_unknown_source_in_a_run_is_a_clear_error(tmp_path):
+    toml = tmp_path / "sources.toml"
+    toml.write_text('[[source]]\nkind = "local"\nname = "mine"\nfolder = "watched"\n')
+    config = {"ops": {"synced_loras": {"config": {"source": "nope", "sources_file": str(toml),
+                                                  "download_dir": str(tmp_path / "d")}}}}
+    with pytest.raises(ValueError, match="no enabled source named 'nope'"):
+        dg.materialize([synced_loras], resources={"registry": RegistryResource(path=str(tmp_path / "r"))},
+                       run_config=config, instance=dg.DagsterInstance.ephemeral())
