@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.torch_threads import one_torch_thread
+from registry.captions import search_document
 from registry.hashing import sha256_file
 from registry.embed import WeightEmbedder
 from registry.lora.errors import RejectedFile
@@ -34,6 +35,7 @@ from registry.lora.inspect import InspectedLoRA, inspect_file
 from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sidecar_files, sidecar_signature
 from registry.store.maintenance import ensure_indexes
 from registry.store.store import Store, user_path, where_in
+from registry.text import embed_texts
 
 # Files that may be LoRAs when found while walking a folder (everything else there is a sidecar).
 # An explicitly named file is always considered, whatever its extension.
@@ -138,16 +140,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _embed(texts: list[str]) -> list[list[float]]:
-    """Text vectors of ``texts`` with the default encoder."""
-    if not texts:
-        return []
-    from models.text_encoder import default_text_encoder
-
-    with one_torch_thread():  # a few short texts: OpenMP barriers cost more than they give
-        return [v.tolist() for v in default_text_encoder().encode(texts)]
-
-
 class _Batch:
     """Rows waiting to be written together (every write is a table version: batch them)."""
 
@@ -187,7 +179,7 @@ class _Batch:
         if self.loras:
             rows = list(self.loras.values())
             missing = [row for row in rows if row.get("text_vector") is None]
-            for row, vector in zip(missing, _embed([r["search_text"] for r in missing])):
+            for row, vector in zip(missing, embed_texts([r["search_text"] for r in missing])):
                 row["text_vector"] = vector
             reg.upsert(reg.loras, rows, "lora_id", update=False)
         reg.upsert(reg.files, list(self.files.values()), "path", update=True)
@@ -230,9 +222,10 @@ def _refreshed_rows(reg: Store, lora_ids: set[str]) -> list[dict]:
         meta = _metadata_of(json.loads(row["header_metadata"] or "{}"), paths)
         row.update(name=meta.name, description=meta.description, trigger_words=meta.trigger_words,
                    tags=meta.tags, render_prompts=meta.render_prompts,
-                   render_blobs=_render_blobs(reg, meta), search_text=meta.search_text(),
+                   render_blobs=_render_blobs(reg, meta))
+        row.update(search_text=search_document(row, row.get("captions") or []),  # captions stay searchable
                    licence=meta.licence, nsfw_level=meta.nsfw_level, source_url=meta.source_url, removed=False)
-    for row, vector in zip(rows, _embed([r["search_text"] for r in rows])):
+    for row, vector in zip(rows, embed_texts([r["search_text"] for r in rows])):
         row["text_vector"] = vector
     return rows
 
@@ -255,7 +248,7 @@ def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
 
 def _early(meta: LoraMetadata) -> list[float]:  # its own function: tests watch that it runs
     """The text vector of a new LoRA, made while its blob copy still runs."""
-    return _embed([meta.search_text()])[0]
+    return embed_texts([meta.search_text()])[0]
 
 
 def _prefetch(reg: Store, candidates: list[Candidate]) -> dict[str, dict]:
