@@ -5,7 +5,9 @@ Layout of ``OUT/<size>-seed<seed>/``: ``base/`` (``FluxPipeline.save_pretrained`
 ``base_model.json`` (layer names/shapes for the registry), ``loras/`` and ``heldout_loras/``
 (LoRA files + sidecars only, as a local LoRA folder), ``hub/<name>/`` (Hub-style repos),
 ``readout/`` (the attribute read-out that evaluates renders, see ``evaluate.py``),
-``world.json`` (the manifest; its presence with the same key makes a rebuild a no-op).
+``captioner/`` (the tiny Qwen2-VL that captions renders, served by vLLM; trained in a second
+process while the base trains on one core), ``world.json`` (the manifest; its presence with the
+same key makes a rebuild a no-op).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipelines.world.zoo_train import manifest_entry, train_zoo
 DEMO_BASE_NAME = "autolora-demo-flux"
 WORLD_VERSION = 3  # bump when the recipe changes: invalidates cached worlds (v3: held-out twins)
 BASE_VERSION = 2  # bump when the read-out or base recipe changes: invalidates the cached base too
+CAPTIONER_STEPS = {"micro": 30, "default": 1000}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def base_key(size: str, seed: int) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_BASE_STAGE = ("readout", "base", "base.key")
+_BASE_STAGE = ("readout", "base", "base.key", "captioner")
 
 
 def _reset_if_stale(root: Path, key: str, stage_key: str) -> None:
@@ -98,6 +101,38 @@ def _train_readout(root: Path, seed: int) -> Path:
     return folder
 
 
+def captioner_folder(root: Path) -> Path:
+    return root / "captioner"
+
+
+def train_captioner(root: Path, size: str, seed: int) -> Path:
+    """The world's captioner (``captioner/``), built once: written to a temporary folder, renamed."""
+    from pipelines.world.captioner import build_captioner
+
+    folder = captioner_folder(root)
+    if not (folder / "config.json").is_file():
+        tmp = root / "captioner.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with one_torch_thread():
+            build_captioner(tmp, seed=seed, train_steps=CAPTIONER_STEPS[size])
+        tmp.rename(folder)
+    return folder
+
+
+def ensure_captioner(root: Path, size: str, seed: int):
+    """Start training the captioner in a worker process unless it is built; returns a future
+    (or None) to wait on."""
+    if (captioner_folder(root) / "config.json").is_file():
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+    future = pool.submit(train_captioner, root, size, seed)
+    pool.shutdown(wait=False)
+    return future
+
+
 def build_world(out: str | Path, size: str = "default", seed: int = 0, progress: bool = True) -> dict:
     """Build (or reuse) the world; returns the ``world build --json`` contract."""
     from registry.lora.base_models import flux_base_from_folder
@@ -110,9 +145,12 @@ def build_world(out: str | Path, size: str = "default", seed: int = 0, progress:
     if manifest_path.is_file() and (built := json.loads(manifest_path.read_text()))["key"] == key:
         return _contract(built, root, time.perf_counter() - t0)
     _reset_if_stale(root, key, base_key(size, seed))
+    captioner = ensure_captioner(root, size, seed)  # on the core the base training leaves idle
     with one_torch_thread():
         _train_readout(root, seed)
         base_dir = _train_base(root, spec, seed, progress)
+        if captioner is not None:
+            captioner.result()
         base_model = flux_base_from_folder(base_dir, DEMO_BASE_NAME)
         (root / "base_model.json").write_text(base_model.to_json(), encoding="utf-8")
         themes = make_themes(seed, spec.train, spec.heldout)
