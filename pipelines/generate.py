@@ -78,7 +78,7 @@ class Generator:
         if lora_id not in self._loras:
             if self.registry.get(lora_id) is None:
                 raise KeyError(f"no LoRA {lora_id!r} in the registry")
-            self._loras[lora_id] = load_canonical(self.registry.blob_path(lora_id))[0].layers
+            self._loras[lora_id] = load_canonical(self.registry.blob_path(lora_id), self.registry.bases())[0].layers
         return self._loras[lora_id]
 
     def triggers(self, lora_id: str) -> list[str]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encoder_pool import Recipe, layer_specs, train_pool_encoder
+from models.encoder import LoRAWeightEncoder
+from pipelines.encoder_pool import Recipe, layer_specs, train_registry_encoder
 from pipelines.evaluate import retrieval_baselines as baselines
 from pipelines.evaluate.retrieval_queries import (
     DEPTH, make_queries, metrics, random_metrics, rank_by_cosine, theme_cosines,
@@ -119,8 +120,10 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     shapes = {s.name: (s.d_out, s.d_in) for s in layer_specs(reg, base)}
     held = [load_canonical(reg.root / rows[i]["blob"], reg.bases())[0].factors for i in pool]
     q = default_text_encoder().encode([x.text for x in queries])
-    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper"})
-    paper, _ = train_pool_encoder(reg, base, active.info.get("where") or None, recipe, progress)
+    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper"})  # same pool, same recipe
+    info = train_registry_encoder(reg, base, active.info.get("where") or None, recipe, activate=False,
+                                  progress=progress)  # registered inactive: trained once per pool
+    paper = LoRAWeightEncoder.load(next(r.path for r in reg.encoder_versions() if r.version == info["version"]))
     out = {}
     emb = baselines.paper_embeddings(paper, held)
     figures["paper_design"] = (emb, figures["weights"][1])
