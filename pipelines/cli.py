@@ -212,11 +212,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         encoder = {k: v for k, v in (result.encoder or {}).items() if k not in ("losses", "pool")}
         _print_json({"ingest": report.to_dict(), "registry": str(registry.root), "encoder": encoder or None,
+                     "gates": result.gates, "fusion_grid": str(result.fusion_grid) if result.fusion_grid else None,
+                     "captions": result.captions,
                      "searches": {p: {c: [h.to_dict() for h in hits] for c, hits in by_channel.items()}
                                   for p, by_channel in result.searches.items()}})
         return 0
     print(f"{len(report.added)} added, {len(report.duplicates)} duplicates, {len(report.rejected)} rejected; "
           f"registry {registry.root} holds {len(registry)} LoRAs")
+    for caption in result.captions:
+        print(f"captions by {caption['model']}: {caption['captioned']} LoRAs captioned ({caption['images']} renders, "
+              f"{len(caption['self_rendered'])} self-rendered), {caption['up_to_date']} up to date")
     if result.encoder:
         verb = "trained" if result.encoder["trained"] else "cached (training pool unchanged)"
         print(f"LoRA-weight encoder {result.encoder['version']}: {verb}, pool of {result.encoder['pool_size']}")
@@ -225,6 +230,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         depth = max(len(hits) for hits in by_channel.values())
         rows = [(rank + 1, *(_shown(by_channel[c], rank) for c in channels)) for rank in range(depth)]
         _table(f"search: {prompt!r}", ["#", *channels], rows)
+    if result.fusion_grid:
+        gates = result.gates
+        print(f"fusion gates {gates['version']}: {'cached' if gates['cached'] else 'trained'}; "
+              f"{gates['prompt']!r} with {', '.join(gates['loras'])} by {', '.join(gates['methods'])} "
+              f"(one row each): {result.fusion_grid}")
     return 0
 
 
