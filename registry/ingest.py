@@ -224,7 +224,7 @@ def _refreshed_rows(reg: Store, lora_ids: set[str]) -> list[dict]:
                    tags=meta.tags, render_prompts=meta.render_prompts,
                    render_blobs=_render_blobs(reg, meta))
         row.update(search_text=search_document(row, row.get("captions") or []),  # captions stay searchable
-                   licence=meta.licence, nsfw_level=meta.nsfw_level, source_url=meta.source_url, removed=False)
+                   **_source_fields(meta), removed=False)
     for row, vector in zip(rows, embed_texts([r["search_text"] for r in rows])):
         row["text_vector"] = vector
     return rows
@@ -242,8 +242,14 @@ def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
         "render_prompts": meta.render_prompts, "render_blobs": _render_blobs(reg, meta), "captions": [],
         "header_metadata": json.dumps(info.header_metadata, sort_keys=True),
         "search_text": meta.search_text(), "text_vector": vector, "added_at": _now(), "removed": False,
-        "licence": meta.licence, "nsfw_level": meta.nsfw_level, "source_url": meta.source_url,
+        **_source_fields(meta),
     }
+
+
+def _source_fields(meta: LoraMetadata) -> dict:
+    """Licence, NSFW level and source URL as the card or source states them; NULL when unstated."""
+    return {"licence": meta.licence or None, "nsfw_level": meta.nsfw_level or None,
+            "source_url": meta.source_url or None}
 
 
 def _early(meta: LoraMetadata) -> list[float]:  # its own function: tests watch that it runs

@@ -26,7 +26,7 @@ from pipelines.world.zoo_train import manifest_entry, train_zoo
 DEMO_BASE_NAME = "autolora-demo-flux"
 WORLD_VERSION = 3  # bump when the recipe changes: invalidates cached worlds (v3: held-out twins)
 BASE_VERSION = 2  # bump when the read-out or base recipe changes: invalidates the cached base too
-CAPTIONER_STEPS = {"micro": 30, "default": 1000}
+CAPTIONER_STEPS = {"micro": 0, "default": 1000}  # 0: random weights (tests need the server, not the words)
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,17 @@ def captioner_folder(root: Path) -> Path:
 
 def train_captioner(root: Path, size: str, seed: int) -> Path:
     """The world's captioner (``captioner/``), built once: written to a temporary folder, renamed."""
-    from pipelines.world.captioner import build_captioner
+    from pipelines.world.captioner import build_captioner, build_random_captioner
 
     folder = captioner_folder(root)
     if not (folder / "config.json").is_file():
         tmp = root / "captioner.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         with one_torch_thread():
-            build_captioner(tmp, seed=seed, train_steps=CAPTIONER_STEPS[size])
+            if CAPTIONER_STEPS[size]:
+                build_captioner(tmp, seed=seed, train_steps=CAPTIONER_STEPS[size])
+            else:
+                build_random_captioner(tmp, seed=seed)
         tmp.rename(folder)
     return folder
 
@@ -122,8 +125,8 @@ def train_captioner(root: Path, size: str, seed: int) -> Path:
 def ensure_captioner(root: Path, size: str, seed: int):
     """Start training the captioner in a worker process unless it is built; returns a future
     (or None) to wait on."""
-    if (captioner_folder(root) / "config.json").is_file():
-        return None
+    if (captioner_folder(root) / "config.json").is_file() or not CAPTIONER_STEPS[size]:
+        return None  # built, or built in seconds when needed (random weights)
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
