@@ -13,8 +13,8 @@ Variants (default off): ``anchor`` pulls the gates back toward their init (plain
 each step (decoupled, ``lr · anchor · (θ − θ₀)``); ``prompt_triggers`` puts every active LoRA's
 trigger in the target's captions (inference prompts carry them all); ``composite`` is the share of
 steps whose active set has disjoint theme attributes and whose batch is fresh images showing all of
-them at once, captioned with every trigger (world pools only: not in the paper, which has each
-LoRA's own pairs only).  Measured on the default world: see the gates branch report.
+them at once, captioned with every trigger (world pools only, others train eq. 10 alone: not in
+the paper, which has each LoRA's own pairs only).  Measured on the default world: see the gates branch report.
 
 Checkpoints are safetensors named by a version id (hash of the base id, the pool's LoRA files and
 the recipe), with the pool and the recipe in the metadata; an existing version is loaded, not
@@ -214,10 +214,11 @@ def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Pat
         params = list(fusion.gate_parameters())
         init = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+        with_themes = recipe.composite > 0 and all(p.theme is not None for p in pool)  # else eq. 10 only
         for step in range(recipe.steps):
             target = int(rng.integers(len(pool)))
             n_int = int(rng.integers(1, min(recipe.max_interference, len(pool) - 1) + 1))
-            composite = recipe.composite > 0 and rng.random() < recipe.composite
+            composite = with_themes and rng.random() < recipe.composite
             others = []
             if composite:
                 others = _disjoint_set(pool, target, n_int, rng)
