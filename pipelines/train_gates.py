@@ -9,9 +9,9 @@ where its own concept is asked for and to keep the others from interfering.  Onl
 ``hinge > 0`` adds the term of the authors' later code: on the same target images and noise, the
 loss under the interference LoRA's *caption* is pushed up, ``hinge · relu(margin − (L_cross − L))``.
 
-Variants (default off): ``anchor`` pulls the gates back toward their init (plain addition) after
-each step (decoupled, ``lr · anchor · (θ − θ₀)``); ``prompt_triggers`` puts every active LoRA's
-trigger in the target's captions (inference prompts carry them all); ``composite`` is the share of
+Variants: ``anchor`` (off) pulls the gates back toward their init (plain addition) after
+each step (decoupled, ``lr · anchor · (θ − θ₀)``); ``prompt_triggers`` (off) puts every active LoRA's
+trigger in the target's captions (inference prompts carry them all); ``composite`` (default 1) is the share of
 steps whose active set has disjoint theme attributes and whose batch is fresh images showing all of
 them at once, captioned with every trigger (world pools only, others train eq. 10 alone: not in
 the paper, which has each LoRA's own pairs only).  Measured on the default world: see the gates branch report.
@@ -50,7 +50,7 @@ GATES_FORMAT = "autolora-gates/1"
 class GateRecipe:
     """Everything that decides the trained gates (part of the version id)."""
 
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 8
     lr: float = 1e-2
     max_interference: int = 2
@@ -63,7 +63,7 @@ class GateRecipe:
     trigger_only: bool = False  # world pools: keep only captions that carry the theme by the trigger alone
     anchor: float = 0.0           # decoupled decay of the gates toward their init (plain addition) per step
     prompt_triggers: bool = False  # captions carry every active LoRA's trigger (as inference prompts do)
-    composite: float = 0.0        # share of steps on images showing the whole (attribute-disjoint) active set
+    composite: float = 1.0        # share of steps on images showing the whole (attribute-disjoint) active set
 
 
 @dataclass
