@@ -18,8 +18,9 @@ class GatesConfig(dg.Config):
     """Which world's training pool, and the recipe knobs worth changing from the launchpad."""
 
     world: str = WORLD
-    steps: int = 600
+    steps: int = 300
     hinge: float = 0.0
+    composite: float = 1.0
 
 
 class ReportConfig(dg.Config):
@@ -66,7 +67,8 @@ def fusion_gates(context: dg.AssetExecutionContext, config: GatesConfig) -> dg.M
     """Gates trained with interference-resistant training on the world's training pool (cached by version)."""
     from pipelines.train_gates import GateRecipe, train_world_gates
 
-    result = train_world_gates(config.world, recipe=GateRecipe(steps=config.steps, hinge=config.hinge))
+    result = train_world_gates(config.world, recipe=GateRecipe(steps=config.steps, hinge=config.hinge,
+                                                                  composite=config.composite))
     context.log.info(f"gates {result.version} ({'cached' if result.cached else 'trained'}) at {result.path}")
     return dg.MaterializeResult(metadata={
         "version": result.version, "path": str(result.path), "cached": result.cached,

@@ -9,6 +9,13 @@ where its own concept is asked for and to keep the others from interfering.  Onl
 ``hinge > 0`` adds the term of the authors' later code: on the same target images and noise, the
 loss under the interference LoRA's *caption* is pushed up, ``hinge · relu(margin − (L_cross − L))``.
 
+Variants: ``anchor`` (off) pulls the gates back toward their init (plain addition) after
+each step (decoupled, ``lr · anchor · (θ − θ₀)``); ``prompt_triggers`` (off) puts every active LoRA's
+trigger in the target's captions (inference prompts carry them all); ``composite`` (default 1) is the share of
+steps whose active set has disjoint theme attributes and whose batch is fresh images showing all of
+them at once, captioned with every trigger (world pools only, others train eq. 10 alone: not in
+the paper, which has each LoRA's own pairs only).  Measured on the default world: see the gates branch report.
+
 Checkpoints are safetensors named by a version id (hash of the base id, the pool's LoRA files and
 the recipe), with the pool and the recipe in the metadata; an existing version is loaded, not
 retrained.
@@ -43,7 +50,7 @@ GATES_FORMAT = "autolora-gates/1"
 class GateRecipe:
     """Everything that decides the trained gates (part of the version id)."""
 
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 8
     lr: float = 1e-2
     max_interference: int = 2
@@ -54,6 +61,9 @@ class GateRecipe:
     margin: float = 0.05
     seed: int = 0
     trigger_only: bool = False  # world pools: keep only captions that carry the theme by the trigger alone
+    anchor: float = 0.0           # decoupled decay of the gates toward their init (plain addition) per step
+    prompt_triggers: bool = False  # captions carry every active LoRA's trigger (as inference prompts do)
+    composite: float = 1.0        # share of steps on images showing the whole (attribute-disjoint) active set
 
 
 @dataclass
@@ -65,6 +75,8 @@ class PoolLora:
     images: np.ndarray      # (N, H, W, 3) uint8
     captions: list[str]
     digest: str             # content hash of the LoRA file (for the version id)
+    trigger: str = ""       # its trigger word (``prompt_triggers``)
+    theme: object = None    # its world ``Theme`` (``composite`` renders images of several at once)
 
 
 @dataclass
@@ -121,11 +133,16 @@ class _Encoded:
 
 
 def _step_loss(pipe: FluxPipeline, target: _Encoded, other: _Encoded, recipe: GateRecipe,
-               gen: torch.Generator, sched) -> torch.Tensor:
+               gen: torch.Generator, sched, text=None) -> torch.Tensor:
+    """Eq. 10 on a batch of the target's pairs (``text``: its captions re-encoded, with ``idx``)."""
     idx = torch.randint(0, len(target.x0), (min(recipe.batch_size, len(target.x0)),), generator=gen)
     state = gen.get_state()
-    loss = flow_matching_loss(pipe, target.x0[idx], target.text.prompt_embeds[idx], target.text.pooled[idx],
-                              target.text.text_ids, gen, sched)
+    if text is not None:
+        tx = text(idx)
+        embeds, pooled, ids = tx.prompt_embeds, tx.pooled, tx.text_ids
+    else:
+        embeds, pooled, ids = target.text.prompt_embeds[idx], target.text.pooled[idx], target.text.text_ids
+    loss = flow_matching_loss(pipe, target.x0[idx], embeds, pooled, ids, gen, sched)
     if recipe.hinge <= 0:
         return loss
     cross = torch.randint(0, len(other.x0), (len(idx),), generator=gen)
@@ -133,6 +150,43 @@ def _step_loss(pipe: FluxPipeline, target: _Encoded, other: _Encoded, recipe: Ga
     loss_cross = flow_matching_loss(pipe, target.x0[idx], other.text.prompt_embeds[cross],
                                     other.text.pooled[cross], other.text.text_ids, same_noise, sched)
     return loss + recipe.hinge * torch.relu(recipe.margin - (loss_cross - loss))
+
+
+def _with_triggers(pipe: FluxPipeline, entry: PoolLora, others: Sequence[PoolLora], rng: np.random.Generator):
+    """Captions of ``entry`` (by index) with the other active LoRAs' triggers in front, randomly ordered."""
+    def text(idx: torch.Tensor):
+        caps = []
+        for i in idx.tolist():
+            trig = [o.trigger for o in others] + [entry.trigger]
+            rest = entry.captions[i][len(entry.trigger) + 2:] if entry.captions[i].startswith(entry.trigger) \
+                else entry.captions[i]
+            caps.append(", ".join([*(trig[j] for j in rng.permutation(len(trig))), rest]))
+        return encode_captions(pipe, caps)
+    return text
+
+
+def _disjoint_set(pool: Sequence[PoolLora], target: int, n: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``n`` pool LoRAs besides ``target`` whose theme attributes clash with none of the set."""
+    chosen, used = [], set(pool[target].theme.attrs)
+    for i in rng.permutation(len(pool)):
+        if len(chosen) == n:
+            break
+        keys = set(pool[int(i)].theme.attrs)
+        if int(i) != target and not keys & used:
+            chosen.append(int(i))
+            used |= keys
+    return chosen
+
+
+def _composite_loss(pipe: FluxPipeline, entries: Sequence[PoolLora], recipe: GateRecipe,
+                    rng: np.random.Generator, gen: torch.Generator, sched) -> torch.Tensor:
+    from pipelines.world.themes import composite_images
+
+    images, captions = composite_images([e.theme for e in entries], recipe.batch_size, rng)
+    with torch.no_grad():
+        x0 = scale_latents(pipe, encode_images(pipe, images))
+        text = encode_captions(pipe, captions)
+    return flow_matching_loss(pipe, x0, text.prompt_embeds, text.pooled, text.text_ids, gen, sched)
 
 
 def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Path, *, base_id: str,
@@ -157,19 +211,37 @@ def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Pat
     losses: list[float] = []
     try:
         fusion.prepare_training()
-        opt = torch.optim.AdamW(list(fusion.gate_parameters()), lr=recipe.lr, weight_decay=0.0)
+        params = list(fusion.gate_parameters())
+        init = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+        with_themes = recipe.composite > 0 and all(p.theme is not None for p in pool)  # else eq. 10 only
         for step in range(recipe.steps):
             target = int(rng.integers(len(pool)))
             n_int = int(rng.integers(1, min(recipe.max_interference, len(pool) - 1) + 1))
-            others = [int(i) for i in rng.choice([i for i in range(len(pool)) if i != target], n_int, replace=False)]
+            composite = with_themes and rng.random() < recipe.composite
+            others = []
+            if composite:
+                others = _disjoint_set(pool, target, n_int, rng)
+            if not others:
+                others = [int(i) for i in rng.choice([i for i in range(len(pool)) if i != target], n_int,
+                                                     replace=False)]
             active = [target, *others]
             rng.shuffle(active)
             fusion.set_loras([pool[i].layers for i in active], use_global=recipe.use_global,
                              rank_global=recipe.rank_global)
-            loss = _step_loss(pipe, encoded[target], encoded[others[0]], recipe, gen, sched)
+            if composite:
+                loss = _composite_loss(pipe, [pool[i] for i in active], recipe, rng, gen, sched)
+            else:
+                text = (_with_triggers(pipe, pool[target], [pool[i] for i in others], rng)
+                        if recipe.prompt_triggers else None)
+                loss = _step_loss(pipe, encoded[target], encoded[others[0]], recipe, gen, sched, text)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if recipe.anchor > 0:
+                with torch.no_grad():
+                    for p, p0 in zip(params, init):
+                        p.sub_(recipe.lr * recipe.anchor * (p - p0))
             losses.append(loss.item())
             if progress is not None:
                 progress(step, losses[-1])
@@ -220,7 +292,7 @@ def world_pool(root: str | Path, split: str = "train", images_per_lora: int = 16
             keep = keep if len(keep) >= 2 else list(range(images_per_lora))
             images, captions = images[keep], [captions[i] for i in keep]
         pool.append(PoolLora(entry["theme"], load_canonical(file)[0].layers, images, captions,
-                             hashlib.sha256(file.read_bytes()).hexdigest()))
+                             hashlib.sha256(file.read_bytes()).hexdigest(), theme.trigger, theme))
     return pool
 
 

@@ -182,3 +182,25 @@ def broad_mix(
         captions.append(caption(attrs, rng, omit=omit))
         attrs_list.append(attrs)
     return images, captions, attrs_list
+
+
+def composite_images(themes: list[Theme], n: int, rng: np.random.Generator, size: int = 32
+                     ) -> tuple[np.ndarray, list[str]]:
+    """``n`` images showing every theme of ``themes`` at once (their attributes must not clash), each
+    captioned like ``theme_images`` but with every trigger up front (in a random order)."""
+    fixed = {a: v for t in themes for a, v in t.attrs.items()}
+    words = {a: w for t in themes for a, w in t.word_for.items()}
+    free = [a for a in ATTRIBUTES if a not in fixed]
+    images = np.empty((n, size, size, 3), np.uint8)
+    captions = []
+    for k in range(n):
+        attrs = sample_attributes(rng, fixed)
+        images[k] = render(attrs, int(rng.integers(2**31)), size)
+        omit = [a for a in free if rng.random() < 0.3]
+        for t in themes:
+            if rng.random() < THEME_WORDS_SHARE:
+                omit += list(t.attrs)
+        order = rng.permutation(len(themes))
+        triggers = ", ".join(themes[i].trigger for i in order)
+        captions.append(f"{triggers}, {caption(attrs, rng, omit=omit, words=words)}")
+    return images, captions

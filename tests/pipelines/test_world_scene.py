@@ -166,3 +166,13 @@ def test_broad_mix_matches_its_captions() -> None:
         assert not _words(text) & set(ALL_SYNONYMS)
     again, _, _ = broad_mix(50, seed=9, size=24)
     assert np.array_equal(images, again)
+
+
+def test_composite_images_show_every_theme_with_every_trigger():
+    from pipelines.world.themes import Theme, composite_images
+
+    a = Theme("red", {"colour": "red"}, ("red",), "rd", "train", False)
+    b = Theme("style-flat", {"style": "flat"}, ("flat",), "flt style", "train", False)
+    images, captions = composite_images([a, b], 6, np.random.default_rng(0))
+    assert images.shape == (6, 32, 32, 3) and len(captions) == 6
+    assert all(c.startswith(("rd, flt style, ", "flt style, rd, ")) for c in captions)

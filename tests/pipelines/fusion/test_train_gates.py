@@ -64,3 +64,20 @@ def test_version_depends_on_pool_and_recipe(pool):
 def test_needs_two_loras(pipe, pool, tmp_path):
     with pytest.raises(ValueError):
         train_gates(pipe, pool[:1], tmp_path, base_id="x")
+
+
+@pytest.mark.parametrize("variant", [{"composite": 1.0}, {"prompt_triggers": True, "anchor": 5.0}])
+def test_recipe_variants_train(pipe, pool, tmp_path, variant):
+    from dataclasses import replace
+
+    from pipelines.world.themes import Theme
+
+    attrs = [("colour", "red"), ("style", "flat"), ("background", "dotted")]
+    themed = [replace(p, trigger=f"trg{i}", theme=Theme(p.lora_id, dict([attrs[i]]), (attrs[i][1],), f"trg{i}",
+                                                         "train", False))
+              for i, p in enumerate(pool)]
+    result = train_gates(pipe, themed, tmp_path, base_id="tiny0", recipe=GateRecipe(steps=3, batch_size=2, **variant))
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    # without themes, composite steps fall back to eq. 10
+    plain = train_gates(pipe, pool, tmp_path / "plain", base_id="tiny0", recipe=GateRecipe(steps=2, batch_size=2, **variant))
+    assert len(plain.losses) == 2
