@@ -71,18 +71,31 @@ def run_demo(workdir: str | Path = ".autolora", size: str = "default", seed: int
 
 @contextmanager
 def _captioning(registry: Registry, model_dir: Path, world_root: Path, workdir: Path):
-    """A vLLM server for the world's captioner while the block runs; yields a function that
-    captions every LoRA lacking captions (renders made by the base for LoRAs without any)."""
+    """Yields a function that captions every LoRA lacking captions of the world's captioner
+    (renders made by the base for LoRAs without any), through a vLLM server started on first
+    need (a rerun with nothing to caption starts none) and stopped when the block ends."""
+    from contextlib import ExitStack
+
     from pipelines.caption import Captioner
-    from pipelines.caption_registry import caption_registry
+    from pipelines.caption_registry import CaptionReport, caption_registry, pending_captions
     from pipelines.vllm_server import vllm_server
     from pipelines.world.build import DEMO_BASE_NAME
 
     served = f"world-captioner-{world_root.name}"  # the cache key: captions of this world's model
-    with vllm_server(model_dir, served_name=served) as server, \
-            Captioner(server.base_url, server.model, cache_dir=workdir / "caption-cache") as captioner:
-        yield lambda: caption_registry(registry, captioner,
-                                       base_pipelines={DEMO_BASE_NAME: world_root / "base"}).to_dict()
+    with ExitStack() as stack:
+        captioner: list[Captioner] = []
+
+        def caption() -> dict:
+            if not pending_captions(registry, served):
+                return CaptionReport(model=served, up_to_date=len(registry)).to_dict()
+            if not captioner:
+                server = stack.enter_context(vllm_server(model_dir, served_name=served))
+                captioner.append(stack.enter_context(
+                    Captioner(server.base_url, server.model, cache_dir=workdir / "caption-cache")))
+            return caption_registry(registry, captioner[0],
+                                    base_pipelines={DEMO_BASE_NAME: world_root / "base"}).to_dict()
+
+        yield caption
 
 
 def fusion_grid(registry: Registry, world_root: Path, out: Path) -> tuple[dict, Path]:
