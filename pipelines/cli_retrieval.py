@@ -55,12 +55,11 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
         return 0
-    rows = [(name, *(f"{report[name][m]:.3f}" for m in ("recall_at_1", "recall_at_3", "recall_at_10", "mrr")))
-            for name in ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random")
-            if name in report]
-    rows += [(f"stripped {c}", *(f"{report['stripped'][c][m]:.3f}" for m in ("recall_at_1", "recall_at_3",
-                                                                             "recall_at_10", "mrr")))
-             for c in ("weights", "text", "hybrid")]
+    from pipelines.evaluate.retrieval import CHANNELS
+    from pipelines.evaluate.retrieval_report import METRICS, ROWS
+
+    rows = [(name, *(f"{report[name][m]:.3f}" for m in METRICS)) for name in ROWS if name in report]
+    rows += [(f"stripped {c}", *(f"{report['stripped'][c][m]:.3f}" for m in METRICS)) for c in CHANNELS]
     _table(f"retrieval over {report['pool']} held-out LoRAs, {report['queries']} queries",
            ["row", "R@1", "R@3", "R@10", "MRR"], rows)
     print(f"within-theme cosine {report['within_theme_cos']:.3f}, cross-theme {report['cross_theme_cos']:.3f}; "

@@ -47,9 +47,9 @@ def write_report(out: Path, report: Mapping, figures: Mapping[str, tuple[np.ndar
              f"{report['queries']} queries over the held-out pool of {report['pool']} LoRAs (zero-shot).", "",
              header]
     lines += [_row(name, report[name]) for name in ROWS if name in report]
-    lines += [_row(f"stripped {c}", report["stripped"][c]) for c in ("weights", "text", "hybrid")]
+    lines += [_row(f"stripped {c}", scores) for c, scores in report["stripped"].items()]
     lines += ["", f"Over the whole registry ({report['whole_registry']['pool']} LoRAs):", "", header]
-    lines += [_row(c, report["whole_registry"][c]) for c in ("weights", "text", "hybrid")]
+    lines += [_row(c, scores) for c, scores in report["whole_registry"].items() if c != "pool"]
     lines += ["", f"Weight embeddings: mean cosine within a theme {report['within_theme_cos']:.3f}, "
               f"across themes {report['cross_theme_cos']:.3f} (independently trained LoRAs of a theme count as one).",
               "", *[f"![{Path(p).stem}]({Path(p).name})" for p in paths], ""]
