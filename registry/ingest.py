@@ -167,9 +167,11 @@ class _Batch:
         rows = self.reg.rows(self.reg.loras, where_in("lora_id", [lora_id]), 1)
         return rows[0] if rows else None
 
-    def file_with_sha(self, sha: str) -> dict | None:
+    def file_with_sha(self, sha: str, stored: bool = True) -> dict | None:
+        """A file record holding these bytes (``stored=False``: only this batch's are looked at,
+        when no stored file has the same size)."""
         hit = next((f for f in self.files.values() if f["sha256"] == sha), None)
-        if hit is None:
+        if hit is None and stored:
             rows = self.reg.rows(self.reg.files, where_in("sha256", [sha]), 1)
             hit = rows[0] if rows else None
         return hit
@@ -302,6 +304,7 @@ class _FileIngest:
         self.sidecars = sidecar_files(candidate.path, candidate.siblings)
         self.record = record  # the stored file record of this path, if any
         self.stat: os.stat_result | None = None
+        self.size_known = True  # whether a stored file has this file's size
 
     def _file_row(self, sha: str, lora_id: str, fmt: str) -> dict:
         st = self.stat
@@ -350,7 +353,8 @@ class _FileIngest:
         sidecars = from_sidecars(self.path, self.siblings)
         staged: Path | None = None
         try:
-            if self._maybe_known():
+            self.size_known = self._maybe_known()
+            if self.size_known:
                 sha, outcome, vector = sha256_file(self.path), None, None
             else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
                 future = pool.submit(self.reg.blobs.stage, self.path)
@@ -379,7 +383,7 @@ class _FileIngest:
                 vector: list[float] | None, bases: list) -> None:
         if self.record and self.record["sha256"] == sha:  # touched, same bytes
             return self._known_content(self.record)
-        same_bytes = self.batch.file_with_sha(sha)
+        same_bytes = self.batch.file_with_sha(sha, stored=self.size_known)  # same bytes, same size
         if same_bytes:
             self.report.duplicates.append({"path": self.shown, "lora_id": same_bytes["lora_id"],
                                            "kind": "sha256"})

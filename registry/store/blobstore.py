@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
-from registry.hashing import CHUNK
-
-
-def _hash_and_copy(source: str | os.PathLike, target_fd: int) -> str:
-    """One read pass over ``source``: hash it and write it to ``target_fd``; hex sha256."""
-    digest = hashlib.sha256()
-    with open(source, "rb", buffering=0) as handle, open(target_fd, "wb", buffering=0) as out:
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
-        while n := handle.readinto(buffer):
-            digest.update(view[:n])
-            written = 0
-            while written < n:
-                written += out.write(view[written:n])
-    return digest.hexdigest()
+from registry.store.blob_copy import hash_and_copy
 
 
 class BlobStore:
@@ -47,9 +31,8 @@ class BlobStore:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
-        os.close(fd)
         try:
-            shutil.copyfile(source, tmp)  # kernel-side copy (sendfile/copy_file_range)
+            hash_and_copy(source, fd, tmp)  # bypasses the page cache where it can
             os.replace(tmp, target)  # atomic: readers see nothing or the whole file
         finally:
             if os.path.exists(tmp):
@@ -64,7 +47,7 @@ class BlobStore:
         """
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
         try:
-            return _hash_and_copy(source, fd), Path(tmp)
+            return hash_and_copy(source, fd, tmp), Path(tmp)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -55,8 +55,8 @@ def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | N
     created = []
     for name, table in store._tables().items():
         rows = table.count_rows()
-        if rows == 0:
-            continue
+        if rows == 0 or (rows < SCALAR_INDEX_MIN_ROWS and name != "loras" and not vector):
+            continue  # nothing to make yet (the LoRA table's FTS index is made at once)
         have = _existing(table)
         wanted = [(c, BTree()) for c in SCALAR_INDEXES[name]
                   if c not in have and rows >= SCALAR_INDEX_MIN_ROWS]
