@@ -35,10 +35,11 @@ class LoraBranches:
         self.rank = 0
 
     def pack(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], *, dtype: torch.dtype,
-             device: torch.device, rank: int = 0) -> bool:
-        """Load ``factors`` (padded to max(rank, their ranks)); True if the old buffers were reused."""
+             device: torch.device, rank: int = 0, reserve: int = 0) -> bool:
+        """Load ``factors`` (padded to max(rank, their ranks)), then ``reserve`` zero branches (to be
+        filled by :meth:`fill_truncated_sum`); True if the old buffers were reused."""
         k, d = self.in_features, self.out_features
-        n = len(factors)
+        n = len(factors) + reserve
         r = max([rank, *(a.shape[0] for a, _ in factors)]) if factors else 0
         for a, b in factors:
             if a.shape[1] != k or b.shape[0] != d or a.shape[0] != b.shape[1]:
@@ -60,8 +61,30 @@ class LoraBranches:
                 if ri < r:
                     a3[i, ri:].zero_()
                     self.bt[i, ri:].zero_()
+            a3[len(factors):].zero_()
+            self.bt[len(factors):].zero_()
             self.moments = None  # made on first use by ``stats`` (only large outputs need them)
         return reuse
+
+    def sum_grams(self, count: int, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_s^T B_s, A_s A_s^T) [count·r, count·r] of the first ``count`` branches, in ``work`` dtype:
+        B_s = [B_1 … B_count] and A_s = [A_1; …; A_count] are views of the packed buffers (no copy)."""
+        bt2, a_s = self._stacked(count, work)
+        return bt2 @ bt2.mT, a_s @ a_s.mT
+
+    def fill_truncated_sum(self, count: int, left_a: torch.Tensor, right_b: torch.Tensor) -> None:
+        """Make branch ``count`` (a reserved one) the truncation A = left_a A_s, B = B_s right_b of the
+        first ``count`` branches' sum (maps from :func:`models.fusion.global_lora.truncation_maps`)."""
+        bt2, a_s = self._stacked(count, left_a.dtype if self.a.dtype == torch.float64 else torch.float32)
+        r = left_a.shape[0]
+        with torch.inference_mode(False), torch.no_grad():
+            self.a[count * self.rank: count * self.rank + r].copy_(left_a.to(a_s.dtype) @ a_s)
+            self.bt[count, :r].copy_(right_b.mT.to(bt2.dtype) @ bt2)
+            self.moments = None
+
+    def _stacked(self, count: int, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        n_r = count * self.rank
+        return (self.bt[:count].reshape(n_r, self.out_features).to(work), self.a[:n_r].to(work))
 
     def clear(self) -> None:
         """Drop the buffers."""

@@ -57,16 +57,16 @@ class FusedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def set_branches(self, factors: list[tuple[torch.Tensor, torch.Tensor]],
-                     global_factors: tuple[torch.Tensor, torch.Tensor] | None, rank: int = 0) -> bool:
-        """Load LoRA factors (+ the global LoRA last); True if the buffers were reused in place."""
-        packed = list(factors) + ([global_factors] if global_factors is not None else [])
+    def set_branches(self, factors: list[tuple[torch.Tensor, torch.Tensor]], global_rank: int = 0) -> bool:
+        """Load LoRA factors, plus (``global_rank`` > 0) a zero branch last for the global LoRA, which
+        the caller fills (``branches.fill_truncated_sum``); True if the buffers were reused in place."""
         w = self.base.weight
         if not factors:
             self.clear()
             return False
-        reused = self.branches.pack(packed, dtype=w.dtype, device=w.device, rank=rank)
-        self.n_loras, self.has_global = len(factors), global_factors is not None
+        reused = self.branches.pack(factors, dtype=w.dtype, device=w.device, rank=global_rank,
+                                    reserve=1 if global_rank else 0)
+        self.n_loras, self.has_global = len(factors), bool(global_rank)
         return reused
 
     def clear(self) -> None:

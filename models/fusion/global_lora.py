@@ -20,15 +20,34 @@ from collections.abc import Sequence
 import torch
 
 
-def _gram_factor(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For M [.., n, R]: (R_m, P) with R_m = Λ^{1/2} V^T [.., R, R] and P = V Λ^{-1/2} (pseudo-inverse
-    on a null space), so that M = (M P) R_m with M P orthonormal on M's column space (float64)."""
-    lam, vec = torch.linalg.eigh((m.mT @ m).to(torch.float64))
+def _gram_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the Gram matrix G = M^T M [.., R, R] of M [.., n, R]: (R_m, P) with R_m = Λ^{1/2} V^T and
+    P = V Λ^{-1/2} (pseudo-inverse on a null space), so that M = (M P) R_m with M P orthonormal on
+    M's column space (float64)."""
+    lam, vec = torch.linalg.eigh(gram.to(torch.float64))
     lam = lam.clamp_min(0)
     root = lam.sqrt()
     keep = lam > lam[..., -1:] * 1e-12  # eigh sorts ascending: the last is the largest
     inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
     return root.unsqueeze(-1) * vec.mT, vec * inv.unsqueeze(-2)
+
+
+def truncation_maps(gram_b: torch.Tensor, gram_a: torch.Tensor, rank: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The small matrices of the truncation, from the Gram matrices B_s^T B_s and A_s A_s^T [.., R, R]:
+    ``(left_a [.., r, R], right_b [.., R, r])`` (float64) with A_g = left_a A_s and B_g = B_s right_b.
+
+    Only R × R work; the caller applies the maps to the large factors (or to views of buffers it
+    already holds: nothing here touches a d- or k-sized tensor).
+    """
+    r_b, p_b = _gram_factor(gram_b)                # B_s = (B_s P_b) R_b
+    r_a, p_a = _gram_factor(gram_a)                # A_s^T = (A_s^T P_a) R_a
+    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)      # the small [R, R] core
+    r = min(rank, s.shape[-1])
+    root = s[..., :r].sqrt()
+    right_b = p_b @ (u[..., :r] * root.unsqueeze(-2))        # [.., R, r]
+    left_a = (root.unsqueeze(-1) * vh[..., :r, :]) @ p_a.mT  # [.., r, R]
+    return left_a, right_b
 
 
 def truncate_sum(b_s: torch.Tensor, a_s: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,14 +56,8 @@ def truncate_sum(b_s: torch.Tensor, a_s: torch.Tensor, rank: int) -> tuple[torch
     Leading dims are a batch (layers of one shape are truncated in one call).  The singular values
     are split evenly between the factors (√s each); r = min(rank, R).
     """
-    r_b, p_b = _gram_factor(b_s)                   # B_s = (B_s P_b) R_b
-    r_a, p_a = _gram_factor(a_s.mT)                # A_s^T = (A_s^T P_a) R_a
-    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)      # the small [R, R] core
-    r = min(rank, s.shape[-1])
-    root = s[..., :r].sqrt()
-    right_b = (p_b @ (u[..., :r] * root.unsqueeze(-2))).to(b_s.dtype)        # [.., R, r]
-    left_a = ((root.unsqueeze(-1) * vh[..., :r, :]) @ p_a.mT).to(a_s.dtype)  # [.., r, R]
-    return left_a @ a_s, b_s @ right_b
+    left_a, right_b = truncation_maps(b_s.mT @ b_s, a_s @ a_s.mT, rank)
+    return left_a.to(a_s.dtype) @ a_s, b_s @ right_b.to(b_s.dtype)
 
 
 def global_lora(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], rank: int,

@@ -15,7 +15,7 @@ from torch import nn
 
 from models.fusion.fused_linear import MODES, FusedLinear, Mode, SharedState
 from models.fusion.gate import FusionGate, timestep_features
-from models.fusion.global_lora import truncate_sum
+from models.fusion.global_lora import truncation_maps
 from models.torch_threads import one_torch_thread
 
 Lora = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -88,34 +88,33 @@ class GatedFusion:
             return self._set_loras(loras, use_global, rank_global, weights)
 
     def _set_loras(self, loras: Sequence[Lora], use_global: bool, rank_global: int, weights: list[float]) -> int:
-        per_layer = {}
+        reused = 0
+        groups: dict[tuple, list[FusedLinear]] = {}  # layers whose global LoRAs are truncated together
         for name, layer in self.layers.items():
             dev = layer.base.weight.device
-            per_layer[name] = [(a.to(dev), b.to(dev) if w == 1.0 else b.to(dev) * w)
-                               for lora, w in zip(loras, weights) if (ab := lora.get(name)) is not None
-                               for a, b in [ab]]
-        globals_ = self._global_loras(per_layer, rank_global) if use_global else {}
-        return sum(layer.set_branches(per_layer[name], globals_.get(name))
-                   for name, layer in self.layers.items())
+            factors = [(a.to(dev), b.to(dev) if w == 1.0 else b.to(dev) * w)
+                       for lora, w in zip(loras, weights) if (ab := lora.get(name)) is not None
+                       for a, b in [ab]]
+            r_g = min(rank_global, sum(a.shape[0] for a, _ in factors)) if use_global else 0
+            reused += layer.set_branches(factors, global_rank=r_g)
+            if factors and r_g:
+                br = layer.branches
+                key = (layer.n_loras, br.rank, r_g, br.a.dtype, dev)  # its Gram matrices' size, whatever d, k
+                groups.setdefault(key, []).append(layer)
+        for (*_, r_g, dtype, _), layers in groups.items():
+            self._fill_global_loras(layers, r_g, torch.float64 if dtype == torch.float64 else torch.float32)
+        return reused
 
     @staticmethod
-    def _global_loras(per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], rank: int,
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each covered layer's global LoRA; layers of one shape (and ranks) share one batched truncation."""
-        groups: dict[tuple, list[str]] = {}
-        for name, factors in per_layer.items():
-            if factors:
-                a0, b0 = factors[0]
-                key = (b0.shape[0], a0.shape[1], tuple(a.shape[0] for a, _ in factors), a0.dtype, a0.device)
-                groups.setdefault(key, []).append(name)
-        out = {}
-        for (_, _, _, dtype, _), names in groups.items():
-            work = torch.float64 if dtype == torch.float64 else torch.float32
-            b_s = torch.stack([torch.cat([b for _, b in per_layer[n]], 1) for n in names]).to(work)
-            a_s = torch.stack([torch.cat([a for a, _ in per_layer[n]], 0) for n in names]).to(work)
-            a_g, b_g = truncate_sum(b_s, a_s, rank)
-            out.update({n: (a_g[i].to(dtype), b_g[i].to(dtype)) for i, n in enumerate(names)})
-        return out
+    def _fill_global_loras(layers: list[FusedLinear], rank: int, work: torch.dtype) -> None:
+        """Each layer's global LoRA (its reserved last branch) from the LoRA factors already packed in
+        its buffers: the large products read those buffers in place, the small R × R work of every
+        layer with the same R is one batched eigh / SVD (per-call overhead is what costs there)."""
+        grams = [layer.branches.sum_grams(layer.n_loras, work) for layer in layers]
+        left_a, right_b = truncation_maps(torch.stack([g[0] for g in grams]), torch.stack([g[1] for g in grams]),
+                                          rank)
+        for i, layer in enumerate(layers):
+            layer.branches.fill_truncated_sum(layer.n_loras, left_a[i], right_b[i])
 
     def clear(self) -> None:
         """No LoRA active: every wrapped layer returns its base output exactly."""
