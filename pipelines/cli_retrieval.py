@@ -12,7 +12,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
     registry = _open_registry(args.registry, create=False)
     base = args.base_model or _only_base(registry)
-    recipe = Recipe(design=args.design, steps=args.steps, seed=args.seed)
+    recipe = Recipe(design=args.design, steps=args.steps, seed=args.seed, probes_from=args.probes_from or "")
     try:
         info = train_registry_encoder(registry, base, args.where, recipe, activate=not args.no_activate,
                                       progress=not args.json)
@@ -78,6 +78,9 @@ def add_commands(sub, train, evaluate) -> None:
     encoder.add_argument("--design", choices=["ours", "paper"], default="ours")
     encoder.add_argument("--steps", type=int, default=300)
     encoder.add_argument("--seed", type=int, default=0)
+    encoder.add_argument("--probes-from", type=_expanded, metavar="PIPELINE",
+                         help="the base as a diffusers pipeline (folder, Hub id or demo world): probe each "
+                              "layer in the directions of the inputs the base really feeds it")
     encoder.add_argument("--no-activate", action="store_true", help="register the version without switching to it")
     encoder.add_argument("--json", action="store_true")
     encoder.set_defaults(func=cmd_train_encoder)

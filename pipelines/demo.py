@@ -45,7 +45,7 @@ def run_demo(workdir: str | Path = ".autolora", size: str = "default", seed: int
     if folders:
         report = registry.add(folders, progress=progress)  # known files cost a stat on a rerun
     else:
-        from pipelines.encoder_pool import train_registry_encoder
+        from pipelines.encoder_pool import Recipe, train_registry_encoder
         from pipelines.world.build import DEMO_BASE_NAME, build_world, train_captioner
 
         world = build_world(workdir / "world", size=size, seed=seed, progress=progress)
@@ -55,7 +55,8 @@ def run_demo(workdir: str | Path = ".autolora", size: str = "default", seed: int
         with _captioning(registry, train_captioner(root, size, seed), root, workdir) as caption:
             captions.append(caption())  # the training LoRAs' renders: texts for the encoder
             train_pool = f"source_path LIKE {quote(os.path.realpath(world['loras']) + os.sep + '%')}"
-            encoder = train_registry_encoder(registry, DEMO_BASE_NAME, train_pool, progress=progress)
+            recipe = Recipe(probes_from=str(root / "base"))  # probes from the base's real layer inputs
+            encoder = train_registry_encoder(registry, DEMO_BASE_NAME, train_pool, recipe, progress=progress)
             held = registry.add([world["heldout_loras"]], progress=progress)  # zero-shot: no retraining
             captions.append(caption())
         for name in ("added", "duplicates", "refreshed", "unchanged", "rejected", "warnings"):

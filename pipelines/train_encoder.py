@@ -94,6 +94,7 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
                   progress: bool = False, *, layers: Sequence[LayerSpec] | None = None,
                   num_threads: int = 1, weight_decay: float = 0.01,
                   augment_options: Mapping[str, Any] | None = None,
+                  probes: Mapping[str, Tensor] | None = None,
                   ) -> tuple[LoRAWeightEncoder, list[float]]:
     """Train a :class:`LoRAWeightEncoder` on ``items`` and return it (eval mode) and the loss of
     every step. ``layers`` defaults to the layers the items adapt (pass the base model's full
@@ -123,6 +124,8 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
             encoder = LoRAWeightEncoder(layers or infer_layer_specs(loras), config).train()
+            if probes is not None:  # fixed probes (e.g. the base's input directions), not trained
+                encoder.tokenizer.set_probes(probes)
             optimizer = _optimizer(encoder, lr, weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
             size = min(batch_size, len(items))

@@ -120,7 +120,8 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     shapes = {s.name: (s.d_out, s.d_in) for s in layer_specs(reg, base)}
     held = [load_canonical(reg.root / rows[i]["blob"], reg.bases())[0].factors for i in pool]
     q = default_text_encoder().encode([x.text for x in queries])
-    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper"})  # same pool, same recipe
+    # same pool and training recipe, the authors' design exactly (their learned probes)
+    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper", "probes_from": ""})
     info = train_registry_encoder(reg, base, active.info.get("where") or None, recipe, activate=False,
                                   progress=progress)  # registered inactive: trained once per pool
     paper = LoRAWeightEncoder.load(next(r.path for r in reg.encoder_versions() if r.version == info["version"]))

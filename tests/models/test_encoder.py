@@ -193,3 +193,22 @@ def test_default_config_at_flux1_dev_shape_is_small_and_encodes_a_real_shaped_lo
     with torch.no_grad():
         out = enc([lora])
     assert out.shape == (1, 384) and torch.isfinite(out).all() and enc.last_unknown == [[]]
+
+
+def test_fixed_probes_are_set_per_layer_frozen_and_saved(tmp_path):
+    cfg = EncoderConfig.ours(width=32, depth=2, heads=4, probe_dim=8, probes=1, probe_sharing="layer")
+    encoder = make(cfg)
+    name = "transformer_blocks.1.attn.to_q"
+    q = torch.linalg.qr(torch.randn(W, 1))[0]
+    assert encoder.tokenizer.set_probes({name: q, "not.a.layer": q}) == [name]
+    assert not any(p.requires_grad for p in encoder.tokenizer.probe.parameters())
+    # the LoRA's response on that layer is now B (A q): rescaling A along q's complement changes nothing
+    a, b = torch.randn(2, W), torch.randn(W, 2)
+    off = a - (a @ q) @ q.T  # the part of A that q does not see
+    same = encoder.embed([{name: (a + 3 * off, b)}])
+    torch.testing.assert_close(encoder.embed([{name: (a, b)}]), same)
+    encoder.save(tmp_path / "e.safetensors", "v1")
+    loaded = LoRAWeightEncoder.load(tmp_path / "e.safetensors")
+    torch.testing.assert_close(loaded.embed([{name: (a, b)}]), encoder.embed([{name: (a, b)}]))
+    with pytest.raises(ValueError, match="per-layer"):
+        make().tokenizer.set_probes({name: q})

@@ -29,8 +29,9 @@ def trained(micro_world, tmp_path_factory):
     run_json("register-base", str(micro_world / "base_model.json"), "--registry", registry)
     run_json("ingest", str(micro_world / "loras"), "--registry", registry)
     pool = f"source_path LIKE '{os.path.realpath(micro_world / 'loras')}/%'"
-    first = run_json("train", "encoder", "--registry", registry, "--where", pool, "--steps", "30")
-    again = run_json("train", "encoder", "--registry", registry, "--where", pool, "--steps", "30")
+    probes = ["--probes-from", str(micro_world)]  # probes from the base's real layer inputs
+    first = run_json("train", "encoder", "--registry", registry, "--where", pool, "--steps", "30", *probes)
+    again = run_json("train", "encoder", "--registry", registry, "--where", pool, "--steps", "30", *probes)
     held = run_json("ingest", str(micro_world / "heldout_loras"), "--registry", registry)
     return registry, first, again, held
 
@@ -43,6 +44,7 @@ def test_encoder_is_trained_once_per_pool_and_embeds_new_loras_zero_shot(trained
     assert first["trained"] and first["pool_size"] == manifest["train"]
     assert first["embedding"]["activated"] == first["version"]
     assert not again["trained"] and again["version"] == first["version"]
+    assert first["recipe"]["probes_from"] == str(micro_world)
     reg = Registry.open(registry, create=False)
     rows = reg.loras.to_arrow().select(["lora_id", "encoder_version", "weight_vector"]).to_pylist()
     assert len(rows) == manifest["train"] + manifest["heldout"]
@@ -70,3 +72,8 @@ def test_retrieval_evaluation_contract(trained, micro_world, tmp_path):
     assert (tmp_path / "retrieval.md").is_file() and (tmp_path / "heatmap-weights.png").is_file()
     # the stripped copy has no text at all: its text channel can only be as good as chance
     assert report["stripped"]["weights"] == report["weights"]
+    # the authors' design row is theirs: learned probes, whatever our encoder was given
+    from registry import Registry
+
+    paper = [r for r in Registry.open(trained[0], create=False).encoder_versions() if "-paper-" in r.version]
+    assert paper and all(r.info["recipe"]["probes_from"] == "" for r in paper)
