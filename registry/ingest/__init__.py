@@ -20,120 +20,30 @@ import json
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
 
-from models.torch_threads import one_torch_thread
 from registry.captions import search_document
 from registry.hashing import sha256_file
 from registry.embed import WeightEmbedder
+# the walk and the report live beside this module; both are part of its public names
+from registry.ingest.candidates import CANDIDATE_SUFFIXES, Candidate, collect_candidates  # noqa: F401
+from registry.ingest.report import IngestReport
 from registry.lora.errors import RejectedFile
 from registry.lora.inspect import InspectedLoRA, inspect_file
 from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sidecar_files, sidecar_signature
 from registry.store.maintenance import ensure_indexes
-from registry.store.store import Store, user_path, where_in
+from registry.store.store import Store, where_in
 from registry.text import embed_texts
 
-# Files that may be LoRAs when found while walking a folder (everything else there is a sidecar).
-# An explicitly named file is always considered, whatever its extension.
-CANDIDATE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".lora"}
 _LOOKUP_CHUNK = 500  # paths per prefetch query
-
-
-@dataclass
-class IngestReport:
-    """What one ``add`` did; ``to_dict`` is the ``autolora ingest --json`` contract.
-
-    ``added``: new LoRAs; ``duplicates``: files holding a LoRA already stored (``kind``: the same
-    bytes, ``sha256``, or the same weights in another file, ``fingerprint``); ``refreshed``:
-    known files whose sidecars changed (their LoRA's metadata was rebuilt); ``unchanged``: known
-    files skipped after a stat; ``rejected``: refused files and unreadable paths, with reasons;
-    ``warnings``: e.g. a folder holding no candidate file.
-    """
-
-    added: list[dict] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)
-    refreshed: list[dict] = field(default_factory=list)
-    unchanged: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"added": self.added, "duplicates": self.duplicates, "refreshed": self.refreshed,
-                "unchanged": self.unchanged, "rejected": self.rejected, "warnings": self.warnings}
-
-    def reject(self, path: str, code: str, reason: str) -> None:
-        self.rejected.append({"path": path, "reason": reason, "code": code})
 
 
 def lora_id_for(fingerprint: str) -> str:
     """Stable id of a LoRA: its weights fingerprint, so every format of it maps to one id."""
     return f"lora-{fingerprint[:24]}"
-
-
-@dataclass
-class Candidate:
-    """A file to ingest, with the sorted names of its folder (for its sidecars)."""
-
-    path: Path
-    siblings: list[str]
-
-
-def _walk(folder: Path, report: IngestReport) -> list[Candidate]:
-    """Candidate files under ``folder`` (symlinked folders are not followed, so no loops);
-    unreadable folders and broken or looping links are reported, never skipped silently."""
-    found = []
-
-    def unreadable(error: OSError) -> None:
-        report.reject(str(error.filename or folder), "unreadable", f"unreadable folder: {error.strerror}")
-
-    for root, dirs, names in os.walk(folder, onerror=unreadable):
-        dirs.sort()
-        siblings = sorted(names)
-        for name in siblings:
-            if Path(name).suffix.lower() not in CANDIDATE_SUFFIXES:
-                continue
-            path = Path(root) / name
-            if path.is_file():
-                found.append(Candidate(path, siblings))
-            elif path.is_symlink():
-                report.reject(str(path), "broken_link", "a symlink that is dangling or loops")
-    if not found:
-        report.warnings.append(f"no LoRA files found under {folder} "
-                               f"(looked for {', '.join(sorted(CANDIDATE_SUFFIXES))})")
-    return found
-
-
-def collect_candidates(paths: Iterable[str | os.PathLike], report: IngestReport) -> list[Candidate]:
-    """Expand the given files and folders (``~`` and ``$VARS`` expanded) into candidates, sorted,
-    without repeats. A path that does not exist raises ``FileNotFoundError`` before anything is
-    done; problems inside walked folders go into ``report``."""
-    given = [user_path(p) for p in paths]
-    missing = [str(p) for p in given if not os.path.lexists(p)]
-    if missing:
-        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
-    found: dict[str, Candidate] = {}
-    for path in given:
-        if path.is_dir():
-            for candidate in _walk(path, report):
-                found.setdefault(os.path.realpath(candidate.path), candidate)
-        elif path.is_file():
-            found.setdefault(os.path.realpath(path), Candidate(path, _listing(path.parent)))
-        elif path.is_symlink():
-            report.reject(str(path), "broken_link", "a symlink that is dangling or loops")
-        else:
-            report.reject(str(path), "not_a_file", "neither a regular file nor a folder")
-    return [found[key] for key in sorted(found)]
-
-
-def _listing(folder: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(folder))
-    except OSError:
-        return []
 
 
 def _now() -> datetime:
