@@ -87,10 +87,11 @@ class LayerTokenizer(nn.Module):
             self.probe[key] = nn.Parameter(torch.randn(sets, k, probes))
             self.proj[key] = nn.Parameter(torch.randn(d, probe_dim) / math.sqrt(d))
 
-    def set_probes(self, per_layer: Mapping[str, Tensor], trainable: bool = False) -> list[str]:
+    def set_probes(self, per_layer: Mapping[str, Tensor]) -> list[str]:
         """Fix the probes of the named layers to given ``[k, P]`` matrices (e.g. the principal
-        directions of the base layer's real inputs), frozen unless ``trainable``. Needs per-layer
-        probes (``probe_sharing="layer"``); returns the names it set (others keep theirs)."""
+        directions of the base layer's real inputs) and freeze every probe (a layer not named keeps
+        its random one, fixed too). Needs per-layer probes (``probe_sharing="layer"``); returns the
+        names it set."""
         if any(self.probe[key].shape[0] != len(self.types[t]) for t, key in self.type_keys.items()):
             raise ValueError("fixed probes need per-layer probe sets (probe_sharing='layer')")
         done = []
@@ -104,9 +105,7 @@ class LayerTokenizer(nn.Module):
                     raise ValueError(f"{name}: probes {tuple(q.shape)}, expected {tuple(probe.shape[1:])}")
                 probe[self._slot[i]].copy_(q)
                 done.append(name)
-        if not trainable:
-            for t, key in self.type_keys.items():
-                self.probe[key].requires_grad_(False)
+        self.probe.requires_grad_(False)
         return done
 
     @property

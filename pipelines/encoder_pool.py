@@ -119,9 +119,9 @@ def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
     config, layers = DESIGNS[recipe.design](), layer_specs(reg, base_model)
     probes = None
     if recipe.probes_from:
-        # one probe per layer, its base's main input direction: measured on the demo world (2 seeds
-        # each, held-out R@3 / MRR / within - cross cosine): learned probes 0.35 / 0.31 / 0.08 (3 seeds),
-        # 4 input directions 0.44 / 0.37 / 0.25 (3 seeds), 1 direction 0.49 / 0.40 / 0.33
+        # one probe per layer, its base's main input direction: measured on the demo world (held-out
+        # R@3 / MRR / within - cross cosine, mean over seeds): learned probes 0.35 / 0.31 / 0.08 (3 seeds),
+        # 4 input directions 0.44 / 0.37 / 0.25 (3 seeds), 1 direction 0.49 / 0.40 / 0.33 (2 seeds)
         config = dataclasses.replace(config, probe_sharing="layer", probes=1)
         probes = base_probes(recipe.probes_from, layers, config.probes, [t for _, texts in items for t in texts])
     if config.require_all_layers:  # the authors' design: a fixed list of layers, every one present

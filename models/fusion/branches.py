@@ -72,10 +72,10 @@ class LoraBranches:
         bt2, a_s = self._stacked(count, work)
         return bt2 @ bt2.mT, a_s @ a_s.mT
 
-    def fill_truncated_sum(self, count: int, left_a: torch.Tensor, right_b: torch.Tensor) -> None:
+    def fill_truncated_sum(self, count: int, left_a: torch.Tensor, right_b: torch.Tensor, work: torch.dtype) -> None:
         """Make branch ``count`` (a reserved one) the truncation A = left_a A_s, B = B_s right_b of the
         first ``count`` branches' sum (maps from :func:`models.fusion.global_lora.truncation_maps`)."""
-        bt2, a_s = self._stacked(count, left_a.dtype if self.a.dtype == torch.float64 else torch.float32)
+        bt2, a_s = self._stacked(count, work)
         r = left_a.shape[0]
         with torch.inference_mode(False), torch.no_grad():
             self.a[count * self.rank: count * self.rank + r].copy_(left_a.to(a_s.dtype) @ a_s)

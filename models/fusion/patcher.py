@@ -114,7 +114,7 @@ class GatedFusion:
         left_a, right_b = truncation_maps(torch.stack([g[0] for g in grams]), torch.stack([g[1] for g in grams]),
                                           rank)
         for i, layer in enumerate(layers):
-            layer.branches.fill_truncated_sum(layer.n_loras, left_a[i], right_b[i])
+            layer.branches.fill_truncated_sum(layer.n_loras, left_a[i], right_b[i], work)
 
     def clear(self) -> None:
         """No LoRA active: every wrapped layer returns its base output exactly."""

@@ -214,7 +214,6 @@ class _FileIngest:
         self.sidecars = sidecar_files(candidate.path, candidate.siblings)
         self.record = record  # the stored file record of this path, if any
         self.stat: os.stat_result | None = None
-        self.size_known = True  # whether a stored file has this file's size
 
     def _file_row(self, sha: str, lora_id: str, fmt: str) -> dict:
         st = self.stat
@@ -263,8 +262,8 @@ class _FileIngest:
         sidecars = from_sidecars(self.path, self.siblings)
         staged: Path | None = None
         try:
-            self.size_known = self._maybe_known()
-            if self.size_known:
+            size_known = self._maybe_known()
+            if size_known:
                 sha, outcome, vector = sha256_file(self.path), None, None
             else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
                 future = pool.submit(self.reg.blobs.stage, self.path)
@@ -279,7 +278,7 @@ class _FileIngest:
             self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
             return
         try:
-            self._settle(sha, outcome, sidecars, staged, vector, bases)
+            self._settle(sha, outcome, sidecars, staged, vector, bases, size_known)
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store
 
@@ -290,10 +289,10 @@ class _FileIngest:
             return rejection
 
     def _settle(self, sha: str, outcome, sidecars: LoraMetadata, staged: Path | None,
-                vector: list[float] | None, bases: list) -> None:
+                vector: list[float] | None, bases: list, size_known: bool) -> None:
         if self.record and self.record["sha256"] == sha:  # touched, same bytes
             return self._known_content(self.record)
-        same_bytes = self.batch.file_with_sha(sha, stored=self.size_known)  # same bytes, same size
+        same_bytes = self.batch.file_with_sha(sha, stored=size_known)  # same bytes, same size
         if same_bytes:
             self.report.duplicates.append({"path": self.shown, "lora_id": same_bytes["lora_id"],
                                            "kind": "sha256"})

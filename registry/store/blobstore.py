@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-from registry.store.blob_copy import hash_and_copy
+from registry.store.blob_copy import copy_into
 
 
 class BlobStore:
@@ -32,7 +33,7 @@ class BlobStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         try:
-            hash_and_copy(source, fd, tmp)  # bypasses the page cache where it can
+            copy_into(source, fd, tmp)  # bypasses the page cache where it can; the hash is known
             os.replace(tmp, target)  # atomic: readers see nothing or the whole file
         finally:
             if os.path.exists(tmp):
@@ -47,7 +48,9 @@ class BlobStore:
         """
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
         try:
-            return hash_and_copy(source, fd, tmp), Path(tmp)
+            digest = hashlib.sha256()
+            copy_into(source, fd, tmp, digest)
+            return digest.hexdigest(), Path(tmp)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -55,7 +55,7 @@ def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | N
     created = []
     for name, table in store._tables().items():
         rows = table.count_rows()
-        if rows == 0 or (rows < SCALAR_INDEX_MIN_ROWS and name != "loras" and not vector):
+        if rows == 0 or (rows < SCALAR_INDEX_MIN_ROWS and name != "loras"):
             continue  # nothing to make yet (the LoRA table's FTS index is made at once)
         have = _existing(table)
         wanted = [(c, BTree()) for c in SCALAR_INDEXES[name]

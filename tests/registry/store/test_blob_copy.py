@@ -38,7 +38,9 @@ def test_buffered_fallback_when_direct_io_is_refused(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(blob_copy.os, "pwrite", _refusing_direct(os.pwrite))
     fd, target = tempfile.mkstemp(dir=tmp_path)
-    assert blob_copy.hash_and_copy(source, fd, target) == hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    blob_copy.copy_into(source, fd, target, digest)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     assert Path(target).read_bytes() == data
 
 
