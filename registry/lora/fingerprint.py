@@ -60,9 +60,16 @@ def signs(n: int, probes: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _input_probes(k: int) -> Tensor:
-    """X_k: columns 0..P-1 of :func:`signs`, float32 (±1 is exact in any float type)."""
-    return signs(k, FP_PROBES).float()
+def _input_probes_t(k: int) -> Tensor:
+    """X_k^T, contiguous ``[P, k]``: columns 0..P-1 of :func:`signs`, float32 (±1 is exact in
+    any float type)."""
+    return signs(k, FP_PROBES).T.float().contiguous()
+
+
+def _a_x(a: Tensor) -> Tensor:
+    """``A X`` as ``(X^T A^T)^T``: the same product, ~3x faster on CPU for a wide, short ``A``
+    (``[P, k] @ [k, r]`` instead of ``[r, k] @ [k, P]``: measured 21 vs 75 us at r=16, k=3072)."""
+    return (_input_probes_t(a.shape[1]) @ a.float().T).T
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,8 +86,7 @@ def _layer_weights(name: str) -> Tensor:
 
 def project(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """``(A X, U^T B)`` of one layer in float32, whatever the factors' float dtype."""
-    x, ut = _input_probes(a.shape[1]), _output_probes_t(b.shape[0])
-    return a.float() @ x, ut @ b.float()
+    return _a_x(a), _output_probes_t(b.shape[0]) @ b.float()
 
 
 def projections(factors: Mapping[str, tuple[Tensor, Tensor]]) -> Projections:
@@ -92,7 +98,7 @@ def projections(factors: Mapping[str, tuple[Tensor, Tensor]]) -> Projections:
     for name, (a, b) in factors.items():
         ax = shared.get(id(a))
         if ax is None:
-            ax = shared[id(a)] = a.float() @ _input_probes(a.shape[1])
+            ax = shared[id(a)] = _a_x(a)
         out[name] = (ax, _output_probes_t(b.shape[0]) @ b.float())
     return out
 
