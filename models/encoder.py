@@ -216,8 +216,9 @@ class LoRAWeightEncoder(nn.Module):
                 raise ValueError(f"{path}: not a LoRA-weight encoder file ({metadata.get('format')!r})")
             state = {key: f.get_tensor(key) for key in f.keys()}
         layers = [LayerSpec(name, d, k) for name, d, k in json.loads(metadata["layers"])]
-        encoder = cls(layers, EncoderConfig.from_json(metadata["config"]))
-        encoder.load_state_dict(state, strict=True)
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+            encoder = cls(layers, EncoderConfig.from_json(metadata["config"]))
+        encoder.load_state_dict(state, strict=True, assign=True)
         encoder.version = metadata.get("version", "")
         encoder.extra = json.loads(metadata.get("extra", "{}"))
         return encoder.to(device).eval()

@@ -137,10 +137,10 @@ class LayerTokenizer(nn.Module):
             key = self.type_keys[t]
             rows = torch.tensor([j for j, _, _, _ in entries], device=device)
             cols = torch.tensor([i for _, i, _, _ in entries], device=device)
-            response = self._responses(key, entries, device)          # [m, d, P]
-            z = response.transpose(1, 2) @ self.proj[key]              # [m, P, c]
+            response_t = self._responses_t(key, entries, device)      # [m, P, d]
+            z = response_t @ self.proj[key]                            # [m, P, c]
             tokens[rows, cols] = z.reshape(len(entries), -1)
-            sq_norm[rows, cols] = response.square().mean(dim=(1, 2))
+            sq_norm[rows, cols] = response_t.square().mean(dim=(1, 2))
             present[rows, cols] = True
         log_rel = torch.zeros(n, n_layers, device=device)
         if self.normalise_scale:
@@ -151,9 +151,12 @@ class LayerTokenizer(nn.Module):
             log_rel = torch.where(present, rel, torch.zeros_like(rel))
         return TokenBatch(tokens=tokens, log_rel_norm=log_rel, present=present, unknown=unknown)
 
-    def _responses(self, key: str, entries: list[tuple[int, int, Tensor, Tensor]],
-                   device: torch.device) -> Tensor:
-        """``B (A Q)`` for every (LoRA, layer) entry of one module type, ranks zero-padded."""
+    def _responses_t(self, key: str, entries: list[tuple[int, int, Tensor, Tensor]],
+                     device: torch.device) -> Tensor:
+        """``(B (A Q))^T`` for every (LoRA, layer) entry of one module type, ranks zero-padded.
+
+        Computed as ``(Q^T A^T) B^T`` on transposed views: a ``[P, k] @ [k, r]`` product runs ~3x
+        faster on CPU than the ``[r, k] @ [k, P]`` one of the same numbers (wide, short ``A``)."""
         ranks = [a.shape[0] for _, _, a, _ in entries]
         r_max, first_a, first_b = max(ranks), entries[0][2], entries[0][3]
         # one pass per factor: cast (e.g. from bf16) while copying into the padded batch
@@ -165,8 +168,9 @@ class LayerTokenizer(nn.Module):
             b_pad[m, :, : b.shape[1]].copy_(b)
         probe = self.probe[key]
         if probe.shape[0] == 1:
-            aq = a_pad @ probe[0]                                       # [m, r, P]
+            q_t = probe[0].T.expand(len(entries), -1, -1)                # [m, P, k]
         else:
             slots = torch.tensor([self._slot[i] for _, i, _, _ in entries], device=device)
-            aq = torch.bmm(a_pad, probe[slots])
-        return torch.bmm(b_pad, aq)                                     # [m, d, P]
+            q_t = probe[slots].transpose(1, 2)
+        aq_t = torch.bmm(q_t, a_pad.transpose(1, 2))                     # [m, P, r]
+        return torch.bmm(aq_t, b_pad.transpose(1, 2))                    # [m, P, d]

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,10 +37,18 @@ class EmbedReport:
 
 
 def load_encoder(record: EncoderRecord):
-    """The encoder module of a registered version (torch; imported only when needed)."""
+    """The encoder module of a registered version (torch; imported only when needed), loaded
+    once per process: every ingest of a long-lived process (the Python client, a Dagster sensor)
+    embeds with the same module instead of reading it again. Callers must not modify it."""
+    st = os.stat(record.path)
+    return _load_encoder(os.path.realpath(record.path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoder(path: str, size: int, mtime_ns: int):  # size and mtime: a rewritten file is read again
     from models.encoder import LoRAWeightEncoder
 
-    return LoRAWeightEncoder.load(record.path).eval()
+    return LoRAWeightEncoder.load(path).eval().requires_grad_(False)
 
 
 class WeightEmbedder:

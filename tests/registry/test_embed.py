@@ -103,3 +103,19 @@ def test_a_registry_of_format_2_is_upgraded_in_place(tmp_path):
     upgraded = Registry.open(reg.root)
     assert {f.name for f in WEIGHT_COLUMNS} <= set(upgraded.loras.schema.names)
     assert json.loads((reg.root / "registry.json").read_text())["format"] == 3
+
+
+def test_an_encoder_is_read_once_per_process_until_its_file_changes(tmp_path):
+    from registry.embed import load_encoder
+    from registry.store.encoders import EncoderRecord
+
+    record = EncoderRecord("enc-a", "base", _encoder(tmp_path, "enc-a", seed=0), {}, True)
+    model = load_encoder(record)
+    assert load_encoder(record) is model and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    factors = load_canonical(_lora_file(tmp_path, "ember_glow", seed=0))[0].factors
+    fresh = LoRAWeightEncoder.load(record.path)
+    with torch.no_grad():
+        torch.testing.assert_close(model([factors]), fresh([factors]))
+    _encoder(tmp_path, "enc-a", seed=1)  # the same path rewritten
+    assert load_encoder(record) is not model
