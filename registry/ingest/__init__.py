@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -202,6 +203,16 @@ def ingest_paths(reg: Store, paths: Iterable[str | os.PathLike], *, progress: bo
     return report
 
 
+@dataclass
+class _Early:
+    """What a new-looking LoRA needs that is computed while its bytes are still hashed and
+    copied in the other thread, instead of after (each field None until done)."""
+
+    stored: tuple[dict | None] | None = None  # (the stored row of its lora_id, or None,)
+    text_vector: list[float] | None = None
+    weights: tuple[tuple[list[float], str] | None] | None = None  # (embedder result,)
+
+
 class _FileIngest:
     """One candidate file through the stat cache, hashing, inspection and the batch."""
 
@@ -264,23 +275,33 @@ class _FileIngest:
         try:
             size_known = self._maybe_known()
             if size_known:
-                sha, outcome, vector = sha256_file(self.path), None, None
+                sha, outcome, early = sha256_file(self.path), None, _Early()
             else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
                 future = pool.submit(self.reg.blobs.stage, self.path)
-                vector = None
                 try:
                     outcome = self._inspect(bases, sidecars)
-                    if isinstance(outcome, InspectedLoRA) and not future.done():
-                        vector = _early(_header_first(outcome, sidecars))  # instead of idling
+                    early = (self._while_copying(outcome, sidecars, future)
+                             if isinstance(outcome, InspectedLoRA) else _Early())
                 finally:
                     sha, staged = future.result()
         except OSError as error:
             self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
             return
         try:
-            self._settle(sha, outcome, sidecars, staged, vector, bases, size_known)
+            self._settle(sha, outcome, sidecars, staged, early, bases, size_known)
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store
+
+    def _while_copying(self, info: InspectedLoRA, sidecars: LoraMetadata, copy: Future) -> _Early:
+        """While the copy runs: look its ``lora_id`` up and, for a new one, make its weight
+        embedding and (if the copy still runs) its text vector, else batched at flush. Wasted
+        only when the bytes turn out to be a duplicate of a file of this batch."""
+        stored = self.batch.stored_lora(lora_id_for(info.fingerprint))
+        if stored is not None:
+            return _Early(stored=(stored,))
+        weights = self.batch.embedder.embed(info.base_model, info.lora.factors)
+        text = _early(_header_first(info, sidecars)) if not copy.done() else None
+        return _Early(stored=(None,), text_vector=text, weights=(weights,))
 
     def _inspect(self, bases: list, sidecars: LoraMetadata) -> InspectedLoRA | RejectedFile:
         try:
@@ -289,7 +310,7 @@ class _FileIngest:
             return rejection
 
     def _settle(self, sha: str, outcome, sidecars: LoraMetadata, staged: Path | None,
-                vector: list[float] | None, bases: list, size_known: bool) -> None:
+                early: _Early, bases: list, size_known: bool) -> None:
         if self.record and self.record["sha256"] == sha:  # touched, same bytes
             return self._known_content(self.record)
         same_bytes = self.batch.file_with_sha(sha, stored=size_known)  # same bytes, same size
@@ -308,14 +329,15 @@ class _FileIngest:
         info = outcome
         info.sha256 = sha
         lora_id = lora_id_for(info.fingerprint)
-        stored = self.batch.stored_lora(lora_id)
+        stored = early.stored[0] if early.stored else self.batch.stored_lora(lora_id)
         if stored and stored["sha256"] != sha:
             self.report.duplicates.append({"path": self.shown, "lora_id": lora_id, "kind": "fingerprint"})
             return self._record(sha, lora_id, info.format, new=False)
         if not stored:  # new (else: the file whose row a killed run wrote before its file record)
             meta = _header_first(info, sidecars)
-            row = _lora_row(self.reg, info, lora_id, meta, staged, vector)
-            embedded = self.batch.embedder.embed(info.base_model, info.lora.factors)  # zero-shot
+            row = _lora_row(self.reg, info, lora_id, meta, staged, early.text_vector)
+            embedded = (early.weights[0] if early.weights  # zero-shot
+                        else self.batch.embedder.embed(info.base_model, info.lora.factors))
             if embedded:
                 row["weight_vector"], row["encoder_version"] = embedded
             self.batch.loras[lora_id] = row
