@@ -91,3 +91,17 @@ def test_lora_trains_saves_and_loads(trained: tuple[Path, dict], tmp_path: Path)
     delta = mod.scaling[adapter] * mod.lora_B[adapter].weight @ mod.lora_A[adapter].weight
     a, b = layers[name]
     torch.testing.assert_close(delta, b @ a)
+
+
+def test_a_prompt_longer_than_the_trained_length_is_not_cut() -> None:
+    """Trigger words put in front of a scene must not push the scene's last words out."""
+    from pipelines.world.sampling import generate, sequence_length
+
+    pipe = build_tiny_flux(3)
+    pipe.set_progress_bar_config(disable=True)
+    scene = "zqx-lora, prplstrp-lora, mgntcntr style, an image of a purple star on a striped background, "
+    assert sequence_length(pipe, ["a red circle"]) == MAX_SEQ_LEN
+    long = [scene + "flat style", scene + "glow style"]
+    assert sequence_length(pipe, long) == max(len(pipe.tokenizer_2(p)["input_ids"]) for p in long) > MAX_SEQ_LEN
+    first, second = (generate(pipe, [prompt], seed=0, steps=2) for prompt in long)
+    assert not np.array_equal(first, second)  # the last word still counts
