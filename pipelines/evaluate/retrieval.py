@@ -33,7 +33,7 @@ from registry.store.store import where_in
 CHANNELS = ("weights", "text", "hybrid")
 
 
-def _manifest_ids(reg: Registry, root: Path, entries: list[dict]) -> dict[str, str]:
+def manifest_ids(reg: Registry, root: Path, entries: list[dict]) -> dict[str, str]:
     """World file (relative) -> lora_id, through the registry's file records."""
     paths = {os.path.realpath(root / e["file"]): e["file"] for e in entries}
     rows = reg.rows(reg.files, where_in("path", paths), len(paths), ["path", "lora_id"])
@@ -86,7 +86,7 @@ def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.Path
     if active is None:
         raise LookupError(f"{reg.root} has no active LoRA-weight encoder: train one first (autolora train encoder)")
     entries = manifest["loras"]
-    ids = _manifest_ids(reg, root, entries)
+    ids = manifest_ids(reg, root, entries)
     heldout = [e for e in entries if e["split"] == "heldout"]
     pool = [ids[e["file"]] for e in heldout]
     attrs_of = {ids[e["file"]]: e["attrs"] for e in entries}
