@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from pipelines.cli import UsageError, _expanded, _open_registry, _positive, _print_json, _table
@@ -43,6 +44,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("give the base pipeline: --base FOLDER or --world DIR")
     gates = _gates(args, world) if args.fusion.startswith("gated") else None
     with Generator(registry, base, gates, method=args.fusion) as gen:
+        gen.settings = dataclasses.replace(gen.settings, **{
+            name: value for name, value in (("steps", args.steps), ("size", args.size)) if value is not None})
         try:
             result = gen.generate(args.prompt, k=args.k, lora_ids=args.lora or None, seed=args.seed)
         except KeyError as error:
@@ -104,6 +107,8 @@ def add_commands(sub, evaluate) -> None:
     gen.add_argument("--world", type=_expanded, help="a demo world: its base, and its gates (trained if missing)")
     gen.add_argument("--base", type=_expanded, help="a diffusers FLUX pipeline folder")
     gen.add_argument("--gates", type=_expanded, help="a gate checkpoint (safetensors)")
+    gen.add_argument("--steps", type=_positive, help="denoising steps (default: the base's usual: 28 for FLUX.1-dev)")
+    gen.add_argument("--size", type=_positive, help="image size in pixels (default: the base's: 1024 for FLUX.1-dev)")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

@@ -32,6 +32,31 @@ class Generation:
     hits: list[dict] = field(default_factory=list)  # retrieval hits (empty when LoRAs were given)
 
 
+@dataclass(frozen=True)
+class RenderSettings:
+    """How the Generator renders: denoising steps, square image size, true CFG (> 1: against an
+    empty prompt) and a guidance-distilled base's guidance scale."""
+
+    steps: int
+    size: int
+    true_cfg: float
+    guidance: float | None = None
+
+    @classmethod
+    def for_base(cls, pipe: FluxPipeline) -> RenderSettings:
+        """FLUX.1-dev's usual settings for a FLUX.1-width transformer (3072), else the demo
+        world sampler's (its tiny base is trained for 32 px, 12 steps, true CFG 1.5)."""
+        from pipelines.world.sampling import CFG, STEPS
+
+        config = pipe.transformer.config
+        if config.num_attention_heads * config.attention_head_dim == FLUX1_WIDTH:
+            return cls(steps=28, size=1024, true_cfg=1.0, guidance=3.5)
+        return cls(steps=STEPS, size=32, true_cfg=CFG)
+
+
+FLUX1_WIDTH = 3072
+
+
 def load_base(source: FluxPipeline | str | Path) -> FluxPipeline:
     """A pipeline as is, a diffusers pipeline folder, or a demo world folder (its ``base/``)."""
     if isinstance(source, FluxPipeline):
@@ -57,11 +82,12 @@ class Generator:
     """Prompt -> retrieved LoRAs -> fused generation on one base held for the object's lifetime."""
 
     def __init__(self, registry, base: FluxPipeline | str | Path, gates: GateSet | str | Path | None = None,
-                 method: str = "gated") -> None:
+                 method: str = "gated", render: RenderSettings | None = None) -> None:
         from pipelines.train_gates import load_gates
 
         self.registry = registry
         self.pipe = load_base(base)
+        self.settings = render or RenderSettings.for_base(self.pipe)
         self.gates = load_gates(gates) if isinstance(gates, (str, Path)) else gates
         self.method = get(method).name
         self._loras: dict[str, Lora] = {}
@@ -117,7 +143,9 @@ class Generator:
 
         loras = [self.lora(i) for i in lora_ids]
         with self._fusion(method or self.method).apply(self.pipe, loras, gates=self.gates):
-            return generate(self.pipe, list(prompts), seed)
+            r = self.settings
+            return generate(self.pipe, list(prompts), seed, steps=r.steps, cfg=r.true_cfg, size=r.size,
+                            guidance=r.guidance)
 
     def close(self) -> None:
         """Detach the gated fusion (the base is exactly as loaded)."""

@@ -13,7 +13,7 @@ from diffusers import FluxPipeline
 from pipelines.evaluate.fusion import KEYS, concept_sets, evaluate_fusion, set_prompts
 from pipelines.evaluate.generation import GROUPS, SETTINGS, evaluate_generation, word_prompts
 from pipelines.fusion_methods.base import transformer_state
-from pipelines.generate import Generator, with_triggers
+from pipelines.generate import Generator, RenderSettings, with_triggers
 from pipelines.train_gates import GateRecipe, train_world_gates
 
 pytestmark = pytest.mark.slow
@@ -34,6 +34,12 @@ def gates(micro_world, tmp_path_factory):
 
 def test_with_triggers():
     assert with_triggers("a red disc", ["xyz", "red", "xyz"]) == "xyz, a red disc"
+
+
+def test_the_generator_renders_with_its_settings(micro_registry, pipe):
+    small = RenderSettings(steps=2, size=16, true_cfg=1.0)
+    with Generator(micro_registry, pipe, method="none", render=small) as gen:
+        assert gen.generate("a circle", k=0).images.shape == (1, 16, 16, 3)
 
 
 def test_generator_ids_and_retrieval(micro_registry, pipe, gates):
