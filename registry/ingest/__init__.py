@@ -273,21 +273,21 @@ class _FileIngest:
         sidecars = from_sidecars(self.path, self.siblings)
         staged: Path | None = None
         try:
-            size_known = self._maybe_known()
-            if size_known:
-                sha, outcome, early = sha256_file(self.path), None, _Early()
-            else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
-                future = pool.submit(self.reg.blobs.stage, self.path)
-                try:
-                    outcome = self._inspect(bases, sidecars)
-                    early = (self._while_copying(outcome, sidecars, future)
-                             if isinstance(outcome, InspectedLoRA) else _Early())
-                finally:
-                    sha, staged = future.result()
-        except OSError as error:
-            self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
-            return
-        try:
+            try:
+                size_known = self._maybe_known()
+                if size_known:
+                    sha, outcome, early = sha256_file(self.path), None, _Early()
+                else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
+                    future = pool.submit(self.reg.blobs.stage, self.path)
+                    try:
+                        outcome = self._inspect(bases, sidecars)
+                        early = (self._while_copying(outcome, sidecars, future)
+                                 if isinstance(outcome, InspectedLoRA) else _Early())
+                    finally:
+                        sha, staged = future.result()
+            except OSError as error:
+                self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
+                return
             self._settle(sha, outcome, sidecars, staged, early, bases, size_known)
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store

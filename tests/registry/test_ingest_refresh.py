@@ -149,3 +149,14 @@ def test_an_unreadable_subfolder_is_reported(folder, tmp_path, monkeypatch):
     report = reg.add([folder])
     assert len(report.added) == 1
     assert [(r["path"], r["code"]) for r in report.rejected] == [(str(blocked), "unreadable")]
+
+
+def test_a_failure_while_the_blob_is_copied_leaves_no_staged_file(folder, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder file unreadable")
+
+    monkeypatch.setattr(ingest.WeightEmbedder, "embed", broken)
+    reg = Registry.open(tmp_path / "registry")
+    with pytest.raises(RuntimeError, match="encoder file unreadable"):
+        reg.add([folder])
+    assert not list(reg.blobs.root.rglob(".incoming-*")) and reg.lora_ids() == []
