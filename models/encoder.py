@@ -41,7 +41,7 @@ class EncoderConfig:
     """Hyper-parameters of :class:`LoRAWeightEncoder`."""
 
     width: int = 256
-    depth: int = 2
+    depth: int = 2                  # transformer blocks (0: none; then pool="mean")
     heads: int = 8
     ff_mult: int = 4
     probes: int = 4                 # probe vectors q per layer (or per module type)
@@ -61,6 +61,8 @@ class EncoderConfig:
             raise ValueError(f"attention must be 'bidirectional' or 'causal', not {self.attention!r}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', not {self.pool!r}")
+        if self.depth == 0 and self.pool == "cls":
+            raise ValueError("depth 0 needs pool='mean' (a CLS token without blocks sees nothing)")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
 
@@ -107,7 +109,9 @@ class LoRAWeightEncoder(nn.Module):
         block = nn.TransformerEncoderLayer(width, config.heads, config.ff_mult * width,
                                            config.dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
-        self.blocks = nn.TransformerEncoder(block, config.depth, enable_nested_tensor=False)
+        # depth 0: no blocks; with a mean pool the encoder is then linear in each module type's
+        # summed layer tokens (before its output norm and head)
+        self.blocks = nn.TransformerEncoder(block, config.depth, enable_nested_tensor=False) if config.depth else None
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, config.embed_dim)
         init = torch.tensor(math.log(1.0 / config.temperature))
@@ -148,7 +152,9 @@ class LoRAWeightEncoder(nn.Module):
             x = torch.cat([self.cls.expand(len(loras), -1, -1), x], dim=1)
             present = torch.cat([present.new_ones(len(loras), 1), present], dim=1)
         empty = ~present.any(dim=1)  # nothing known adapted (only possible without CLS)
-        if self.config.attention == "causal":
+        if self.blocks is None:
+            h = x
+        elif self.config.attention == "causal":
             h = self.blocks(x, mask=self._causal_mask(present))
         else:  # an all-masked row would give NaN: let an empty LoRA attend to its own padding
             h = self.blocks(x, src_key_padding_mask=~present & ~empty.unsqueeze(1))

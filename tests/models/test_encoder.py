@@ -85,6 +85,21 @@ def test_any_rank_and_coverage_in_one_batch_matches_encoding_alone():
     torch.testing.assert_close(batch, alone, atol=2e-5, rtol=0)
 
 
+def test_depth_zero_pools_the_layer_tokens_without_blocks():
+    config = EncoderConfig.ours(width=32, depth=0, heads=4, probe_dim=8, pool="mean")
+    enc, gen = make(config), torch.Generator().manual_seed(5)
+    assert enc.blocks is None
+    names = [s.name for s in enc.layers]
+    loras = [random_lora(enc.layers, 2, gen, names[:4]), random_lora(enc.layers, 5, gen), {}]
+    with torch.no_grad():
+        batch = enc(loras)
+        alone = torch.cat([enc([lo]) for lo in loras])
+    torch.testing.assert_close(batch, alone, atol=2e-5, rtol=0)  # any rank and coverage
+    assert torch.isfinite(batch).all() and batch[2].abs().max() == 0  # nothing adapted: zeros
+    with pytest.raises(ValueError, match="pool='mean'"):
+        EncoderConfig.ours(depth=0)
+
+
 def test_absent_zero_rank_and_unknown_layers_all_count_as_missing():
     enc, gen = make(), torch.Generator().manual_seed(4)
     names = [s.name for s in enc.layers]
