@@ -8,6 +8,8 @@ diffusers key format, then in this process times (median of ``--runs`` after one
 * ``read_s``: reading the file with ``safetensors.torch.load_file`` (the baseline);
 * ``canonical_s``: ``registry.lora.inspect.load_canonical`` (read + canonicalise), for context;
 * ``encode_s``: the default encoder's forward on the canonical factors (CPU, no grad);
+  ``probed``: the same for the design trained with the base's input directions as probes
+  (``--probes-from``, as the demo does: one fixed probe per layer, no transformer blocks);
   ``encode_cpu_s`` the same in process CPU time (a steadier figure on a busy machine).
 
 ``ratio`` = encode_s / read_s. Load average is reported beside the numbers: the machine is shared.
@@ -30,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.encoder import EncoderConfig, LayerSpec, LoRAWeightEncoder  # noqa: E402
+from pipelines.encoder_pool import PROBED  # noqa: E402
 from registry.lora.base_models import flux1_dev  # noqa: E402
 from registry.lora.formats import save_lora  # noqa: E402
 from registry.lora.inspect import load_canonical  # noqa: E402
@@ -73,9 +76,12 @@ def main() -> None:
         with torch.no_grad():
             encode_s = median_time(lambda: encoder([factors]), args.runs)
             encode_cpu_s = median_time(lambda: encoder([factors]), args.runs, time.process_time)
+            probed = LoRAWeightEncoder(specs, EncoderConfig.ours(**PROBED)).eval()
+            probed_s = median_time(lambda: probed([factors]), args.runs)
         size = path.stat().st_size
     result = {
         "params": encoder.num_parameters(), "encode_s": round(encode_s, 4),
+        "probed": {"params": probed.num_parameters(), "encode_s": round(probed_s, 4)},
         "read_s": round(read_s, 4), "ratio": round(encode_s / read_s, 2),
         "encode_cpu_s": round(encode_cpu_s, 4), "canonical_s": round(canonical_s, 4), "layers_encoded": len(factors),
         "unknown_layers": len(encoder.last_unknown[0]), "file_mb": round(size / 2**20, 1),
