@@ -32,8 +32,11 @@ Then, per format:
   one-time per-process costs.
 
 ``--with-encoder`` adds the weight channel: every registry (the warm-up one too) gets an active
-LoRA-weight encoder for FLUX.1-dev (the default design, untrained: the cost does not depend on the
-weights) before the clock starts, so each timed ``add`` also embeds the LoRA from its weights.
+LoRA-weight encoder for FLUX.1-dev (untrained: the cost does not depend on the weights) before
+the clock starts, so each timed ``add`` also embeds the LoRA from its weights. ``--encoder-design``
+picks it: ``learned`` (default: learned probes, two transformer blocks, what ``autolora train
+encoder`` trains without ``--probes-from``) or ``probed`` (one fixed probe per layer, no blocks:
+what ``--probes-from`` and the demo train).
 
 ``ratio = ingest_s / floor_s``; the target is <= 2 (<= 2.5 with the embedding). An ``add`` also has a fixed cost (~0.06 s
 for a 1 MB LoRA on a loaded 2-core machine: LanceDB writes and indexes, the text embedding),
@@ -109,14 +112,17 @@ def read_all(path: Path) -> None:
             pass
 
 
-def flux_encoder(path: Path) -> Path:
-    """An (untrained) default-design LoRA-weight encoder for FLUX.1-dev, saved at ``path``."""
+def flux_encoder(path: Path, design: str = "learned") -> Path:
+    """An (untrained) LoRA-weight encoder for FLUX.1-dev, saved at ``path``: our design with
+    learned probes (``learned``, what ``autolora train encoder`` trains by default) or with one
+    fixed probe per layer and no transformer blocks (``probed``: ``--probes-from``, as the demo)."""
     from models.encoder import EncoderConfig, LoRAWeightEncoder
     from models.encoder_tokens import LayerSpec
+    from pipelines.encoder_pool import PROBED
 
     base = flux1_dev()
-    encoder = LoRAWeightEncoder([LayerSpec(n, d, k) for n, (d, k) in base.layer_shapes.items()],
-                                EncoderConfig.ours())
+    config = EncoderConfig.ours(**PROBED) if design == "probed" else EncoderConfig.ours()
+    encoder = LoRAWeightEncoder([LayerSpec(n, d, k) for n, (d, k) in base.layer_shapes.items()], config)
     encoder.save(path, "bench-flux1-dev", {"base_model": base.name})
     return path
 
@@ -210,6 +216,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each measure")
     parser.add_argument("--json", action="store_true", help="print only a JSON object")
+    parser.add_argument("--encoder-design", choices=("learned", "probed"), default="learned",
+                        help="with --with-encoder: learned probes (the default training) or input probes")
     parser.add_argument("--with-encoder", action="store_true",
                         help="each registry has an active LoRA-weight encoder: ingest embeds the weights")
     parser.add_argument("--profile", type=int, metavar="N", default=0,
@@ -222,13 +230,15 @@ def main() -> None:
     load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory(prefix="autolora-bench-ingest-") as tmp_dir:
-        encoder = flux_encoder(Path(tmp_dir) / "encoder.safetensors") if args.with_encoder else None
+        encoder = (flux_encoder(Path(tmp_dir) / "encoder.safetensors", args.encoder_design)
+                   if args.with_encoder else None)
         for fmt in formats:
             results[fmt] = bench_format(fmt, Path(tmp_dir), args, log, encoder)
     load = {"before": [round(x, 2) for x in load_before],
             "after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
     if args.json:
-        print(json.dumps({"formats": results, "load": load, "with_encoder": args.with_encoder}))
+        print(json.dumps({"formats": results, "load": load, "with_encoder": args.with_encoder,
+                          "encoder_design": args.encoder_design if args.with_encoder else None}))
         return
     print(f"\n{'format':<11} {'file MB':>8} {'ingest s':>9} {'floor s':>8} {'ratio':>6}")
     for fmt, r in results.items():
