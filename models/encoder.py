@@ -106,12 +106,14 @@ class LoRAWeightEncoder(nn.Module):
         self.norm_feature = nn.Linear(1, width) if config.normalise_scale else None
         self.layer_embed = nn.Parameter(torch.randn(len(self.layers), width) * 0.02)
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02) if config.pool == "cls" else None
-        block = nn.TransformerEncoderLayer(width, config.heads, config.ff_mult * width,
-                                           config.dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
         # depth 0: no blocks; with a mean pool the encoder is then linear in each module type's
         # summed layer tokens (before its output norm and head)
-        self.blocks = nn.TransformerEncoder(block, config.depth, enable_nested_tensor=False) if config.depth else None
+        self.blocks: nn.TransformerEncoder | None = None
+        if config.depth:
+            block = nn.TransformerEncoderLayer(width, config.heads, config.ff_mult * width,
+                                               config.dropout, activation="gelu", batch_first=True,
+                                               norm_first=True)
+            self.blocks = nn.TransformerEncoder(block, config.depth, enable_nested_tensor=False)
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, config.embed_dim)
         init = torch.tensor(math.log(1.0 / config.temperature))
