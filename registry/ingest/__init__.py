@@ -206,11 +206,12 @@ def ingest_paths(reg: Store, paths: Iterable[str | os.PathLike], *, progress: bo
 @dataclass
 class _Early:
     """What a new-looking LoRA needs that is computed while its bytes are still hashed and
-    copied in the other thread, instead of after (each field None until done)."""
+    copied in the other thread, instead of after (``done`` False: nothing was)."""
 
-    stored: tuple[dict | None] | None = None  # (the stored row of its lora_id, or None,)
-    text_vector: list[float] | None = None
-    weights: tuple[tuple[list[float], str] | None] | None = None  # (embedder result,)
+    done: bool = False
+    stored: dict | None = None  # the stored row of its lora_id
+    text_vector: list[float] | None = None  # None: made in a batch at flush
+    weights: tuple[list[float], str] | None = None  # the embedder's result (None: no encoder)
 
 
 class _FileIngest:
@@ -298,10 +299,10 @@ class _FileIngest:
         only when the bytes turn out to be a duplicate of a file of this batch."""
         stored = self.batch.stored_lora(lora_id_for(info.fingerprint))
         if stored is not None:
-            return _Early(stored=(stored,))
+            return _Early(done=True, stored=stored)
         weights = self.batch.embedder.embed(info.base_model, info.lora.factors)
         text = _early(_header_first(info, sidecars)) if not copy.done() else None
-        return _Early(stored=(None,), text_vector=text, weights=(weights,))
+        return _Early(done=True, text_vector=text, weights=weights)
 
     def _inspect(self, bases: list, sidecars: LoraMetadata) -> InspectedLoRA | RejectedFile:
         try:
@@ -329,14 +330,14 @@ class _FileIngest:
         info = outcome
         info.sha256 = sha
         lora_id = lora_id_for(info.fingerprint)
-        stored = early.stored[0] if early.stored else self.batch.stored_lora(lora_id)
+        stored = early.stored if early.done else self.batch.stored_lora(lora_id)
         if stored and stored["sha256"] != sha:
             self.report.duplicates.append({"path": self.shown, "lora_id": lora_id, "kind": "fingerprint"})
             return self._record(sha, lora_id, info.format, new=False)
         if not stored:  # new (else: the file whose row a killed run wrote before its file record)
             meta = _header_first(info, sidecars)
             row = _lora_row(self.reg, info, lora_id, meta, staged, early.text_vector)
-            embedded = (early.weights[0] if early.weights  # zero-shot
+            embedded = (early.weights if early.done  # zero-shot
                         else self.batch.embedder.embed(info.base_model, info.lora.factors))
             if embedded:
                 row["weight_vector"], row["encoder_version"] = embedded
