@@ -44,6 +44,9 @@ from pipelines.world.train_base import (
 )
 
 GATES_FORMAT = "autolora-gates/1"
+# bump when the training code changes what one recipe trains (part of the version id);
+# 2: captions longer than the base's 32 text tokens are encoded whole (composite captions lost their last words)
+TRAINING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ def gate_version(base_id: str, pool: Sequence[PoolLora], recipe: GateRecipe) -> 
     """Hash of the base id, the pool (ids and file digests, order-free) and the recipe."""
     data = {p.lora_id: hashlib.sha256("\n".join(p.captions).encode()).hexdigest()[:16] for p in pool}
     payload = json.dumps({"base": base_id, "pool": sorted((p.lora_id, p.digest, data[p.lora_id]) for p in pool),
-                          "recipe": asdict(recipe), "format": GATES_FORMAT}, sort_keys=True)
+                          "recipe": asdict(recipe), "format": GATES_FORMAT,
+                          "training": TRAINING_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

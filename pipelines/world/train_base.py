@@ -25,16 +25,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from tqdm.auto import tqdm
 
-from pipelines.world.tiny_flux import MAX_SEQ_LEN, build_tiny_flux
+from pipelines.world.sampling import sequence_length
+from pipelines.world.tiny_flux import build_tiny_flux
 
 
 @dataclass
 class TextCache:
     """Frozen text conditioning for a list of captions (one row per caption)."""
 
-    prompt_embeds: torch.Tensor   # (N, MAX_SEQ_LEN, 64) T5 sequence
+    prompt_embeds: torch.Tensor   # (N, L, 64) T5 sequence; L: the base's 32, or the longest caption's
     pooled: torch.Tensor          # (N, 64) CLIP pooled
-    text_ids: torch.Tensor        # (MAX_SEQ_LEN, 3) zeros, as encode_prompt returns
+    text_ids: torch.Tensor        # (L, 3) zeros, as encode_prompt returns
 
 
 @torch.no_grad()
@@ -42,9 +43,10 @@ def encode_captions(pipe: FluxPipeline, captions: Sequence[str], batch: int = 25
     """``pipe.encode_prompt`` on every distinct caption once, expanded back to ``captions``."""
     uniq = sorted(set(captions))
     index = {c: i for i, c in enumerate(uniq)}
+    length = sequence_length(pipe, uniq)  # one length for all, so the batches concatenate
     pe, po, ids = [], [], None
     for k in range(0, len(uniq), batch):
-        e, p, ids = pipe.encode_prompt(uniq[k:k + batch], prompt_2=None, max_sequence_length=MAX_SEQ_LEN)
+        e, p, ids = pipe.encode_prompt(uniq[k:k + batch], prompt_2=None, max_sequence_length=length)
         pe.append(e)
         po.append(p)
     rows = torch.tensor([index[c] for c in captions])

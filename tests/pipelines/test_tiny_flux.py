@@ -105,3 +105,18 @@ def test_a_prompt_longer_than_the_trained_length_is_not_cut() -> None:
     assert sequence_length(pipe, long) == max(len(pipe.tokenizer_2(p)["input_ids"]) for p in long) > MAX_SEQ_LEN
     first, second = (generate(pipe, [prompt], seed=0, steps=2) for prompt in long)
     assert not np.array_equal(first, second)  # the last word still counts
+
+
+def test_training_captions_longer_than_the_trained_length_are_not_cut() -> None:
+    """Gate training captions carry every active LoRA's trigger: their last words must still count,
+    and captions that fit keep the base's trained length."""
+    from pipelines.world.train_base import encode_captions
+
+    pipe = build_tiny_flux(3)
+    scene = "zqx-lora, prplstrp-lora, mgntcntr style, an image of a purple star on a striped background, "
+    short = encode_captions(pipe, ["a red circle", "a blue square"])
+    assert short.prompt_embeds.shape[1] == MAX_SEQ_LEN and short.text_ids.shape[0] == MAX_SEQ_LEN
+    text = encode_captions(pipe, [scene + "flat style", scene + "glow style", "a red circle"])
+    longest = max(len(pipe.tokenizer_2(scene + s)["input_ids"]) for s in ("flat style", "glow style"))
+    assert text.prompt_embeds.shape[1] == text.text_ids.shape[0] == longest > MAX_SEQ_LEN
+    assert not torch.equal(text.prompt_embeds[0], text.prompt_embeds[1])  # the last word still counts
