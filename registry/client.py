@@ -113,7 +113,7 @@ class Registry(Store):
                where: str | None = None, include_removed: bool = False, encoder=None) -> list[SearchHit]:
         """Top-``k`` LoRAs for ``prompt``. ``channel``: ``weights`` (the LoRA-weight encoder's
         embedding of the weights alone; cosine score), ``text`` (full text over names, trigger
-        words, render prompts, captions + the text embedding of them, fused by reciprocal rank)
+        words, render prompts, captions + the text embedding of them, fused by z-normalised scores)
         or ``hybrid`` (all three fused; score 1.0 = first in every list). ``where`` is a LanceDB
         SQL filter (e.g. ``"lora_id IN ('a', 'b')"``); removed LoRAs are hidden unless asked for;
         ``encoder`` replaces the default text encoder for the query."""

@@ -1,5 +1,5 @@
 """The store half of the registry: LanceDB tables and blobs, no tensors.
 
-``store`` (opening, tables, versions, reads), ``search`` (channels, RRF), ``maintenance``
+``store`` (opening, tables, versions, reads), ``search`` (channels), ``fusion`` (their lists' scores fused), ``maintenance``
 (indexes, optimize), ``prune`` (vanished files), ``blobstore`` and ``schema``.
 """

@@ -1,4 +1,4 @@
-"""Search over the LoRA table by channel, the lists fused by LanceDB's RRF.
+"""Search over the LoRA table by channel, the lists fused by their z-normalised scores.
 
 Three ranked lists exist: full text (BM25 over names, trigger words, render prompts, captions,
 tags), the text embedding of that metadata, and the **weight embedding** (the LoRA-weight
@@ -8,9 +8,11 @@ is embedded by the same frozen text encoder for every channel). Channels: ``weig
 weight list alone (score: cosine similarity, 1 = same direction; from the index's int8 codes
 once the table is indexed, so within ~0.01 of the exact value); ``text`` fuses the two text
 lists; ``hybrid`` fuses all three (the weight list only where an encoder is active). A fused
-score is the reciprocal-rank-fusion score divided by its maximum: 1.0 means "ranked first by
-every list". Each list always contributes its top ``max(k, HYBRID_DEPTH)``, so a hit's score
-does not depend on ``k`` (for ``k <= HYBRID_DEPTH``).
+score (:mod:`registry.store.fusion`) sums what each list says of a row in standard deviations
+above the list's own average, over the sum of the lists' best: 1.0 means "ranked first by every
+list", and a flat list (a scene prompt's weight list, a card-less LoRA's text lists) weighs less
+than one whose top stands out. Each list always contributes its top ``max(k, HYBRID_DEPTH)``, so
+a hit's score does not depend on ``k`` (for ``k <= HYBRID_DEPTH``).
 
 Every query runs as one coroutine on LanceDB's public async API, on an event loop of our own
 (:class:`_Loop`). A process's first search opens the table and loads its vector and full-text
@@ -32,6 +34,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from registry.store.fusion import ZScoreReranker
 from registry.store.store import Store, quote, where_in
 
 # Below this, exact (flat) search: it reads every vector per query, ~1 ms per 1,000 rows (20k
@@ -56,8 +59,7 @@ ANN_ROWS_PER_EF = 1_000
 # random, i.e. from disk once the OS has dropped them from its page cache (measured at 1M rows
 # with a cold cache: p50 17-119 ms, p99 0.2-1.2 s). The index's int8 codes rank well enough.
 ANN_REFINE: int | None = None
-RRF_K = 60  # LanceDB's RRFReranker default
-HYBRID_DEPTH = 50  # each channel's top list fused by RRF
+HYBRID_DEPTH = 50  # each channel's top list, fused by their z-normalised scores (registry.store.fusion)
 MAX_POSTFILTERED = 1_000  # removed rows hidden by over-fetching (see Searcher._plan)
 LISTING_RELOAD_S = 10.0  # at most this often, a changed table's listing is read again (_Listing)
 # LanceDB's caches, one per process (shared by every registry opened in it). The index cache
@@ -312,14 +314,10 @@ class _Query:
         found = await asyncio.gather(*legs)
         if not fused:
             return _list(found[0], [1.0 - d for d in found[0]["_distance"].to_pylist()], listing)
-        found = [leg.drop_columns([c for c in ("_score", "_distance") if c in leg.column_names]) for leg in found]
         if not any(len(leg) for leg in found):
             return []
-        from lancedb.rerankers import RRFReranker
-
-        result = RRFReranker(K=RRF_K).rerank_multivector(found, self.prompt, deduplicate=True).slice(0, self.k)
-        scale = (RRF_K + 1) / len(found)  # every list at best 1/(K+1)
-        return _list(result, [score * scale for score in result["_relevance_score"].to_pylist()], listing)
+        result = ZScoreReranker(depth).rerank_multivector(found, self.prompt).slice(0, self.k)
+        return _list(result, result["_relevance_score"].to_pylist(), listing)
 
     async def _run(self, query, depth: int, plan: _Plan) -> pa.Table:
         return (await plan.apply(query.with_row_id(), depth).to_arrow()).slice(0, depth)
