@@ -156,21 +156,28 @@ class LayerTokenizer(nn.Module):
         """``(B (A Q))^T`` for every (LoRA, layer) entry of one module type, ranks zero-padded.
 
         Computed as ``(Q^T A^T) B^T`` on transposed views: a ``[P, k] @ [k, r]`` product runs ~3x
-        faster on CPU than the ``[r, k] @ [k, P]`` one of the same numbers (wide, short ``A``)."""
+        faster on CPU than the ``[r, k] @ [k, P]`` one of the same numbers (wide, short ``A``).
+        bfloat16 factors (most FLUX LoRA files) are multiplied in bfloat16 when no gradient is
+        needed (fp32 accumulation, outputs rounded to bf16: ~0.2 % relative), each of A and B on
+        its own: no float32 copy of them is made, ~10x faster on a CPU with bf16 instructions (40
+        layers of a FLUX LoRA: 1 vs 9.5 ms). Otherwise they are cast to float32 while copied into
+        the padded batch."""
         ranks = [a.shape[0] for _, _, a, _ in entries]
         r_max, first_a, first_b = max(ranks), entries[0][2], entries[0][3]
-        # one pass per factor: cast (e.g. from bf16) while copying into the padded batch
+        probe = self.probe[key]
+        inference = not (torch.is_grad_enabled() and probe.requires_grad)
+        work_a, work_b = (torch.bfloat16 if inference and all(f[k].dtype == torch.bfloat16 for f in entries)
+                          else torch.float32 for k in (2, 3))  # per factor: a kohya B is scaled to float32
         alloc = torch.empty if all(r == r_max for r in ranks) else torch.zeros
-        a_pad = alloc(len(entries), r_max, first_a.shape[1], device=device)
-        b_pad = alloc(len(entries), first_b.shape[0], r_max, device=device)
-        for m, (_, _, a, b) in enumerate(entries):
+        a_pad = alloc(len(entries), r_max, first_a.shape[1], device=device, dtype=work_a)
+        b_pad = alloc(len(entries), first_b.shape[0], r_max, device=device, dtype=work_b)
+        for m, (_, _, a, b) in enumerate(entries):  # one pass per factor (cast while copied)
             a_pad[m, : a.shape[0]].copy_(a)
             b_pad[m, :, : b.shape[1]].copy_(b)
-        probe = self.probe[key]
         if probe.shape[0] == 1:
             q_t = probe[0].T.expand(len(entries), -1, -1)                # [m, P, k]
         else:
             slots = torch.tensor([self._slot[i] for _, i, _, _ in entries], device=device)
             q_t = probe[slots].transpose(1, 2)
-        aq_t = torch.bmm(q_t, a_pad.transpose(1, 2))                     # [m, P, r]
-        return torch.bmm(aq_t, b_pad.transpose(1, 2))                    # [m, P, d]
+        aq_t = torch.bmm(q_t.to(work_a), a_pad.transpose(1, 2))          # [m, P, r]
+        return torch.bmm(aq_t.to(work_b), b_pad.transpose(1, 2)).float()  # [m, P, d]

@@ -227,3 +227,19 @@ def test_fixed_probes_are_set_per_layer_frozen_and_saved(tmp_path):
     torch.testing.assert_close(loaded.embed([{name: (a, b)}]), encoder.embed([{name: (a, b)}]))
     with pytest.raises(ValueError, match="per-layer"):
         make().tokenizer.set_probes({name: q})
+
+
+def test_bf16_factors_are_multiplied_in_bf16_at_inference_and_match_float32() -> None:
+    """A bf16 LoRA (most FLUX files) embeds within bf16 rounding of its float32 copy; with a
+    gradient needed (training learned probes) the factors are cast to float32 instead."""
+    enc, gen = make(), torch.Generator().manual_seed(11)
+    lora32 = random_lora(enc.layers, 4, gen)
+    lora16 = {n: (a.bfloat16(), b.bfloat16()) for n, (a, b) in lora32.items()}
+    exact = {n: (a.float(), b.float()) for n, (a, b) in lora16.items()}  # the same numbers in float32
+    with torch.no_grad():
+        fast, ref = enc.tokenizer([lora16]).tokens, enc.tokenizer([exact]).tokens
+    assert fast.dtype == torch.float32
+    assert ((fast - ref).norm() / ref.norm()).item() < 1e-2
+    torch.testing.assert_close(enc.embed([lora16]), enc.embed([exact]), atol=2e-2, rtol=0)
+    trained = enc.tokenizer([lora16]).tokens  # grad enabled, learned probes: the float32 path
+    torch.testing.assert_close(trained, ref, atol=1e-5, rtol=1e-5)
