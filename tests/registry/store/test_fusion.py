@@ -57,14 +57,17 @@ def test_first_in_every_list_scores_one_and_order_of_lists_does_not_matter() -> 
 
 def test_a_row_a_short_full_text_list_did_not_return_matched_no_term() -> None:
     """A full-text list shorter than asked holds every matching row: the others score 0 there, so a
-    lone match is strong evidence; a vector list's absent rows rank below its last."""
+    lone match is strong evidence. A list cut at the depth says nothing of the rows it left out:
+    they rank below its last, level with it, not at 0."""
     vectors = vector_list(list(range(20)), np.linspace(0.30, 0.34, 20))  # nearly flat, row 0 first
     lone_match = text_list([7], [1.5])
     ranked = ZScoreReranker(DEPTH).rerank_multivector([vectors, lone_match])
     assert ranked["_rowid"][0].as_py() == 7
-    full = text_list([7, *range(8, 8 + DEPTH - 1)], [1.5, *[1.4] * (DEPTH - 1)])  # truncated at the depth
-    ranked_full = ZScoreReranker(DEPTH).rerank_multivector([vectors, full])
-    assert ranked_full["_rowid"][0].as_py() != 7 or ranked_full["_relevance_score"][0].as_py() < 1
+    level = vector_list(list(range(20)), [0.3] * 20)  # no evidence: skipped
+    cut = text_list([7, *range(8, 8 + DEPTH - 1)], [1.5, *[1.4] * (DEPTH - 1)])  # truncated at the depth
+    ranked_cut = ZScoreReranker(DEPTH).rerank_multivector([level, cut])
+    score = dict(zip(ranked_cut["_rowid"].to_pylist(), ranked_cut["_relevance_score"].to_pylist()))
+    assert ranked_cut["_rowid"][0].as_py() == 7 and score[3] == score[9]  # row 3 left out, row 9 at the last score
 
 
 def test_a_single_row_and_empty_lists() -> None:

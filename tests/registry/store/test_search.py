@@ -1,5 +1,6 @@
-"""Search: hybrid scores (z-score fusion, 1.0 = first in every list, independent of k), the vector index searched from memory
-without re-ranking, removed rows hidden, and query vectors equal to the ones stored at ingest."""
+"""Search: hybrid scores (z-score fusion, 1.0 = first in every list, independent of k), the vector
+index searched from memory without re-ranking, removed rows hidden, and query vectors equal to the
+ones stored at ingest."""
 
 from __future__ import annotations
 
