@@ -7,6 +7,9 @@ that the kernel must later write back, and that throttle the writer once they pi
 much earlier writes were still being written back) and 0.07-0.12 s with ``O_DIRECT`` (``dd
 oflag=direct``). The copy is pipelined: while one chunk is hashed (when asked) in this thread,
 the previous ones are written by a second thread (``hashlib`` and ``os.pwrite`` release the GIL).
+The source is read through a memory map (:func:`registry.hashing.file_chunks`): chunks are
+written from the page cache in place, never copied into a buffer first (153 MB, warm: 106-117
+ms against 123-140 ms reading into two 1 MB buffers).
 
 Written by hand: ``shutil.copyfile`` (sendfile / copy_file_range) always goes through the page
 cache and cannot hash on the way, and no well-kept library does both.
@@ -16,14 +19,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import mmap
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from registry.hashing import file_chunks
+
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to the block size
-# Small chunks, several in flight: the write of a chunk overlaps the hashing of the next ones
-# (60 MB, hashing alone 38-41 ms: 8 MB x 2 buffers took 61-66 ms, 1 MB x 2 took 45-48 ms).
-COPY_CHUNK = 1 << 20
+# Chunks of a few MB, two writes in flight: the write of a chunk overlaps the hashing of the
+# next ones (153 MB from a map: 4 MB x 2 took 106-110 ms, 1 MB x 2 113-117, 1 MB x 4 111-115).
+COPY_CHUNK = 4 << 20
 IN_FLIGHT = 2
 
 
@@ -71,27 +76,22 @@ def copy_into(source: str | os.PathLike, target_fd: int, target_path: str, diges
               ) -> None:
     """Copy ``source`` into the open, empty file ``target_fd`` (at ``target_path``) in one read pass,
     feeding every chunk to ``digest`` on the way when one is given. ``target_fd`` is closed."""
-    buffers = [mmap.mmap(-1, COPY_CHUNK) for _ in range(IN_FLIGHT)]  # page-aligned, as O_DIRECT needs
-    writes: list[Future | None] = [None] * IN_FLIGHT
     target = _Target(target_fd, target_path)
     try:
-        with open(source, "rb", buffering=0) as handle, \
+        # the writer is shut down (every write done) before the source's map is closed
+        with file_chunks(source, COPY_CHUNK) as chunks, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-blob") as writer:
-            offset, turn = 0, 0
-            while True:
-                if writes[turn] is not None:
-                    writes[turn].result()  # this buffer's previous write is done
-                n = handle.readinto(buffers[turn])
-                if not n:
-                    break
-                view = memoryview(buffers[turn])[:n]
-                writes[turn] = writer.submit(target.write_at, view, offset)
+            writes: deque[Future] = deque()
+            offset = 0
+            for view in chunks:
+                writes.append(writer.submit(target.write_at, view, offset))
                 if digest is not None:
                     digest.update(view)
-                offset, turn = offset + n, (turn + 1) % IN_FLIGHT
+                offset += len(view)
+                while len(writes) > IN_FLIGHT:
+                    writes.popleft().result()
             for write in writes:
-                if write is not None:
-                    write.result()
+                write.result()
     finally:
         target.close_direct()
         os.close(target_fd)
