@@ -12,7 +12,8 @@ from registry.lora.base_models import BaseModel, hint_from_metadata, match_base
 from registry.hashing import sha256_file
 from registry.lora.canonical import CanonicalLoRA, canonicalise, fingerprint
 from registry.lora.errors import RejectedFile
-from registry.lora.safe_read import read_safetensors
+from registry.lora.finite import check_inspected
+from registry.lora.safe_read import check_finite, read_safetensors
 
 
 @dataclass
@@ -72,7 +73,14 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
     bases = list(bases)
     with one_torch_thread():
-        lora, metadata = load_canonical(path, bases)
+        # NaN/Inf are looked for in the fingerprint's pass over the factors, not in one more
+        tensors, metadata = read_safetensors(path, check_finite=False)
+        try:
+            lora = canonicalise(tensors, metadata, attention_widths(bases))
+        except RejectedFile:
+            check_finite(path, tensors)  # a NaN/Inf file is refused as that, whatever else
+            raise
+        check_inspected(path, tensors, lora)
         hint = " | ".join(h for h in (hint_from_metadata(metadata), base_hint) if h)
         base = match_base(lora.shapes(), bases, hint)
         if base is None:

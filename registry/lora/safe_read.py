@@ -226,12 +226,22 @@ def _check_finite(path: Path, flat: torch.Tensor, start: int, entries: dict[str,
         begin, end, dtype = start + run[0][0], start + run[-1][1], run[0][2]
         if begin % _ITEMSIZE[dtype] == 0 and _finite(flat[begin:end].view(_TORCH_DTYPE[dtype])):
             continue
-        for *_, name in run:
-            t = tensors[name]
-            if not _finite(t):
-                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-                raise _reject("nan_inf", path, f"tensor {name!r} contains {nan} NaN and {inf} "
-                              "Inf values")
+        check_finite(path, {name: tensors[name] for *_, name in run})
+
+
+def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse ``tensors`` (some or all of a file's) if any holds a NaN/Inf, naming the first.
+    Checked together first (one check for many scalar alphas), then one by one to name it."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors.values():
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    if all(_finite(torch.cat(ts)) for ts in by_dtype.values()):
+        return
+    for name, t in tensors.items():
+        if not _finite(t):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise _reject("nan_inf", Path(path), f"tensor {name!r} contains {nan} NaN and {inf} "
+                          "Inf values")
 
 
 def read_safetensors(
