@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from lancedb.index import FTS, BTree, HnswSq
 
 from registry.store import search
+from registry.store.schema import FULL_TEXT_COLUMN
 from registry.store.store import Store
 
 # Every column an ingest looks a row up by (no table scans on the ingest path).
@@ -60,8 +61,8 @@ def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | N
         have = _existing(table)
         wanted = [(c, BTree()) for c in SCALAR_INDEXES[name]
                   if c not in have and rows >= SCALAR_INDEX_MIN_ROWS]
-        if name == "loras" and "search_text" not in have:
-            wanted.append(("search_text", FTS()))
+        if name == "loras" and FULL_TEXT_COLUMN not in have:  # a registry made before it came with the table
+            wanted.append((FULL_TEXT_COLUMN, FTS()))
         for column in VECTOR_COLUMNS if name == "loras" and vector else ():
             filled = table.count_rows(f"{column} IS NOT NULL") if column not in have else 0
             if filled >= search.VECTOR_INDEX_MIN_ROWS:

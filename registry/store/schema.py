@@ -15,6 +15,7 @@ WEIGHT_COLUMNS = (  # added by v3 (a v2 registry gains them, null, when opened f
     pa.field("caption_model", pa.string()),  # the model that wrote ``captions`` (``Registry.set_captions``)
 )
 
+FULL_TEXT_COLUMN = "search_text"  # of the LoRA table: its FTS index is made with the table
 _TIME = pa.timestamp("us", tz="UTC")
 _STRINGS = pa.list_(pa.string())
 

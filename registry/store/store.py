@@ -17,10 +17,12 @@ from pathlib import Path
 
 import lancedb
 import pyarrow as pa
+from lancedb.index import FTS
 
 from registry.store.blobstore import BlobStore
 from registry.store.schema import (
-    ENCODERS_SCHEMA, FILES_SCHEMA, FORMAT_VERSION, REJECTIONS_SCHEMA, TEXT_DIM, WEIGHT_COLUMNS, loras_schema,
+    ENCODERS_SCHEMA, FILES_SCHEMA, FORMAT_VERSION, FULL_TEXT_COLUMN, REJECTIONS_SCHEMA, TEXT_DIM,
+    WEIGHT_COLUMNS, loras_schema,
 )
 
 MARKER = "registry.json"
@@ -89,6 +91,17 @@ def _create_root(root: Path) -> None:
     _write_marker(root)
 
 
+def _index_new_table(name: str, table) -> None:
+    """The LoRA table's full-text index, made with the table (empty: a few ms) so that no
+    ingest makes it; rows added later are searched unindexed until maintenance folds them in.
+    Left to a later ingest (``maintenance.ensure_indexes``) if a concurrent process raced us."""
+    if name == "loras":
+        try:
+            table.create_index(FULL_TEXT_COLUMN, config=FTS(), name=f"{FULL_TEXT_COLUMN}_idx")
+        except (RuntimeError, OSError, ValueError):
+            pass
+
+
 class Store:
     """The tables of one registry folder. Open with :meth:`open`."""
 
@@ -144,6 +157,8 @@ class Store:
                 table = self.db.create_table(name, schema=schema)
             except ValueError:  # created by a concurrent process meanwhile
                 table = self.db.open_table(name)
+            else:
+                _index_new_table(name, table)
         if _PRIMARY_KEY_MARK not in (table.schema.field(key).metadata or {}):
             table.set_unenforced_primary_key(key)  # once; a racing second call just replaces it
         return table
@@ -154,20 +169,21 @@ class Store:
 
     def _pin(self, version: int | str) -> None:
         """Check out every table as of ``version`` of the LoRA table (or tag ``version`` where a
-        table carries it; otherwise its last version committed no later than the LoRA table's)."""
+        table carries it; otherwise its last version committed before the LoRA table's next one:
+        an ingest writes its LoRA rows first, then their file records)."""
         try:
             self.loras.checkout(version)
         except (ValueError, RuntimeError, OSError) as error:
             raise RegistryNotFound(f"{self.root}: no version {version!r} ({error})") from None
-        stamp = next(v["timestamp"] for v in self.loras.list_versions()
-                     if v["version"] == self.loras.version)
+        later = [v["timestamp"] for v in self.loras.list_versions() if v["version"] > self.loras.version]
+        until = min(later) if later else None
         for name, table in self._tables().items():
             if name == "loras":
                 continue
             if isinstance(version, str) and version in table.tags.list():
                 table.checkout(version)
                 continue
-            older = [v["version"] for v in table.list_versions() if v["timestamp"] <= stamp]
+            older = [v["version"] for v in table.list_versions() if until is None or v["timestamp"] < until]
             table.checkout(max(older) if older else 1)
 
     def _writable(self) -> None:

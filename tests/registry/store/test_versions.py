@@ -58,6 +58,18 @@ def test_a_pinned_view_pins_every_table_and_never_writes(tmp_path):
     assert {name: table.version for name, table in reg2._tables().items()} == versions
 
 
+def test_a_version_number_pins_the_file_records_its_ingest_wrote(tmp_path):
+    """An ingest writes its LoRA rows, then their file records: pinning the LoRA table's version
+    after it (by number, no tag) shows both, for a first ingest and for a later one."""
+    reg = Registry.open(tmp_path / "registry")
+    for step, n in enumerate((2, 3)):
+        reg.add([_folder(tmp_path / f"f{step}", n, offset=20 * step)])
+        number, snapshot = reg.version, _state(reg)
+        reg.add([_folder(tmp_path / f"g{step}", 1, offset=20 * step + 10)])  # later writes
+        pinned = Registry.open(reg.root, version=number)
+        assert _state(pinned) == snapshot and len(pinned.files.to_arrow()) == len(snapshot["files"])
+
+
 def test_reading_never_creates_a_registry(tmp_path):
     for kwargs in ({"version": "prod"}, {"version": 3}, {"create": False}):
         with pytest.raises(RegistryNotFound, match="holds no autolora registry"):
