@@ -32,6 +32,10 @@ Then, per format:
   (and its converter for the format) and the built-in base-model descriptions, which are
   one-time per-process costs.
 
+``--folder N`` also times what users mostly do, one ``add`` of a folder of N LoRAs of the format
+(``folder_ingest_s`` against ``folder_floor_s``, hashing the N files; ``folder_ratio``): the LanceDB
+writes of a folder are batched, so the fixed cost of an add is shared.
+
 ``--with-encoder`` adds the weight channel: every registry (the warm-up one too) gets an active
 LoRA-weight encoder for FLUX.1-dev (untrained: the cost does not depend on the weights) before
 the clock starts, so each timed ``add`` also embeds the LoRA from its weights. ``--encoder-design``
@@ -190,6 +194,7 @@ def bench_format(fmt: str, tmp: Path, args: argparse.Namespace, log, encoder: Pa
         del reg
         shutil.rmtree(root)
     lora.unlink()
+    folder = bench_folder(fmt, tmp, args, layers, encoder) if args.folder else {}
 
     floor_s, ingest_s = statistics.median(floors), statistics.median(ingests)
     result = {"ingest_s": round(ingest_s, 4), "floor_s": round(floor_s, 4),
@@ -198,14 +203,52 @@ def bench_format(fmt: str, tmp: Path, args: argparse.Namespace, log, encoder: Pa
               "floor_cpu_s": round(statistics.median(floor_cpus), 4),
               "modules": len(groups), "layers": len(layers),
               "ingest_runs_s": [round(x, 4) for x in ingests],
-              "floor_runs_s": [round(x, 4) for x in floors]}
+              "floor_runs_s": [round(x, 4) for x in floors], **folder}
     log(f"[{fmt}] floor:  {floor_s:.3f} s  (sha256 of the bytes, median of {args.reps}: "
         + ", ".join(f"{x:.3f}" for x in floors) + ")")
     log(f"[{fmt}] ingest: {ingest_s:.3f} s  (Registry.add, median of {args.reps}: "
         + ", ".join(f"{x:.3f}" for x in ingests) + ")")
     log(f"[{fmt}] ratio:  {ingest_s / floor_s:.2f}  (target <= 2); cpu: ingest "
         f"{result['ingest_cpu_s']:.3f} s, floor {result['floor_cpu_s']:.3f} s (medians)")
+    if folder:
+        log(f"[{fmt}] folder of {args.folder}: {folder['folder_ingest_s']:.3f} s vs floor "
+            f"{folder['folder_floor_s']:.3f} s, ratio {folder['folder_ratio']:.2f}")
     return result
+
+
+def bench_folder(fmt: str, tmp: Path, args: argparse.Namespace, layers: Layers,
+                 encoder: Path | None) -> dict:
+    """One ``Registry.add([folder])`` of ``args.folder`` different LoRAs of the format (the
+    first's factors with every B rescaled: other weights, same shapes, and a header naming each
+    as trainers do, so sizes differ by a few bytes as real files' do) against the floor of
+    hashing the same files one after another; median of ``args.reps``."""
+    folder = tmp / f"folder-{fmt}"
+    folder.mkdir()
+    for i in range(args.folder):
+        save_lora(folder / f"lora-{i}.safetensors",
+                  {n: (a, (b.float() * (1.5 + i)).to(b.dtype)) for n, (a, b) in layers.items()}, fmt,
+                  metadata={"ss_output_name": f"style-{'v' * 8 * (i + 1)}"})
+    files = sorted(folder.iterdir())
+    floors, ingests = [], []
+    for i in range(args.reps):
+        for f in files:
+            read_all(f)
+        t = time.perf_counter()
+        for f in files:
+            sha256_file(f)
+        floors.append(time.perf_counter() - t)
+        root = tmp / f"registry-folder-{i}"
+        reg = open_registry(root, encoder)
+        t = time.perf_counter()
+        report = reg.add([folder])
+        ingests.append(time.perf_counter() - t)
+        assert len(report.added) == len(files), report.to_dict()
+        del reg
+        shutil.rmtree(root)
+    shutil.rmtree(folder)
+    floor_s, ingest_s = statistics.median(floors), statistics.median(ingests)
+    return {"folder_files": len(files), "folder_ingest_s": round(ingest_s, 4),
+            "folder_floor_s": round(floor_s, 4), "folder_ratio": round(ingest_s / floor_s, 3)}
 
 
 def main() -> None:
@@ -217,6 +260,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each measure")
     parser.add_argument("--json", action="store_true", help="print only a JSON object")
+    parser.add_argument("--folder", type=int, default=0, metavar="N",
+                        help="also time one add of a folder of N LoRAs of each format (the LanceDB "
+                             "writes of a folder are batched, as users' ingests are)")
     parser.add_argument("--encoder-design", choices=("learned", "probed"), default="learned",
                         help="with --with-encoder: learned probes (the default training) or input probes")
     parser.add_argument("--with-encoder", action="store_true",

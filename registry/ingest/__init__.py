@@ -261,35 +261,35 @@ class _FileIngest:
         return False
 
     def _maybe_known(self) -> bool:
-        """Whether a stored file has this size: then it is hashed before inspection, so a
-        duplicate costs no inspect. Otherwise hashing (and staging the blob copy) runs alongside
-        inspection. A duplicate this misses is still caught by its sha256: only work is wasted."""
+        """Whether a stored file has this size: then it is only hashed (no blob copy) beside
+        its inspection, so a duplicate costs no copy, and a new file is copied once its hash is
+        known. Otherwise the blob is staged (hashed and copied in one pass) beside inspection. A
+        duplicate this misses is still caught by its sha256: only work is wasted."""
         size = self.stat.st_size
         if self.record or any(f["size_bytes"] == size for f in self.batch.files.values()):
             return True
         return bool(self.reg.rows(self.reg.files, f"size_bytes = {int(size)}", 1, ["path"]))
 
     def run(self, bases: list, pool: ThreadPoolExecutor) -> None:
-        """Hash, dedupe, inspect and stage one file that its stat did not settle."""
+        """Hash, dedupe, inspect and stage one file that its stat did not settle: the hash (with
+        the blob copy, or alone when the size is known) runs in ``pool``'s thread while the file
+        is inspected in this one (hashlib and file I/O drop the GIL)."""
         sidecars = from_sidecars(self.path, self.siblings)
         staged: Path | None = None
         try:
             try:
                 size_known = self._maybe_known()
-                if size_known:
-                    sha, outcome, early = sha256_file(self.path), None, _Early()
-                else:  # hash + stage the blob copy in a thread (hashlib and file I/O drop the GIL)
-                    future = pool.submit(self.reg.blobs.stage, self.path)
-                    try:
-                        outcome = self._inspect(bases, sidecars)
-                        early = (self._while_copying(outcome, sidecars, future)
-                                 if isinstance(outcome, InspectedLoRA) else _Early())
-                    finally:
-                        sha, staged = future.result()
+                future = pool.submit(sha256_file if size_known else self.reg.blobs.stage, self.path)
+                try:
+                    outcome = self._inspect(bases, sidecars)
+                    early = (self._while_copying(outcome, sidecars, future)
+                             if isinstance(outcome, InspectedLoRA) and not size_known else _Early())
+                finally:
+                    sha, staged = (future.result(), None) if size_known else future.result()
             except OSError as error:
                 self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
                 return
-            self._settle(sha, outcome, sidecars, staged, early, bases, size_known)
+            self._settle(sha, outcome, sidecars, staged, early, size_known)
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store
 
@@ -311,7 +311,7 @@ class _FileIngest:
             return rejection
 
     def _settle(self, sha: str, outcome, sidecars: LoraMetadata, staged: Path | None,
-                early: _Early, bases: list, size_known: bool) -> None:
+                early: _Early, size_known: bool) -> None:
         if self.record and self.record["sha256"] == sha:  # touched, same bytes
             return self._known_content(self.record)
         same_bytes = self.batch.file_with_sha(sha, stored=size_known)  # same bytes, same size
@@ -319,8 +319,6 @@ class _FileIngest:
             self.report.duplicates.append({"path": self.shown, "lora_id": same_bytes["lora_id"],
                                            "kind": "sha256"})
             return self._record(sha, same_bytes["lora_id"], same_bytes["format"], new=False)
-        if outcome is None:
-            outcome = self._inspect(bases, sidecars)
         if isinstance(outcome, RejectedFile):
             key = hashlib.sha256(f"{self.resolved}\0{sha}".encode()).hexdigest()
             self.batch.rejections[key] = {"rejection_id": key, "path": self.resolved, "sha256": sha,
