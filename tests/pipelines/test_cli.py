@@ -111,7 +111,7 @@ def test_inspect_unreadable_file_is_a_rejection_not_a_traceback(folder, monkeypa
     from pipelines import cli
     from registry.lora import inspect
 
-    def refuse(path):
+    def refuse(path, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(inspect, "read_safetensors", refuse)
