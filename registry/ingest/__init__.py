@@ -73,9 +73,12 @@ class _Batch:
         return len(self.loras) + len(self.files) + len(self.rejections)
 
     def stored_lora(self, lora_id: str) -> dict | None:
+        """The row of ``lora_id`` (this batch's or stored), or ``None``. Counted first: a count
+        is one LanceDB call (~0.9 ms), a row query ~4 ms, and most LoRAs looked up are new."""
         if lora_id in self.loras:
             return self.loras[lora_id]
-        rows = self.reg.rows(self.reg.loras, where_in("lora_id", [lora_id]), 1)
+        where = where_in("lora_id", [lora_id])
+        rows = self.reg.rows(self.reg.loras, where, 1) if self.reg.loras.count_rows(where) else []
         return rows[0] if rows else None
 
     def file_with_sha(self, sha: str, stored: bool = True) -> dict | None:
@@ -268,7 +271,7 @@ class _FileIngest:
         size = self.stat.st_size
         if self.record or any(f["size_bytes"] == size for f in self.batch.files.values()):
             return True
-        return bool(self.reg.rows(self.reg.files, f"size_bytes = {int(size)}", 1, ["path"]))
+        return self.reg.files.count_rows(f"size_bytes = {int(size)}") > 0
 
     def run(self, bases: list, pool: ThreadPoolExecutor) -> None:
         """Hash, dedupe, inspect and stage one file that its stat did not settle: the hash (with
