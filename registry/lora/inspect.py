@@ -53,9 +53,19 @@ def attention_widths(bases: Iterable[BaseModel]) -> dict[int, str]:
 
 def load_canonical(path: str | os.PathLike, bases: Iterable[BaseModel] = ()) -> tuple[CanonicalLoRA, dict[str, str]]:
     """Read a LoRA file safely and return its canonical form and header metadata. ``bases``: the
-    registered bases, whose widths tell their LoRAs' architecture when names alone do not."""
-    tensors, metadata = read_safetensors(path)
-    return canonicalise(tensors, metadata, attention_widths(bases)), metadata
+    registered bases, whose widths tell their LoRAs' architecture when names alone do not.
+
+    NaN/Inf are looked for in the fingerprint's pass over the factors (:mod:`registry.lora.finite`),
+    not in one more pass over the file; a file refused for another reason that also holds a NaN/Inf
+    is refused as that."""
+    tensors, metadata = read_safetensors(path, check_finite=False)
+    try:
+        lora = canonicalise(tensors, metadata, attention_widths(bases))
+    except RejectedFile:
+        check_finite(path, tensors)
+        raise
+    check_inspected(path, tensors, lora)
+    return lora, metadata
 
 
 def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
@@ -73,14 +83,7 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
     bases = list(bases)
     with one_torch_thread():
-        # NaN/Inf are looked for in the fingerprint's pass over the factors, not in one more
-        tensors, metadata = read_safetensors(path, check_finite=False)
-        try:
-            lora = canonicalise(tensors, metadata, attention_widths(bases))
-        except RejectedFile:
-            check_finite(path, tensors)  # a NaN/Inf file is refused as that, whatever else
-            raise
-        check_inspected(path, tensors, lora)
+        lora, metadata = load_canonical(path, bases)
         hint = " | ".join(h for h in (hint_from_metadata(metadata), base_hint) if h)
         base = match_base(lora.shapes(), bases, hint)
         if base is None:
