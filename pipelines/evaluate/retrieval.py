@@ -6,7 +6,14 @@ held-out pool (the zero-shot setting; ``where`` keeps the pool), the same three 
 copy of the held-out LoRAs (hashed file names, no sidecars, no header metadata: the weights alone)
 ingested into a scratch registry with the same encoder, then ``paper_design``, ``weight_stats``,
 ``render_read`` and ``random`` (:mod:`retrieval_baselines`). ``whole_registry`` repeats our three
-channels over every LoRA of the registry. Writes ``retrieval.md`` and a cosine heatmap.
+channels over every LoRA of the registry.
+
+``canonical_oracle`` is a reference, not a method: each held-out LoRA embedded as the query its
+theme gets in *canonical* words ("green triangle" for a "jade pyramid"), i.e. a weight encoder
+that reads every LoRA's values perfectly. With a text encoder that does not place a synonym near
+its canonical word, that reference misses synonym queries, which bounds what any encoder that maps a
+LoRA to what it does can reach on them; ``by_query_kind`` reports every row over synonym and
+canonical queries apart. Writes ``retrieval.md`` and a cosine heatmap.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from models.encoder import LoRAWeightEncoder
 from pipelines.encoder_pool import Recipe, layer_specs, train_registry_encoder
 from pipelines.evaluate import retrieval_baselines as baselines
 from pipelines.evaluate.retrieval_queries import (
-    DEPTH, make_queries, metrics, random_metrics, rank_by_cosine, theme_cosines,
+    DEPTH, canonical_text, make_queries, metrics, metrics_by_kind, random_metrics, rank_by_cosine, theme_cosines,
 )
 from pipelines.evaluate.retrieval_report import write_report
 from registry import Registry
@@ -48,6 +55,16 @@ def _search_rows(reg: Registry, queries, pool: list[str] | None) -> dict[str, li
     where = where_in("lora_id", pool) if pool else None
     return {c: [[h.lora_id for h in reg.search(q.text, k=DEPTH, channel=c, where=where)] for q in queries]
             for c in CHANNELS}
+
+
+def canonical_oracle_rankings(pool: list[str], heldout: list[dict], queries) -> list[list[str]]:
+    """Rankings with each held-out LoRA embedded as its theme's query in canonical words, by the
+    default text encoder (the one queries are embedded with)."""
+    from models.text_encoder import default_text_encoder
+
+    encoder = default_text_encoder()
+    embeddings = encoder.encode([canonical_text(e["attrs"]) for e in heldout])
+    return rank_by_cosine(pool, embeddings, encoder.encode([q.text for q in queries]))
 
 
 def stripped_copy(reg: Registry, root: Path, entries: list[dict], scratch: Path) -> Registry:
@@ -92,8 +109,12 @@ def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.Path
     attrs_of = {ids[e["file"]]: e["attrs"] for e in entries}
     queries = make_queries(heldout)
     report: dict = {"queries": len(queries), "pool": len(pool), "encoder": active.version}
-    for channel, ranks in _search_rows(reg, queries, pool).items():
+    rankings = _search_rows(reg, queries, pool)
+    for channel, ranks in rankings.items():
         report[channel] = metrics(ranks, queries, attrs_of)
+    rankings["canonical_oracle"] = canonical_oracle_rankings(pool, heldout, queries)
+    report["canonical_oracle"] = metrics(rankings["canonical_oracle"], queries, attrs_of)
+    report["by_query_kind"] = {row: metrics_by_kind(ranks, queries, attrs_of) for row, ranks in rankings.items()}
     copy = stripped_copy(reg, root, heldout, out / "stripped")
     report["stripped"] = {c: metrics(r, queries, attrs_of) for c, r in _search_rows(copy, queries, None).items()}
     report["whole_registry"] = {c: metrics(r, queries, attrs_of) for c, r in _search_rows(reg, queries, None).items()}

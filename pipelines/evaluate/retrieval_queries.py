@@ -2,7 +2,8 @@
 
 Queries are written from the attribute values that held-out themes fix, in the theme's own words
 (synonyms for the synonym themes): one per value ("crimson colour", "a disc", "hatched style")
-and one per two-value theme in its words ("crimson disc"). A LoRA is relevant to a query when its
+and one per two-value theme in its words ("crimson disc"); a query in a synonym theme's words is a
+*synonym* query, the rest *canonical* ones. A LoRA is relevant to a query when its
 theme fixes every value the query asks for, so independently trained LoRAs of one theme (and any
 other theme fixing that value) are all relevant. Recall@k is the share of queries with at least
 one relevant LoRA in the top k; MRR is the mean reciprocal rank of the first relevant one within
@@ -27,6 +28,7 @@ class Query:
 
     text: str
     wants: tuple[tuple[str, str], ...]
+    synonym: bool = False  # written in a synonym theme's words (which no training theme uses)
 
     def relevant(self, attrs: Mapping[str, str]) -> bool:
         return all(attrs.get(a) == v for a, v in self.wants)
@@ -39,10 +41,10 @@ def make_queries(entries: Sequence[Mapping]) -> list[Query]:
         pairs = list(zip(entry["attrs"].items(), entry["words"], strict=True))
         for (attr, value), word in pairs:
             text = FORMS[attr].format(w=word)
-            queries.setdefault(text, Query(text, ((attr, value),)))
+            queries.setdefault(text, Query(text, ((attr, value),), bool(entry["synonym"])))
         if len(pairs) > 1:
             text = " ".join(word for _, word in pairs)
-            queries.setdefault(text, Query(text, tuple(entry["attrs"].items())))
+            queries.setdefault(text, Query(text, tuple(entry["attrs"].items()), bool(entry["synonym"])))
     return list(queries.values())
 
 
@@ -56,6 +58,23 @@ def metrics(rankings: Sequence[Sequence[str]], queries: Sequence[Query],
     out = {f"recall_at_{k}": float(np.mean([h is not None and h <= k for h in first])) for k in KS}
     out["mrr"] = float(np.mean([1.0 / h if h else 0.0 for h in first]))
     return out
+
+
+def metrics_by_kind(rankings: Sequence[Sequence[str]], queries: Sequence[Query],
+                    attrs_of: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, float]]:
+    """:func:`metrics` over the synonym queries and over the canonical ones separately."""
+    out = {}
+    for kind, flag in (("synonym", True), ("canonical", False)):
+        picked = [i for i, q in enumerate(queries) if q.synonym == flag]
+        if picked:
+            out[kind] = dict(metrics([rankings[i] for i in picked], [queries[i] for i in picked], attrs_of),
+                             queries=len(picked))
+    return out
+
+
+def canonical_text(attrs: Mapping[str, str]) -> str:
+    """The query a theme fixing ``attrs`` gets in canonical words ("green triangle")."""
+    return " ".join(attrs.values())
 
 
 def rank_by_cosine(lora_ids: Sequence[str], embeddings: np.ndarray, query_vectors: np.ndarray) -> list[list[str]]:

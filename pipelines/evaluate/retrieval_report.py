@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random")
+ROWS = ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random", "canonical_oracle")
 METRICS = ("recall_at_1", "recall_at_3", "recall_at_10", "mrr")
 
 
@@ -48,6 +48,13 @@ def write_report(out: Path, report: Mapping, figures: Mapping[str, tuple[np.ndar
              header]
     lines += [_row(name, report[name]) for name in ROWS if name in report]
     lines += [_row(f"stripped {c}", scores) for c, scores in report["stripped"].items()]
+    kinds = report.get("by_query_kind", {})
+    if kinds:
+        lines += ["", "By query kind (synonym queries use words no training theme uses; `canonical_oracle` "
+                  "embeds each LoRA as its theme's query in canonical words):", "",
+                  "| row | kind | queries | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
+        lines += [f"| {row} | {kind} | {s['queries']} | " + " | ".join(f"{s[m]:.3f}" for m in METRICS) + " |"
+                  for row, by_kind in kinds.items() for kind, s in by_kind.items()]
     lines += ["", f"Over the whole registry ({report['whole_registry']['pool']} LoRAs):", "", header]
     lines += [_row(c, scores) for c, scores in report["whole_registry"].items() if c != "pool"]
     lines += ["", f"Weight embeddings: mean cosine within a theme {report['within_theme_cos']:.3f}, "

@@ -63,8 +63,13 @@ def test_search_channels_from_the_cli(trained):
 def test_retrieval_evaluation_contract(trained, micro_world, tmp_path):
     report = run_json("eval", "retrieval", "--registry", trained[0], "--world", str(micro_world),
                       "--out", str(tmp_path))
-    for row in ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random"):
+    for row in ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random", "canonical_oracle"):
         assert set(report[row]) >= METRICS and all(0 <= report[row][m] <= 1 for m in METRICS), row
+    # every query is synonym or canonical; the canonical-word reference finds every canonical one
+    kinds = report["by_query_kind"]
+    assert set(kinds) == {"weights", "text", "hybrid", "canonical_oracle"}
+    assert sum(k["queries"] for k in kinds["weights"].values()) == report["queries"]
+    assert kinds["canonical_oracle"]["canonical"]["recall_at_10"] == 1.0
     assert set(report["stripped"]) == {"weights", "text", "hybrid"}
     assert report["pool"] == json.loads((micro_world / "world.json").read_text())["heldout"]
     assert report["queries"] > report["pool"]
