@@ -19,6 +19,7 @@ class EncoderTrainingConfig(dg.Config):
     steps: int = 300
     seed: int = 0
     probes_from: str = ""  # the base as a diffusers pipeline: probes from its layers' real inputs
+    text_encoder: str = ""  # "clip": the probes_from pipeline's CLIP text encoder; "": all-MiniLM-L6-v2
 
 
 def _loss_plot(losses: list[float]) -> str:
@@ -46,7 +47,8 @@ def lora_weight_encoder(context: dg.AssetExecutionContext, config: EncoderTraini
     unchanged); registering a new version embeds every LoRA with it and switches search to it."""
     from pipelines.encoder_pool import Recipe, train_registry_encoder
 
-    recipe = Recipe(design=config.design, steps=config.steps, seed=config.seed, probes_from=config.probes_from)
+    recipe = Recipe(design=config.design, steps=config.steps, seed=config.seed, probes_from=config.probes_from,
+                    text_encoder=config.text_encoder)
     info = train_registry_encoder(registry.open(), config.base_model, config.where or None, recipe)
     context.log.info(f"encoder {info['version']}: {'trained' if info['trained'] else 'cached'}")
     return dg.MaterializeResult(metadata={

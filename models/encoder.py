@@ -53,7 +53,8 @@ class EncoderConfig:
     learn_temperature: bool = True
     temperature: float = 0.07       # initial (or fixed) softmax temperature
     require_all_layers: bool = False
-    embed_dim: int = 384            # the text encoder's dimension (all-MiniLM-L6-v2)
+    embed_dim: int = 384            # the embedding's dimension (the stored weight vectors')
+    text_dim: int = 0               # the text encoder's, when not embed_dim (e.g. 64 or 768 for a CLIP)
     dropout: float = 0.0            # augmentation regularises; dropout cost ~15% of a CPU step
 
     def __post_init__(self) -> None:
@@ -116,6 +117,12 @@ class LoRAWeightEncoder(nn.Module):
             self.blocks = nn.TransformerEncoder(block, config.depth, enable_nested_tensor=False)
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, config.embed_dim)
+        # a text encoder of another width (a pipeline's CLIP) gets a learned linear map into the
+        # embedding space, as CLIP's own towers have; the text encoder itself stays frozen
+        self.text_proj: nn.Linear | None = None
+        if config.text_dim and config.text_dim != config.embed_dim:
+            self.text_proj = nn.Linear(config.text_dim, config.embed_dim, bias=False)
+            nn.init.orthogonal_(self.text_proj.weight)
         init = torch.tensor(math.log(1.0 / config.temperature))
         if config.learn_temperature:
             self.logit_scale = nn.Parameter(init)
@@ -128,6 +135,13 @@ class LoRAWeightEncoder(nn.Module):
     def temperature_scale(self) -> Tensor:
         """``exp(logit_scale)``, the logits' multiplier, clamped at 100."""
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def project_text(self, text: Tensor) -> Tensor:
+        """Text-encoder vectors ``[N, text_dim]`` as unit vectors in the embedding space (unchanged
+        when the text encoder's width is the embedding's)."""
+        if self.text_proj is None:
+            return text
+        return F.normalize(self.text_proj(text.to(self.text_proj.weight.dtype)), dim=-1)
 
     def num_parameters(self) -> int:
         """Number of learned weights."""

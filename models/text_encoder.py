@@ -7,6 +7,8 @@ cold ``autolora search`` cannot afford torch's import). Ingest and search share 
 default, so query and stored vectors come from the same code. Any sentence-transformers model
 path or Hub id can be given to :func:`load_text_encoder` (e.g. on a machine with internet); models
 the numpy path does not cover run through sentence-transformers (:class:`TextEncoder`).
+``clip:<pipeline>`` names the CLIP text encoder of a diffusers pipeline (a folder or Hub id with
+``tokenizer/`` and ``text_encoder/``, as FLUX.1-dev has): :class:`CLIPTextEncoder`.
 """
 
 from __future__ import annotations
@@ -58,11 +60,53 @@ class TextEncoder:
         return vectors.astype(np.float32, copy=False)
 
 
+CLIP_PREFIX = "clip:"
+
+
+class CLIPTextEncoder:
+    """The CLIP text encoder of a diffusers pipeline (``text_encoder/`` + ``tokenizer/`` of a
+    folder or Hub id): the pooled output a FLUX pipeline conditions on (its projection when the
+    model has one), tokenised as the pipeline does (padded to the tokenizer's length, truncated),
+    L2-normalised float32. Frozen; torch and transformers are imported on first use."""
+
+    def __init__(self, pipeline: str | os.PathLike, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        source = str(pipeline)
+        local = Path(source).is_dir()
+        self._tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
+        config = AutoConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+        cls = CLIPTextModelWithProjection if "WithProjection" in str(config.architectures) else CLIPTextModel
+        self._model = cls.from_pretrained(source, subfolder="text_encoder", local_files_only=local).to(device)
+        self._model.eval().requires_grad_(False)
+        self._device, self._torch = device, torch
+        self.dim: int = int(config.projection_dim if cls is CLIPTextModelWithProjection else config.hidden_size)
+        self.name = CLIP_PREFIX + source
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embed ``texts`` → (N, dim) float32 unit vectors."""
+        out = []
+        length = self._tokenizer.model_max_length
+        with self._torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                tokens = self._tokenizer(texts[start:start + batch_size], padding="max_length", max_length=length,
+                                         truncation=True, return_tensors="pt").to(self._device)
+                result = self._model(input_ids=tokens["input_ids"])
+                pooled = getattr(result, "text_embeds", None)
+                pooled = result.pooler_output if pooled is None else pooled
+                out.append(self._torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+
+
 def load_text_encoder(model: str | os.PathLike | None = None, device: str = "cpu") -> Encoder:
-    """The encoder for ``model`` (default: the bundled MiniLM): the torch-free numpy path where
-    it covers the model (a local BERT folder with mean pooling, on CPU), else sentence-transformers."""
+    """The encoder for ``model`` (default: the bundled MiniLM): ``clip:<pipeline>`` a pipeline's
+    CLIP text encoder; else the torch-free numpy path where it covers the model (a local BERT
+    folder with mean pooling, on CPU), else sentence-transformers."""
     from models.bert_numpy import NumpyBertEncoder, is_supported
 
+    if isinstance(model, str) and model.startswith(CLIP_PREFIX):
+        return CLIPTextEncoder(model[len(CLIP_PREFIX):], device=device)
     path = Path(model) if model is not None else default_model_path()
     if device == "cpu" and path.is_dir() and is_supported(path):
         return NumpyBertEncoder(path)
@@ -80,3 +124,17 @@ def default_text_encoder() -> Encoder:
         if _default is None:
             _default = load_text_encoder()
         return _default
+
+
+_loaded: dict[str, Encoder] = {}
+
+
+def text_encoder_for(spec: str) -> Encoder:
+    """The encoder a LoRA-weight encoder was trained against, by its recorded spec ("": the
+    bundled default; ``clip:<pipeline>``; a sentence-transformers path or id), loaded once."""
+    if not spec:
+        return default_text_encoder()
+    with _default_lock:
+        if spec not in _loaded:
+            _loaded[spec] = load_text_encoder(spec)
+        return _loaded[spec]

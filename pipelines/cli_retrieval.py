@@ -12,7 +12,8 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
     registry = _open_registry(args.registry, create=False)
     base = args.base_model or _only_base(registry)
-    recipe = Recipe(design=args.design, steps=args.steps, seed=args.seed, probes_from=args.probes_from or "")
+    recipe = Recipe(design=args.design, steps=args.steps, seed=args.seed, probes_from=args.probes_from or "",
+                    text_encoder=args.text_encoder or "")
     try:
         info = train_registry_encoder(registry, base, args.where, recipe, activate=not args.no_activate,
                                       progress=not args.json)
@@ -81,6 +82,10 @@ def add_commands(sub, train, evaluate) -> None:
     encoder.add_argument("--probes-from", type=_expanded, metavar="PIPELINE",
                          help="the base as a diffusers pipeline (folder, Hub id or demo world): probe each "
                               "layer in the directions of the inputs the base really feeds it")
+    encoder.add_argument("--text-encoder", metavar="SPEC",
+                         help="the frozen text side: 'clip' (the --probes-from pipeline's CLIP text encoder), "
+                              "'clip:PIPELINE', or a sentence-transformers path or id (default: the bundled "
+                              "all-MiniLM-L6-v2)")
     encoder.add_argument("--no-activate", action="store_true", help="register the version without switching to it")
     encoder.add_argument("--json", action="store_true")
     encoder.set_defaults(func=cmd_train_encoder)

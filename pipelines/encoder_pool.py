@@ -20,7 +20,7 @@ from pathlib import Path
 
 from models.encoder import EncoderConfig, LoRAWeightEncoder
 from models.encoder_tokens import LayerSpec
-from models.text_encoder import default_text_encoder
+from models.text_encoder import CLIP_PREFIX, text_encoder_for
 from pipelines.train_encoder import train_encoder
 from registry import Registry
 from registry.lora.inspect import load_canonical
@@ -55,6 +55,21 @@ class Recipe:
     # probes are per layer and fixed to the directions of the inputs the base feeds each layer
     # while rendering the pool's texts (pipelines/activation_probes.py); empty: learned probes
     probes_from: str = ""
+    # the frozen text side: "" the bundled all-MiniLM-L6-v2; "clip" the CLIP text encoder of the
+    # ``probes_from`` pipeline; "clip:<pipeline>" another pipeline's; else a sentence-transformers
+    # path or Hub id (models.text_encoder.load_text_encoder)
+    text_encoder: str = ""
+
+
+def text_encoder_spec(recipe: Recipe) -> str:
+    """The text encoder ``recipe`` names, as recorded with the encoder ("" for the default)."""
+    if recipe.text_encoder == "clip":
+        if not recipe.probes_from:
+            raise ValueError("text encoder 'clip' means the CLIP text encoder of the --probes-from pipeline: "
+                             "give one, or name a pipeline with 'clip:<pipeline>'")
+        source = Path(recipe.probes_from)
+        return CLIP_PREFIX + str(source / "base" if (source / "world.json").is_file() else source)  # a demo world's base
+    return recipe.text_encoder
 
 
 def lora_texts(row: dict) -> list[str]:
@@ -112,8 +127,9 @@ def base_probes(source: str, layers: list[LayerSpec], probes: int, texts: list[s
 
 def version_of(pool_ids: list[str], base_model: str, recipe: Recipe) -> str:
     """``enc-<hash>`` of the pool, the base model and the recipe."""
-    key = json.dumps({"pool": sorted(pool_ids), "base": base_model, "recipe": recipe.__dict__,
-                      "v": RECIPE_VERSION}, sort_keys=True)
+    fields = {k: v for k, v in recipe.__dict__.items() if v or k != "text_encoder"}  # ids made before it stay
+    key = json.dumps({"pool": sorted(pool_ids), "base": base_model, "recipe": fields, "v": RECIPE_VERSION},
+                     sort_keys=True)
     return f"enc-{recipe.design}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -129,6 +145,10 @@ def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
     items = [(load_canonical(reg.root / row["blob"], bases)[0].factors, lora_texts(row)) for row in rows]
     items = [(lora, texts or [row["lora_id"]]) for (lora, texts), row in zip(items, rows)]
     config, layers = DESIGNS[recipe.design](), layer_specs(reg, base_model)
+    spec = text_encoder_spec(recipe)
+    text_encoder = text_encoder_for(spec)
+    if text_encoder.dim != config.embed_dim:  # stored vectors keep their width: a learned map
+        config = dataclasses.replace(config, text_dim=text_encoder.dim)
     probes = None
     if recipe.probes_from:
         # one probe per layer, its base's main input direction: measured on the demo world (held-out
@@ -141,13 +161,13 @@ def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
         layers = [spec for spec in layers if spec.name in adapted]
         items = [(zero_filled(lora, layers), texts) for lora, texts in items]
     start = time.perf_counter()
-    encoder, losses = train_encoder(items, default_text_encoder(), config, steps=recipe.steps,
+    encoder, losses = train_encoder(items, text_encoder, config, steps=recipe.steps,
                                     batch_size=recipe.batch_size, seed=recipe.seed,
                                     lr=recipe.lr or (PROBED_LR if probes is not None else LR),
                                     progress=progress, layers=layers, probes=probes)
     ids = [row["lora_id"] for row in rows]
     info = {"version": version_of(ids, base_model, recipe), "base_model": base_model, "pool": ids,
-            "pool_size": len(ids), "where": where or "", "recipe": recipe.__dict__,
+            "pool_size": len(ids), "where": where or "", "recipe": recipe.__dict__, "text_encoder": spec,
             "loss_first": losses[0], "loss_last": losses[-1], "losses": [round(x, 4) for x in losses],
             "seconds": round(time.perf_counter() - start, 2)}
     return encoder, info

@@ -109,8 +109,9 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
     texts = [t for _, item_texts in items for t in item_texts]
     starts = np.cumsum([0] + [len(t) for _, t in items])
     text_emb = torch.from_numpy(np.asarray(text_encoder.encode(list(texts)), dtype=np.float32))
-    if text_emb.shape[1] != config.embed_dim:
-        raise ValueError(f"text embeddings are {text_emb.shape[1]}-d, the encoder's {config.embed_dim}-d")
+    if text_emb.shape[1] != (config.text_dim or config.embed_dim):
+        raise ValueError(f"text embeddings are {text_emb.shape[1]}-d, the encoder expects "
+                         f"{config.text_dim or config.embed_dim}-d (config.text_dim)")
     # reparametrisation is off by default: the encoder is exactly invariant to it (tested), so it
     # would only cost time; rank truncation (float64 QR+SVD per layer) is the costly one kept
     options = {"p_reparametrise": 0.0, "p_truncate": 0.2, **(augment_options or {})}
@@ -135,8 +136,8 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
                 picks = [int(starts[i]) + int(torch.randint(int(starts[i + 1] - starts[i]), (),
                                                             generator=gen)) for i in batch]
                 augmented = [augment(loras[i], gen, **options) for i in batch]
-                embeddings = encoder(augmented)
-                loss = info_nce(embeddings, text_emb[picks], encoder.temperature_scale(),
+                embeddings, targets = encoder(augmented), encoder.project_text(text_emb[picks])
+                loss = info_nce(embeddings, targets, encoder.temperature_scale(),
                                 None if group_ids is None else group_ids[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -57,14 +57,17 @@ def _search_rows(reg: Registry, queries, pool: list[str] | None) -> dict[str, li
             for c in CHANNELS}
 
 
-def canonical_oracle_rankings(pool: list[str], heldout: list[dict], queries) -> list[list[str]]:
-    """Rankings with each held-out LoRA embedded as its theme's query in canonical words, by the
-    default text encoder (the one queries are embedded with)."""
-    from models.text_encoder import default_text_encoder
+def canonical_oracle_rankings(pool: list[str], heldout: list[dict], queries, embed) -> list[list[str]]:
+    """Rankings with each held-out LoRA embedded as its theme's query in canonical words;
+    ``embed(texts)`` embeds as the weight channel embeds its queries."""
+    return rank_by_cosine(pool, embed([canonical_text(e["attrs"]) for e in heldout]), embed([q.text for q in queries]))
 
-    encoder = default_text_encoder()
-    embeddings = encoder.encode([canonical_text(e["attrs"]) for e in heldout])
-    return rank_by_cosine(pool, embeddings, encoder.encode([q.text for q in queries]))
+
+def weight_query_embedder(record):
+    """``embed(texts)`` as the weight channel embeds queries for the encoder ``record``."""
+    from registry.store.weight_query import query_vectors
+
+    return lambda texts: query_vectors(record.info.get("text_encoder", ""), record.path, texts)
 
 
 def stripped_copy(reg: Registry, root: Path, entries: list[dict], scratch: Path) -> Registry:
@@ -112,7 +115,7 @@ def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.Path
     rankings = _search_rows(reg, queries, pool)
     for channel, ranks in rankings.items():
         report[channel] = metrics(ranks, queries, attrs_of)
-    rankings["canonical_oracle"] = canonical_oracle_rankings(pool, heldout, queries)
+    rankings["canonical_oracle"] = canonical_oracle_rankings(pool, heldout, queries, weight_query_embedder(active))
     report["canonical_oracle"] = metrics(rankings["canonical_oracle"], queries, attrs_of)
     report["by_query_kind"] = {row: metrics_by_kind(ranks, queries, attrs_of) for row, ranks in rankings.items()}
     copy = stripped_copy(reg, root, heldout, out / "stripped")
@@ -142,14 +145,17 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     held = [load_canonical(reg.root / rows[i]["blob"], reg.bases())[0].factors for i in pool]
     q = default_text_encoder().encode([x.text for x in queries])
     # same pool and training recipe, the authors' design exactly (their learned probes)
-    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper", "probes_from": ""})
+    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper", "probes_from": "",
+                       "text_encoder": active.info.get("text_encoder", "")})
     info = train_registry_encoder(reg, base, active.info.get("where") or None, recipe, activate=False,
                                   progress=progress)  # registered inactive: trained once per pool
-    paper = LoRAWeightEncoder.load(next(r.path for r in reg.encoder_versions() if r.version == info["version"]))
+    record = next(r for r in reg.encoder_versions() if r.version == info["version"])
+    paper = LoRAWeightEncoder.load(record.path)
     out = {}
     emb = baselines.paper_embeddings(paper, held)
     figures["paper_design"] = (emb, figures["weights"][1])
-    out["paper_design"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
+    paper_q = weight_query_embedder(record)([x.text for x in queries])
+    out["paper_design"] = metrics(rank_by_cosine(pool, emb, paper_q), queries, attrs_of)
     out["paper_design"]["within_theme_cos"], out["paper_design"]["cross_theme_cos"] = theme_cosines(
         emb, figures["weights"][1])
     train_ids = active.info.get("pool", [])

@@ -4,7 +4,8 @@ Three ranked lists exist: full text (BM25 over names, trigger words, render prom
 tags), the text embedding of that metadata, and the **weight embedding** (the LoRA-weight
 encoder's vector, made from the LoRA's weights alone; only vectors of the base model's active
 encoder version are searched, so a query never ranks two encoders' vectors together; the query
-is embedded by the same frozen text encoder for every channel). Channels: ``weights`` is the
+is embedded by the same frozen text encoder for every channel, except for an encoder trained
+against another one, whose list gets its own query vector: :mod:`registry.store.weight_query`). Channels: ``weights`` is the
 weight list alone (score: cosine similarity, 1 = same direction; from the index's int8 codes
 once the table is indexed, so within ~0.01 of the exact value); ``text`` fuses the two text
 lists; ``hybrid`` fuses all three (the weight list only where an encoder is active). A fused
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -174,7 +176,8 @@ class Searcher:
         self._listing: _Listing | None = None
         self._listing_started = 0.0
         self._reloading: asyncio.Future | None = None
-        self._active: tuple[int, list[str]] | None = None  # encoder-table version, active versions
+        # encoder-table version, active encoders (version, text encoder spec, checkpoint file)
+        self._active: tuple[int, list[_Active]] | None = None
 
     def warm(self, wait: bool = False) -> None:
         """Open the table and load its indexes into memory, in the background unless ``wait``
@@ -198,12 +201,15 @@ class Searcher:
         await asyncio.gather(self._load_listing(table), *(table.prewarm_index(name) for name in names))
         return table, encoders
 
-    async def _active_versions(self, encoders) -> list[str]:
-        """The active encoder versions (one per base model), kept per encoder-table version."""
+    async def _active_versions(self, encoders) -> list[_Active]:
+        """The active encoders (one per base model), kept per encoder-table version."""
         version = await encoders.version()
         if self._active is None or self._active[0] != version:
-            rows = (await encoders.query().where("active = true").select(["version"]).to_arrow()).to_pylist()
-            self._active = (version, sorted(r["version"] for r in rows))
+            rows = (await encoders.query().where("active = true").select(["version", "info", "file"])
+                    .to_arrow()).to_pylist()
+            active = [_Active(r["version"], json.loads(r["info"] or "{}").get("text_encoder", ""),
+                              str(self.store.root / r["file"])) for r in rows]
+            self._active = (version, sorted(active))
         return self._active[1]
 
     async def _load_listing(self, table) -> None:
@@ -280,6 +286,16 @@ class Searcher:
         return _Loop.run(self._search("", embedded, k, "vector", base_model, where, include_removed, column))
 
 
+@dataclass(frozen=True, order=True)
+class _Active:
+    """An active encoder version, the text encoder it was trained against ("" the default) and
+    its checkpoint."""
+
+    version: str
+    text_encoder: str
+    checkpoint: str
+
+
 @dataclass
 class _Query:
     """One search's ranked lists (legs) and their fusion."""
@@ -292,7 +308,7 @@ class _Query:
     plan: _Plan
     rows: int
     column: str
-    active: list[str]  # active encoder versions (the weight leg searches only their vectors)
+    active: list[_Active]  # active encoders (the weight legs search only their vectors)
 
     async def ranked(self, listing: _Listing | None) -> list[SearchHit] | None:
         """The top ``k``, listed from ``listing`` (None if it lacks a hit) or, without one, from
@@ -308,16 +324,30 @@ class _Query:
         if self.channel in ("text", "hybrid", "vector"):
             legs.append(self._nearest(vector, self.column, depth, columns, self.plan))
         if self.channel in ("weights", "hybrid") and self.active:
-            weight_filter = where_in("encoder_version", self.active)
-            where = " AND ".join(f"({w})" for w in (self.plan.where, weight_filter) if w)
-            legs.append(self._nearest(vector, "weight_vector", depth, columns, _Plan(where)))
+            for versions, weight_query in await self._weight_queries(vector):
+                weight_filter = where_in("encoder_version", versions)
+                where = " AND ".join(f"({w})" for w in (self.plan.where, weight_filter) if w)
+                legs.append(self._nearest(weight_query, "weight_vector", depth, columns, _Plan(where)))
         found = await asyncio.gather(*legs)
-        if not fused:
-            return _list(found[0], [1.0 - d for d in found[0]["_distance"].to_pylist()], listing)
+        if not fused:  # one list, or weight lists of encoders with their own query vectors
+            best = found[0] if len(found) == 1 else pa.concat_tables(found).sort_by("_distance").slice(0, depth)
+            return _list(best, [1.0 - d for d in best["_distance"].to_pylist()], listing)
         if not any(len(leg) for leg in found):
             return []
         result = ZScoreReranker(depth).rerank_multivector(found, self.prompt).slice(0, self.k)
         return _list(result, result["_relevance_score"].to_pylist(), listing)
+
+    async def _weight_queries(self, vector) -> list[tuple[list[str], object]]:
+        """(versions, query vector) per weight list: one list for the encoders trained against
+        the default text encoder (the vector every channel shares), one for each other encoder
+        (the prompt through its own text encoder and text map, embedded in a worker thread)."""
+        shared = [a.version for a in self.active if not a.text_encoder]
+        own = [a for a in self.active if a.text_encoder]
+        from registry.store.weight_query import query_vectors
+
+        vectors = await asyncio.gather(*(asyncio.to_thread(query_vectors, a.text_encoder, a.checkpoint, [self.prompt])
+                                         for a in own))
+        return ([(shared, vector)] if shared else []) + [([a.version], v[0]) for a, v in zip(own, vectors)]
 
     async def _run(self, query, depth: int, plan: _Plan) -> pa.Table:
         return (await plan.apply(query.with_row_id(), depth).to_arrow()).slice(0, depth)

@@ -58,6 +58,28 @@ def test_query_path_never_imports_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
+def test_a_pipelines_clip_text_encoder_gives_its_pooled_output_as_the_pipeline_tokenises(tiny_clip_pipeline):
+    import torch
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from models.text_encoder import load_text_encoder, text_encoder_for
+
+    spec = f"clip:{tiny_clip_pipeline}"
+    encoder = load_text_encoder(spec)
+    texts = ["a red star", "neon " * 40, ""]  # the second is cut at the tokenizer's 16 tokens
+    got = encoder.encode(texts, batch_size=2)
+    assert encoder.dim == 32 and encoder.name == spec and got.shape == (3, 32) and got.dtype == np.float32
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_pipeline / "tokenizer")
+    model = CLIPTextModel.from_pretrained(tiny_clip_pipeline / "text_encoder").eval()
+    ids = tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(input_ids=ids).pooler_output, dim=-1).numpy()
+    assert np.allclose(got, expected, atol=1e-5)
+    assert text_encoder_for(spec) is text_encoder_for(spec)  # loaded once per process
+    assert text_encoder_for("") is default_text_encoder()
+
+
 @pytest.mark.slow
 def test_matches_sentence_transformers_live(vectors):
     from models.text_encoder import TextEncoder

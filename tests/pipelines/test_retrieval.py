@@ -82,3 +82,31 @@ def test_retrieval_evaluation_contract(trained, micro_world, tmp_path):
 
     paper = [r for r in Registry.open(trained[0], create=False).encoder_versions() if "-paper-" in r.version]
     assert paper and all(r.info["recipe"]["probes_from"] == "" for r in paper)
+
+
+def test_an_encoder_trained_against_the_bases_clip_text_encoder_is_searched_with_clip_queries(micro_world, tmp_path):
+    """`--text-encoder clip`: trained against the base pipeline's own CLIP text encoder (64-d,
+    mapped into the stored 384-d space); the weight channel embeds queries the same way."""
+    import numpy as np
+
+    from registry import Registry
+    from registry.store.weight_query import query_vectors
+
+    registry = str(tmp_path / "registry")
+    run_json("register-base", str(micro_world / "base_model.json"), "--registry", registry)
+    run_json("ingest", str(micro_world / "loras"), "--registry", registry)
+    info = run_json("train", "encoder", "--registry", registry, "--steps", "10", "--probes-from", str(micro_world),
+                    "--text-encoder", "clip")
+    assert info["text_encoder"] == f"clip:{micro_world / 'base'}" and info["trained"]
+    reg = Registry.open(registry, create=False)
+    record = next(r for r in reg.encoder_versions() if r.active)
+    assert record.version == info["version"]
+    rows = reg.loras.to_arrow().select(["lora_id", "weight_vector"]).to_pylist()
+    prompt = "a red circle"
+    query = query_vectors(info["text_encoder"], record.path, [prompt])[0]
+    cosine = {r["lora_id"]: float(np.dot(query, r["weight_vector"]) / np.linalg.norm(r["weight_vector"])) for r in rows}
+    expected = sorted(cosine, key=cosine.get, reverse=True)[:3]
+    hits = reg.search(prompt, k=3, channel="weights")
+    assert [h.lora_id for h in hits] == expected
+    assert all(abs(h.score - cosine[h.lora_id]) < 1e-3 for h in hits)
+    assert len(reg.search(prompt, k=3, channel="hybrid")) == 3

@@ -3,6 +3,7 @@ canonical-word reference row."""
 
 from __future__ import annotations
 
+from models.text_encoder import default_text_encoder
 from pipelines.evaluate.retrieval import canonical_oracle_rankings
 from pipelines.evaluate.retrieval_queries import canonical_text, make_queries, metrics, metrics_by_kind
 
@@ -36,6 +37,6 @@ def test_metrics_by_kind_split_the_queries():
 def test_the_canonical_oracle_embeds_a_lora_as_its_values_in_canonical_words():
     assert canonical_text(ENTRIES[3]["attrs"]) == "green triangle"  # not its synonyms "jade pyramid"
     queries = make_queries(ENTRIES)
-    rankings = canonical_oracle_rankings(list(ATTRS), ENTRIES, queries)
+    rankings = canonical_oracle_rankings(list(ATTRS), ENTRIES, queries, default_text_encoder().encode)
     kinds = metrics_by_kind(rankings, queries, ATTRS)
     assert kinds["canonical"]["recall_at_1"] == 1.0  # canonical queries: the exact theme first

@@ -97,6 +97,45 @@ def test_training_retrieves_held_out_loras_of_the_training_themes():
     assert losses2 == losses3  # deterministic from the seed
 
 
+class NarrowText:
+    """MiniLM through a fixed random map to 48 dimensions: a text encoder of another width."""
+
+    dim = 48
+
+    def __init__(self):
+        self.map = np.random.default_rng(0).standard_normal((384, self.dim)).astype(np.float32)
+
+    def encode(self, texts):
+        v = default_text_encoder().encode(list(texts)) @ self.map
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_a_text_encoder_of_another_width_trains_through_a_learned_map():
+    directions = theme_directions()
+    gen = torch.Generator().manual_seed(1)
+    train, held_out, held_theme = [], [], []
+    for g, theme in enumerate(THEMES):
+        for j in range(8):
+            lora = synthetic_lora(directions[g], gen)
+            if j < 6:
+                train.append((lora, [theme, f"a {theme} style LoRA", f"an image in {theme} style"]))
+            else:
+                held_out.append(lora)
+                held_theme.append(g)
+    text = NarrowText()
+    with pytest.raises(ValueError, match="text_dim"):
+        train_encoder(train, text, EncoderConfig.ours(width=64, depth=0, pool="mean"), steps=1, layers=SPECS)
+    config = EncoderConfig.ours(width=64, depth=0, pool="mean", probe_dim=16, text_dim=text.dim)
+    encoder, losses = train_encoder(train, text, config, steps=150, batch_size=16, lr=1e-2, seed=0, layers=SPECS)
+    assert encoder.text_proj is not None and encoder.text_proj.weight.shape == (384, 48)
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:10])
+    with torch.no_grad():
+        queries = encoder.project_text(torch.from_numpy(text.encode([f"a {t} style LoRA" for t in THEMES])))
+        top1 = ((encoder.embed(held_out) @ queries.T).argmax(1) == torch.tensor(held_theme)).float().mean().item()
+    assert torch.allclose(queries.norm(dim=1), torch.ones(len(THEMES)), atol=1e-5)
+    assert top1 >= 0.6, f"held-out top-1 {top1:.2f} (random: {1 / len(THEMES):.2f})"
+
+
 def test_paper_config_trains_without_dropping_layers():
     directions = theme_directions()
     gen = torch.Generator().manual_seed(2)
