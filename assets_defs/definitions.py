@@ -9,13 +9,14 @@ from assets_defs.maintenance import registry_indexes
 from assets_defs.generation import fusion_gates, fusion_report, generation_report
 from assets_defs.models import lora_weight_encoder, weight_embeddings
 from assets_defs.resources import RegistryResource
+from assets_defs.retrieval_report import retrieval_report
 from assets_defs.jobs import ingest_job, retrieval_job
 from assets_defs.captions import CaptionerResource, lora_captions
 from assets_defs.sources import source_sensors, source_sync_job, synced_loras
 
 defs = dg.Definitions(
     assets=[ingested_loras, registry_indexes, lora_weight_encoder, weight_embeddings, fusion_gates, fusion_report,
-            generation_report, synced_loras, lora_captions],
+            generation_report, retrieval_report, synced_loras, lora_captions],
     jobs=[ingest_job, retrieval_job, source_sync_job],
     sensors=source_sensors(),  # one per enabled source in sources.toml (the demo's local folder by default)
     resources={"registry": RegistryResource(), "captioner": CaptionerResource()},

@@ -54,7 +54,7 @@ def _loss_curve_md(losses: list[float], window: int = 25) -> str:
     return f"moving average ({window} steps), {lo:.3f} .. {hi:.3f}\n\n![gate loss]({url})"
 
 
-def _report_md(path: Path) -> str:
+def report_markdown(path: Path) -> str:
     """A report's markdown with its PNG grids inlined as data URLs."""
     text = path.read_text()
     for png in path.parent.glob("*.png"):
@@ -89,7 +89,7 @@ def fusion_report(context: dg.AssetExecutionContext, config: ReportConfig) -> dg
                              progress=False)
     return dg.MaterializeResult(metadata={
         "gated_k2_accuracy": report["gated"]["k2_accuracy"], "gated_k3_accuracy": report["gated"]["k3_accuracy"],
-        "report": dg.MetadataValue.md(_report_md(Path(config.out) / "fusion.md")),
+        "report": dg.MetadataValue.md(report_markdown(Path(config.out) / "fusion.md")),
         "json": dg.MetadataValue.json(report)})
 
 
@@ -105,5 +105,5 @@ def generation_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                  n_prompts=config.prompts, progress=False)
     return dg.MaterializeResult(metadata={
         "synonym_top3": report["synonym"]["top3"], "synonym_base": report["synonym"]["base"],
-        "report": dg.MetadataValue.md(_report_md(Path(config.out) / "generation.md")),
+        "report": dg.MetadataValue.md(report_markdown(Path(config.out) / "generation.md")),
         "json": dg.MetadataValue.json(report)})

@@ -84,6 +84,24 @@ def test_retrieval_evaluation_contract(trained, micro_world, tmp_path):
     assert paper and all(r.info["recipe"]["probes_from"] == "" for r in paper)
 
 
+def test_the_retrieval_report_asset_materialises_the_evaluation(trained, micro_world, tmp_path):
+    import dagster as dg
+
+    from assets_defs.resources import RegistryResource
+    from assets_defs.retrieval_report import retrieval_report
+
+    config = {"world": str(micro_world), "out": str(tmp_path / "report"), "baselines": False}
+    result = dg.materialize([retrieval_report], resources={"registry": RegistryResource(path=trained[0])},
+                            run_config={"ops": {"retrieval_report": {"config": config}}},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    metadata = result.asset_materializations_for_node("retrieval_report")[0].metadata
+    report = metadata["json"].value
+    assert metadata["weights_recall_at_3"].value == report["weights"]["recall_at_3"]
+    assert "canonical_oracle" in report and "paper_design" not in report  # baselines off
+    assert "| canonical_oracle |" in metadata["report"].value and (tmp_path / "report" / "retrieval.md").is_file()
+
+
 def test_an_encoder_trained_against_the_bases_clip_text_encoder_is_searched_with_clip_queries(micro_world, tmp_path):
     """`--text-encoder clip`: trained against the base pipeline's own CLIP text encoder (64-d,
     mapped into the stored 384-d space); the weight channel embeds queries the same way."""

@@ -1,0 +1,33 @@
+"""Dagster asset for the retrieval evaluation report (held-out LoRAs; every channel, the stripped
+copy, the authors' design, the baselines and the canonical-word reference). Business logic lives
+in ``pipelines.evaluate.retrieval``; this only wires it."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from assets_defs.generation import REPORTS, WORLD, report_markdown
+from assets_defs.models import weight_embeddings
+from assets_defs.resources import RegistryResource
+
+
+class RetrievalReportConfig(dg.Config):
+    world: str = WORLD
+    out: str = str(Path(REPORTS) / "retrieval")
+    baselines: bool = True  # the authors' design, weight statistics and render-and-read rows
+
+
+@dg.asset(group_name="reports", deps=[weight_embeddings], pool="registry_writes")
+def retrieval_report(context: dg.AssetExecutionContext, config: RetrievalReportConfig,
+                     registry: RegistryResource) -> dg.MaterializeResult:
+    """Search over the world's held-out LoRAs with the active encoder (``autolora eval retrieval``)."""
+    from pipelines.evaluate.retrieval import evaluate_retrieval
+
+    report = evaluate_retrieval(registry.open().root, config.world, config.out, baselines_too=config.baselines)
+    context.log.info(f"weights R@3 {report['weights']['recall_at_3']:.3f}, hybrid {report['hybrid']['recall_at_3']:.3f}")
+    return dg.MaterializeResult(metadata={
+        "encoder": report["encoder"], "weights_recall_at_3": report["weights"]["recall_at_3"],
+        "hybrid_recall_at_3": report["hybrid"]["recall_at_3"],
+        "canonical_oracle_recall_at_3": report["canonical_oracle"]["recall_at_3"],
+        "report": dg.MetadataValue.md(report_markdown(Path(config.out) / "retrieval.md")),
+        "json": dg.MetadataValue.json(report)})
