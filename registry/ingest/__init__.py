@@ -179,8 +179,10 @@ def _prefetch(reg: Store, candidates: list[Candidate]) -> dict[str, dict]:
     known: dict[str, dict] = {}
     for start in range(0, len(paths), _LOOKUP_CHUNK):
         chunk = paths[start:start + _LOOKUP_CHUNK]
-        for row in reg.rows(reg.files, where_in("path", chunk), len(chunk)):
-            known[row["path"]] = row
+        where = where_in("path", chunk)
+        if reg.files.count_rows(where):  # one call (~1 ms); the rows' query costs ~4 ms even when empty
+            for row in reg.rows(reg.files, where, len(chunk)):
+                known[row["path"]] = row
     return known
 
 
