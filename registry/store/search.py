@@ -1,19 +1,19 @@
 """Search over the LoRA table by channel, the lists fused by their z-normalised scores.
 
 Three ranked lists exist: full text (BM25 over names, trigger words, render prompts, captions,
-tags), the text embedding of that metadata, and the **weight embedding** (the LoRA-weight
-encoder's vector, made from the LoRA's weights alone; only vectors of the base model's active
-encoder version are searched, so a query never ranks two encoders' vectors together; the query
-is embedded by the same frozen text encoder for every channel, except for an encoder trained
-against another one, whose list gets its own query vector: :mod:`registry.store.weight_query`). Channels: ``weights`` is the
-weight list alone (score: cosine similarity, 1 = same direction; from the index's int8 codes
-once the table is indexed, so within ~0.01 of the exact value); ``text`` fuses the two text
-lists; ``hybrid`` fuses all three (the weight list only where an encoder is active). A fused
-score (:mod:`registry.store.fusion`) sums what each list says of a row in standard deviations
-above the list's own average, over the sum of the lists' best: 1.0 means "ranked first by every
-list", and a flat list (a scene prompt's weight list, a card-less LoRA's text lists) weighs less
-than one whose top stands out. Each list always contributes its top ``max(k, HYBRID_DEPTH)``, so
-a hit's score does not depend on ``k`` (for ``k <= HYBRID_DEPTH``).
+tags), the text embedding of that metadata, and the **weight embedding** (the LoRA-weight encoder's
+vector, made from the LoRA's weights alone; only vectors of the base model's active encoder version
+are searched, so a query never ranks two encoders' vectors together; the query is embedded by the
+same frozen text encoder for every channel, except for an encoder trained against another one, whose
+list gets its own query vector: :mod:`registry.store.weight_query`). Channels: ``weights`` is the
+weight list alone (score: cosine similarity, 1 = same direction; from the index's int8 codes once
+the table is indexed, so within ~0.01 of the exact value); ``text`` fuses the two text lists;
+``hybrid`` fuses all three (the weight list only where an encoder is active). A fused score
+(:mod:`registry.store.fusion`) sums what each list says of a row in standard deviations above the
+list's own average, over the sum of the lists' best: 1.0 means "ranked first by every list", and a
+flat list (a scene prompt's weight list, a card-less LoRA's text lists) weighs less than one whose
+top stands out. Each list always contributes its top ``max(k, HYBRID_DEPTH)``, so a hit's score does
+not depend on ``k`` (for ``k <= HYBRID_DEPTH``).
 
 Every query runs as one coroutine on LanceDB's public async API, on an event loop of our own
 (:class:`_Loop`). A process's first search opens the table and loads its vector and full-text
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -207,8 +208,8 @@ class Searcher:
         if self._active is None or self._active[0] != version:
             rows = (await encoders.query().where("active = true").select(["version", "info", "file"])
                     .to_arrow()).to_pylist()
-            active = [_Active(r["version"], json.loads(r["info"] or "{}").get("text_encoder", ""),
-                              str(self.store.root / r["file"])) for r in rows]
+            active = [_Active(r["version"], _text_encoder_of(r["info"]), str(self.store.root / r["file"]))
+                      for r in rows]
             self._active = (version, sorted(active))
         return self._active[1]
 
@@ -284,6 +285,17 @@ class Searcher:
         embedded: concurrent.futures.Future = concurrent.futures.Future()
         embedded.set_result(vector)
         return _Loop.run(self._search("", embedded, k, "vector", base_model, where, include_removed, column))
+
+
+_NAMED_TEXT_ENCODER = re.compile(r'"text_encoder": "[^"]')
+
+
+def _text_encoder_of(info: str | None) -> str:
+    """The text encoder an encoder's info names ("": the default). Its info holds the ids of its
+    whole training pool (MBs at 100k LoRAs), so it is parsed only when it names another one."""
+    if not info or not _NAMED_TEXT_ENCODER.search(info):
+        return ""
+    return json.loads(info).get("text_encoder", "")
 
 
 @dataclass(frozen=True, order=True)
