@@ -51,10 +51,10 @@ def test_repacking_reuses_buffers_and_clears_padding() -> None:
     br = LoraBranches(k, d)
     cpu = torch.device("cpu")
     assert not br.pack(_loras(d, k, [5, 5]), dtype=torch.float32, device=cpu)
-    ptr = br.a.data_ptr(), br.bt.data_ptr()
+    ptr = br.a.data_ptr(), br.b.data_ptr()
     new = _loras(d, k, [5, 2], seed=3)  # same count and padded rank: filled in place
     assert br.pack(new, dtype=torch.float32, device=cpu)
-    assert (br.a.data_ptr(), br.bt.data_ptr()) == ptr
+    assert (br.a.data_ptr(), br.b.data_ptr()) == ptr
     h = torch.randn(4, k)
     outs = br.outputs(br.project(h))
     torch.testing.assert_close(outs[1], h @ new[1][0].T @ new[1][1].T)  # stale rows 2..4 were zeroed

@@ -55,3 +55,17 @@ def test_rank_deficient_stack() -> None:
     u, s, vh = torch.linalg.svd(total)
     a_g, b_g = global_lora([(a, b), (a, b), (torch.zeros(3, 30, dtype=a.dtype), torch.zeros(40, 3, dtype=a.dtype))], 4)
     torch.testing.assert_close(b_g @ a_g, (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-8, atol=1e-8)
+
+
+def test_nearly_rank_deficient_stack_in_a_batch_of_well_conditioned_ones() -> None:
+    """A LoRA and a copy of it disturbed by 1e-9 (Cholesky of their Gram matrix succeeds, with a
+    tiny pivot) batched with well-conditioned stacks: every truncation is still the SVD's."""
+    (a, b), = _loras(40, 30, [6], seed=3)
+    near = [(a, b), (a + 1e-9 * torch.randn_like(a), b + 1e-9 * torch.randn_like(b))]
+    sets = [near, _loras(40, 30, [6, 6], seed=4)]
+    b_s = torch.stack([torch.cat([bb for _, bb in lo], 1) for lo in sets])
+    a_s = torch.stack([torch.cat([aa for aa, _ in lo], 0) for lo in sets])
+    a_g, b_g = truncate_sum(b_s, a_s, 4)
+    for i, lo in enumerate(sets):
+        u, s, vh = torch.linalg.svd(sum(bb @ aa for aa, bb in lo))
+        torch.testing.assert_close(b_g[i] @ a_g[i], (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-7, atol=1e-7)

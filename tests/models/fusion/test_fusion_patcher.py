@@ -203,7 +203,7 @@ def test_real_width_layer() -> None:
     want = base + sum(h @ a.T @ b.T for lora in loras for a, b in lora.values())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     layer = fusion.layers["transformer_blocks.0.proj"]
-    assert layer.branches.bt.shape == (4, 16, 12288) and layer.has_global
+    assert layer.branches.b.shape == (12288, 4, 16) and layer.has_global
     a_g, b_g = global_lora([lo["transformer_blocks.0.proj"] for lo in loras], 4)  # packed last, rank 4 of 16
-    torch.testing.assert_close(layer.branches.bt[3, :4].T @ layer.branches.a[48:52], b_g @ a_g)
+    torch.testing.assert_close(layer.branches.b[:, 3, :4] @ layer.branches.a[48:52], b_g @ a_g)
     assert not layer.branches.a[52:].any()
