@@ -14,7 +14,9 @@ method (same prompts and seeds):
 
 ``base`` renders without LoRA; ``single`` renders each concept with its own LoRA alone (diffusers,
 weight 1) on the same prompts, which scores that concept (its ``prompt_accuracy`` pools the
-renders of all concepts).  Methods that need gates get ``gates`` (``gates_noglobal`` for the
+renders of all concepts); ``single_own_trigger`` does the same with only the concept's own trigger
+in front of the scene: the other triggers, words the base and this LoRA never saw, cost a LoRA
+alone accuracy too, so the two rows tell the prompt's share of the interference from the weights'.  Methods that need gates get ``gates`` (``gates_noglobal`` for the
 ablation if given, else the same gates).
 """
 
@@ -104,7 +106,7 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
     world = open_world(world_root, pipe)
     methods = list(methods or METHODS)
     gate_for = {"gated": gates, "gated_noglobal": gates_noglobal if gates_noglobal is not None else gates}
-    names = ["base", "single", *methods]
+    names = ["base", "single", "single_own_trigger", *methods]
     rows: dict[str, dict] = {n: {2: [], 3: []} for n in names}
     loras, losses, grids = {}, {}, {}
     out = Path(out)
@@ -121,17 +123,20 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
                 lo = [loras[e["theme"]] for e in entries]
                 render_seed = seed + 1000 * k + index
                 grid = {}
-                single_loss, single_acc, single_images = [], [], []
+                single_loss, single_acc, single_images, own_acc, own_images = [], [], [], [], []
                 for i, e in enumerate(entries):
                     with get("linear").apply(world.pipe, [lo[i]]):
                         single_images.append(_render(world, prompts, render_seed))
                         single_loss.append(losses[e["theme"]]())
-                    acc, _ = _score(world, single_images[-1], [e], stated)
-                    single_acc.append(acc[0])
+                        own_images.append(_render(world, _own_trigger(prompts, entries, e), render_seed))
+                    single_acc.append(_score(world, single_images[-1], [e], stated)[0][0])
+                    own_acc.append(_score(world, own_images[-1], [e], stated)[0][0])
                     grid[f"single: {e['theme']}"] = single_images[-1]
-                pooled = np.concatenate(single_images)
-                rows["single"][k].append({"acc": single_acc, "ratio": [1.0] * len(entries),
-                                          "prompt": scene_accuracy(world.readout.predict(pooled), stated * len(entries))})
+                for row, acc, images in (("single", single_acc, single_images),
+                                         ("single_own_trigger", own_acc, own_images)):
+                    pooled = world.readout.predict(np.concatenate(images))
+                    rows[row][k].append({"acc": acc, "ratio": [1.0] * len(entries),
+                                         "prompt": scene_accuracy(pooled, stated * len(entries))})
                 for name in ["base", *methods]:
                     method = get("none" if name == "base" else name)
                     with method.apply(world.pipe, lo, gates=gate_for.get(name)):
@@ -148,6 +153,13 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
     (out / "fusion.json").write_text(json.dumps(report, indent=1))
     (out / "fusion.md").write_text(_markdown(report, grids, n_sets, n_prompts, world.root, gates))
     return report
+
+
+def _own_trigger(prompts: Sequence[str], entries: Sequence[Mapping], entry: Mapping) -> list[str]:
+    """``prompts`` (every trigger of ``entries`` in front of a scene) with ``entry``'s trigger alone in front."""
+    joined = ", ".join(e["trigger"] for e in entries)
+    assert all(p.startswith(joined) for p in prompts)
+    return [entry["trigger"] + p[len(joined):] for p in prompts]
 
 
 def _render(world, prompts: list[str], seed: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """A registry of the micro demo world's LoRAs (the world: ``tests/pipelines/conftest.py``), shared
-by the slow generation/evaluation tests."""
+by the generation/evaluation tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Generator, CLI and both evaluation contracts on a micro demo world (slow: the world is built)."""
+"""Generator, CLI and both evaluation contracts on the micro demo world (~45 s with its build; the
+build is shared with the other tests of the session)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from pipelines.evaluate.fusion import KEYS, concept_sets, evaluate_fusion, set_prompts
+from pipelines.evaluate.fusion import KEYS, _own_trigger, concept_sets, evaluate_fusion, set_prompts
 from pipelines.evaluate.generation import GROUPS, SETTINGS, evaluate_generation, word_prompts
 from pipelines.fusion_methods.base import transformer_state
 from pipelines.generate import Generator, RenderSettings, with_triggers
 from pipelines.train_gates import GateRecipe, train_world_gates
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,19 @@ def test_generator_ids_and_retrieval(micro_registry, pipe, gates):
 def test_fusion_report_contract(micro_world, pipe, gates, tmp_path):
     report = evaluate_fusion(micro_world, tmp_path, gates=gates, n_sets=1, n_prompts=2, n_loss=4, pipe=pipe,
                              progress=False, methods=["linear", "gated"])
-    assert set(report) == {"base", "single", "linear", "gated"}
+    assert set(report) == {"base", "single", "single_own_trigger", "linear", "gated"}
     for row in report.values():
         assert set(row) == set(KEYS)
         assert 0.0 <= row["k2_accuracy"] <= 1.0 and row["loss_ratio"] > 0
-    assert report["single"]["loss_ratio"] == 1.0
+    assert report["single"]["loss_ratio"] == report["single_own_trigger"]["loss_ratio"] == 1.0
     assert json.loads((tmp_path / "fusion.json").read_text()) == report
     assert (tmp_path / "fusion_k2.png").is_file() and "| gated |" in (tmp_path / "fusion.md").read_text()
+
+
+def test_own_trigger_prompts_keep_the_scene_and_drop_the_other_triggers():
+    entries = [{"trigger": "zq1"}, {"trigger": "vx2"}, {"trigger": "kp3"}]
+    prompts = ["zq1, vx2, kp3, a red circle on a plain background", "zq1, vx2, kp3, a square"]
+    assert _own_trigger(prompts, entries, entries[1]) == ["vx2, a red circle on a plain background", "vx2, a square"]
 
 
 def test_fusion_sets_and_prompts(micro_world):

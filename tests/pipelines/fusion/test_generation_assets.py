@@ -1,15 +1,13 @@
-"""The Dagster gate asset materialises on a micro world, records its version and is cached (slow)."""
+"""The Dagster gate asset materialises on a micro world, records its version and is cached."""
 
 from __future__ import annotations
 
 import shutil
 
 import dagster as dg
-import pytest
 
 from assets_defs.generation import fusion_gates
 
-pytestmark = pytest.mark.slow
 
 
 def test_fusion_gates_asset(micro_world, tmp_path):
