@@ -6,7 +6,9 @@ Each prompt states every attribute of a scene; the theme's attributes in the the
 prompt asks for.  Retrieval runs per prompt on the whole registry; prompts that retrieve the same
 LoRAs are rendered in one batch (trigger words added as ``Generator`` does).  The share of prompts
 whose top-k holds the theme's own LoRA (or one of its independently trained twins) is reported
-beside the scores.
+beside the scores.  ``own1`` is the reference a perfect retriever gives: the theme's own LoRA alone
+(its trigger added, fused by ``gated``) on the same prompts, so ``top1`` below ``own1`` is what
+retrieval misses cost and ``own1`` below ``base`` what adding a right LoRA costs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pipelines.evaluate.retrieval import manifest_ids
 from pipelines.generate import Generator, with_triggers
 from pipelines.world.scene import caption, sample_attributes
 
-SETTINGS = ("base", "top1", "top2", "top3")
+RETRIEVED = ("top1", "top2", "top3")
+SETTINGS = ("base", *RETRIEVED, "own1")
 GROUPS = ("synonym", "canonical", "all")
 
 
@@ -56,7 +59,7 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
 
     world = open_world(world_root, pipe)
     scores: dict[str, dict[str, list[float]]] = {g: {s: [] for s in SETTINGS} for g in GROUPS}
-    found: dict[str, list[float]] = {s: [] for s in SETTINGS[1:]}
+    found: dict[str, list[float]] = {s: [] for s in RETRIEVED}
     grid_rows: dict[str, dict[str, np.ndarray]] = {}
     out = Path(out)
     ids = manifest_ids(registry, world.root, world.heldout)
@@ -72,6 +75,9 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
                 images[f"top{k}"], hits = _render_retrieved(gen, prompts, k, render_seed)
                 own = family_ids[entry["family"]]
                 found[f"top{k}"] += [float(any(h.lora_id in own for h in hh)) for hh in hits]
+            own_id = ids[entry["file"]]
+            triggers = list(registry.get(own_id)["trigger_words"])
+            images["own1"] = gen.render([with_triggers(p, triggers) for p in prompts], [own_id], render_seed, "gated")
             group = "synonym" if entry["synonym"] else "canonical"
             for setting, imgs in images.items():
                 acc = scene_accuracy(world.readout.predict(imgs), scenes)
