@@ -8,7 +8,9 @@ LoRAs are rendered in one batch (trigger words added as ``Generator`` does).  Th
 whose top-k holds the theme's own LoRA (or one of its independently trained twins) is reported
 beside the scores.  ``own1`` is the reference a perfect retriever gives: the theme's own LoRA alone
 (its trigger added, fused by ``gated``) on the same prompts, so ``top1`` below ``own1`` is what
-retrieval misses cost and ``own1`` below ``base`` what adding a right LoRA costs.
+retrieval misses cost and ``own1`` below ``base`` what adding a right LoRA costs; that cost is split
+by ``base_with_trigger`` (the base, the own trigger word added, no LoRA) and ``own1_without_trigger``
+(the own LoRA, no trigger word).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipelines.generate import Generator, with_triggers
 from pipelines.world.scene import caption, sample_attributes
 
 RETRIEVED = ("top1", "top2", "top3")
-SETTINGS = ("base", *RETRIEVED, "own1")
+SETTINGS = ("base", *RETRIEVED, "own1", "base_with_trigger", "own1_without_trigger")
 GROUPS = ("synonym", "canonical", "all")
 
 
@@ -77,7 +79,10 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
                 found[f"top{k}"] += [float(any(h.lora_id in own for h in hh)) for hh in hits]
             own_id = ids[entry["file"]]
             triggers = list(registry.get(own_id)["trigger_words"])
-            images["own1"] = gen.render([with_triggers(p, triggers) for p in prompts], [own_id], render_seed, "gated")
+            triggered = [with_triggers(p, triggers) for p in prompts]
+            images["own1"] = gen.render(triggered, [own_id], render_seed, "gated")
+            images["base_with_trigger"] = generate(world.pipe, triggered, render_seed)
+            images["own1_without_trigger"] = gen.render(prompts, [own_id], render_seed, "gated")
             group = "synonym" if entry["synonym"] else "canonical"
             for setting, imgs in images.items():
                 acc = scene_accuracy(world.readout.predict(imgs), scenes)
