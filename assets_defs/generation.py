@@ -21,6 +21,7 @@ class GatesConfig(dg.Config):
     steps: int = 300
     hinge: float = 0.0
     composite: float = 1.0
+    time_features: int = 0  # > 0: timestep-conditioned gates (measured no better on the demo world)
 
 
 class ReportConfig(dg.Config):
@@ -68,7 +69,8 @@ def fusion_gates(context: dg.AssetExecutionContext, config: GatesConfig) -> dg.M
     from pipelines.train_gates import GateRecipe, train_world_gates
 
     result = train_world_gates(config.world, recipe=GateRecipe(steps=config.steps, hinge=config.hinge,
-                                                                  composite=config.composite))
+                                                                  composite=config.composite,
+                                                                  time_features=config.time_features))
     context.log.info(f"gates {result.version} ({'cached' if result.cached else 'trained'}) at {result.path}")
     return dg.MaterializeResult(metadata={
         "version": result.version, "path": str(result.path), "cached": result.cached,

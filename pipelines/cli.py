@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluations on held-out LoRAs").add_subparsers(dest="what", required=True)
     train = sub.add_parser("train", help="train a model on the registry").add_subparsers(dest="what", required=True)
     cli_retrieval.add_commands(sub, train, evaluate)
-    cli_generate.add_commands(sub, evaluate)
+    cli_generate.add_commands(sub, evaluate, train)
     return parser
 
 

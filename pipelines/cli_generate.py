@@ -1,4 +1,4 @@
-"""``autolora generate``, ``autolora eval fusion`` and ``autolora eval generation``."""
+"""``autolora generate``, ``autolora train gates``, ``autolora eval fusion`` and ``autolora eval generation``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_gates(args: argparse.Namespace) -> int:
+    from pipelines.train_gates import GateRecipe, train_world_gates
+
+    world = _world_root(args.world)
+    recipe = GateRecipe(steps=args.steps, lr=args.lr, time_features=args.time_features, hinge=args.hinge,
+                        composite=args.composite, seed=args.seed)
+    result = train_world_gates(world, args.out, recipe)
+    info = {"path": str(result.path), "version": result.version, "cached": result.cached,
+            "seconds": round(result.seconds, 1), "recipe": dataclasses.asdict(recipe)}
+    _print_json(info) if args.json else print(
+        f"gates {result.version} ({'cached' if result.cached else f'trained in {result.seconds:.0f} s'}): {result.path}")
+    return 0
+
+
 def cmd_eval_fusion(args: argparse.Namespace) -> int:
     from pipelines.evaluate.fusion import evaluate_fusion
 
@@ -92,9 +106,28 @@ def cmd_eval_generation(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub, evaluate) -> None:
-    """Register ``generate`` on ``sub`` and ``fusion`` / ``generation`` on ``evaluate`` (the ``eval`` subparsers)."""
+def add_commands(sub, evaluate, train=None) -> None:
+    """Register ``generate`` on ``sub``, ``fusion`` / ``generation`` on ``evaluate`` and ``gates`` on
+    ``train`` (the ``eval`` and ``train`` subparsers)."""
     from pipelines.cli import DEFAULT_REGISTRY
+    from pipelines.train_gates import GateRecipe
+
+    if train is not None:
+        default = GateRecipe()
+        gates = train.add_parser("gates", help="train the fusion gates on a demo world's training pool "
+                                               "(cached by version: pool + recipe)")
+        gates.add_argument("--world", default=".autolora/world", type=_expanded)
+        gates.add_argument("--out", type=_expanded, help="checkpoint folder (default: <world>/gates)")
+        gates.add_argument("--steps", type=_positive, default=default.steps)
+        gates.add_argument("--lr", type=float, default=default.lr)
+        gates.add_argument("--time-features", type=int, default=default.time_features,
+                           help="timestep-conditioned gates with this many sinusoidal features (0: off)")
+        gates.add_argument("--hinge", type=float, default=default.hinge, help="weight of the hinge term (eq. 10 steps)")
+        gates.add_argument("--composite", type=float, default=default.composite,
+                           help="share of steps on images of the whole active set (the rest: eq. 10)")
+        gates.add_argument("--seed", type=int, default=default.seed)
+        gates.add_argument("--json", action="store_true")
+        gates.set_defaults(func=cmd_train_gates)
 
     gen = sub.add_parser("generate", help="retrieve LoRAs for a prompt, fuse them and render")
     gen.add_argument("prompt")

@@ -128,3 +128,20 @@ def test_cli_generate(micro_world, micro_registry, tmp_path, capsys):
     assert args.func(args) == 0
     info = json.loads(capsys.readouterr().out)
     assert out.is_file() and len(info["loras"]) == 2 and info["fusion"] == "linear"
+
+
+def test_cli_train_gates_with_a_recipe_then_cached(micro_world, tmp_path, capsys):
+    from pipelines.cli import main
+    from pipelines.train_gates import load_gates
+
+    argv = ["train", "gates", "--world", str(micro_world), "--out", str(tmp_path), "--steps", "2",
+            "--time-features", "4", "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert not first["cached"] and first["recipe"]["time_features"] == 4 and first["recipe"]["steps"] == 2
+    gates = load_gates(first["path"])
+    assert gates.time_features == 4 and gates.version == first["version"]
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["cached"] and again["path"] == first["path"]
+    assert main(["train", "gates", "--world", str(tmp_path / "nowhere")]) == 2  # a usage error, no traceback
