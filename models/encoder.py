@@ -19,6 +19,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,10 +148,11 @@ class LoRAWeightEncoder(nn.Module):
         """Number of learned weights."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, loras: Sequence[LoRA]) -> Tensor:
+    def forward(self, loras: Sequence[LoRA], helper: Executor | None = None) -> Tensor:
         """Unit embeddings ``[N, embed_dim]`` of ``loras``; layers not in the encoder's list (or
-        of another shape) are ignored and recorded in :attr:`last_unknown`."""
-        batch = self.tokenizer(loras)
+        of another shape) are ignored and recorded in :attr:`last_unknown`. ``helper``: an executor
+        whose thread may share the layer tokens' work once free (:meth:`LayerTokenizer.forward`)."""
+        batch = self.tokenizer(loras, helper=helper)
         self.last_unknown = batch.unknown
         present = batch.present
         if self.config.require_all_layers:

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from models.torch_threads import one_torch_thread
 
 Factors = tuple[Tensor, Tensor]  # (A [r, k], B [d, r]), ΔW = B @ A
 LoRA = Mapping[str, Factors]
@@ -113,8 +117,11 @@ class LayerTokenizer(nn.Module):
         """Length of a raw token: probes × probe_dim."""
         return self.probes * self.probe_dim
 
-    def forward(self, loras: Sequence[LoRA]) -> TokenBatch:
-        """Raw tokens of ``loras`` over the layer list (absent layers are zero and not present)."""
+    def forward(self, loras: Sequence[LoRA], helper: Executor | None = None) -> TokenBatch:
+        """Raw tokens of ``loras`` over the layer list (absent layers are zero and not present).
+
+        ``helper``: an executor whose thread may take module types too, once it is free (a LoRA
+        embedded at ingest while its file is still hashed: the hash thread joins when done)."""
         n, n_layers = len(loras), len(self.layers)
         device = next(iter(self.proj.values())).device
         tokens = torch.zeros(n, n_layers, self.token_dim, device=device)
@@ -133,14 +140,18 @@ class LayerTokenizer(nn.Module):
                 if a.shape[0] == 0:  # a rank-0 layer adapts nothing: the same as absent
                     continue
                 groups.setdefault(module_type(name), []).append((j, i, a, b))
-        for t, entries in groups.items():
+
+        def encode_type(t: str, entries: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             key = self.type_keys[t]
-            rows = torch.tensor([j for j, _, _, _ in entries], device=device)
-            cols = torch.tensor([i for _, i, _, _ in entries], device=device)
             response_t = self._responses_t(key, entries, device)      # [m, P, d]
             z = response_t @ self.proj[key]                            # [m, P, c]
-            tokens[rows, cols] = z.reshape(len(entries), -1)
-            sq_norm[rows, cols] = response_t.square().mean(dim=(1, 2))
+            return (torch.tensor([j for j, _, _, _ in entries], device=device),
+                    torch.tensor([i for _, i, _, _ in entries], device=device),
+                    z.reshape(len(entries), -1), response_t.square().mean(dim=(1, 2)))
+
+        for rows, cols, z, sq in _shared(encode_type, groups.items(), helper):
+            tokens[rows, cols] = z
+            sq_norm[rows, cols] = sq
             present[rows, cols] = True
         log_rel = torch.zeros(n, n_layers, device=device)
         if self.normalise_scale:
@@ -181,3 +192,28 @@ class LayerTokenizer(nn.Module):
             q_t = probe[slots].transpose(1, 2)
         aq_t = torch.bmm(q_t.to(work_a), a_pad.transpose(1, 2))          # [m, P, r]
         return torch.bmm(aq_t.to(work_b), b_pad.transpose(1, 2)).float()  # [m, P, d]
+
+
+def _shared(work: Callable, items: Iterable[tuple], helper: Executor | None) -> list:
+    """``[work(*item) for item in items]``, the items taken in turn by this thread and, once it is free,
+    ``helper``'s (torch ops drop the GIL: two module types are encoded at once). Written by hand: a
+    thread pool's ``map`` would hand items to a helper still busy with other work and wait on it."""
+    if helper is None:
+        return [work(*item) for item in items]
+    pending, lock, done = iter(items), threading.Lock(), []
+    grad = torch.is_grad_enabled()
+
+    def take() -> None:
+        with torch.set_grad_enabled(grad), one_torch_thread():  # both are per thread
+            while True:
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                done.append(work(*item))
+
+    joined = helper.submit(take)
+    take()
+    if not joined.cancel():  # it started: wait for its last item
+        joined.result()
+    return done

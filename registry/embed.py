@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from registry.lora.errors import RejectedFile
@@ -58,12 +59,14 @@ class WeightEmbedder:
         self.records = active_encoders(store)
         self._models: dict[str, object] = {}
 
-    def embed(self, base_model: str, factors: Mapping) -> tuple[list[float], str] | None:
-        """The weight vector of one LoRA and its encoder version (None: no active encoder)."""
+    def embed(self, base_model: str, factors: Mapping, helper: Executor | None = None,
+              ) -> tuple[list[float], str] | None:
+        """The weight vector of one LoRA and its encoder version (None: no active encoder);
+        ``helper``: an executor whose thread may share the work once free."""
         record = self.records.get(base_model)
         if record is None:
             return None
-        return _encode(self._model(record), [factors])[0], record.version
+        return _encode(self._model(record), [factors], helper)[0], record.version
 
     def _model(self, record: EncoderRecord):
         if record.version not in self._models:
@@ -71,13 +74,13 @@ class WeightEmbedder:
         return self._models[record.version]
 
 
-def _encode(model, batch: list[Mapping]) -> list[list[float]]:
+def _encode(model, batch: list[Mapping], helper: Executor | None = None) -> list[list[float]]:
     import torch
 
     from models.torch_threads import one_torch_thread
 
     with torch.no_grad(), one_torch_thread():  # small matmuls: OpenMP barriers cost more than they give
-        return [v.tolist() for v in model(batch).float()]
+        return [v.tolist() for v in model(batch, helper=helper).float()]
 
 
 def _rows_to_embed(store: Store, base_model: str, version: str, only_missing: bool) -> list[dict]:

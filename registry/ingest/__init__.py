@@ -287,7 +287,7 @@ class _FileIngest:
                 future = pool.submit(sha256_file if size_known else self.reg.blobs.stage, self.path)
                 try:
                     outcome = self._inspect(bases, sidecars)
-                    early = (self._while_copying(outcome, sidecars, future)
+                    early = (self._while_copying(outcome, sidecars, future, pool)
                              if isinstance(outcome, InspectedLoRA) and not size_known else _Early())
                 finally:
                     sha, staged = (future.result(), None) if size_known else future.result()
@@ -298,14 +298,16 @@ class _FileIngest:
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store
 
-    def _while_copying(self, info: InspectedLoRA, sidecars: LoraMetadata, copy: Future) -> _Early:
+    def _while_copying(self, info: InspectedLoRA, sidecars: LoraMetadata, copy: Future,
+                       pool: ThreadPoolExecutor) -> _Early:
         """While the copy runs: look its ``lora_id`` up and, for a new one, make its weight
-        embedding and (if the copy still runs) its text vector, else batched at flush. Wasted
-        only when the bytes turn out to be a duplicate of a file of this batch."""
+        embedding (the hash thread takes a share once the copy is done) and (if the copy still
+        runs) its text vector, else batched at flush. Wasted only when the bytes turn out to be a
+        duplicate of a file of this batch."""
         stored = self.batch.stored_lora(lora_id_for(info.fingerprint))
         if stored is not None:
             return _Early(done=True, stored=stored)
-        weights = self.batch.embedder.embed(info.base_model, info.lora.factors)
+        weights = self.batch.embedder.embed(info.base_model, info.lora.factors, helper=pool)
         text = _early(_header_first(info, sidecars)) if not copy.done() else None
         return _Early(done=True, text_vector=text, weights=weights)
 

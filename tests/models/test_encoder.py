@@ -243,3 +243,36 @@ def test_bf16_factors_are_multiplied_in_bf16_at_inference_and_match_float32() ->
     torch.testing.assert_close(enc.embed([lora16]), enc.embed([exact]), atol=2e-2, rtol=0)
     trained = enc.tokenizer([lora16]).tokens  # grad enabled, learned probes: the float32 path
     torch.testing.assert_close(trained, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_helper_thread_shares_the_layer_tokens_and_changes_nothing():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import models.encoder_tokens as tokens_module
+
+    enc, gen = make(), torch.Generator().manual_seed(5)
+    loras = [random_lora(enc.layers, 4, gen), random_lora(enc.layers, 2, gen)]
+    with torch.no_grad():
+        alone = enc(loras)
+    seen, original = set(), tokens_module.LayerTokenizer._responses_t
+
+    def watched(self, *args, **kwargs):
+        seen.add(threading.current_thread().name)
+        assert not torch.is_grad_enabled()  # the helper runs under the caller's no_grad
+        time.sleep(0.005)  # tiny tensors: give the other thread time to take an item
+        return original(self, *args, **kwargs)
+
+    tokens_module.LayerTokenizer._responses_t = watched
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="helper") as pool, torch.no_grad():
+            for _ in range(5):
+                torch.testing.assert_close(enc(loras, helper=pool), alone, rtol=0, atol=0)
+            busy = threading.Event()
+            pool.submit(busy.wait, 10)  # a helper still busy with other work is not waited for
+            torch.testing.assert_close(enc(loras, helper=pool), alone, rtol=0, atol=0)
+            busy.set()
+    finally:
+        tokens_module.LayerTokenizer._responses_t = original
+    assert any(name.startswith("helper") for name in seen) and "MainThread" in seen
