@@ -99,7 +99,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
         return 0
-    cols = SETTINGS  # own1: the theme's own LoRA instead of the retrieved ones (a perfect retriever's top-1)
+    cols = SETTINGS  # base, top-1/2/3, and the reference rows of the theme's own LoRA and trigger
     _table("prompt read-out accuracy on held-out themes", ["prompts", *cols],
            [(g, *(f"{report[g][c]:.3f}" for c in cols)) for g in ("synonym", "canonical", "all")])
     print(f"report: {args.out}/generation.md")

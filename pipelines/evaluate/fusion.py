@@ -16,8 +16,9 @@ method (same prompts and seeds):
 weight 1) on the same prompts, which scores that concept (its ``prompt_accuracy`` pools the
 renders of all concepts); ``single_own_trigger`` does the same with only the concept's own trigger
 in front of the scene: the other triggers, words the base and this LoRA never saw, cost a LoRA
-alone accuracy too, so the two rows tell the prompt's share of the interference from the weights'.  Methods that need gates get ``gates`` (``gates_noglobal`` for the
-ablation if given, else the same gates).
+alone accuracy too, so the two rows tell the prompt's share of the interference from the weights'.
+Methods that need gates get ``gates`` (``gates_noglobal`` for the ablation if given, else the same
+gates).
 """
 
 from __future__ import annotations
@@ -65,11 +66,13 @@ def concept_sets(heldout: Sequence[Mapping], k: int, n_sets: int, seed: int) -> 
     return order[:n_sets]
 
 
-def set_prompts(entries: Sequence[Mapping], n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
-    """Prompts with every trigger and a scene omitting the themes' attributes; the stated attributes."""
+def set_prompts(entries: Sequence[Mapping], n: int, seed: int, triggers_of: Sequence[Mapping] | None = None,
+                ) -> tuple[list[str], list[dict[str, str]]]:
+    """Prompts with every trigger and a scene omitting the themes' attributes; the stated attributes.
+    ``triggers_of``: only these entries' triggers in front (the scenes stay those of ``entries``)."""
     rng = np.random.default_rng([seed, 0x5E7])
     fixed = {a: v for e in entries for a, v in e["attrs"].items()}
-    triggers = ", ".join(e["trigger"] for e in entries)
+    triggers = ", ".join(e["trigger"] for e in (entries if triggers_of is None else triggers_of))
     prompts, stated = [], []
     for _ in range(n):
         scene = sample_attributes(rng, fixed)
@@ -114,7 +117,8 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
         for k in (2, 3):
             sets = concept_sets(world.heldout, k, n_sets, seed)
             for index, entries in enumerate(tqdm(sets, desc=f"fusion k={k}", disable=not progress)):
-                prompts, stated = set_prompts(entries, n_prompts, seed + 100 * k + index)
+                prompt_seed = seed + 100 * k + index
+                prompts, stated = set_prompts(entries, n_prompts, prompt_seed)
                 for e in entries:
                     if e["theme"] not in loras:
                         loras[e["theme"]] = world.lora(e)
@@ -128,7 +132,8 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
                     with get("linear").apply(world.pipe, [lo[i]]):
                         single_images.append(_render(world, prompts, render_seed))
                         single_loss.append(losses[e["theme"]]())
-                        own_images.append(_render(world, _own_trigger(prompts, entries, e), render_seed))
+                        own_prompts = set_prompts(entries, n_prompts, prompt_seed, triggers_of=[e])[0]
+                        own_images.append(_render(world, own_prompts, render_seed))
                     single_acc.append(_score(world, single_images[-1], [e], stated)[0][0])
                     own_acc.append(_score(world, own_images[-1], [e], stated)[0][0])
                     grid[f"single: {e['theme']}"] = single_images[-1]
@@ -153,13 +158,6 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
     (out / "fusion.json").write_text(json.dumps(report, indent=1))
     (out / "fusion.md").write_text(_markdown(report, grids, n_sets, n_prompts, world.root, gates))
     return report
-
-
-def _own_trigger(prompts: Sequence[str], entries: Sequence[Mapping], entry: Mapping) -> list[str]:
-    """``prompts`` (every trigger of ``entries`` in front of a scene) with ``entry``'s trigger alone in front."""
-    joined = ", ".join(e["trigger"] for e in entries)
-    assert all(p.startswith(joined) for p in prompts)
-    return [entry["trigger"] + p[len(joined):] for p in prompts]
 
 
 def _render(world, prompts: list[str], seed: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from pipelines.evaluate.fusion import KEYS, _own_trigger, concept_sets, evaluate_fusion, set_prompts
+from pipelines.evaluate.fusion import KEYS, concept_sets, evaluate_fusion, set_prompts
 from pipelines.evaluate.generation import GROUPS, SETTINGS, evaluate_generation, word_prompts
 from pipelines.fusion_methods.base import transformer_state
 from pipelines.generate import Generator, RenderSettings, with_triggers
@@ -81,9 +81,13 @@ def test_fusion_report_contract(micro_world, pipe, gates, tmp_path):
 
 
 def test_own_trigger_prompts_keep_the_scene_and_drop_the_other_triggers():
-    entries = [{"trigger": "zq1"}, {"trigger": "vx2"}, {"trigger": "kp3"}]
-    prompts = ["zq1, vx2, kp3, a red circle on a plain background", "zq1, vx2, kp3, a square"]
-    assert _own_trigger(prompts, entries, entries[1]) == ["vx2, a red circle on a plain background", "vx2, a square"]
+    entries = [{"trigger": "zq1", "attrs": {"shape": "circle"}}, {"trigger": "vx2", "attrs": {"colour": "red"}},
+               {"trigger": "kp3", "attrs": {"style": "outline"}}]
+    prompts, stated = set_prompts(entries, 4, 7)
+    own, own_stated = set_prompts(entries, 4, 7, triggers_of=[entries[1]])
+    assert own_stated == stated
+    assert own == ["vx2, " + p[len("zq1, vx2, kp3, "):] for p in prompts]
+    assert all(p.startswith("zq1, vx2, kp3, ") for p in prompts)
 
 
 def test_fusion_sets_and_prompts(micro_world):
