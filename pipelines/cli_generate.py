@@ -59,12 +59,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+RECIPE_FLAGS = ("steps", "lr", "time_features", "hinge", "composite", "seed")  # GateRecipe fields
+
+
 def cmd_train_gates(args: argparse.Namespace) -> int:
     from pipelines.train_gates import GateRecipe, train_world_gates
 
     world = _world_root(args.world)
-    recipe = GateRecipe(steps=args.steps, lr=args.lr, time_features=args.time_features, hinge=args.hinge,
-                        composite=args.composite, seed=args.seed)
+    recipe = GateRecipe(**{name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None})
     result = train_world_gates(world, args.out, recipe)
     info = {"path": str(result.path), "version": result.version, "cached": result.cached,
             "seconds": round(result.seconds, 1), "recipe": dataclasses.asdict(recipe)}
@@ -110,22 +112,21 @@ def add_commands(sub, evaluate, train=None) -> None:
     """Register ``generate`` on ``sub``, ``fusion`` / ``generation`` on ``evaluate`` and ``gates`` on
     ``train`` (the ``eval`` and ``train`` subparsers)."""
     from pipelines.cli import DEFAULT_REGISTRY
-    from pipelines.train_gates import GateRecipe
 
     if train is not None:
-        default = GateRecipe()
         gates = train.add_parser("gates", help="train the fusion gates on a demo world's training pool "
                                                "(cached by version: pool + recipe)")
         gates.add_argument("--world", default=".autolora/world", type=_expanded)
         gates.add_argument("--out", type=_expanded, help="checkpoint folder (default: <world>/gates)")
-        gates.add_argument("--steps", type=_positive, default=default.steps)
-        gates.add_argument("--lr", type=float, default=default.lr)
-        gates.add_argument("--time-features", type=int, default=default.time_features,
+        # recipe flags default to None = the recipe's own default, so building the parser imports no torch
+        gates.add_argument("--steps", type=_positive)
+        gates.add_argument("--lr", type=float)
+        gates.add_argument("--time-features", type=int,
                            help="timestep-conditioned gates with this many sinusoidal features (0: off)")
-        gates.add_argument("--hinge", type=float, default=default.hinge, help="weight of the hinge term (eq. 10 steps)")
-        gates.add_argument("--composite", type=float, default=default.composite,
+        gates.add_argument("--hinge", type=float, help="weight of the hinge term (eq. 10 steps)")
+        gates.add_argument("--composite", type=float,
                            help="share of steps on images of the whole active set (the rest: eq. 10)")
-        gates.add_argument("--seed", type=int, default=default.seed)
+        gates.add_argument("--seed", type=int)
         gates.add_argument("--json", action="store_true")
         gates.set_defaults(func=cmd_train_gates)
 

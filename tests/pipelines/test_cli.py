@@ -134,3 +134,13 @@ def test_prune_hides_vanished_loras(folder, tmp_path):
     assert hits == []
     hidden = run("search", "neon city", "--registry", registry, "--include-removed", "--json")
     assert [h["lora_id"] for h in json.loads(hidden.stdout)] == [added[0]["lora_id"]]
+
+
+def test_building_the_command_line_imports_no_heavy_library():
+    """Every command (a cold ``search`` above all) pays for what it uses, not for torch and diffusers
+    that only some subcommands need: parsing imports none of them."""
+    code = ("import sys; from pipelines.cli import build_parser; build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'lancedb'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
