@@ -6,6 +6,7 @@ ingest of files and folders, base models, search, maintenance and pruning.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import TYPE_CHECKING
 from registry.store.encoders import EncoderRecord, encoder_records, register_encoder
 from registry.store.maintenance import MaintenanceReport, maintain
 from registry.store.prune import prune
-from registry.store.search import Searcher, SearchHit
-from registry.store.store import Store, user_path
+from registry.store.search import NoWeightEncoder, Searcher, SearchHit
+from registry.store.store import Store, quote, user_path
 
 if TYPE_CHECKING:
     from registry.embed import EmbedReport
@@ -54,12 +55,30 @@ class Registry(Store):
                       for p in sorted(self._bases_dir.glob("*.json"))]
         return [*builtin_bases(), *registered]
 
+    def base_names(self) -> list[str]:
+        """The names of :meth:`bases` (read without building their layer shapes)."""
+        from registry.lora.base_models import BUILTIN_BASE_NAMES
+
+        registered = [json.loads(p.read_text(encoding="utf-8"))["name"] for p in sorted(self._bases_dir.glob("*.json"))]
+        return [*BUILTIN_BASE_NAMES, *registered]
+
+    def _check_base(self, base_model: str) -> None:
+        """Raise ``ValueError`` where ``base_model`` is neither a base of :meth:`bases` nor one
+        that any row (removed ones too) has."""
+        names = self.base_names()
+        if base_model in names or self.loras.count_rows(f"base_model = {quote(base_model)}"):
+            return
+        stored = {row["base_model"] for row in self.column_rows(self.loras, ["base_model"])} - {None}
+        known = list(dict.fromkeys([*names, *sorted(stored)]))
+        raise ValueError(f"unknown base model {base_model!r}; known: {', '.join(known)}")
+
     # ---- writes ------------------------------------------------------------------------
-    def add(self, paths: Iterable[str | os.PathLike], *, progress: bool = False,
+    def add(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *, progress: bool = False,
             batch_size: int = 64) -> IngestReport:
-        """Ingest files and folders (walked; ``~`` and ``$VARS`` expanded). Known files whose
-        size, mtime and inode are unchanged cost a stat; new sidecars refresh their LoRA's row.
-        Returns an :class:`registry.ingest.IngestReport`; bad files are in it, never raised."""
+        """Ingest files and folders (one path or a list of them; folders are walked; ``~`` and
+        ``$VARS`` expanded). Known files whose size, mtime and inode are unchanged cost a stat;
+        new sidecars refresh their LoRA's row. Returns an :class:`registry.ingest.IngestReport`;
+        bad files are in it, never raised, and broken sidecars are in its ``warnings``."""
         from registry.ingest import ingest_paths
 
         self._writable()
@@ -116,8 +135,17 @@ class Registry(Store):
         words, render prompts, captions + the text embedding of them, fused by z-normalised scores)
         or ``hybrid`` (all three fused; score 1.0 = first in every list). ``where`` is a LanceDB
         SQL filter (e.g. ``"lora_id IN ('a', 'b')"``); removed LoRAs are hidden unless asked for;
-        ``encoder`` replaces the default text encoder for the query."""
-        return self._searcher.search(prompt, k, base_model, channel, encoder, where, include_removed)
+        ``encoder`` replaces the default text encoder for the query. An empty prompt, or a
+        ``base_model`` that the registry does not know, raises ``ValueError``."""
+        try:
+            hits = self._searcher.search(prompt, k, base_model, channel, encoder, where, include_removed)
+        except NoWeightEncoder:
+            if base_model:  # an unknown base is the first thing to fix
+                self._check_base(base_model)
+            raise
+        if base_model and not hits:  # only then: a hit proves the base known
+            self._check_base(base_model)
+        return hits
 
     def search_by_vector(self, vector, k: int = 5, base_model: str | None = None,
                          column: str = "text_vector", where: str | None = None) -> list[SearchHit]:

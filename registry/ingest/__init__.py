@@ -54,8 +54,9 @@ def _now() -> datetime:
 class _Batch:
     """Rows waiting to be written together (every write is a table version: batch them)."""
 
-    def __init__(self, reg: Store) -> None:
+    def __init__(self, reg: Store, warnings: list[str] | None = None) -> None:
         self.reg = reg
+        self.warnings = warnings  # the report's: broken sidecars met while rows are rebuilt
         self.loras: dict[str, dict] = {}  # new LoRA rows
         self.files: dict[str, dict] = {}  # file records by resolved path
         self.rejections: dict[str, dict] = {}
@@ -99,7 +100,7 @@ class _Batch:
                 row["text_vector"] = vector
             reg.upsert(reg.loras, rows, "lora_id", update=False)
         reg.upsert(reg.files, list(self.files.values()), "path", update=True)
-        refreshed = _refreshed_rows(reg, self.refresh - set(self.loras))
+        refreshed = _refreshed_rows(reg, self.refresh - set(self.loras), self.warnings)
         reg.upsert(reg.loras, refreshed, "lora_id", update=True)  # one version for all of them
         reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
         self.loras.clear(), self.files.clear(), self.rejections.clear(), self.refresh.clear()
@@ -116,17 +117,17 @@ def _render_blobs(reg: Store, meta: LoraMetadata) -> list[str]:
     return blobs
 
 
-def _metadata_of(header: dict[str, str], paths: list[str]) -> LoraMetadata:
+def _metadata_of(header: dict[str, str], paths: list[str], warnings: list[str] | None = None) -> LoraMetadata:
     """Header metadata, then every path's sidecars in order; the first stem names it last."""
     meta = from_header(header)
     for path in paths:
-        meta.update(from_sidecars(path, name_from_stem=False))
+        meta.update(from_sidecars(path, name_from_stem=False, warnings=warnings))
     if not meta.name and paths:
         meta.name = Path(paths[0]).stem
     return meta
 
 
-def _refreshed_rows(reg: Store, lora_ids: set[str]) -> list[dict]:
+def _refreshed_rows(reg: Store, lora_ids: set[str], warnings: list[str] | None = None) -> list[dict]:
     """The rows of ``lora_ids`` with metadata rebuilt from the header stored and the sidecars of
     every present path (the row's first source first), re-embedded, and ``removed`` cleared."""
     if not lora_ids:
@@ -135,7 +136,7 @@ def _refreshed_rows(reg: Store, lora_ids: set[str]) -> list[dict]:
     for row in rows:
         paths = sorted(f["path"] for f in reg.paths_of(row["lora_id"]) if os.path.exists(f["path"]))
         paths.sort(key=lambda p: p != row["source_path"])
-        meta = _metadata_of(json.loads(row["header_metadata"] or "{}"), paths)
+        meta = _metadata_of(json.loads(row["header_metadata"] or "{}"), paths, warnings)
         row.update(name=meta.name, description=meta.description, trigger_words=meta.trigger_words,
                    tags=meta.tags, render_prompts=meta.render_prompts,
                    render_blobs=_render_blobs(reg, meta))
@@ -186,14 +187,15 @@ def _prefetch(reg: Store, candidates: list[Candidate]) -> dict[str, dict]:
     return known
 
 
-def ingest_paths(reg: Store, paths: Iterable[str | os.PathLike], *, progress: bool = False,
+def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLike], *, progress: bool = False,
                  batch_size: int = 64) -> IngestReport:
-    """Ingest every candidate file under ``paths``; bad files are recorded, never raised (a
-    path that does not exist raises ``FileNotFoundError`` before anything is written)."""
+    """Ingest every candidate file under ``paths`` (one path or several); bad files are recorded,
+    never raised (a path that does not exist raises ``FileNotFoundError`` before anything is
+    written), and so are broken sidecars (in ``warnings``: the LoRA is ingested without them)."""
     report = IngestReport()
     candidates = collect_candidates(paths, report)
     known = _prefetch(reg, candidates)
-    batch = _Batch(reg)
+    batch = _Batch(reg, report.warnings)
     bases = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-hash") as pool:
         for candidate in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
@@ -279,7 +281,7 @@ class _FileIngest:
         """Hash, dedupe, inspect and stage one file that its stat did not settle: the hash (with
         the blob copy, or alone when the size is known) runs in ``pool``'s thread while the file
         is inspected in this one (hashlib and file I/O drop the GIL)."""
-        sidecars = from_sidecars(self.path, self.siblings)
+        sidecars = from_sidecars(self.path, self.siblings, warnings=self.report.warnings)
         staged: Path | None = None
         try:
             try:

@@ -48,11 +48,13 @@ def _walk(folder: Path, report: IngestReport) -> list[Candidate]:
     return found
 
 
-def collect_candidates(paths: Iterable[str | os.PathLike], report: IngestReport) -> list[Candidate]:
-    """Expand the given files and folders (``~`` and ``$VARS`` expanded) into candidates, sorted,
-    without repeats. A path that does not exist raises ``FileNotFoundError`` before anything is
-    done; problems inside walked folders go into ``report``."""
-    given = [user_path(p) for p in paths]
+def collect_candidates(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                       report: IngestReport) -> list[Candidate]:
+    """Expand the given files and folders (``~`` and ``$VARS`` expanded; one path alone is one
+    path, not a list of its letters) into candidates, sorted, without repeats. A path that does not
+    exist raises ``FileNotFoundError`` before anything is done; problems inside walked folders go
+    into ``report``."""
+    given = [user_path(p) for p in ([paths] if isinstance(paths, (str, bytes, os.PathLike)) else paths)]
     missing = [str(p) for p in given if not os.path.lexists(p)]
     if missing:
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")

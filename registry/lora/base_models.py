@@ -18,8 +18,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where shapes are read: the names alone need none
+    import torch
 
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX1_DEV_CONFIG: dict[str, object] = {
@@ -78,6 +80,8 @@ class BaseModel:
     @classmethod
     def from_flux_transformer(cls, name: str, transformer: torch.nn.Module) -> BaseModel:
         """Describe a (possibly meta-device) ``FluxTransformer2DModel`` by its linear layers."""
+        import torch
+
         shapes = {
             module_name: (module.out_features, module.in_features)
             for module_name, module in transformer.named_modules()
@@ -91,6 +95,7 @@ class BaseModel:
 def flux_base_from_folder(folder: str | Path, name: str | None = None) -> BaseModel:
     """A diffusers FLUX pipeline folder's layer shapes, from its transformer config (no weights
     loaded); ``name`` defaults to the folder's parent's name."""
+    import torch
     from diffusers import FluxTransformer2DModel
 
     folder = Path(folder)
@@ -101,6 +106,7 @@ def flux_base_from_folder(folder: str | Path, name: str | None = None) -> BaseMo
 
 
 def _flux_base(name: str, config: Mapping[str, object]) -> BaseModel:
+    import torch
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):  # no weights are allocated
@@ -118,6 +124,9 @@ def flux1_dev() -> BaseModel:
 def flux1_schnell() -> BaseModel:
     """FLUX.1-schnell's real layer shapes: FLUX.1-dev's less the guidance embedder."""
     return _flux_base("FLUX.1-schnell", FLUX1_SCHNELL_CONFIG)
+
+
+BUILTIN_BASE_NAMES = ("FLUX.1-dev", "FLUX.1-schnell")  # builtin_bases()'s names, known without building them
 
 
 def builtin_bases() -> list[BaseModel]:

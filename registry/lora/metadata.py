@@ -90,20 +90,36 @@ def from_header(metadata: dict[str, str]) -> LoraMetadata:
     return meta
 
 
-def _load_json(path: Path) -> dict:
-    if not path.is_file() or path.stat().st_size > _MAX_SIDECAR_BYTES:
-        return {}
+def _load_json(path: Path, warnings: list[str] | None) -> dict:
+    """A sidecar's JSON object; ``{}`` (and a warning naming the file) when it is none."""
     try:
+        if path.stat().st_size > _MAX_SIDECAR_BYTES:
+            return _ignored(path, f"over {_MAX_SIDECAR_BYTES:,} bytes", warnings)
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    except OSError as error:
+        return _ignored(path, f"unreadable: {error.strerror or error}", warnings)
+    except UnicodeDecodeError:
+        return _ignored(path, "not UTF-8 text", warnings)
+    except json.JSONDecodeError as error:
+        return _ignored(path, f"invalid JSON ({error})", warnings)
+    return data if isinstance(data, dict) else _ignored(path, "not a JSON object", warnings)
+
+
+def _ignored(path: Path, reason: str, warnings: list[str] | None) -> dict:
+    """Record that the sidecar at ``path`` was ignored (once per message); its metadata is empty."""
+    message = f"ignored sidecar {path}: {reason}"
+    if warnings is not None and message not in warnings:
+        warnings.append(message)
+    return {}
 
 
 def _image_prompt(image: Path) -> str:
     text_file = image.with_suffix(".txt")
-    if text_file.is_file() and text_file.stat().st_size < _MAX_SIDECAR_BYTES:
-        return text_file.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        if text_file.is_file() and text_file.stat().st_size < _MAX_SIDECAR_BYTES:
+            return text_file.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:  # an unreadable prompt file loses the prompt, never the LoRA
+        return ""
     try:
         from PIL import Image
 
@@ -190,16 +206,28 @@ def _stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix else path.name
 
 
+def _parsed(path: Path | None, parse, warnings: list[str] | None, *args) -> LoraMetadata:
+    """``parse(json object of path, *args)``; empty metadata when the file is missing, broken or
+    not shaped as expected (e.g. a list where an object belongs): then with a warning."""
+    if path is None:
+        return LoraMetadata()
+    try:
+        return parse(_load_json(path, warnings), *args)
+    except (AttributeError, TypeError, ValueError) as error:
+        _ignored(path, f"unexpected content ({type(error).__name__}: {error})", warnings)
+        return LoraMetadata()
+
+
 def from_sidecars(lora_path: str | os.PathLike, siblings: Sequence[str] | None = None,
-                  name_from_stem: bool = True) -> LoraMetadata:
-    """Collect metadata from the files next to ``lora_path``; missing or broken ones are skipped.
+                  name_from_stem: bool = True, warnings: list[str] | None = None) -> LoraMetadata:
+    """Collect metadata from the files next to ``lora_path``; missing ones are skipped, broken
+    ones too, with a line naming the file and why appended to ``warnings`` (once per message).
     Without a name anywhere, the file's stem is the name (unless ``name_from_stem`` is off)."""
     path = Path(lora_path)
     folder, stem = path.parent, _stem(path)
     files = {p.name: p for p in sidecar_files(path, siblings)}
-    meta = _from_card(_load_json(files[f"{stem}.json"]), folder) if f"{stem}.json" in files else LoraMetadata()
-    if f"{stem}.civitai.info" in files:
-        meta.update(_from_civitai(_load_json(files[f"{stem}.civitai.info"])))
+    meta = _parsed(files.get(f"{stem}.json"), _from_card, warnings, folder)
+    meta.update(_parsed(files.get(f"{stem}.civitai.info"), _from_civitai, warnings))
     previews_meta = LoraMetadata()
     for image in sorted(p for p in files.values() if p.suffix.lower() in _IMAGE_SUFFIXES):
         resolved = str(image.resolve())

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ import pyarrow as pa
 
 from registry.store.fusion import ZScoreReranker
 from registry.store.store import Store, quote, where_in
+from registry.store.weight_query import text_encoder_of
 
 # Below this, exact (flat) search: it reads every vector per query, ~1 ms per 1,000 rows (20k
 # rows: p50 21 ms flat vs 2.9 ms indexed, recall@10 0.986, index built in 4.6 s).
@@ -206,10 +205,10 @@ class Searcher:
         """The active encoders (one per base model), kept per encoder-table version."""
         version = await encoders.version()
         if self._active is None or self._active[0] != version:
-            rows = (await encoders.query().where("active = true").select(["version", "info", "file"])
+            rows = (await encoders.query().where("active = true").select(["version", "info", "file", "base_model"])
                     .to_arrow()).to_pylist()
-            active = [_Active(r["version"], _text_encoder_of(r["info"]), str(self.store.root / r["file"]))
-                      for r in rows]
+            active = [_Active(r["version"], text_encoder_of(r["info"]), str(self.store.root / r["file"]),
+                              r["base_model"]) for r in rows]
             self._active = (version, sorted(active))
         return self._active[1]
 
@@ -247,6 +246,8 @@ class Searcher:
         The query coroutine starts first: opening the table (first search), the filter plan and
         the full-text leg run on the event loop while this thread embeds the prompt."""
         _check(channel, k)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"empty prompt {prompt!r}: give the words to search for")
         self.warm()
         embedded: concurrent.futures.Future = concurrent.futures.Future()
         job = _Loop.submit(self._search(prompt, embedded, k, channel, base_model, where, include_removed))
@@ -266,9 +267,11 @@ class Searcher:
         table, encoders = await asyncio.wrap_future(self._opening)
         plan, rows, listing = await self._plan(table, base_model, where, include_removed)
         active = await self._active_versions(encoders) if channel in ("hybrid", "weights") else []
+        active = [a for a in active if base_model in (None, a.base_model)]  # the others' rows are filtered out
         if channel == "weights" and not active:
-            raise NoWeightEncoder(f"{self.store.root}: no LoRA-weight encoder is active in this registry "
-                                  "(train one: `autolora train encoder`), so there is no weight channel")
+            raise NoWeightEncoder(f"{self.store.root}: no LoRA-weight encoder is active in this registry"
+                                  f"{f' for {base_model}' if base_model else ''} (train one: `autolora train "
+                                  "encoder`), so there is no weight channel")
         if rows == 0:  # (an empty table has no full-text index)
             return []
         query = _Query(table, prompt, embedded, k, channel, plan, rows, column, active)
@@ -287,25 +290,15 @@ class Searcher:
         return _Loop.run(self._search("", embedded, k, "vector", base_model, where, include_removed, column))
 
 
-_NAMED_TEXT_ENCODER = re.compile(r'"text_encoder": "[^"]')
-
-
-def _text_encoder_of(info: str | None) -> str:
-    """The text encoder an encoder's info names ("": the default). Its info holds the ids of its
-    whole training pool (MBs at 100k LoRAs), so it is parsed only when it names another one."""
-    if not info or not _NAMED_TEXT_ENCODER.search(info):
-        return ""
-    return json.loads(info).get("text_encoder", "")
-
-
 @dataclass(frozen=True, order=True)
 class _Active:
-    """An active encoder version, the text encoder it was trained against ("" the default) and
-    its checkpoint."""
+    """An active encoder version, the text encoder it was trained against ("" the default), its
+    checkpoint and its base model."""
 
     version: str
     text_encoder: str
     checkpoint: str
+    base_model: str
 
 
 @dataclass

@@ -59,6 +59,17 @@ def where_in(column: str, values: Iterable[str]) -> str:
     return f"{column} IN ({', '.join(quote(v) for v in values)})"
 
 
+def _ranges(numbers: Iterable[int]) -> str:
+    """``1-4, 7, 9-12``: sorted numbers, runs joined (a table's versions, for error messages)."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
 def _read_format(root: Path) -> int | None:
     try:
         return json.loads((root / MARKER).read_text(encoding="utf-8")).get("format")
@@ -120,6 +131,9 @@ class Store:
             self._upgrade(tables["loras"])
         self.loras, self.files, self.rejections = tables["loras"], tables["files"], tables["rejections"]
         self.encoders = tables["encoders"]
+        if isinstance(version, str) and version.isascii() and version.isdigit() and (
+                version not in self.loras.tags.list()):
+            version = int(version)  # "12" (a command line's) is version 12, unless a tag has that name
         self.pinned: int | str | None = version
         if version is not None:
             self._pin(version)
@@ -128,7 +142,8 @@ class Store:
     def open(cls, path: str | os.PathLike, version: int | str | None = None, *, create: bool = True):
         """Open the registry at ``path`` (``~`` and ``$VARS`` expanded).
 
-        ``version`` (a number or a tag) gives a read-only view of every table as it was then.
+        ``version`` (a number or a tag; a string of digits that names no tag is a number) gives a
+        read-only view of every table as it was then.
         ``create`` makes a new registry where the folder is missing or empty; reading callers
         pass ``create=False`` and get :class:`RegistryNotFound` instead.
         """
@@ -174,7 +189,9 @@ class Store:
         try:
             self.loras.checkout(version)
         except (ValueError, RuntimeError, OSError) as error:
-            raise RegistryNotFound(f"{self.root}: no version {version!r} ({error})") from None
+            raise RegistryNotFound(f"{self.root}: no version {version!r} ({error}); versions: "
+                                   f"{_ranges(v['version'] for v in self.loras.list_versions())}, "
+                                   f"tags: {', '.join(sorted(self.loras.tags.list())) or 'none'}") from None
         later = [v["timestamp"] for v in self.loras.list_versions() if v["version"] > self.loras.version]
         until = min(later) if later else None
         for name, table in self._tables().items():
@@ -212,8 +229,13 @@ class Store:
 
     def tag(self, name: str, version: int | None = None) -> None:
         """Name the current state of every table (``version``: an older LoRA-table version,
-        tagged on that table alone); moves the tag where it exists."""
+        tagged on that table alone); moves the tag where it exists. A version that does not exist
+        raises ``ValueError`` naming those that do."""
         self._writable()
+        if version is not None:
+            versions = [v["version"] for v in self.loras.list_versions()]
+            if version not in versions:
+                raise ValueError(f"no version {version!r}; versions: {_ranges(versions)}")
         tables = self._tables() if version is None else {"loras": self.loras}
         for table in tables.values():
             at = table.version if version is None else version

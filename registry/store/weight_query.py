@@ -7,11 +7,22 @@ weight list is searched with the vector every channel shares."""
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 
 import numpy as np
 
 TEXT_MAP = "text_proj.weight"  # models.encoder.LoRAWeightEncoder.text_proj's state-dict key
+_NAMED_TEXT_ENCODER = re.compile(r'"text_encoder": "[^"]')
+
+
+def text_encoder_of(info: str | None) -> str:
+    """The text encoder an encoder's info names ("": the default). Its info holds the ids of its
+    whole training pool (MBs at 100k LoRAs), so it is parsed only when it names another one."""
+    if not info or not _NAMED_TEXT_ENCODER.search(info):
+        return ""
+    return json.loads(info).get("text_encoder", "")
 
 
 @functools.lru_cache(maxsize=8)

@@ -160,3 +160,34 @@ def test_a_failure_while_the_blob_is_copied_leaves_no_staged_file(folder, tmp_pa
     with pytest.raises(RuntimeError, match="encoder file unreadable"):
         reg.add([folder])
     assert not list(reg.blobs.root.rglob(".incoming-*")) and reg.lora_ids() == []
+
+
+def test_one_path_need_not_be_in_a_list(folder, tmp_path):
+    reg = Registry.open(tmp_path / "registry")
+    assert [Path(a["path"]).name for a in reg.add(str(folder / "harbor_fog.safetensors")).added] == [
+        "harbor_fog.safetensors"]
+    assert [Path(a["path"]).name for a in reg.add(folder / "sub").added] == ["copper_leaf.safetensors"]
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder: \S+/bad/evil\.pt$"):
+        reg.add(str(tmp_path / "bad" / "evil.pt"))
+
+
+def test_broken_sidecars_are_warned_about_and_kept_out_of_the_row(folder, tmp_path):
+    """A card that is no JSON, or a Civitai info of another shape, does not stop its LoRA: it is
+    ingested without it, and the report names the file and why; a card broken later likewise."""
+    card, info = folder / "harbor_fog.json", folder / "sub" / "copper_leaf.civitai.info"
+    card.write_text("{not json")
+    info.write_text(json.dumps({"trainedWords": ["junk"], "images": [{"meta": "not a dict"}]}))
+    reg = Registry.open(tmp_path / "registry")
+    report = reg.add(folder)
+    assert len(report.added) == 2 and not report.rejected
+    assert [w.split(": ", 1)[0] for w in report.warnings] == [f"ignored sidecar {card}", f"ignored sidecar {info}"]
+    assert "invalid JSON" in report.warnings[0] and "unexpected content" in report.warnings[1]
+    ids = {Path(a["path"]).stem: a["lora_id"] for a in report.added}
+    for stem, lora_id in ids.items():  # named by their stems, nothing of the broken files kept
+        assert (reg.get(lora_id)["name"], reg.get(lora_id)["trigger_words"]) == (stem, [])
+
+    (folder / "sub" / "copper_leaf.json").write_text(json.dumps(["a list"]))  # a new sidecar: the row is rebuilt
+    again = reg.add(folder)
+    assert [r["lora_id"] for r in again.refreshed] == [ids["copper_leaf"]]
+    assert f"ignored sidecar {folder / 'sub' / 'copper_leaf.json'}: not a JSON object" in again.warnings
+    assert reg.get(ids["copper_leaf"])["trigger_words"] == []

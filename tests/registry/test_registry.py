@@ -111,7 +111,9 @@ def test_search_hybrid_text_and_vector(ingested):
         assert reg.search("ocean waves by the sea", k=1, channel=channel)[0].name == "ocean waves", channel
     assert reg.search("a drawing made with graphite", k=1)[0].name == "Pencil Sketch"
     assert reg.search("campfire embers", k=1, channel="text")[0].name == "Ember Glow"
-    assert reg.search("ocean", k=3, base_model="SDXL") == []
+    assert reg.search("ocean", k=3, base_model="FLUX.1-schnell") == []  # a known base, none of its LoRAs here
+    with pytest.raises(ValueError, match="unknown base model 'SDXL'; known: FLUX.1-dev, FLUX.1-schnell$"):
+        reg.search("ocean", k=3, base_model="SDXL")
     assert reg.search("fire 'quoted\" (weird) ~ text*", k=2)  # query syntax never crashes
 
 

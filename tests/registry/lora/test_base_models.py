@@ -4,11 +4,15 @@ matching (shapes first, metadata hints where shapes fit several bases)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from flux_fixtures import flux_lora, partial_names, tiny_flux_base, top_level_names
 
 from registry.lora.base_models import (
+    BUILTIN_BASE_NAMES,
     BaseModel,
     builtin_bases,
     flux1_dev,
@@ -76,6 +80,15 @@ def test_flux1_schnell_is_dev_without_the_guidance_embedder():
     assert set(dev.layer_shapes) - set(schnell.layer_shapes) == set(GUIDANCE)
     assert all(dev.layer_shapes[n] == shape for n, shape in schnell.layer_shapes.items())
     assert builtin_bases() == [dev, schnell] and flux1_schnell() is schnell
+
+
+def test_builtin_names_are_known_without_torch():
+    """Search's unknown-base message lists the built-in bases without building them (no torch)."""
+    assert [b.name for b in builtin_bases()] == list(BUILTIN_BASE_NAMES)
+    code = "import sys, registry.lora.base_models as b; print(b.BUILTIN_BASE_NAMES, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[3]).stdout
+    assert out.strip() == "('FLUX.1-dev', 'FLUX.1-schnell') False"
 
 
 SCHNELL_HINTS = ["flux1_schnell", "flux-1-schnell/lora", "Flux.1 S", "FLUX.1-schnell",

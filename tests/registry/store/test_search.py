@@ -30,21 +30,24 @@ class FixedEncoder:
 def add_rows(reg: Registry, vectors: np.ndarray, texts: list[str], base_models: list[str] | None = None,
              weights: np.ndarray | None = None, encoder_version: str = "enc-test") -> None:
     """Rows with only ids, names, texts, base models and vectors (like benchmarks/search.py);
-    with ``weights``, weight vectors of ``encoder_version`` too, made active."""
+    with ``weights``, weight vectors of ``encoder_version`` too, made active (rows of a base other
+    than the first one's: of ``encoder_version-BASE``, as each base has its own encoder)."""
     n, schema = len(vectors), reg.loras.schema
+    base_models = base_models or ["FLUX.1-dev"] * n
     columns = {
         "lora_id": pa.array([f"lora-{i:08d}" for i in range(n)]),
         "name": pa.array([f"synthetic {i}" for i in range(n)]),
-        "base_model": pa.array(base_models or ["FLUX.1-dev"] * n),
+        "base_model": pa.array(base_models),
         "search_text": pa.array(texts),
         "text_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), TEXT_DIM),
         "added_at": pa.array([datetime.now(timezone.utc)] * n, type=schema.field("added_at").type),
     }
     if weights is not None:
         columns["weight_vector"] = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), TEXT_DIM)
-        columns["encoder_version"] = pa.array([encoder_version] * n)
-        reg.upsert(reg.encoders, [{"version": encoder_version, "base_model": "FLUX.1-dev", "file": "none",
-                                   "info": "{}", "active": True}], "version", update=True)
+        versions = [encoder_version if b == base_models[0] else f"{encoder_version}-{b}" for b in base_models]
+        columns["encoder_version"] = pa.array(versions)
+        reg.upsert(reg.encoders, [{"version": v, "base_model": b, "file": "none", "info": "{}", "active": True}
+                                  for v, b in dict(zip(versions, base_models)).items()], "version", update=True)
     reg.loras.add(pa.Table.from_arrays(
         [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in schema], schema=schema))
 
@@ -232,3 +235,32 @@ def test_weight_channel_searches_only_the_active_encoder_version(tmp_path):
     with pytest.raises(search.NoWeightEncoder):
         pinned.search("w3", channel="weights", encoder=FixedEncoder(vectors[3]))
     assert pinned.search("w3", k=1, encoder=FixedEncoder(vectors[3]))[0].lora_id == "lora-00000003"
+
+
+def test_an_empty_prompt_or_an_unknown_base_model_is_an_argument_error(tmp_path):
+    """Both raise ``ValueError`` (the CLI's one-line usage errors); a known base without LoRAs (a
+    built-in or registered one) is an empty result; the weight channel without an encoder for the
+    filtered base raises ``NoWeightEncoder`` as it does unfiltered."""
+    from registry.lora.base_models import BaseModel
+
+    reg = Registry.open(tmp_path / "registry")
+    vectors = unit(6, 6)
+    add_rows(reg, vectors, [f"w{i}" for i in range(6)], ["FLUX.1-dev"] * 3 + ["sdxl"] * 3, weights=vectors)
+    reg.maintain()
+    encoder = FixedEncoder(vectors[4])
+    for prompt in ("", " \n\t"):
+        with pytest.raises(ValueError, match="empty prompt"):
+            reg.search(prompt, encoder=encoder)
+    for channel in search.CHANNELS:
+        with pytest.raises(ValueError, match="unknown base model 'nothing'; known: FLUX.1-dev, FLUX.1-schnell, sdxl$"):
+            reg.search("w4", channel=channel, base_model="nothing", encoder=encoder)
+    reg.register_base(BaseModel("mine", "flux", {"proj": (4, 4)}))
+    for base in ("FLUX.1-schnell", "mine"):
+        assert reg.search("w4", base_model=base, encoder=encoder) == []
+        with pytest.raises(search.NoWeightEncoder, match=f"active in this registry for {base}"):
+            reg.search("w4", channel="weights", base_model=base, encoder=encoder)
+    assert reg.search("w4", base_model="sdxl", where="lora_id = 'none'", encoder=encoder) == []
+    assert reg.search("w4", k=1, base_model="sdxl", encoder=encoder)[0].lora_id == "lora-00000004"
+    for base, top in (("FLUX.1-dev", "lora-00000001"), ("sdxl", "lora-00000004")):  # each base its encoder's
+        hits = reg.search("w", k=1, channel="weights", base_model=base, encoder=FixedEncoder(vectors[int(top[-1])]))
+        assert hits[0].lora_id == top

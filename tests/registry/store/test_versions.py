@@ -116,3 +116,21 @@ def test_maintenance_during_a_concurrent_ingest_loses_nothing(tmp_path, monkeypa
     assert {"lora_id_idx", "search_text_idx"} <= set(stats)
     assert {i.name for i in reg.files.list_indices()} == {"path_idx", "sha256_idx", "lora_id_idx", "size_bytes_idx"}
     assert all(s.num_unindexed_rows == 0 for s in stats.values())
+
+
+def test_tagging_a_missing_version_and_a_version_given_as_digits(tmp_path):
+    """Tagging a version that does not exist is a ``ValueError`` naming those that do; "12" (a
+    command line's) opens version 12 unless a tag has that name, which wins."""
+    reg = Registry.open(tmp_path / "registry")
+    reg.add(_folder(tmp_path / "a", 1))
+    first = reg.version
+    reg.add(_folder(tmp_path / "b", 1, offset=1))
+    with pytest.raises(ValueError, match=rf"^no version 9999; versions: 1-{reg.version}$"):
+        reg.tag("old", 9999)
+    assert reg.tags() == {}
+    pinned = Registry.open(reg.root, version=str(first))
+    assert pinned.version == first and len(pinned) == 1 and len(pinned.search("lora", k=5)) == 1
+    with pytest.raises(RegistryNotFound, match=rf"no version 9999 .*; versions: 1-{reg.version}, tags: none"):
+        Registry.open(reg.root, version="9999")
+    reg.tag(str(first), reg.version)  # a tag named like a number
+    assert len(Registry.open(reg.root, version=str(first))) == 2
