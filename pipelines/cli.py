@@ -20,6 +20,13 @@ class UsageError(Exception):
     """A command line that names something that is not there: exit 2 with the message."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``autolora search: argument -k: ...``), still exit 2."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _quiet() -> None:
     """No third-party chatter on stderr (library warnings, weight-loading bars, lance logs)."""
     import logging
@@ -53,14 +60,13 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a narrow or piped terminal wraps ids, never cuts them
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
     Console().print(table)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from registry.lora.base_models import builtin_bases
     from registry.lora.errors import RejectedFile
     from registry.lora.inspect import inspect_file
     from registry.store.store import user_path
@@ -68,7 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = user_path(args.file)
     if not os.path.lexists(path):
         raise UsageError(f"no such file: {path}")
-    bases = _open_registry(args.registry, create=False).bases() if args.registry else builtin_bases()
+    bases = _open_registry(args.registry, create=False).bases() if args.registry else _default_bases()
     try:
         summary = inspect_file(path, bases).summary()
     except (RejectedFile, OSError) as error:
@@ -82,6 +88,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         _table(str(args.file), ["field", "value"], list(summary.items()))
     return 0
+
+
+def _default_bases():
+    """The bases of the default registry ($AUTOLORA_REGISTRY or .autolora/registry) if it holds one, else built-ins."""
+    from registry import Registry, RegistryNotFound
+    from registry.lora.base_models import builtin_bases
+
+    try:
+        return Registry.open(DEFAULT_REGISTRY, create=False).bases()
+    except RegistryNotFound:
+        return builtin_bases()
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -255,14 +272,15 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autolora", description=__doc__)
+    parser = _Parser(prog="autolora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show library warnings and progress on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="validate and describe one LoRA file")
     inspect.add_argument("file")
-    inspect.add_argument("--registry", help="also match against this registry's base models")
+    inspect.add_argument("--registry", type=_expanded, help="also match against this registry's base models "
+                         "(default: $AUTOLORA_REGISTRY or .autolora/registry, if it holds a registry)")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -349,8 +367,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"autolora {args.command}: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:  # `autolora search ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:  # exit without a last collection over lancedb's import-time objects (~0.2 s)
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         gc.freeze()
 
 

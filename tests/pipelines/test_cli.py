@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
-from flux_fixtures import flux_lora, partial_names  # noqa: E402
+from flux_fixtures import flux_lora, partial_names, tiny_flux_base  # noqa: E402
 
 from registry.lora.formats import save_lora  # noqa: E402
 
@@ -86,6 +86,7 @@ def test_usage_errors_exit_2_and_create_nothing(folder, tmp_path):
         for channel in ("weights", "hybrid"):
             out = run("search", "neon", "--registry", str(typo), "-k", k, "--channel", channel)
             assert out.returncode == 2 and "must be at least 1" in out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line, not argparse's usage block
 
 
 def test_links_empty_folders_and_quiet_output(folder, tmp_path):
@@ -144,3 +145,33 @@ def test_building_the_command_line_imports_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
+def test_inspect_matches_the_default_registrys_bases(tmp_path):
+    """``inspect`` without --registry knows the bases of $AUTOLORA_REGISTRY (the README's default)."""
+    from registry import Registry
+
+    base = tiny_flux_base()
+    lora = tmp_path / "tiny.safetensors"
+    save_lora(lora, flux_lora(list(base.layer_shapes)[:4], rank=2, base=base), "diffusers")
+    Registry.open(tmp_path / "registry").register_base(base)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    unknown = subprocess.run([AUTOLORA, "inspect", str(lora), "--json"], capture_output=True, text=True,
+                             env={**env, "AUTOLORA_REGISTRY": str(tmp_path / "none")}, timeout=600)
+    assert unknown.returncode == 1 and json.loads(unknown.stdout)["code"] == "unknown_base"
+    known = subprocess.run([AUTOLORA, "inspect", str(lora), "--json"], capture_output=True, text=True,
+                           env={**env, "AUTOLORA_REGISTRY": str(tmp_path / "registry")}, timeout=600)
+    assert known.returncode == 0, known.stdout + known.stderr
+    assert json.loads(known.stdout)["base_model"] == "tiny-flux"
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(folder, tmp_path):
+    """``autolora search ... | head``: the pipe closes before the table is written."""
+    registry = str(tmp_path / "registry")
+    assert run("ingest", str(folder), "--registry", registry).returncode == 0
+    proc = subprocess.Popen([AUTOLORA, "search", "neon", "--registry", registry], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
