@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from pipelines.cli import UsageError, _expanded, _open_registry, _positive, _print_json, _table
@@ -29,11 +30,33 @@ def _gates(args: argparse.Namespace, world: Path | None):
     return train_world_gates(world).gates if world is not None else None
 
 
+NO_GATES = ("no gates given: gated fusion runs untrained gates (plain addition); "
+            "pass --gates FILE or --world DIR")
+
+
+def _generator(registry, base, args: argparse.Namespace):
+    """The Generator on ``base`` with --steps / --size applied; a base that is not there or a size
+    the base cannot render is a usage error."""
+    from pipelines.generate import BaseNotFound, Generator
+
+    try:
+        gen = Generator(registry, base, method=args.fusion, progress=bool(getattr(args, "verbose", False)))
+    except BaseNotFound as error:
+        raise UsageError(str(error)) from None
+    try:
+        gen.settings = dataclasses.replace(gen.settings, **{
+            name: value for name, value in (("steps", args.steps), ("size", args.size)) if value is not None})
+    except ValueError as error:
+        gen.close()
+        raise UsageError(f"--size: {error}") from None
+    return gen
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from pipelines.fusion_methods import METHODS
-    from pipelines.generate import Generator
+    from pipelines.generate import BaseNotFound, resolve_base
 
     if args.fusion not in METHODS:
         raise UsageError(f"unknown fusion {args.fusion!r}; known: {', '.join(METHODS)}")
@@ -42,10 +65,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     base = args.base or world
     if base is None:
         raise UsageError("give the base pipeline: --base FOLDER or --world DIR")
-    gates = _gates(args, world) if args.fusion.startswith("gated") else None
-    with Generator(registry, base, gates, method=args.fusion) as gen:
-        gen.settings = dataclasses.replace(gen.settings, **{
-            name: value for name, value in (("steps", args.steps), ("size", args.size)) if value is not None})
+    try:
+        resolve_base(base)  # a missing folder fails here, before gates are trained
+    except BaseNotFound as error:
+        raise UsageError(str(error)) from None
+    with _generator(registry, base, args) as gen:
+        gates = _gates(args, world) if args.fusion.startswith("gated") else None
+        if args.fusion.startswith("gated") and gates is None:
+            print(f"autolora generate: warning: {NO_GATES}", file=sys.stderr)
+        gen.gates = gates
         try:
             result = gen.generate(args.prompt, k=args.k, lora_ids=args.lora or None, seed=args.seed)
         except KeyError as error:
@@ -139,10 +167,12 @@ def add_commands(sub, evaluate, train=None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--lora", action="append", help="use this registry LoRA id (repeatable) instead of retrieval")
     gen.add_argument("--world", type=_expanded, help="a demo world: its base, and its gates (trained if missing)")
-    gen.add_argument("--base", type=_expanded, help="a diffusers FLUX pipeline folder")
+    gen.add_argument("--base", type=_expanded, help="a diffusers FLUX pipeline: a folder, a demo world or a Hub "
+                                                    "repo id (black-forest-labs/FLUX.1-dev)")
     gen.add_argument("--gates", type=_expanded, help="a gate checkpoint (safetensors)")
     gen.add_argument("--steps", type=_positive, help="denoising steps (default: the base's usual: 28 for FLUX.1-dev)")
-    gen.add_argument("--size", type=_positive, help="image size in pixels (default: the base's: 1024 for FLUX.1-dev)")
+    gen.add_argument("--size", type=_positive, help="image size in pixels, a multiple of the base's vae_scale_factor "
+                                                    "* 2 (16 for FLUX.1-dev; default: the base's: 1024 for FLUX.1-dev)")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

@@ -9,6 +9,7 @@ from pipelines.cli import UsageError, _expanded, _open_registry, _print_json, _t
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
     from pipelines.encoder_pool import Recipe, train_registry_encoder
+    from pipelines.generate import BaseNotFound
 
     registry = _open_registry(args.registry, create=False)
     base = args.base_model or _only_base(registry)
@@ -17,6 +18,8 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     try:
         info = train_registry_encoder(registry, base, args.where, recipe, activate=not args.no_activate,
                                       progress=not args.json)
+    except BaseNotFound as error:  # --probes-from names no pipeline
+        raise UsageError(f"--probes-from: {error}") from None
     except (ValueError, KeyError) as error:
         raise UsageError(str(error)) from None
     info.pop("losses", None)

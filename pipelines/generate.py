@@ -8,7 +8,9 @@ place (``GatedFusion.set_loras``); the base is never reloaded.  Loaded LoRAs are
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,16 +59,86 @@ class RenderSettings:
 FLUX1_WIDTH = 3072
 
 
-def load_base(source: FluxPipeline | str | Path) -> FluxPipeline:
-    """A pipeline as is, a diffusers pipeline folder, or a demo world folder (its ``base/``)."""
+class BaseNotFound(FileNotFoundError):
+    """The base is neither a local pipeline folder (or demo world) nor a Hub repo id that loads."""
+
+
+def resolve_base(source: str | os.PathLike) -> str:
+    """``source`` as ``FluxPipeline.from_pretrained`` takes it: an existing local pipeline folder
+    (a demo world folder, or a folder holding one built world: its ``base/``) or a Hub repo id
+    ("owner/name" that is no local path); anything else raises :class:`BaseNotFound`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if (path / "model_index.json").is_file():
+            return str(path)
+        worlds = [path] if (path / "world.json").is_file() else [w.parent for w in path.glob("*/world.json")]
+        if len(worlds) == 1 and (worlds[0] / "base" / "model_index.json").is_file():
+            return str(worlds[0] / "base")
+        raise BaseNotFound(f"{text} is neither a diffusers pipeline folder (no model_index.json) "
+                           "nor a built demo world")
+    try:
+        if text.count("/") != 1:
+            raise HFValidationError(text)
+        validate_repo_id(text)
+    except HFValidationError:
+        raise BaseNotFound(f"no such base pipeline: {text} (neither an existing folder nor a Hub repo id "
+                           "such as black-forest-labs/FLUX.1-dev)") from None
+    return text
+
+
+@contextmanager
+def loading_output(progress: bool = False) -> Iterator[None]:
+    """While loading: diffusers / transformers progress bars on when ``progress``, else no bars and
+    no warnings (each library's settings restored after)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _, _ in saved:
+        if progress:
+            module.enable_progress_bar()
+        else:
+            module.set_verbosity_error()
+            module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, level, bar in saved:
+            module.set_verbosity(level)
+            module.enable_progress_bar() if bar else module.disable_progress_bar()
+
+
+def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False) -> FluxPipeline:
+    """A pipeline as is, else :func:`resolve_base`'s folder or Hub repo id loaded (quietly unless
+    ``progress``); a Hub id that cannot be loaded (offline, gated, missing) raises :class:`BaseNotFound`."""
     if isinstance(source, FluxPipeline):
         return source
-    path = Path(source)
-    if (path / "world.json").is_file():
-        path = path / "base"
-    pipe = FluxPipeline.from_pretrained(path)
+    name = resolve_base(source)
+    with loading_output(progress):
+        try:
+            pipe = FluxPipeline.from_pretrained(name)
+        except OSError as error:
+            if Path(name).exists():
+                raise
+            raise BaseNotFound(_hub_failure(name, error)) from error
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _hub_failure(repo_id: str, error: OSError) -> str:
+    """One line saying why the Hub repo ``repo_id`` did not load."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return (f"cannot load the base {repo_id!r}: no such folder, and as a Hub repo id it is not in the local "
+                "Hugging Face cache while HF_HUB_OFFLINE is on (set HF_HUB_OFFLINE=0 to download it)")
+    why = " ".join(str(error).split()) or type(error).__name__
+    why = why if len(why) <= 200 else why[:199] + "…"
+    return f"cannot load the base {repo_id!r}: no such folder, and the Hugging Face Hub could not provide it ({why})"
 
 
 def with_triggers(prompt: str, triggers: Sequence[str]) -> str:
@@ -82,16 +154,36 @@ class Generator:
     """Prompt -> retrieved LoRAs -> fused generation on one base held for the object's lifetime."""
 
     def __init__(self, registry, base: FluxPipeline | str | Path, gates: GateSet | str | Path | None = None,
-                 method: str = "gated", render: RenderSettings | None = None) -> None:
+                 method: str = "gated", render: RenderSettings | None = None, progress: bool = False) -> None:
         from pipelines.train_gates import load_gates
 
         self.registry = registry
-        self.pipe = load_base(base)
+        self.pipe = load_base(base, progress=progress)
         self.settings = render or RenderSettings.for_base(self.pipe)
         self.gates = load_gates(gates) if isinstance(gates, (str, Path)) else gates
         self.method = get(method).name
         self._loras: dict[str, Lora] = {}
         self._session: GatedSession | None = None
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes this base renders exactly are multiples of this: FLUX packs 2x2 latent
+        patches, so ``vae_scale_factor * 2`` (16 for FLUX.1-dev)."""
+        return 2 * int(getattr(self.pipe, "vae_scale_factor", 8))
+
+    @property
+    def settings(self) -> RenderSettings:
+        """How this generator renders; setting it checks the size (ValueError)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: RenderSettings) -> None:
+        m = self.size_multiple
+        if value.size < 1 or value.size % m:
+            below = max(m, value.size // m * m)
+            raise ValueError(f"image size {value.size} is not a positive multiple of {m}, which this base needs "
+                             f"(e.g. {below} or {below + m})")
+        self._settings = value
 
     def retrieve(self, prompt: str, k: int) -> list:
         """The registry's top-``k`` hits for ``prompt``."""

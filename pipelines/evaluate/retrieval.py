@@ -34,6 +34,7 @@ from pipelines.evaluate.retrieval_queries import (
 )
 from pipelines.evaluate.retrieval_report import write_report
 from registry import Registry
+from registry.hashing import sha256_file
 from registry.lora.inspect import load_canonical
 from registry.store.store import where_in
 
@@ -41,14 +42,38 @@ CHANNELS = ("weights", "text", "hybrid")
 
 
 def manifest_ids(reg: Registry, root: Path, entries: list[dict]) -> dict[str, str]:
-    """World file (relative) -> lora_id, through the registry's file records."""
+    """World file (relative) -> lora_id through the registry's file records: by path while the file's
+    size, mtime and inode are the recorded ones, else by content (sha256), so a copied or moved
+    world matches the registry it was ingested into."""
     paths = {os.path.realpath(root / e["file"]): e["file"] for e in entries}
-    rows = reg.rows(reg.files, where_in("path", paths), len(paths), ["path", "lora_id"])
-    found = {paths[r["path"]]: r["lora_id"] for r in rows}
+    found: dict[str, str] = {}
+    for row in reg.rows(reg.files, where_in("path", paths), len(paths),
+                        ["path", "lora_id", "size_bytes", "mtime_ns", "inode"]):
+        st = _stat(row["path"])
+        if row["lora_id"] and st and (st.st_size, st.st_mtime_ns, st.st_ino) == (
+                row["size_bytes"], row["mtime_ns"], row["inode"]):
+            found[paths[row["path"]]] = row["lora_id"]
+    by_hash: dict[str, list[str]] = {}
+    for path, file in paths.items():
+        if file not in found and os.path.isfile(path):
+            by_hash.setdefault(sha256_file(path), []).append(file)
+    if by_hash:
+        for row in reg.rows(reg.files, where_in("sha256", by_hash), max(reg.files.count_rows(), 1),
+                            ["sha256", "lora_id"]):
+            for file in by_hash[row["sha256"]] if row["lora_id"] else ():
+                found.setdefault(file, row["lora_id"])
     missing = [f for f in paths.values() if f not in found]
     if missing:
-        raise LookupError(f"{len(missing)} world LoRA(s) are not in {reg.root} (e.g. {missing[0]}): ingest the world first")
+        raise LookupError(f"{len(missing)} world LoRA(s) are not in {reg.root} (e.g. {missing[0]}): "
+                          "ingest the world first")
     return found
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _search_rows(reg: Registry, queries, pool: list[str] | None) -> dict[str, list[list[str]]]:
