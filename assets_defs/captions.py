@@ -15,19 +15,24 @@ from assets_defs.resources import RegistryResource
 from assets_defs.sources import synced_loras
 from pipelines.caption import DEFAULT_PROMPT, Captioner
 from pipelines.caption_registry import caption_registry, pending_captions
-from pipelines.vllm_server import vllm_server
+from pipelines.vllm_server import default_served_name, vllm_server
 
 DEMO_BASE = ("autolora-demo-flux", ".autolora/world/default-seed0/base")
 
 
 class CaptionerResource(dg.ConfigurableResource):
     """An OpenAI-compatible captioning endpoint: ``url`` attaches to a running server (left
-    running); otherwise ``model_dir`` is served by vLLM from ``.venv-vllm`` for the duration of
-    :meth:`connect` (ready once ``/v1/models`` answers; its process group, by PID, stopped after)."""
+    running); otherwise ``model_dir`` (a model folder or a Hub id) is served by vLLM from
+    ``.venv-vllm`` for the duration of :meth:`connect` (ready once ``/v1/models`` answers; its
+    process group, by PID, stopped after). ``max_model_len`` / ``dtype`` default to the CPU
+    settings for a tiny model (null: vLLM's choice, e.g. on a GPU); ``extra_args`` go to the server."""
 
     url: str = os.environ.get("AUTOLORA_CAPTIONER_URL", "")
     model_dir: str = os.environ.get("AUTOLORA_CAPTIONER_MODEL", "")
-    served_name: str = ""  # default: the first model a URL lists, or the model folder's name
+    served_name: str = ""  # default: the first model a URL lists, the model folder's name, or the Hub id
+    max_model_len: int | None = 256
+    dtype: str | None = "float32"
+    extra_args: list[str] = []
     prompt: str = DEFAULT_PROMPT
     cache_dir: str = os.environ.get("AUTOLORA_CAPTION_CACHE", ".autolora/caption-cache")
     concurrency: int = 4
@@ -39,17 +44,19 @@ class CaptionerResource(dg.ConfigurableResource):
         """The model id captions will carry, when known without asking a server."""
         if self.served_name:
             return self.served_name
-        return None if self.url or not self.model_dir else Path(self.model_dir).resolve().name
+        return None if self.url or not self.model_dir else default_served_name(self.model_dir)
 
     @contextmanager
     def connect(self) -> Iterator[tuple[Captioner, dict]]:
         """A :class:`Captioner` on the endpoint, and ``{base_url, model, pid, start_seconds}``."""
         if not self.url and not self.model_dir:
             raise ValueError("CaptionerResource needs `url` (a running OpenAI server) or `model_dir` "
-                             "(a model folder to serve with vLLM); set AUTOLORA_CAPTIONER_URL or _MODEL")
+                             "(a model folder or Hub id to serve with vLLM); set AUTOLORA_CAPTIONER_URL or _MODEL")
         t0 = time.perf_counter()
-        with vllm_server(Path(self.model_dir) if not self.url else None, url=self.url or None,
-                         served_name=self.served_name or None, startup_timeout=self.startup_timeout) as server:
+        with vllm_server(self.model_dir if not self.url else None, url=self.url or None,
+                         served_name=self.served_name or None, startup_timeout=self.startup_timeout,
+                         max_model_len=self.max_model_len, dtype=self.dtype,
+                         extra_args=list(self.extra_args)) as server:
             info = {"base_url": server.base_url, "model": server.model, "pid": server.pid,
                     "start_seconds": round(time.perf_counter() - t0, 2)}
             with Captioner(server.base_url, server.model, prompt=self.prompt,

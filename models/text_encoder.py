@@ -8,17 +8,22 @@ default, so query and stored vectors come from the same code. Any sentence-trans
 path or Hub id can be given to :func:`load_text_encoder` (e.g. on a machine with internet); models
 the numpy path does not cover run through sentence-transformers (:class:`TextEncoder`).
 ``clip:<pipeline>`` names the CLIP text encoder of a diffusers pipeline (a folder or Hub id with
-``tokenizer/`` and ``text_encoder/``, as FLUX.1-dev has): :class:`CLIPTextEncoder`.
+``tokenizer/`` and ``text_encoder/``, as FLUX.1-dev has): :class:`CLIPTextEncoder`. An encoder that
+cannot be loaded (no such folder, or a Hub id not in the cache while offline, gated or missing)
+raises :class:`TextEncoderNotFound` with a one-line reason.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class Encoder(Protocol):
@@ -28,6 +33,41 @@ class Encoder(Protocol):
     name: str
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray: ...
+
+
+class TextEncoderNotFound(FileNotFoundError):
+    """A text encoder that cannot be loaded: neither a folder that loads nor a Hub model in reach."""
+
+
+def hub_load_failure(what: str, source: str, error: BaseException) -> str:
+    """One line saying why ``source`` (a folder or Hub id holding ``what``) did not load (also used
+    for base pipelines)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    why = " ".join(str(error).split()) or type(error).__name__
+    why = why if len(why) <= 200 else why[:199] + "…"
+    if Path(source).expanduser().exists():
+        return f"cannot load the {what} in the folder {source!r}: {why}"
+    try:
+        if source.count("/") > 1:
+            raise HFValidationError(source)
+        validate_repo_id(source)
+    except HFValidationError:
+        return f"cannot load the {what} {source!r}: no such folder, and not a Hugging Face Hub repo id"
+    if constants.HF_HUB_OFFLINE:
+        return (f"cannot load the {what} {source!r}: no such folder, and as a Hub repo id it is not in the local "
+                "Hugging Face cache while HF_HUB_OFFLINE is on (set HF_HUB_OFFLINE=0 to download it)")
+    return f"cannot load the {what} {source!r}: no such folder, and the Hugging Face Hub could not provide it ({why})"
+
+
+def _loading(what: str, source: str, load: Callable[[], T]) -> T:
+    """``load()``, its failures to find or read ``source`` raised as :class:`TextEncoderNotFound`."""
+    try:
+        return load()
+    except (OSError, ValueError) as error:  # transformers: OSError (offline, missing, gated), ValueError (bad id)
+        raise TextEncoderNotFound(hub_load_failure(what, source, error)) from error
 
 
 def default_model_path() -> Path:
@@ -45,7 +85,8 @@ class TextEncoder:
         from sentence_transformers import SentenceTransformer
 
         path = str(model) if model is not None else str(default_model_path())
-        self._model = SentenceTransformer(path, device=device, local_files_only=Path(path).exists())
+        self._model = _loading("sentence-transformers model", path, lambda: SentenceTransformer(
+            path, device=device, local_files_only=Path(path).exists()))
         self.dim: int = int(self._model.get_embedding_dimension())
         self.name = Path(path).name if Path(path).exists() else path
 
@@ -75,10 +116,15 @@ class CLIPTextEncoder:
 
         source = str(pipeline)
         local = Path(source).is_dir()
-        self._tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
-        config = AutoConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
-        cls = CLIPTextModelWithProjection if "WithProjection" in str(config.architectures) else CLIPTextModel
-        self._model = cls.from_pretrained(source, subfolder="text_encoder", local_files_only=local).to(device)
+
+        def load() -> tuple:
+            tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
+            config = AutoConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+            cls = CLIPTextModelWithProjection if "WithProjection" in str(config.architectures) else CLIPTextModel
+            return tokenizer, config, cls, cls.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+
+        self._tokenizer, config, cls, model = _loading("CLIP text encoder of the pipeline", source, load)
+        self._model = model.to(device)
         self._model.eval().requires_grad_(False)
         self._device, self._torch = device, torch
         self.dim: int = int(config.projection_dim if cls is CLIPTextModelWithProjection else config.hidden_size)
@@ -102,7 +148,8 @@ class CLIPTextEncoder:
 def load_text_encoder(model: str | os.PathLike | None = None, device: str = "cpu") -> Encoder:
     """The encoder for ``model`` (default: the bundled MiniLM): ``clip:<pipeline>`` a pipeline's
     CLIP text encoder; else the torch-free numpy path where it covers the model (a local BERT
-    folder with mean pooling, on CPU), else sentence-transformers."""
+    folder with mean pooling, on CPU), else sentence-transformers. Raises :class:`TextEncoderNotFound`
+    when ``model`` cannot be loaded."""
     from models.bert_numpy import NumpyBertEncoder, is_supported
 
     if isinstance(model, str) and model.startswith(CLIP_PREFIX):

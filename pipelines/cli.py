@@ -142,6 +142,12 @@ def cmd_search(args: argparse.Namespace) -> int:
                                where=args.where, include_removed=args.include_removed)
     except (ValueError, LookupError) as error:  # a malformed --where filter; no weight encoder yet
         raise UsageError(f"search failed: {error}") from None
+    except FileNotFoundError as error:  # the active encoder's text model cannot be loaded here
+        from models.text_encoder import TextEncoderNotFound
+
+        if not isinstance(error, TextEncoderNotFound):
+            raise
+        raise UsageError(f"search failed: {error}") from None
     if args.json:
         _print_json([hit.to_dict() for hit in hits])
     else:

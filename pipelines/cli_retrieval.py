@@ -8,6 +8,7 @@ from pipelines.cli import UsageError, _expanded, _open_registry, _print_json, _t
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from models.text_encoder import TextEncoderNotFound
     from pipelines.encoder_pool import Recipe, train_registry_encoder
     from pipelines.generate import BaseNotFound
 
@@ -20,6 +21,8 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
                                       progress=not args.json)
     except BaseNotFound as error:  # --probes-from names no pipeline
         raise UsageError(f"--probes-from: {error}") from None
+    except TextEncoderNotFound as error:  # --text-encoder (or the --probes-from pipeline's CLIP) does not load
+        raise UsageError(f"--text-encoder: {error}") from None
     except (ValueError, KeyError) as error:
         raise UsageError(str(error)) from None
     info.pop("losses", None)

