@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from assets_defs.resources import RegistryResource
 
@@ -17,18 +18,21 @@ REPORTS = os.environ.get("AUTOLORA_REPORTS", ".autolora/reports")
 class GatesConfig(dg.Config):
     """Which world's training pool, and the recipe knobs worth changing from the launchpad."""
 
-    world: str = WORLD
-    steps: int = 300
-    hinge: float = 0.0
-    composite: float = 1.0
-    time_features: int = 0  # > 0: timestep-conditioned gates (measured no better on the demo world)
+    world: str = Field(WORLD, description="a built demo world: its training pool trains the gates")
+    steps: int = Field(300, description="optimiser steps")
+    hinge: float = Field(0.0, description="weight of the hinge term of the authors' later code (0: eq. 10 only)")
+    composite: float = Field(1.0, description="share of steps on images of the whole active set (rest: eq. 10)")
+    time_features: int = Field(0, description="> 0: timestep-conditioned gates with this many sinusoidal "
+                                              "features (measured no better on the demo world)")
 
 
 class ReportConfig(dg.Config):
-    world: str = WORLD
-    out: str = REPORTS
-    sets: int = 8
-    prompts: int = 8
+    """Where the held-out LoRAs come from and how much to evaluate."""
+
+    world: str = Field(WORLD, description="a built demo world (its held-out LoRAs and read-out)")
+    out: str = Field(REPORTS, description="folder for the markdown report and its image grids")
+    sets: int = Field(8, description="held-out LoRA sets per k (fusion report)")
+    prompts: int = Field(8, description="prompts per set (fusion report)")
 
 
 def _png_data_url(path: Path) -> str:

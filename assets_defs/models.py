@@ -5,6 +5,7 @@ import base64
 import io
 
 import dagster as dg
+from pydantic import Field
 
 from assets_defs.ingest import ingested_loras
 from assets_defs.resources import RegistryResource
@@ -13,13 +14,15 @@ from assets_defs.resources import RegistryResource
 class EncoderTrainingConfig(dg.Config):
     """Which LoRAs train the encoder, and how."""
 
-    base_model: str = "autolora-demo-flux"
-    where: str = ""  # narrows the pool (a LanceDB SQL filter); empty: every LoRA of the base
-    design: str = "ours"
-    steps: int = 300
+    base_model: str = Field("autolora-demo-flux", description="the base whose LoRAs train (and use) the encoder")
+    where: str = Field("", description="a LanceDB SQL filter narrowing the pool; empty: every LoRA of the base")
+    design: str = Field("ours", description="'ours' or 'paper' (the authors' design)")
+    steps: int = Field(300, description="optimiser steps")
     seed: int = 0
-    probes_from: str = ""  # the base as a diffusers pipeline: probes from its layers' real inputs
-    text_encoder: str = ""  # "clip": the probes_from pipeline's CLIP text encoder; "": all-MiniLM-L6-v2
+    probes_from: str = Field("", description="the base as a diffusers pipeline (folder or Hub id): probes from "
+                                             "its layers' real inputs; empty: learned probes")
+    text_encoder: str = Field("", description="'clip': the probes_from pipeline's CLIP text encoder; "
+                                              "'clip:PIPELINE'; a sentence-transformers model; empty: all-MiniLM-L6-v2")
 
 
 def _loss_plot(losses: list[float]) -> str:

@@ -5,6 +5,7 @@ in ``pipelines.evaluate.retrieval``; this only wires it."""
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from assets_defs.generation import REPORTS, WORLD, report_markdown
 from assets_defs.models import weight_embeddings
@@ -12,9 +13,11 @@ from assets_defs.resources import RegistryResource
 
 
 class RetrievalReportConfig(dg.Config):
-    world: str = WORLD
-    out: str = str(Path(REPORTS) / "retrieval")
-    baselines: bool = True  # the authors' design, weight statistics and render-and-read rows
+    """Which world's held-out LoRAs, where the report goes, and whether to run the baselines."""
+
+    world: str = Field(WORLD, description="a built demo world whose LoRAs are in the registry")
+    out: str = Field(str(Path(REPORTS) / "retrieval"), description="folder for the report, figures and JSON")
+    baselines: bool = Field(True, description="also the authors' design, weight statistics and render-and-read rows")
 
 
 @dg.asset(group_name="reports", deps=[weight_embeddings], pool="registry_writes")
