@@ -5,11 +5,12 @@ import os
 import dagster as dg
 
 from assets_defs.resources import RegistryResource
+from pipelines.sources.local import DEMO_LORAS
 
 class IngestConfig(dg.Config):
-    """Which files or folders to ingest (folders are walked)."""
+    """Which files or folders to ingest (folders are walked; default: the demo world's LoRAs)."""
 
-    paths: list[str] = [os.environ.get("AUTOLORA_WATCH_DIR", "loras")]
+    paths: list[str] = [os.environ.get("AUTOLORA_WATCH_DIR", DEMO_LORAS)]
 
 def _markdown(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -23,6 +24,8 @@ def ingested_loras(context: dg.AssetExecutionContext, config: IngestConfig,
     reg = registry.open()
     paths = [p for p in config.paths if os.path.lexists(os.path.expandvars(os.path.expanduser(p)))]
     missing = sorted(set(config.paths) - set(paths))
+    if missing and not paths:
+        raise dg.Failure(f"none of the paths exist: {missing} (set paths in the run config, or AUTOLORA_WATCH_DIR)")
     if missing:
         context.log.warning(f"skipping paths that do not exist: {missing}")
     report = reg.add(paths)

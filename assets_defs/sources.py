@@ -80,6 +80,9 @@ def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str
         try:
             found, listed = source.discover(start.get("source"))
         except SourceError as error:  # the listing failed: keep the cursor, try again next tick
+            if error.code == "missing":  # a local folder that is not there
+                return dg.SkipReason(f"{name}: {error.reason}: create it, or set this source's folder "
+                                     f"in {sources_file}")
             return dg.SkipReason(f"{name}: listing failed: {error}")
         cursor = json.dumps({"source": listed}, sort_keys=True)
         if not found:
@@ -95,8 +98,8 @@ def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str
 
 
 def source_sensors(sources_file: str = SOURCES_FILE, download_dir: str = DOWNLOAD_DIR) -> list[dg.SensorDefinition]:
-    """One sensor per enabled source in ``sources_file`` (none when the file does not exist; a
-    bad entry raises ``ValueError`` naming it)."""
+    """One sensor per enabled source in ``sources_file`` (none when the file does not exist; any
+    error in it raises one ``ValueError`` naming the file and the entry)."""
     if not Path(sources_file).is_file():
         return []
     return [source_sensor(s.name, sources_file, download_dir) for s in load_sources(sources_file)]

@@ -20,7 +20,8 @@ Cursor = dict[str, Any]  # JSON-able; ``None`` / ``{}`` means "from the start"
 class SourceError(Exception):
     """A candidate or file that could not be fetched. ``code`` is one of ``vanished`` (gone
     between listing and download), ``sha256_mismatch``, ``too_large``, ``http`` (an error
-    status after retries), ``network`` (connection lost after retries), ``unsupported``."""
+    status after retries), ``network`` (connection lost after retries), ``unsupported``, ``missing`` (a local folder
+    that does not exist)."""
 
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(f"{code}: {reason}")

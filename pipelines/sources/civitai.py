@@ -20,6 +20,7 @@ from pipelines.sources.http import download, get_json, make_session
 
 CIVITAI_API = "https://civitai.com"
 TOKEN_ENV = "CIVITAI_API_KEY"
+AUTH_HINT = f"set {TOKEN_ENV}"  # added to a 401/403
 _NSFW_LEVELS = {1: "pg", 2: "pg13", 4: "r", 8: "x", 16: "xxx"}
 
 
@@ -54,7 +55,7 @@ class CivitaiSource:
                       "sort": "Newest", "nsfw": str(self.nsfw).lower()}
             if page_cursor:
                 params["cursor"] = page_cursor
-            data = get_json(self.session, f"{self.base_url}/api/v1/models", params)
+            data = get_json(self.session, f"{self.base_url}/api/v1/models", params, auth_hint=AUTH_HINT)
             pages += 1
             self.pages_read += 1
             newer = 0
@@ -114,7 +115,7 @@ class CivitaiSource:
         is_render = any(r.file is file for r in candidate.renders)
         cap = self.max_render_bytes if is_render else self.max_file_bytes
         return download(self.session, file.url, Path(dest_dir) / safe_name(file.name),
-                        size=file.size, sha256=file.sha256, max_bytes=cap)
+                        size=file.size, sha256=file.sha256, max_bytes=cap, auth_hint=AUTH_HINT)
 
 
 def _is_safetensors_model(data: object) -> bool:

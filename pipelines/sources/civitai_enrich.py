@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines.sources.base import SourceError
-from pipelines.sources.civitai import CivitaiSource
+from pipelines.sources.civitai import AUTH_HINT, CivitaiSource
 from pipelines.sources.sync import IMAGE_SUFFIXES, card_for
 from registry.hashing import sha256_file
 
@@ -31,7 +31,8 @@ def enrich_by_hash(path: str | os.PathLike, civitai: CivitaiSource, *, sha256: s
     from pipelines.sources.http import get_json
 
     try:
-        version = get_json(civitai.session, f"{civitai.base_url}/api/v1/model-versions/by-hash/{digest}")
+        version = get_json(civitai.session, f"{civitai.base_url}/api/v1/model-versions/by-hash/{digest}",
+                           auth_hint=AUTH_HINT)
     except SourceError as error:
         if error.code == "vanished":  # 404: Civitai does not know this file
             return None

@@ -1,22 +1,75 @@
 """The configured sources: one TOML file of ``[[source]]`` tables.
 
-``kind = "local" | "hub" | "civitai"``, ``enabled`` (default true), ``name`` (default: the
-kind) and the options of that source's class (``folder`` for local; ``filter``, ``endpoint``,
-``page_size``, ``max_models``, ``max_file_bytes`` for the Hub; ``base_url``, ``base_models``,
-``types``, ``page_size``, ``max_pages``, ``max_file_bytes`` for Civitai). Tokens come from the
-environment (``HF_TOKEN``, ``CIVITAI_API_KEY``), never from this file.
+Each entry has ``kind = "local" | "hub" | "civitai"``, ``enabled`` (default true), ``name``
+(default: the kind) and the options of that kind, declared with their types in :data:`SCHEMAS`
+(one ``TypedDict`` per kind) and checked generically: a wrong type, a non-positive count, an
+unknown key or a TOML syntax error is one ``ValueError`` naming the file (and the entry).
+Defaults are the source classes' own. Tokens come from the environment (``HF_TOKEN``,
+``CIVITAI_API_KEY``), never from this file.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, TypedDict, get_args, get_origin, get_type_hints
 
 from pipelines.sources.base import Source
+from pipelines.sources.local import DEMO_LORAS
 
 _TOKEN_KEYS = {"token", "api_key", "apikey"}
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """``Annotated[int, AtLeast(n)]``: an integer ``>= n``."""
+
+    n: int
+
+
+Positive = Annotated[int, AtLeast(1)]
+NonNegative = Annotated[int, AtLeast(0)]
+
+
+class _Entry(TypedDict, total=False):
+    kind: str
+    name: str
+    enabled: bool
+
+
+class LocalEntry(_Entry, total=False):
+    """``folder``: relative to the TOML file (default: the demo world's ``loras/``)."""
+
+    folder: str
+
+
+class HubEntry(_Entry, total=False):
+    """Options of :class:`pipelines.sources.hub.HubSource`."""
+
+    filter: str
+    endpoint: str
+    max_models: Positive
+    max_file_bytes: Positive
+    renders_per_model: NonNegative
+
+
+class CivitaiEntry(_Entry, total=False):
+    """Options of :class:`pipelines.sources.civitai.CivitaiSource`."""
+
+    base_url: str
+    base_models: list[str]
+    types: list[str]
+    page_size: Positive
+    max_pages: Positive
+    nsfw: bool
+    max_file_bytes: Positive
+    max_render_bytes: Positive
+    renders_per_version: NonNegative
+
+
+SCHEMAS: dict[str, type] = {"local": LocalEntry, "hub": HubEntry, "civitai": CivitaiEntry}
 
 
 def _classes() -> dict[str, type]:
@@ -27,34 +80,85 @@ def _classes() -> dict[str, type]:
     return {"local": LocalSource, "hub": HubSource, "civitai": CivitaiSource}
 
 
-def load_sources(path: str | os.PathLike, *, include_disabled: bool = False) -> list[Source]:
-    """The sources configured in ``path`` (enabled ones unless ``include_disabled``); a bad
-    entry raises ``ValueError`` naming it. Relative local folders are relative to the file."""
+def _type_name(hint: object) -> str:
+    if get_origin(hint) is Annotated:
+        bound = get_args(hint)[1]
+        return "a positive integer" if bound.n == 1 else f"an integer >= {bound.n}"
+    if get_origin(hint) is list:
+        return f"a list of {_type_name(get_args(hint)[0]).removeprefix('a ')}s"
+    return {str: "a string", bool: "true or false", int: "an integer"}[hint]
+
+
+def _valid(value: object, hint: object) -> bool:
+    """Whether ``value`` (as TOML parsed it) has the type ``hint`` declares."""
+    if get_origin(hint) is Annotated:
+        base, bound = get_args(hint)[0], get_args(hint)[1]
+        return _valid(value, base) and value >= bound.n
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_valid(v, get_args(hint)[0]) for v in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def check_entry(entry: object, where: str) -> dict:
+    """``entry`` checked against its kind's schema; raises ``ValueError`` starting with ``where``."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a table, not {entry!r}")
+    kind = entry.get("kind")
+    if kind not in SCHEMAS:
+        raise ValueError(f"{where}: kind must be one of {sorted(SCHEMAS)}, not {kind!r}")
+    if _TOKEN_KEYS & set(entry):
+        raise ValueError(f"{where}: put tokens in the environment (HF_TOKEN, CIVITAI_API_KEY), not here")
+    hints = get_type_hints(SCHEMAS[kind], include_extras=True)
+    unknown = set(entry) - set(hints)
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {sorted(unknown)} for kind {kind!r} "
+                         f"(known: {sorted(hints)})")
+    for key, value in entry.items():
+        if not _valid(value, hints[key]):
+            raise ValueError(f"{where}: {key} must be {_type_name(hints[key])}, not {value!r}")
+    return dict(entry)
+
+
+def read_entries(path: str | os.PathLike) -> list[dict]:
+    """The checked ``[[source]]`` entries of ``path`` (every entry, enabled or not)."""
     path = Path(path)
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
-    classes, sources, names = _classes(), [], set()
-    for i, entry in enumerate(data.get("source", [])):
-        where = f"{path}: [[source]] #{i + 1}"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from None
+    unknown = set(data) - {"source"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {sorted(unknown)}: each source is a [[source]] table")
+    tables = data.get("source", [])
+    if not isinstance(tables, list):
+        raise ValueError(f"{path}: 'source' must be an array of tables: write [[source]], not [source]")
+    entries, names = [], set()
+    for i, table in enumerate(tables):
+        label = f" ({table['name']!r})" if isinstance(table, dict) and isinstance(table.get("name"), str) else ""
+        where = f"{path}: [[source]] #{i + 1}{label}"
+        entry = check_entry(table, where)
+        entry.setdefault("name", entry["kind"])
+        if entry["name"] in names:
+            raise ValueError(f"{where}: duplicate source name {entry['name']!r}")
+        names.add(entry["name"])
+        entries.append(entry)
+    return entries
+
+
+def load_sources(path: str | os.PathLike, *, include_disabled: bool = False) -> list[Source]:
+    """The sources configured in ``path`` (enabled ones unless ``include_disabled``); any error
+    in the file raises ``ValueError`` naming it. Relative local folders are relative to the file."""
+    classes, sources = _classes(), []
+    for entry in read_entries(path):
         options = dict(entry)
-        kind = options.pop("kind", None)
-        enabled = options.pop("enabled", True)
-        if kind not in classes:
-            raise ValueError(f"{where}: kind must be one of {sorted(classes)}, not {kind!r}")
-        if _TOKEN_KEYS & set(options):
-            raise ValueError(f"{where}: put tokens in the environment (HF_TOKEN, CIVITAI_API_KEY), not here")
-        options.setdefault("name", kind)
-        if options["name"] in names:
-            raise ValueError(f"{where}: duplicate source name {options['name']!r}")
-        names.add(options["name"])
+        kind, enabled = options.pop("kind"), options.pop("enabled", True)
         if kind == "local":
-            options["folder"] = path.parent / Path(options.get("folder", "loras")).expanduser()
+            options["folder"] = Path(path).parent / Path(options.get("folder", DEMO_LORAS)).expanduser()
         for key in ("base_models", "types"):
             if key in options:
                 options[key] = tuple(options[key])
-        allowed = set(inspect.signature(classes[kind]).parameters) - {"session"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {sorted(unknown)} for kind {kind!r}")
         if enabled or include_disabled:
             sources.append(classes[kind](**options))
     return sources

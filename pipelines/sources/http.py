@@ -58,8 +58,16 @@ class _CappedRetry(Retry):
         return None if after is None else min(after, self.max_retry_after)
 
 
-def get_json(session: requests.Session, url: str, params: dict | None = None, timeout: float = 30) -> dict:
-    """GET JSON; error statuses (after retries) raise :class:`SourceError`."""
+def _status_error(url: str, status: int, auth_hint: str, body: str = "") -> SourceError:
+    """``http`` for an error status; a 401/403 carries ``auth_hint`` (e.g. ``set CIVITAI_API_KEY``)."""
+    hint = f" ({auth_hint})" if auth_hint and status in (401, 403) else ""
+    return SourceError("http", f"{url}: HTTP {status}{hint}" + (f" {body[:200]}" if body else ""))
+
+
+def get_json(session: requests.Session, url: str, params: dict | None = None, timeout: float = 30,
+             *, auth_hint: str = "") -> dict:
+    """GET JSON; error statuses (after retries) raise :class:`SourceError` (a 401/403 with
+    ``auth_hint``)."""
     try:
         response = session.get(url, params=params, timeout=timeout)
     except requests.RequestException as error:
@@ -67,7 +75,7 @@ def get_json(session: requests.Session, url: str, params: dict | None = None, ti
     if response.status_code == 404:
         raise SourceError("vanished", f"{url}: 404 not found")
     if response.status_code >= 400:
-        raise SourceError("http", f"{url}: HTTP {response.status_code} {response.text[:200]}")
+        raise _status_error(url, response.status_code, auth_hint, response.text)
     try:
         data = response.json()
     except ValueError as error:
@@ -78,10 +86,12 @@ def get_json(session: requests.Session, url: str, params: dict | None = None, ti
 
 
 def download(session: requests.Session, url: str, dest: Path, *, size: int | None = None,
-             sha256: str | None = None, max_bytes: int, attempts: int = 4, timeout: float = 60) -> Path:
+             sha256: str | None = None, max_bytes: int, attempts: int = 4, timeout: float = 60,
+             auth_hint: str = "") -> Path:
     """Download ``url`` to ``dest`` through ``dest.part`` (resumed with ``Range`` when a previous
     attempt left one), stopping at ``max_bytes`` or past the promised ``size``; the finished file
-    must match ``size`` and ``sha256`` or it is deleted and :class:`SourceError` raised."""
+    must match ``size`` and ``sha256`` or it is deleted and :class:`SourceError` raised (a 401/403
+    with ``auth_hint``)."""
     part = dest.with_name(dest.name + ".part")
     limit = min(max_bytes, size) if size is not None else max_bytes
     for attempt in range(attempts):
@@ -91,7 +101,7 @@ def download(session: requests.Session, url: str, dest: Path, *, size: int | Non
             have = 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            _stream(session, url, part, have, headers, limit, timeout)
+            _stream(session, url, part, have, headers, limit, timeout, auth_hint)
             break
         except SourceError:
             part.unlink(missing_ok=True)
@@ -114,14 +124,14 @@ def download(session: requests.Session, url: str, dest: Path, *, size: int | Non
 
 
 def _stream(session: requests.Session, url: str, part: Path, have: int, headers: dict,
-            limit: int, timeout: float) -> None:
+            limit: int, timeout: float, auth_hint: str = "") -> None:
     with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
         if response.status_code in (404, 410):
             raise SourceError("vanished", f"{url}: HTTP {response.status_code}")
         if response.status_code == 416 and have:  # the part is already whole
             return
         if response.status_code >= 400:
-            raise SourceError("http", f"{url}: HTTP {response.status_code}")
+            raise _status_error(url, response.status_code, auth_hint)
         if have and response.status_code != 206:  # the server ignored Range: start over
             have = 0
         declared = response.headers.get("Content-Length")

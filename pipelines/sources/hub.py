@@ -5,7 +5,9 @@ stops at the cursor's high-water mark (``lastModified`` plus the repos seen at e
 instant, with their commit). Every later read is pinned to the listed commit sha: the card
 (``instance_prompt``, ``widget``), file sizes and LFS sha256, and ``hf_hub_download`` (which
 resumes an ``.incomplete`` file). ``HF_ENDPOINT`` and ``HF_TOKEN`` apply as usual; an explicit
-``endpoint``/``token`` wins.
+``endpoint``/``token`` wins. There is no page size: ``list_models`` follows the Hub's own paging.
+A failed listing or read (an error status, or the transport errors ``huggingface_hub``'s HTTP
+client raises: refused, timed out, cut) is a :class:`SourceError`, never a raw exception.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP client: HfApi lets its transport errors through
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
 from pipelines.sources.base import Candidate, Cursor, RemoteFile, Render, SourceError, safe_name
@@ -24,15 +27,19 @@ from registry.hashing import sha256_file
 
 FLUX_DEV_ADAPTERS = "base_model:adapter:black-forest-labs/FLUX.1-dev"
 _WEIGHT_SUFFIXES = (".safetensors",)
+TOKEN_ENV = "HF_TOKEN"  # read by huggingface_hub itself
+# refused, timed out or cut connections and undecodable bodies (after huggingface_hub's own retries), and
+# HF_HUB_OFFLINE (OfflineModeIsEnabled is a ConnectionError)
+_NETWORK_ERRORS = (httpx2.RequestError, ConnectionError)
 
 
 class HubSource:
     """Hub repos matching ``filter`` (default: LoRAs/adapters of FLUX.1-dev)."""
 
     def __init__(self, *, filter: str = FLUX_DEV_ADAPTERS, endpoint: str | None = None,
-                 token: str | bool | None = None, page_size: int = 100, max_models: int | None = None,
+                 token: str | bool | None = None, max_models: int | None = None,
                  max_file_bytes: int = 2 << 30, renders_per_model: int = 4, name: str = "hub") -> None:
-        self.name, self.filter, self.page_size, self.max_models = name, filter, page_size, max_models
+        self.name, self.filter, self.max_models = name, filter, max_models
         self.endpoint = endpoint or hf_constants.ENDPOINT
         self.token = token
         self.max_file_bytes, self.renders_per_model = max_file_bytes, renders_per_model
@@ -54,7 +61,7 @@ class HubSource:
                 if since is not None and modified == since and at_since.get(model.id) == model.sha:
                     continue
                 listing.append(model)
-        except HfHubHTTPError as error:
+        except (HfHubHTTPError, *_NETWORK_ERRORS) as error:
             raise _source_error(error, "listing") from error
         found = []
         for model in listing:
@@ -83,7 +90,7 @@ class HubSource:
                 for entry in self.api.get_paths_info(repo_id, missing, revision=sha):
                     lfs = getattr(entry, "lfs", None)
                     known[entry.path] = (getattr(entry, "size", None), lfs.sha256 if lfs else None)
-        except HfHubHTTPError as error:
+        except (HfHubHTTPError, *_NETWORK_ERRORS) as error:
             raise _source_error(error, repo_id) from error
         card = info.card_data.to_dict() if info.card_data is not None else {}
         files = [RemoteFile(name, self._url(repo_id, sha, name), size, lfs_sha)
@@ -122,7 +129,7 @@ class HubSource:
                                        endpoint=self.endpoint, token=self.token))
         except LocalEntryNotFoundError as error:  # no connection
             raise SourceError("network", f"{candidate.id}/{file.name}: {error}") from error
-        except (HfHubHTTPError, EntryNotFoundError) as error:
+        except (HfHubHTTPError, EntryNotFoundError, *_NETWORK_ERRORS) as error:
             raise _source_error(error, f"{candidate.id}/{file.name}") from error
         except OSError as error:  # e.g. size differs from what the server announced
             raise SourceError("network", f"{candidate.id}/{file.name}: {error}") from error
@@ -140,9 +147,17 @@ class HubSource:
 
 
 def _source_error(error: Exception, what: str) -> SourceError:
-    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)):
-        return SourceError("vanished", f"{what}: {error}")
-    return SourceError("http", f"{what}: {error}")
+    """``network`` for transport errors, ``vanished`` for a repo/revision/file that is gone, else
+    ``http``; a 401/403 says which environment variable holds the token."""
+    if isinstance(error, _NETWORK_ERRORS):
+        return SourceError("network", f"{what}: {type(error).__name__}: {error}")
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if status in (401, 403) or isinstance(error, GatedRepoError):
+        what = f"{what}: HTTP {status} (set {TOKEN_ENV})"
+    gone = (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)
+    code = "vanished" if isinstance(error, gone) and not isinstance(error, GatedRepoError) else "http"
+    return SourceError(code, f"{what}: {error}")
 
 
 def _words(value: object) -> list[str]:

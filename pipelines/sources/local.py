@@ -18,16 +18,23 @@ from registry.ingest import CANDIDATE_SUFFIXES
 from registry.lora.metadata import sidecar_files, sidecar_signature
 
 
+DEMO_LORAS = ".autolora/world/default-seed0/loras"  # bin/demo's world (pipelines.world.build: OUT/SIZE-seedN/loras)
+
+
 class LocalSource:
     """LoRA files under ``folder`` (walked; symlinked folders are not followed)."""
 
     in_place = True  # sync ingests the files where they are
 
     def __init__(self, folder: str | os.PathLike, name: str = "local") -> None:
-        self.folder, self.name = Path(folder).expanduser(), name
+        self.folder, self.name = Path(folder).expanduser().absolute(), name  # absolute: ids are file URIs
 
     def discover(self, cursor: Cursor | None) -> tuple[list[Candidate], Cursor]:
-        """Files new or changed since ``cursor`` (``{"files": {path: digest}}``)."""
+        """Files new or changed since ``cursor`` (``{"files": {path: digest}}``); a folder that does
+        not exist raises :class:`SourceError` (``missing``) and leaves the cursor as it was."""
+        if not self.folder.is_dir():
+            what = "is not a folder" if self.folder.exists() else "does not exist"
+            raise SourceError("missing", f"folder {self.folder} {what}")
         seen: dict[str, str] = dict((cursor or {}).get("files", {}))
         now: dict[str, str] = {}
         found = []
@@ -56,8 +63,6 @@ def changed_files(folder: str | os.PathLike, cursor: str | None) -> tuple[list[s
 
 
 def _lora_files(folder: Path):
-    if not folder.is_dir():
-        return
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. a sync's .staging
         siblings = sorted(names)

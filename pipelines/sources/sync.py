@@ -98,7 +98,11 @@ def sync(source: Source, registry: Registry | None, download_dir: str | os.PathL
 
 def _sync_in_place(source: Source, registry: Registry | None, cursor: Cursor | None) -> SyncReport:
     """A source whose files are already local: ingest the changed ones where they are."""
-    found, new = source.discover((cursor or {}).get("source"))
+    try:
+        found, new = source.discover((cursor or {}).get("source"))
+    except SourceError as error:  # e.g. the folder is missing: keep the old cursor
+        return SyncReport(failed=[{"key": source.name, "file": "", "code": error.code, "reason": error.reason,
+                                   "retry": True}], cursor={"source": (cursor or {}).get("source"), "pending": []})
     report = SyncReport(discovered=len(found), cursor={"source": new, "pending": []})
     paths = [c.id for c in found if os.path.exists(c.id)]
     if registry is not None and paths:

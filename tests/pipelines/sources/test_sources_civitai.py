@@ -234,3 +234,15 @@ def test_a_transient_failure_is_retried_by_the_next_sync(civitai, tmp_path):
     second = sync(_source(civitai), reg, tmp_path / "dl", first.cursor)
     assert second.discovered == 0 and second.downloaded == ["civitai:10@100"] and len(reg) == 3
     assert second.cursor["pending"] == []
+
+
+def test_401_and_403_say_to_set_civitai_api_key(civitai, tmp_path):
+    civitai.api_fault = lambda request: Response('{"error": "Unauthorized"}', status=401)
+    reg = Registry.open(tmp_path / "reg")
+    listing = sync(_source(civitai), reg, tmp_path / "dl")
+    assert [f["code"] for f in listing.failed] == ["http"] and "(set CIVITAI_API_KEY)" in listing.failed[0]["reason"]
+    civitai.api_fault = None
+    civitai.cdn_fault = lambda request, name: Response("forbidden", status=403) if name == "lora0.safetensors" else None
+    download = sync(_source(civitai), reg, tmp_path / "dl")
+    assert [(f["key"], f["code"]) for f in download.failed] == [("civitai:10@100", "http")]
+    assert "HTTP 403 (set CIVITAI_API_KEY)" in download.failed[0]["reason"] and len(reg) == 2

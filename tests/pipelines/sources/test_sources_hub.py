@@ -137,7 +137,7 @@ def _populate(olah: Olah, loras: list[bytes]) -> dict[str, str]:
 
 def test_hub_crawl_pinned_to_commits_downloads_verifies_and_ingests(olah, loras, tmp_path):
     shas = _populate(olah, loras)
-    source = HubSource(endpoint=olah.url, page_size=PAGE_SIZE)
+    source = HubSource(endpoint=olah.url)
     started = time.perf_counter()
     found, cursor = source.discover(None)
     seconds = time.perf_counter() - started
@@ -205,3 +205,44 @@ def test_hub_file_over_the_cap_is_not_downloaded(olah, loras, tmp_path):
     reg = Registry.open(tmp_path / "reg")
     report = sync(HubSource(endpoint=olah.url, max_file_bytes=1000), reg, tmp_path / "dl")
     assert [f["code"] for f in report.failed] == ["too_large"] and len(reg) == 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_network_failure_is_a_source_error(monkeypatch):
+    """A refused connection (httpx ConnectError) and offline mode are ``network`` errors, not tracebacks."""
+    from pipelines.sources.base import SourceError
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    source = HubSource(endpoint=f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(SourceError, match="ConnectError") as error:
+        source.candidate("org/lora", None)  # model_info: not retried by huggingface_hub
+    assert error.value.code == "network"
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SourceError) as error:
+        source.discover(None)
+    assert error.value.code == "network"
+
+
+def test_hub_401_and_403_say_to_set_hf_token(httpserver, monkeypatch):
+    from werkzeug import Response
+
+    from pipelines.sources.base import SourceError
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    httpserver.expect_request("/api/models").respond_with_response(
+        Response('{"error": "Invalid credentials in Authorization header"}', status=401,
+                 content_type="application/json"))
+    httpserver.expect_request("/api/models/org/gated").respond_with_response(
+        Response('{"error": "Access to model org/gated is restricted."}', status=403,
+                 headers={"X-Error-Code": "GatedRepo"}, content_type="application/json"))
+    source = HubSource(endpoint=httpserver.url_for("/").rstrip("/"))
+    with pytest.raises(SourceError, match=r"listing: HTTP 401 \(set HF_TOKEN\)") as listing:
+        source.discover(None)
+    with pytest.raises(SourceError, match=r"org/gated: HTTP 403 \(set HF_TOKEN\)") as gated:
+        source.candidate("org/gated", None)
+    assert listing.value.code == gated.value.code == "http"

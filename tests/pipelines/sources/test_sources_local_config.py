@@ -14,7 +14,8 @@ from pipelines.sources.civitai import CivitaiSource
 from pipelines.sources.civitai_enrich import enrich_by_hash
 from pipelines.sources.config import load_sources
 from pipelines.sources.hub import HubSource
-from pipelines.sources.local import LocalSource, changed_files
+from pipelines.sources.base import SourceError
+from pipelines.sources.local import DEMO_LORAS, LocalSource, changed_files
 from pipelines.sources.sync import sync
 from registry import Registry
 
@@ -55,7 +56,9 @@ def test_local_sync_ingests_in_place(tmp_path, loras):
 def test_shipped_sources_toml_has_local_enabled_and_crawls_ready(tmp_path):
     enabled = load_sources(ROOT / "sources.toml")
     assert [type(s).__name__ for s in enabled] == ["LocalSource"]
-    assert enabled[0].folder == ROOT / "loras"
+    # the demo world's zoo: pipelines.world.build writes OUT/SIZE-seedN/loras, bin/demo's OUT is .autolora/world
+    assert DEMO_LORAS == str(Path(".autolora/world") / "default-seed0" / "loras")
+    assert enabled[0].folder == ROOT / DEMO_LORAS
     every = load_sources(ROOT / "sources.toml", include_disabled=True)
     assert [s.name for s in every] == ["local", "hub", "civitai"]
     assert isinstance(every[1], HubSource) and every[1].filter == "base_model:adapter:black-forest-labs/FLUX.1-dev"
@@ -72,6 +75,62 @@ def test_bad_sources_toml_is_refused_with_a_reason(tmp_path, text, message):
     (tmp_path / "s.toml").write_text(text)
     with pytest.raises(ValueError, match=message):
         load_sources(tmp_path / "s.toml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[source]\nkind = "local"\n', r"s\.toml: not valid TOML: Expected"),
+    ('[source]\nkind = "local"\n', r"s\.toml: 'source' must be an array of tables: write \[\[source\]\]"),
+    ('source = [1]\n', r"s\.toml: \[\[source\]\] #1: expected a table"),
+    ('[[sources]]\nkind = "local"\n', r"s\.toml: unknown top-level key\(s\) \['sources'\]"),
+    ('[[source]]\nkind = "local"\nfolder = 3\n', r"s\.toml: \[\[source\]\] #1: folder must be a string, not 3"),
+    ('[[source]]\nkind = "local"\nenabled = "no"\n', "enabled must be true or false, not 'no'"),
+    ('[[source]]\nkind = "civitai"\nbase_models = "Flux.1 D"\n', "base_models must be a list of strings"),
+    ('[[source]]\nkind = "civitai"\ntypes = ["LORA", 3]\n', "types must be a list of strings"),
+    ('[[source]]\nkind = "civitai"\nname = "c"\npage_size = "lots"\n',
+     r"#1 \('c'\): page_size must be a positive integer, not 'lots'"),
+    ('[[source]]\nkind = "civitai"\nmax_pages = -3\n', "max_pages must be a positive integer, not -3"),
+    ('[[source]]\nkind = "civitai"\nmax_pages = true\n', "max_pages must be a positive integer, not True"),
+    ('[[source]]\nkind = "hub"\nmax_file_bytes = "2GB"\n', "max_file_bytes must be a positive integer"),
+    ('[[source]]\nkind = "hub"\npage_size = 100\n', r"unknown option\(s\) \['page_size'\] for kind 'hub'"),
+    ('[[source]]\nkind = "local"\nname = 5\n', "name must be a string"),
+])
+def test_every_sources_toml_mistake_is_one_value_error_naming_the_file(tmp_path, text, message):
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        load_sources(tmp_path / "s.toml", include_disabled=True)
+    assert type(error.value) is ValueError and str(error.value).startswith(str(tmp_path / "s.toml"))
+
+
+def test_sources_toml_values_reach_the_sources_typed(tmp_path):
+    (tmp_path / "s.toml").write_text('[[source]]\nkind = "civitai"\nbase_models = ["Flux.1 D", "Flux.1 S"]\n'
+                                     'page_size = 7\nmax_pages = 2\nenabled = false\n'
+                                     '[[source]]\nkind = "local"\n')
+    civitai, local = load_sources(tmp_path / "s.toml", include_disabled=True)
+    assert civitai.base_models == ("Flux.1 D", "Flux.1 S") and (civitai.page_size, civitai.max_pages) == (7, 2)
+    assert local.folder == tmp_path / DEMO_LORAS  # the default: the demo world's LoRAs beside the file
+    assert [s.name for s in load_sources(tmp_path / "s.toml")] == ["local"]
+
+
+def test_a_relative_sources_toml_path_gives_a_working_local_source(tmp_path, loras, monkeypatch):
+    """``dagster dev`` reads ``sources.toml`` relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.safetensors").write_bytes(loras[0])
+    Path("s.toml").write_text('[[source]]\nkind = "local"\nfolder = "mine"\n')
+    (source,) = load_sources("s.toml")
+    found, _ = source.discover(None)
+    assert source.folder == tmp_path / "mine" and [c.files[0].url for c in found] == [
+        (tmp_path / "mine" / "a.safetensors").as_uri()]
+
+
+def test_a_missing_local_folder_is_reported_not_an_empty_listing(tmp_path, loras):
+    source = LocalSource(tmp_path / "nope")
+    with pytest.raises(SourceError, match="nope does not exist") as error:
+        source.discover(None)
+    assert error.value.code == "missing"
+    report = sync(source, Registry.open(tmp_path / "reg"), tmp_path / "unused", {"source": {"files": {"x": "1"}}})
+    assert [(f["code"], f["retry"]) for f in report.failed] == [("missing", True)]
+    assert report.cursor["source"] == {"files": {"x": "1"}}  # kept: an unmounted folder is not "all deleted"
 
 
 def test_enrich_a_bare_local_file_by_hash(httpserver, tmp_path, loras):
