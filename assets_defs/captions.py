@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from assets_defs.ingest import ingested_loras
 from assets_defs.resources import RegistryResource
@@ -27,18 +28,22 @@ class CaptionerResource(dg.ConfigurableResource):
     process group, by PID, stopped after). ``max_model_len`` / ``dtype`` default to the CPU
     settings for a tiny model (null: vLLM's choice, e.g. on a GPU); ``extra_args`` go to the server."""
 
-    url: str = os.environ.get("AUTOLORA_CAPTIONER_URL", "")
-    model_dir: str = os.environ.get("AUTOLORA_CAPTIONER_MODEL", "")
-    served_name: str = ""  # default: the first model a URL lists, the model folder's name, or the Hub id
-    max_model_len: int | None = 256
-    dtype: str | None = "float32"
-    extra_args: list[str] = []
-    prompt: str = DEFAULT_PROMPT
-    cache_dir: str = os.environ.get("AUTOLORA_CAPTION_CACHE", ".autolora/caption-cache")
-    concurrency: int = 4
-    timeout: float = 120.0
-    max_tokens: int = 64
-    startup_timeout: float = 600.0
+    url: str = Field(os.environ.get("AUTOLORA_CAPTIONER_URL", ""),
+                     description="a running OpenAI-compatible server to attach to ($AUTOLORA_CAPTIONER_URL)")
+    model_dir: str = Field(os.environ.get("AUTOLORA_CAPTIONER_MODEL", ""),
+                           description="else: a model folder or Hub id served by vLLM ($AUTOLORA_CAPTIONER_MODEL)")
+    served_name: str = Field("", description="the model name to ask for; empty: the first model a URL lists, "
+                                             "the model folder's name, or the Hub id")
+    max_model_len: int | None = Field(256, description="vLLM --max-model-len (null: vLLM's choice, e.g. on a GPU)")
+    dtype: str | None = Field("float32", description="vLLM --dtype (null: vLLM's choice)")
+    extra_args: list[str] = Field([], description="more vLLM server arguments")
+    prompt: str = Field(DEFAULT_PROMPT, description="the captioning instruction sent with each image")
+    cache_dir: str = Field(os.environ.get("AUTOLORA_CAPTION_CACHE", ".autolora/caption-cache"),
+                           description="captions cached by image hash and model")
+    concurrency: int = Field(4, description="requests in flight")
+    timeout: float = Field(120.0, description="seconds per request")
+    max_tokens: int = Field(64, description="caption length limit in tokens")
+    startup_timeout: float = Field(600.0, description="seconds to wait for a launched server to answer")
 
     def model_name(self) -> str | None:
         """The model id captions will carry, when known without asking a server."""
@@ -76,9 +81,10 @@ def _default_bases() -> dict[str, str]:
 class CaptionConfig(dg.Config):
     """Self-rendering of LoRAs that came without sample renders."""
 
-    self_render: bool = True
-    n_renders: int = 3
-    base_pipelines: dict[str, str] = _default_bases()  # base model name -> diffusers pipeline folder
+    self_render: bool = Field(True, description="render LoRAs that came without sample renders, then caption those")
+    n_renders: int = Field(3, description="renders per such LoRA")
+    base_pipelines: dict[str, str] = Field(_default_bases(), description="base model name -> diffusers pipeline "
+                                                                         "folder ($AUTOLORA_BASE_PIPELINES)")
 
 
 @dg.asset(group_name="registry", kinds={"vllm", "lancedb"}, deps=[ingested_loras, synced_loras],

@@ -3,6 +3,7 @@
 import os
 
 import dagster as dg
+from pydantic import Field
 
 from assets_defs.resources import RegistryResource
 from pipelines.sources.local import DEMO_LORAS
@@ -10,7 +11,9 @@ from pipelines.sources.local import DEMO_LORAS
 class IngestConfig(dg.Config):
     """Which files or folders to ingest (folders are walked; default: the demo world's LoRAs)."""
 
-    paths: list[str] = [os.environ.get("AUTOLORA_WATCH_DIR", DEMO_LORAS)]
+    paths: list[str] = Field([os.environ.get("AUTOLORA_WATCH_DIR", DEMO_LORAS)],
+                             description="files and folders to ingest (default: $AUTOLORA_WATCH_DIR or the demo "
+                                         "world's LoRAs)")
 
 def _markdown(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

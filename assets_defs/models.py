@@ -18,7 +18,7 @@ class EncoderTrainingConfig(dg.Config):
     where: str = Field("", description="a LanceDB SQL filter narrowing the pool; empty: every LoRA of the base")
     design: str = Field("ours", description="'ours' or 'paper' (the authors' design)")
     steps: int = Field(300, description="optimiser steps")
-    seed: int = 0
+    seed: int = Field(0, description="random seed of the training")
     probes_from: str = Field("", description="the base as a diffusers pipeline (folder or Hub id): probes from "
                                              "its layers' real inputs; empty: learned probes")
     text_encoder: str = Field("", description="'clip': the probes_from pipeline's CLIP text encoder; "

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from assets_defs.resources import RegistryResource
 from pipelines.sources.base import Source, SourceError
@@ -36,10 +37,10 @@ def configured_source(sources_file: str, name: str) -> Source:
 class SyncConfig(dg.Config):
     """Which source to sync, from which cursor (JSON; empty: from the start)."""
 
-    source: str
-    cursor: str = ""
-    sources_file: str = SOURCES_FILE
-    download_dir: str = DOWNLOAD_DIR
+    source: str = Field(description="the name of an enabled entry of the sources file")
+    cursor: str = Field("", description="the source's cursor as JSON (the sensor passes it); empty: from the start")
+    sources_file: str = Field(SOURCES_FILE, description="the sources file ($AUTOLORA_SOURCES)")
+    download_dir: str = Field(DOWNLOAD_DIR, description="where downloads are staged ($AUTOLORA_DOWNLOAD_DIR)")
 
 
 @dg.asset(group_name="registry", kinds={"lancedb"}, pool="registry_writes")

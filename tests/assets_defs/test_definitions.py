@@ -60,3 +60,21 @@ def test_committed_instance_config_loads(tmp_path):
     shutil.copy(Path(__file__).resolve().parents[2] / "dagster_home" / "dagster.yaml", home)
     instance = dg.DagsterInstance.from_config(str(home))
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_every_config_field_is_described_for_the_launchpad():
+    """The Dagster launchpad shows each config field's description: none may be bare."""
+    import inspect
+
+    import dagster as dg
+
+    from assets_defs import captions, definitions, generation, ingest, models, retrieval_report, sources
+
+    schemas = {f"resource {name}": type(res) for name, res in (definitions.defs.resources or {}).items()}
+    for module in (captions, generation, ingest, models, retrieval_report, sources):
+        schemas.update({name: obj for name, obj in vars(module).items()
+                        if inspect.isclass(obj) and issubclass(obj, dg.Config) and obj.__module__ == module.__name__})
+    assert {"resource registry", "resource captioner", "GatesConfig", "SyncConfig", "IngestConfig"} <= set(schemas)
+    bare = [f"{name}.{field}" for name, cls in schemas.items()
+            for field, spec in cls.to_config_schema().as_field().config_type.fields.items() if not spec.description]
+    assert bare == []
