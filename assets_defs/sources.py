@@ -54,6 +54,8 @@ def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
     for warning in report.warnings:
         context.log.warning(warning)
     ingest = report.ingest
+    for rejected in ingest.rejected if ingest else []:
+        context.log.warning(f"rejected {rejected['path']}: {rejected['reason']}")
     return dg.MaterializeResult(metadata={
         "source": source.name, "discovered": report.discovered, "downloaded": len(report.downloaded),
         "already_present": len(report.already_present), "failed": len(report.failed),
