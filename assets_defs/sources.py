@@ -78,7 +78,10 @@ def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str
     @dg.sensor(name=_sensor_name(name), job=source_sync_job, minimum_interval_seconds=minimum_interval_seconds,
                default_status=dg.DefaultSensorStatus.STOPPED, description=f"new LoRAs in source {name!r}")
     def _discover(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        source = configured_source(sources_file, name)
+        try:
+            source = configured_source(sources_file, name)
+        except ValueError as error:  # disabled, renamed or broken since the code location was loaded
+            return dg.SkipReason(f"{error}; reload the code location to apply edits of {sources_file}")
         start = json.loads(context.cursor) if context.cursor else {}
         try:
             found, listed = source.discover(start.get("source"))

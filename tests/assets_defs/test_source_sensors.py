@@ -35,6 +35,18 @@ def test_missing_local_folder_is_the_skip_reason(tmp_path):
     assert str(toml) in result.skip_message  # where to fix it
 
 
+def test_a_source_disabled_after_loading_skips_with_the_reason(tmp_path):
+    """Sensors are made when the code location loads; an entry disabled since then skips, never fails."""
+    toml = tmp_path / "sources.toml"
+    (tmp_path / "loras").mkdir()
+    toml.write_text('[[source]]\nkind = "local"\nname = "mine"\nfolder = "loras"\n')
+    (sensor,) = source_sensors(str(toml), str(tmp_path / "downloads"))
+    toml.write_text('[[source]]\nkind = "local"\nname = "mine"\nfolder = "loras"\nenabled = false\n')
+    result = sensor(dg.build_sensor_context(cursor=None))
+    assert isinstance(result, dg.SkipReason)
+    assert "no enabled source named 'mine'" in result.skip_message and "reload the code location" in result.skip_message
+
+
 @pytest.mark.parametrize("text, message", [
     ('[[source]\nkind = "local"\n', "not valid TOML"),
     ('[source]\nkind = "local"\n', "must be an array of tables"),
