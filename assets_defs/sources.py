@@ -19,20 +19,8 @@ from pydantic import Field
 
 from assets_defs.resources import RegistryResource
 from pipelines.sources.base import Source, SourceError
-from pipelines.sources.config import load_sources
+from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE, configured_source, load_sources
 from pipelines.sources.sync import sync
-
-SOURCES_FILE = os.environ.get("AUTOLORA_SOURCES", "sources.toml")
-DOWNLOAD_DIR = os.environ.get("AUTOLORA_DOWNLOAD_DIR", ".autolora/downloads")
-
-
-def configured_source(sources_file: str, name: str) -> Source:
-    """The enabled source ``name`` of ``sources_file`` (read again each time: edits apply)."""
-    sources = {s.name: s for s in load_sources(sources_file)}
-    if name not in sources:
-        raise ValueError(f"{sources_file} has no enabled source named {name!r} (it has {sorted(sources)})")
-    return sources[name]
-
 
 class SyncConfig(dg.Config):
     """Which source to sync, from which cursor (JSON; empty: from the start)."""

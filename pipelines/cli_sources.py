@@ -11,9 +11,6 @@ from pathlib import Path
 
 from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _print_json, _table
 
-SOURCES_FILE = os.environ.get("AUTOLORA_SOURCES", "sources.toml")
-DOWNLOAD_DIR = os.environ.get("AUTOLORA_DOWNLOAD_DIR", ".autolora/downloads")
-
 
 def cursor_path(download_dir: str | os.PathLike, source: str) -> Path:
     """Where the CLI keeps ``source``'s cursor: ``DOWNLOAD_DIR/SOURCE.cursor.json``."""
@@ -31,22 +28,20 @@ def _save_cursor(path: Path, cursor: dict) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from pipelines.sources.config import load_sources
+    from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE, configured_source, load_sources
     from pipelines.sources.sync import sync
 
+    args.sources, args.download_dir = args.sources or SOURCES_FILE, args.download_dir or DOWNLOAD_DIR
     if not Path(args.sources).is_file():
         raise UsageError(f"no such sources file: {args.sources}")
     try:
-        sources = {s.name: s for s in load_sources(args.sources)}
+        chosen = [configured_source(args.sources, n) for n in args.names] or load_sources(args.sources)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    unknown = [n for n in args.names if n not in sources]
-    if unknown:
-        raise UsageError(f"{args.sources} has no enabled source named {', '.join(map(repr, unknown))} "
-                         f"(enabled: {', '.join(sorted(sources)) or 'none'})")
+    sources = {s.name: s for s in chosen}
     registry = _open_registry(args.registry)
     results = {}
-    for name in args.names or list(sources):
+    for name in sources:
         path = cursor_path(args.download_dir, name)
         cursor = None if args.from_start or not path.is_file() else json.loads(path.read_text(encoding="utf-8"))
         report = sync(sources[name], registry, args.download_dir, cursor)
@@ -75,9 +70,10 @@ def add_commands(sub) -> None:
     cmd = sub.add_parser("sync", help="pull what is new in the sources of sources.toml into a registry")
     cmd.add_argument("names", nargs="*", help="sources to sync (default: every enabled one)")
     cmd.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
-    cmd.add_argument("--sources", default=SOURCES_FILE, type=_expanded, help="the sources file ($AUTOLORA_SOURCES)")
-    cmd.add_argument("--download-dir", default=DOWNLOAD_DIR, type=_expanded,
-                     help="downloads and each source's cursor ($AUTOLORA_DOWNLOAD_DIR)")
+    cmd.add_argument("--sources", type=_expanded, help="the sources file (default: $AUTOLORA_SOURCES or sources.toml)")
+    # defaults resolved in cmd_sync: importing pipelines.sources while parsing would import lancedb and torch
+    cmd.add_argument("--download-dir", type=_expanded,
+                     help="downloads and each source's cursor (default: $AUTOLORA_DOWNLOAD_DIR or .autolora/downloads)")
     cmd.add_argument("--from-start", action="store_true", help="ignore the kept cursor (files already ingested "
                                                                 "stay deduplicated)")
     cmd.add_argument("--json", action="store_true")

@@ -19,6 +19,8 @@ from typing import Annotated, TypedDict, get_args, get_origin, get_type_hints
 from pipelines.sources.base import Source
 from pipelines.sources.local import DEMO_LORAS
 
+SOURCES_FILE = os.environ.get("AUTOLORA_SOURCES", "sources.toml")  # the CLI's and the Dagster sensors' default
+DOWNLOAD_DIR = os.environ.get("AUTOLORA_DOWNLOAD_DIR", ".autolora/downloads")
 _TOKEN_KEYS = {"token", "api_key", "apikey"}
 
 
@@ -162,3 +164,12 @@ def load_sources(path: str | os.PathLike, *, include_disabled: bool = False) -> 
         if enabled or include_disabled:
             sources.append(classes[kind](**options))
     return sources
+
+
+def configured_source(path: str | os.PathLike, name: str) -> Source:
+    """The enabled source ``name`` of ``path`` (read again each time: edits apply); ``ValueError``
+    naming the enabled ones where there is none of that name."""
+    sources = {s.name: s for s in load_sources(path)}
+    if name not in sources:
+        raise ValueError(f"{path} has no enabled source named {name!r} (it has {sorted(sources)})")
+    return sources[name]
