@@ -23,6 +23,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from models.hub_ids import looks_like_hub_repo_id
+
 T = TypeVar("T")
 
 
@@ -43,18 +45,12 @@ def hub_load_failure(what: str, source: str, error: BaseException) -> str:
     """One line saying why ``source`` (a folder or Hub id holding ``what``) did not load (also used
     for base pipelines)."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
     why = " ".join(str(error).split()) or type(error).__name__
     why = why if len(why) <= 200 else why[:199] + "…"
     if Path(source).expanduser().exists():
         return f"cannot load the {what} in the folder {source!r}: {why}"
-    try:
-        if source.count("/") > 1:
-            raise HFValidationError(source)
-        validate_repo_id(source)
-    except HFValidationError:
+    if not looks_like_hub_repo_id(source):
         return f"cannot load the {what} {source!r}: no such folder, and not a Hugging Face Hub repo id"
     if constants.HF_HUB_OFFLINE:
         return (f"cannot load the {what} {source!r}: no such folder, and as a Hub repo id it is not in the local "

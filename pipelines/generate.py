@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from diffusers import FluxPipeline
 
+from models.hub_ids import looks_like_hub_repo_id
 from models.text_encoder import hub_load_failure
 from pipelines.fusion_methods import GatedSession, GateSet, get
 from pipelines.fusion_methods.base import Lora
@@ -68,9 +69,6 @@ def resolve_base(source: str | os.PathLike) -> str:
     """``source`` as ``FluxPipeline.from_pretrained`` takes it: an existing local pipeline folder
     (a demo world folder, or a folder holding one built world: its ``base/``) or a Hub repo id
     ("owner/name" that is no local path); anything else raises :class:`BaseNotFound`."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.exists():
@@ -81,13 +79,9 @@ def resolve_base(source: str | os.PathLike) -> str:
             return str(worlds[0] / "base")
         raise BaseNotFound(f"{text} is neither a diffusers pipeline folder (no model_index.json) "
                            "nor a built demo world")
-    try:
-        if text.count("/") != 1:
-            raise HFValidationError(text)
-        validate_repo_id(text)
-    except HFValidationError:
+    if not looks_like_hub_repo_id(text, owner_required=True):
         raise BaseNotFound(f"no such base pipeline: {text} (neither an existing folder nor a Hub repo id "
-                           "such as black-forest-labs/FLUX.1-dev)") from None
+                           "such as black-forest-labs/FLUX.1-dev)")
     return text
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import requests
 
+from models.hub_ids import looks_like_hub_repo_id
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON_ENV = "AUTOLORA_VLLM_PYTHON"  # overrides the interpreter (default: .venv-vllm/bin/python)
 
@@ -77,17 +79,8 @@ def model_source(model: str | os.PathLike) -> str:
 
 def is_model_source(model: str | os.PathLike) -> bool:
     """Whether ``model`` names an existing path or has the form of a Hub repo id (``name`` or ``owner/name``)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     source = model_source(model)
-    if Path(source).expanduser().exists():
-        return True
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        return False
-    return True
+    return Path(source).expanduser().exists() or looks_like_hub_repo_id(source)
 
 
 def default_served_name(model: str | os.PathLike) -> str:
