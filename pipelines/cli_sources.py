@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _print_json, _table
+from registry.atomic_write import write_atomically
 
 
 def cursor_path(download_dir: str | os.PathLike, source: str) -> Path:
@@ -22,9 +23,7 @@ def cursor_path(download_dir: str | os.PathLike, source: str) -> Path:
 def _save_cursor(path: Path, cursor: dict) -> None:
     """Written whole or not at all (a crash mid-write keeps the previous cursor)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(cursor), encoding="utf-8")
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(cursor))
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from registry.atomic_write import write_atomically
 from registry.store.encoders import EncoderRecord, encoder_records, register_encoder
 from registry.store.maintenance import MaintenanceReport, maintain
 from registry.store.prune import prune
@@ -43,9 +44,7 @@ class Registry(Store):
         self._writable()
         self._bases_dir.mkdir(exist_ok=True)
         target = self._bases_dir / f"{base.name.replace('/', '__')}.json"
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(base.to_json(), encoding="utf-8")
-        os.replace(tmp, target)
+        write_atomically(target, base.to_json())
 
     def bases(self) -> list[BaseModel]:
         """The built-in FLUX.1-dev and FLUX.1-schnell plus every registered base model."""

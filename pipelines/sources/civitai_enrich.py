@@ -15,6 +15,7 @@ from pathlib import Path
 from pipelines.sources.base import SourceError
 from pipelines.sources.civitai import AUTH_HINT, CivitaiSource
 from pipelines.sources.sync import IMAGE_SUFFIXES, card_for
+from registry.atomic_write import write_atomically
 from registry.hashing import sha256_file
 
 
@@ -52,7 +53,5 @@ def enrich_by_hash(path: str | os.PathLike, civitai: CivitaiSource, *, sha256: s
             continue  # a preview that cannot be fetched loses the preview only
         renders.append({"image": target.name, "prompt": render.prompt, "nsfw_level": render.nsfw_level})
     shutil.rmtree(scratch, ignore_errors=True)
-    tmp = card_path.with_name(card_path.name + ".tmp")
-    tmp.write_text(json.dumps(card_for(candidate, renders), indent=1), encoding="utf-8")
-    os.replace(tmp, card_path)
+    write_atomically(card_path, json.dumps(card_for(candidate, renders), indent=1))
     return card_path

@@ -19,6 +19,7 @@ import lancedb
 import pyarrow as pa
 from lancedb.index import FTS
 
+from registry.atomic_write import write_atomically
 from registry.store.blobstore import BlobStore
 from registry.store.schema import (
     ENCODERS_SCHEMA, FILES_SCHEMA, FORMAT_VERSION, FULL_TEXT_COLUMN, REJECTIONS_SCHEMA, TEXT_DIM,
@@ -87,9 +88,7 @@ def _check_marker(root: Path, writable: bool) -> None:
 
 
 def _write_marker(root: Path) -> None:
-    tmp = root / f".{MARKER}.{os.getpid()}"
-    tmp.write_text(json.dumps({"format": FORMAT_VERSION}), encoding="utf-8")
-    os.replace(tmp, root / MARKER)  # atomic; concurrent writers write the same content
+    write_atomically(root / MARKER, json.dumps({"format": FORMAT_VERSION}))  # concurrent writers write the same
 
 
 def _create_root(root: Path) -> None:

@@ -32,6 +32,7 @@ def test_sync_ingests_new_files_once_and_keeps_its_cursor(tmp_path):
     assert first.returncode == 0, first.stderr
     assert [Path(a["path"]).name for a in json.loads(first.stdout)["mine"]["ingest"]["added"]] == ["one.safetensors"]
     assert (tmp_path / "downloads" / "mine.cursor.json").is_file()
+    assert not [p.name for p in (tmp_path / "downloads").iterdir() if p.name.endswith((".tmp", ".partial"))]
     again = json.loads(run("sync", *common).stdout)["mine"]
     assert again["discovered"] == 0 and again["ingest"] is None  # the cursor says nothing is new
     save_lora(folder / "two.safetensors", flux_lora(partial_names((2,), ()), rank=2, seed=2), "kohya")
