@@ -8,7 +8,9 @@ import dagster as dg
 from pydantic import Field
 
 from assets_defs.ingest import ingested_loras
+from assets_defs.maintenance import AFTER_ARRIVALS
 from assets_defs.resources import RegistryResource
+from assets_defs.sources import synced_loras
 
 
 class EncoderTrainingConfig(dg.Config):
@@ -63,8 +65,8 @@ def lora_weight_encoder(context: dg.AssetExecutionContext, config: EncoderTraini
     })
 
 
-@dg.asset(group_name="models", kinds={"lancedb"}, deps=[lora_weight_encoder, ingested_loras],
-          pool="registry_writes")
+@dg.asset(group_name="models", kinds={"lancedb"}, deps=[lora_weight_encoder, ingested_loras, synced_loras],
+          pool="registry_writes", automation_condition=AFTER_ARRIVALS)
 def weight_embeddings(context: dg.AssetExecutionContext, registry: RegistryResource) -> dg.MaterializeResult:
     """Every LoRA's weight vector from its base's active encoder: only rows that lack it (new or
     changed LoRAs; all rows once the encoder version changed)."""

@@ -17,3 +17,7 @@ class RegistryResource(dg.ConfigurableResource):
 
     def open(self) -> Registry:
         return Registry.open(self.path)
+
+    def open_existing(self) -> Registry:
+        """The registry if one exists at ``path`` (else :class:`RegistryNotFound`); never creates one."""
+        return Registry.open(self.path, create=False)

@@ -1,9 +1,13 @@
-"""Test-wide settings: offline, few threads, a fresh registry per test."""
+"""Test-wide settings: offline, few threads, a fresh registry per test, and a micro demo world
+shared by the tests that need one (built once per session; ``AUTOLORA_TEST_MICRO_WORLD`` may name
+an already built micro world folder, ``.../micro-seed0``, to skip the build)."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -33,3 +37,15 @@ def tiny_clip_pipeline(tmp_path_factory):
         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id))
     model.save_pretrained(root / "text_encoder")
     return root
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory) -> Path:
+    given = os.environ.get("AUTOLORA_TEST_MICRO_WORLD")
+    if given:
+        return Path(given)
+    from pipelines.world.build import build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, size="micro", seed=0, progress=False)
+    return out / "micro-seed0"

@@ -23,8 +23,9 @@ def test_definitions_validate():
     dg.Definitions.validate_loadable(defs)
     repo = defs.get_repository_def()
     assert repo.has_job("ingest_job")
-    assert {s.name for s in repo.sensor_defs} == {"local_source_sensor"}  # sources.toml's enabled entries
-    for job in ("retrieval_job", "source_sync_job"):
+    # sources.toml's enabled entries, then the automation (tests/assets_defs/test_automation.py)
+    assert {s.name for s in repo.sensor_defs} == {"local_source_sensor", "encoder_retrain_sensor", "registry_automation"}
+    for job in ("retrieval_job", "source_sync_job", "retrain_job", "maintenance_job", "reports_job"):
         assert repo.has_job(job)
 
 
