@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from registry.atomic_write import copy_atomically
 from registry.store.store import Store, quote
 
 ENCODERS_DIR = "encoders"
@@ -60,9 +60,7 @@ def register_encoder(store: Store, checkpoint: str | os.PathLike, version: str, 
     folder = store.root / ENCODERS_DIR
     folder.mkdir(exist_ok=True)
     target = folder / f"{version}.safetensors"
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    shutil.copyfile(checkpoint, tmp)
-    os.replace(tmp, target)
+    copy_atomically(checkpoint, target)
     row = {"version": version, "base_model": base_model, "file": str(target.relative_to(store.root)),
            "created_at": datetime.now(timezone.utc), "info": json.dumps(info, sort_keys=True), "active": False}
     store.upsert(store.encoders, [row], "version", update=False)

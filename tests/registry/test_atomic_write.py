@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from registry import atomic_write
-from registry.atomic_write import write_atomically
+from registry.atomic_write import copy_atomically, write_atomically
 
 
 def _names(folder) -> list[str]:
@@ -104,3 +104,21 @@ def test_registry_files_written_by_it_leave_no_temp_files(tmp_path):
     assert not [p.name for p in reg.root.iterdir() if p.name.endswith(".tmp")]
     assert [b for b in reg.bases() if b.name == "owner/mine"][0] == BaseModel("owner/mine", "flux", {"proj": (4, 8)})
     assert Registry.open(tmp_path / "reg").base_names()[-1] == "owner/mine"  # the marker reads back
+
+
+def test_a_copy_lands_whole_or_not_at_all(tmp_path, monkeypatch):
+    source = tmp_path / "src.bin"
+    source.write_bytes(os.urandom(3 << 20))  # several copy chunks
+    target = tmp_path / "out" / "enc.safetensors"
+    target.parent.mkdir()
+    copy_atomically(source, target)
+    assert target.read_bytes() == source.read_bytes() and _names(target.parent) == ["enc.safetensors"]
+
+    target.write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        copy_atomically(source, target)
+    assert target.read_bytes() == b"old" and _names(target.parent) == ["enc.safetensors"]
+    with pytest.raises(FileNotFoundError):
+        copy_atomically(tmp_path / "missing", target)
+    assert _names(target.parent) == ["enc.safetensors"]
