@@ -19,19 +19,27 @@ def _world_root(path: str) -> Path:
         raise UsageError(str(error)) from None
 
 
-def _gates(args: argparse.Namespace, world: Path | None):
-    """--gates FILE, else the world's trained gates (trained now if missing), else none."""
+def _gates(args: argparse.Namespace, world: Path | None, registry=None, base: str | None = None):
+    """--gates FILE, else the world's trained gates (trained now if missing), else the newest gates
+    the registry holds for ``base`` (``autolora train gates --registry``), else none."""
     from pipelines.train_gates import load_gates, train_world_gates
 
     if args.gates:
         if not Path(args.gates).is_file():
             raise UsageError(f"no such gate checkpoint: {args.gates}")
         return load_gates(args.gates)
-    return train_world_gates(world).gates if world is not None else None
+    if world is not None:
+        return train_world_gates(world).gates
+    if registry is not None and base is not None:
+        from pipelines.registry_gates import latest_registry_gates
+
+        found = latest_registry_gates(registry, base)
+        return load_gates(found) if found else None
+    return None
 
 
 NO_GATES = ("no gates given: gated fusion runs untrained gates (plain addition); "
-            "pass --gates FILE or --world DIR")
+            "pass --gates FILE or --world DIR, or train some with 'autolora train gates --registry R --base B'")
 
 
 def _generator(registry, base, args: argparse.Namespace):
@@ -70,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except BaseNotFound as error:
         raise UsageError(str(error)) from None
     with _generator(registry, base, args) as gen:
-        gates = _gates(args, world) if args.fusion.startswith("gated") else None
+        gates = _gates(args, world, registry, base) if args.fusion.startswith("gated") else None
         if args.fusion.startswith("gated") and gates is None:
             print(f"autolora generate: warning: {NO_GATES}", file=sys.stderr)
         gen.gates = gates
@@ -93,14 +101,36 @@ RECIPE_FLAGS = ("steps", "lr", "time_features", "hinge", "composite", "seed")  #
 def cmd_train_gates(args: argparse.Namespace) -> int:
     from pipelines.train_gates import GateRecipe, train_world_gates
 
-    world = _world_root(args.world)
     recipe = GateRecipe(**{name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None})
-    result = train_world_gates(world, args.out, recipe)
+    extra = {}
+    if args.registry:
+        result, extra = _train_registry_gates(args, recipe)
+    else:
+        if args.base or args.base_model or args.where or args.size:
+            raise UsageError("--base, --base-model, --where and --size train on a registry: give --registry")
+        result = train_world_gates(_world_root(args.world), args.out, recipe)
     info = {"path": str(result.path), "version": result.version, "cached": result.cached,
-            "seconds": round(result.seconds, 1), "recipe": dataclasses.asdict(recipe)}
+            "seconds": round(result.seconds, 1), "recipe": dataclasses.asdict(recipe), **extra}
     _print_json(info) if args.json else print(
         f"gates {result.version} ({'cached' if result.cached else f'trained in {result.seconds:.0f} s'}): {result.path}")
     return 0
+
+
+def _train_registry_gates(args: argparse.Namespace, recipe):
+    from pipelines.generate import BaseNotFound
+    from pipelines.registry_gates import train_registry_gates
+
+    if not args.base:
+        raise UsageError("--registry needs --base: the diffusers pipeline (folder, demo world or Hub id) the gates are for")
+    registry = _open_registry(args.registry, create=False)
+    try:
+        trained = train_registry_gates(registry, args.base, base_model=args.base_model, where=args.where,
+                                       recipe=recipe, size=args.size, out_dir=args.out)
+    except (BaseNotFound, ValueError) as error:
+        raise UsageError(str(error)) from None
+    for lora_id, why in trained.skipped.items():
+        print(f"skipped {lora_id}: {why}", file=sys.stderr)
+    return trained.training, {"pool": trained.pool, "skipped": trained.skipped}
 
 
 def cmd_eval_fusion(args: argparse.Namespace) -> int:
@@ -142,10 +172,17 @@ def add_commands(sub, evaluate, train=None) -> None:
     from pipelines.cli import DEFAULT_REGISTRY
 
     if train is not None:
-        gates = train.add_parser("gates", help="train the fusion gates on a demo world's training pool "
-                                               "(cached by version: pool + recipe)")
+        gates = train.add_parser("gates", help="train the fusion gates on a demo world's training pool, or on a "
+                                               "registry's LoRAs and their sample renders (cached by version: "
+                                               "pool + recipe)")
         gates.add_argument("--world", default=".autolora/world", type=_expanded)
-        gates.add_argument("--out", type=_expanded, help="checkpoint folder (default: <world>/gates)")
+        gates.add_argument("--registry", type=_expanded, help="train on this registry's LoRAs instead (needs --base)")
+        gates.add_argument("--base", help="with --registry: the base pipeline, a folder, demo world or Hub repo id")
+        gates.add_argument("--base-model", help="with --registry: whose LoRAs (default: the only base they have)")
+        gates.add_argument("--where", help="with --registry: narrow the pool (a LanceDB SQL filter)")
+        gates.add_argument("--size", type=_positive, help="with --registry: training image size (default: the base's)")
+        gates.add_argument("--out", type=_expanded,
+                           help="checkpoint folder (default: <world>/gates, or <registry>/gates)")
         # recipe flags default to None = the recipe's own default, so building the parser imports no torch
         gates.add_argument("--steps", type=_positive)
         gates.add_argument("--lr", type=float)

@@ -1,4 +1,4 @@
-"""A registry of the micro demo world's LoRAs (the world: ``tests/pipelines/conftest.py``), shared
+"""A registry of the micro demo world's LoRAs (the world: ``tests/conftest.py``), shared
 by the generation/evaluation tests."""
 
 from __future__ import annotations
