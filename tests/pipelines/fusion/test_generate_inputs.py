@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -13,6 +14,7 @@ from pipelines.cli import main
 from pipelines.generate import BaseNotFound, Generator, RenderSettings, load_base, resolve_base
 
 HUB_ID = "black-forest-labs/FLUX.1-dev"
+MISSING_ID = "autolora-tests/no-such-base"  # a valid Hub repo id that is in no cache
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +42,29 @@ def test_base_sources_resolve_to_folders_or_hub_ids(micro_world, tmp_path, monke
         resolve_base(tmp_path)
 
 
-def test_a_hub_id_goes_to_from_pretrained_as_a_str_and_its_failure_is_clear(monkeypatch, tmp_path):
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # tests/conftest.py sets it; say so here
+
+
+def test_a_hub_id_not_in_the_cache_while_offline_is_a_clear_base_not_found(offline, tmp_path, monkeypatch):
+    """The real FluxPipeline.from_pretrained, offline, on a repo id in no cache. (Downloading a base by
+    Hub id, and the Hub lacking it, run for real against a local Hub in ``test_generate_hub.py``.)"""
     monkeypatch.chdir(tmp_path)
-    seen = []
-
-    def offline(name, *args, **kwargs):
-        seen.append(name)
-        raise OSError("Cannot load model: the model is not fully cached locally")
-
-    monkeypatch.setattr(FluxPipeline, "from_pretrained", offline)
-    with pytest.raises(BaseNotFound, match="cannot load the base"):
-        load_base(HUB_ID)
-    assert seen == [HUB_ID] and isinstance(seen[0], str)
+    with pytest.raises(BaseNotFound) as caught:
+        load_base(MISSING_ID)
+    message = str(caught.value)
+    assert message.startswith(f"cannot load the base {MISSING_ID!r}: no such folder, and as a Hub repo id it is "
+                              "not in the local Hugging Face cache while HF_HUB_OFFLINE is on")
+    assert "\n" not in message
 
 
-def test_cli_bad_base_is_a_one_line_usage_error(micro_registry, tmp_path, monkeypatch, capsys):
+def test_cli_bad_base_is_a_one_line_usage_error(offline, micro_registry, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, _, err = _generate(capsys, micro_registry, "--base", str(tmp_path / "missing"))
     assert code == 2 and err.startswith("autolora generate: no such base pipeline") and err.count("\n") == 1
-    monkeypatch.setattr(FluxPipeline, "from_pretrained", lambda name, *a, **k: (_ for _ in ()).throw(OSError("x")))
-    code, _, err = _generate(capsys, micro_registry, "--base", HUB_ID)
-    assert code == 2 and "cannot load the base" in err and err.count("\n") == 1
+    code, _, err = _generate(capsys, micro_registry, "--base", MISSING_ID)
+    assert code == 2 and "cannot load the base" in err and "HF_HUB_OFFLINE=0" in err and err.count("\n") == 1
 
 
 def test_sizes_must_fit_the_base(micro_registry, micro_world, pipe, capsys, tmp_path):

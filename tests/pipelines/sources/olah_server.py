@@ -1,6 +1,24 @@
-"""Runs the real ``olah`` Hub mirror (offline, serving the git mirrors a test built) plus ONE
-added route olah lacks: ``GET /api/models``, the Hub's model listing, paged with a ``Link:
-<...>; rel="next"`` header as the Hub pages it.
+"""Runs the real ``olah`` Hub mirror (offline, serving the git mirrors a test built) plus three
+routes, each in the Hub's own wire format:
+
+- ``GET /api/models``, the Hub's model listing (olah has none), paged with a ``Link: <...>;
+  rel="next"`` header as the Hub pages it;
+- ``GET|HEAD /api/models/{org}/{repo}`` (model info without a revision, as ``model_info(id)``,
+  ``snapshot_download(id)`` and diffusers' ``from_pretrained(id)`` ask for it) for a repo that is a
+  local git mirror. olah 0.5.4 in offline mode resolves that route's "latest commit" from its proxy
+  cache only (``get_newest_commit_hf_offline`` reads ``<repos-path>/api/.../meta_head.json``), never
+  from its mirrors, so a mirrored repo answers ``401 RepoNotFound`` there while
+  ``/api/models/{org}/{repo}/revision/main`` serves it. The Hub answers the revision-less route
+  with the default branch's model info, so this route gives olah's own answer for the mirror's
+  ``HEAD`` (its default branch, ``main``); any other repo goes to olah's own handler.
+- ``GET|HEAD /api/models/{org}/{repo}/tree/{revision}/{path}`` for a path that a mirrored repo's
+  revision does not have: the Hub answers ``404`` with ``X-Error-Code: EntryNotFound``
+  (``huggingface_hub`` raises ``RemoteEntryNotFoundError``, "if the tree (folder) does not exist"),
+  olah 0.5.4 offline answers ``401 RepoNotFound`` (its mirror's ``get_tree`` gives nothing, and its
+  fallback only looks in the proxy cache). transformers lists ``additional_chat_templates/`` of
+  every tokenizer it loads by Hub id and treats RepoNotFound as fatal, so no tokenizer loads by Hub
+  id from olah's mirrors without this. The answer is olah's own ``error_entry_not_found_branch``;
+  existing paths, other repos and revisions olah does not know go to olah's handler.
 
 Run with the Python of the venv olah is installed in (``.venv-olah``):
 ``python olah_server.py CONFIG.toml LISTING.json PAGE_SIZE``. ``LISTING.json``: a list of
@@ -8,6 +26,7 @@ Run with the Python of the venv olah is installed in (``.venv-olah``):
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -19,6 +38,10 @@ import uvicorn  # noqa: E402
 from fastapi import Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from olah import server  # noqa: E402
+from olah.errors import error_entry_not_found_branch  # noqa: E402
+from olah.server_access import build_repo_ref  # noqa: E402
+from olah.server_api_routes import meta_proxy_common, meta_proxy_expanded, tree_proxy_commit_expanded  # noqa: E402
+from olah.server_mirror import has_local_mirror, load_local_mirror_payload  # noqa: E402
 
 counts = {"listing_pages": 0}
 
@@ -50,13 +73,37 @@ async def list_models(request: Request) -> JSONResponse:
     return JSONResponse(items, headers=headers)
 
 
+async def model_info(org: str, repo: str, request: Request):
+    """The Hub's ``/api/models/{org}/{repo}``: a local mirror's model info at its default branch
+    (olah's own payload, as its ``.../revision/main`` route gives it), else olah's handler."""
+    if has_local_mirror(request.app, build_repo_ref("models", org, repo)):
+        return await meta_proxy_common(request.app, "models", org, repo, "HEAD", request.method.lower(),
+                                       request.headers.get("authorization"))
+    return await meta_proxy_expanded("models", org, repo, request)
+
+
+async def tree(org: str, repo: str, revision: str, path: str, request: Request, recursive: bool = False,
+               expand: bool = False):
+    """The Hub's ``/api/models/{org}/{repo}/tree/{revision}/{path}``: ``404 EntryNotFound`` when a
+    mirrored repo's revision has no such path, else olah's handler."""
+    found = load_local_mirror_payload(request.app, build_repo_ref("models", org, repo),
+                                      lambda local: local.get_pathinfos(revision, [path]), logging.getLogger("olah"))
+    if found == [] and path.strip("/"):  # the revision is in the mirror, the path is not
+        return error_entry_not_found_branch(revision, path)
+    return await tree_proxy_commit_expanded("models", org, repo, revision, path, request, recursive, expand)
+
+
 async def count(request: Request) -> JSONResponse:
     return JSONResponse(counts)
 
 
 app = server.app
+olahs = len(app.router.routes)
 app.add_api_route("/api/models", list_models, methods=["GET"])
+app.add_api_route("/api/models/{org}/{repo}", model_info, methods=["GET", "HEAD"])
+app.add_api_route("/api/models/{org}/{repo}/tree/{revision}/{path:path}", tree, methods=["GET", "HEAD"])
 app.add_api_route("/_test/count", count, methods=["GET"])
-app.router.routes[:0] = [app.router.routes.pop(), app.router.routes.pop()]  # before olah's catch-alls
+ours = app.router.routes[olahs:]
+app.router.routes[:] = ours + app.router.routes[:olahs]  # before olah's catch-alls
 port = app.state.app_settings.config.port
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -1,7 +1,9 @@
 """Hub source against the real ``olah`` mirror server (offline mode) serving git mirrors built
 here: one git repo per model with a model card, LFS pointer files and the LFS objects under
 ``.git/lfs/objects`` (so the sha256 olah reports is the content's). ``huggingface_hub`` makes
-every call; the only route added to olah is ``/api/models`` (see ``olah_server.py``).
+every call; ``olah_server.py`` adds the Hub's ``/api/models`` listing (olah has none) and two
+answers olah's offline mirrors lack (see there). The mirror itself (server, git mirrors) is
+``tests/hub_mirror.py``, shared with the generation tests.
 
 olah runs from its own venv (its pins downgrade psutil): ``python3.11 -m venv .venv-olah &&
 .venv-olah/bin/pip install olah==0.5.4`` at the repo root, or ``OLAH_PYTHON=/path/to/python``.
@@ -9,56 +11,24 @@ olah runs from its own venv (its pins downgrade psutil): ``python3.11 -m venv .v
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import socket
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
-from conftest import png_bytes, sha256
+from source_fixtures import png_bytes, sha256
 
 import huggingface_hub.constants as hf_constants
 from pipelines.sources.hub import FLUX_DEV_ADAPTERS, HubSource
 from pipelines.sources.sync import STAGING, sync
 from registry import Registry
 
-HERE = Path(__file__).resolve().parent
-OLAH_PYTHON = Path(os.environ.get("OLAH_PYTHON", HERE.parents[2] / ".venv-olah" / "bin" / "python"))
-PAGE_SIZE = 2
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from hub_mirror import Olah, running_olah  # noqa: E402
 
-
-def _git(repo: Path, *args: str, when: str = "2025-01-01T00:00:00") -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def mirror_repo(mirrors: Path, repo_id: str, files: dict[str, bytes], card: str, when: str) -> str:
-    """A git mirror of ``repo_id``: README card, each weight as an LFS pointer + LFS object.
-    Returns the commit sha."""
-    repo = mirrors / "models" / repo_id
-    repo.mkdir(parents=True, exist_ok=True)
-    if not (repo / ".git").exists():
-        _git(repo, "init", "-q", "-b", "main")
-    (repo / "README.md").write_text(card, encoding="utf-8")
-    for name, data in files.items():
-        target = repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith(".safetensors"):
-            oid = sha256(data)
-            obj = repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-            obj.parent.mkdir(parents=True, exist_ok=True)
-            obj.write_bytes(data)
-            target.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n")
-        else:
-            target.write_bytes(data)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "upload", when=when)
-    return _git(repo, "rev-parse", "HEAD")
+LORA_TAGS = ["lora", FLUX_DEV_ADAPTERS, "base_model:black-forest-labs/FLUX.1-dev"]  # each listed repo's tags
 
 
 def card(i: int) -> str:
@@ -67,63 +37,11 @@ def card(i: int) -> str:
             f"    url: images/example.png\n---\n# Lantern {i}\n")
 
 
-class Olah:
-    """The olah process, its mirrors and the listing it serves."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.mirrors = root, root / "mirrors"
-        self.mirrors.mkdir(parents=True)
-        self.listing: list[dict] = []
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = root / "olah.toml"
-        self.config.write_text(
-            f'[basic]\nhost = "127.0.0.1"\nport = {self.port}\nrepos-path = "{root / "cache"}"\n'
-            f'mirrors-path = ["{self.mirrors}"]\nmirror-netloc = "127.0.0.1:{self.port}"\n'
-            f'mirror-lfs-netloc = "127.0.0.1:{self.port}"\n[accessibility]\noffline = true\n')
-        self.write_listing()
-        self.process = subprocess.Popen([str(OLAH_PYTHON), str(HERE / "olah_server.py"), str(self.config),
-                                         str(root / "listing.json"), str(PAGE_SIZE)],
-                                        stdout=subprocess.DEVNULL, stderr=open(root / "olah.err", "w"))
-        deadline = time.time() + 60
-        while True:
-            try:
-                requests.get(f"{self.url}/_test/count", timeout=1)
-                break
-            except requests.ConnectionError:
-                if self.process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"olah did not start: {(root / 'olah.err').read_text()[-2000:]}")
-                time.sleep(0.2)
-
-    def add(self, repo_id: str, files: dict[str, bytes], card_text: str, when: str) -> str:
-        sha = mirror_repo(self.mirrors, repo_id, files, card_text, when)
-        self.listing = [m for m in self.listing if m["id"] != repo_id]
-        self.listing.append({"id": repo_id, "sha": sha, "lastModified": when + ".000Z",
-                             "tags": ["lora", FLUX_DEV_ADAPTERS, "base_model:black-forest-labs/FLUX.1-dev"]})
-        self.write_listing()
-        return sha
-
-    def write_listing(self) -> None:
-        (self.root / "listing.json").write_text(json.dumps(self.listing))
-
-    def listing_pages(self) -> int:
-        return requests.get(f"{self.url}/_test/count", timeout=5).json()["listing_pages"]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.fixture
 def olah(tmp_path, monkeypatch):
-    if not OLAH_PYTHON.exists():
-        pytest.skip(f"olah's venv is missing ({OLAH_PYTHON}); see this module's docstring")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # tests/conftest.py sets it for the rest
-    server = Olah(tmp_path / "olah")
-    yield server
-    server.stop()
+    with running_olah(tmp_path / "olah", tags=LORA_TAGS) as server:
+        yield server
 
 
 def _populate(olah: Olah, loras: list[bytes]) -> dict[str, str]:
