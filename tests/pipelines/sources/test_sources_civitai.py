@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import png_bytes, sha256
+from source_fixtures import png_bytes, sha256
 from werkzeug import Request, Response
 
 from pipelines.sources.civitai import CivitaiSource

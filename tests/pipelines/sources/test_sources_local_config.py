@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import png_bytes, sha256
+from source_fixtures import png_bytes, sha256
 from werkzeug import Response
 
 from pipelines.sources.civitai import CivitaiSource
