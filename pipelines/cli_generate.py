@@ -177,7 +177,7 @@ def add_commands(sub, evaluate, train=None) -> None:
                                                "pool + recipe)")
         gates.add_argument("--world", default=".autolora/world", type=_expanded)
         gates.add_argument("--registry", type=_expanded, help="train on this registry's LoRAs instead (needs --base)")
-        gates.add_argument("--base", help="with --registry: the base pipeline, a folder, demo world or Hub repo id")
+        gates.add_argument("--base", type=_expanded, help="with --registry: the base pipeline, a folder, demo world or Hub repo id")
         gates.add_argument("--base-model", help="with --registry: whose LoRAs (default: the only base they have)")
         gates.add_argument("--where", help="with --registry: narrow the pool (a LanceDB SQL filter)")
         gates.add_argument("--size", type=_positive, help="with --registry: training image size (default: the base's)")
