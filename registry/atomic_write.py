@@ -5,21 +5,23 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
-def write_atomically(path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> None:
-    """Write ``data`` (``str`` is encoded with ``encoding``) to ``path`` so that readers see the old
-    content or the new, never a part: written to a unique temp file in the same folder, flushed and
-    fsynced, then renamed over ``path``. On any failure the temp file is removed and ``path`` is as
-    it was. The file gets the permissions a plain ``open(path, "w")`` would (0o666 less the umask)."""
+@contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A new hidden temp file beside ``path`` to write; flushed, fsynced and renamed over ``path``
+    when the block ends, removed (``path`` untouched) when it raises. Permissions as a plain
+    ``open(path, "w")`` gives (0o666 less the umask)."""
     target = Path(path)
-    payload = data.encode(encoding) if isinstance(data, str) else data  # before anything touches the disk
     tmp = target.with_name(f".{target.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")  # hidden; fits NAME_MAX
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with open(fd, "wb") as handle:
-            handle.write(payload)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -28,17 +30,16 @@ def write_atomically(path: str | os.PathLike, data: bytes | str, encoding: str =
         raise
 
 
+def write_atomically(path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> None:
+    """Write ``data`` (``str`` is encoded with ``encoding``) to ``path`` so that readers see the old
+    content or the new, never a part; on any failure ``path`` is as it was and no temp file stays."""
+    payload = data.encode(encoding) if isinstance(data, str) else data  # before anything touches the disk
+    with _replacing(path) as handle:
+        handle.write(payload)
+
+
 def copy_atomically(source: str | os.PathLike, path: str | os.PathLike) -> None:
     """Copy the file ``source`` to ``path`` the same way: readers of ``path`` see the old file or
     the whole copy, and a failed copy leaves no temp file behind."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(source, "rb") as src, open(tmp, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(source, "rb") as src, _replacing(path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
