@@ -80,12 +80,17 @@ def lora_texts(row: dict) -> list[str]:
     return [t for t in (t.strip() for t in texts) if t]
 
 
-def pool_rows(reg: Registry, base_model: str, where: str | None = None) -> list[dict]:
-    """The rows of the training pool: not removed, of ``base_model``, matching ``where``."""
+def pool_condition(base_model: str, where: str | None = None) -> str:
+    """The SQL filter of a training pool: not removed, of ``base_model``, matching ``where``."""
     clauses = [f"base_model = {quote(base_model)}", "(removed IS NULL OR removed = false)"]
     if where:
         clauses.append(f"({where})")
-    condition = " AND ".join(clauses)
+    return " AND ".join(clauses)
+
+
+def pool_rows(reg: Registry, base_model: str, where: str | None = None) -> list[dict]:
+    """The rows of the training pool: not removed, of ``base_model``, matching ``where``."""
+    condition = pool_condition(base_model, where)
     n = reg.loras.count_rows(condition)
     columns = ["lora_id", "blob", "name", "description", "tags", "render_prompts", "captions"]
     rows = reg.rows(reg.loras, condition, n, columns) if n else []

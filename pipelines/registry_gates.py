@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.encoder_pool import pool_condition
 from pipelines.train_gates import GateRecipe, GateTraining, PoolLora, gate_version, train_gates
 from registry import Registry
 from registry.captions import SELF_RENDERED
-from registry.store.store import quote
 
 GATES_DIR = "gates"  # checkpoints beside the registry's tables: <registry>/gates/
 _COLUMNS = ["lora_id", "sha256", "blob", "render_prompts", "render_blobs", "captions", "trigger_words"]
@@ -63,10 +63,7 @@ def registry_pool(reg: Registry, base_model: str, size: int, where: str | None =
     """The gate-training pool of ``base_model``'s LoRAs, images at ``size`` px; and the skipped ones."""
     from registry.lora.inspect import load_canonical
 
-    clauses = [f"base_model = {quote(base_model)}", "(removed IS NULL OR removed = false)"]
-    if where:
-        clauses.append(f"({where})")
-    condition = " AND ".join(clauses)
+    condition = pool_condition(base_model, where)
     n = reg.loras.count_rows(condition)
     rows = sorted(reg.rows(reg.loras, condition, n, _COLUMNS) if n else [], key=lambda r: r["lora_id"])
     pool, skipped, bases = [], {}, reg.bases()

@@ -54,16 +54,12 @@ class PoolGrowth:
 
 def pool_growth(reg: Registry, base_model: str) -> PoolGrowth:
     """The pool of ``base_model`` now, against the ids its active encoder was trained on."""
-    from pipelines.encoder_pool import Recipe, version_of
-    from registry.store.store import quote
+    from pipelines.encoder_pool import Recipe, pool_condition, version_of
 
     active = next((r for r in reg.encoder_versions() if r.active and r.base_model == base_model), None)
     info = active.info if active else {}
     where = str(info.get("where") or "")
-    clauses = [f"base_model = {quote(base_model)}", "(removed IS NULL OR removed = false)"]
-    if where:
-        clauses.append(f"({where})")
-    condition = " AND ".join(clauses)
+    condition = pool_condition(base_model, where or None)
     n = reg.loras.count_rows(condition)
     ids = sorted(r["lora_id"] for r in reg.rows(reg.loras, condition, n, ["lora_id"])) if n else []
     recipe = {k: v for k, v in (info.get("recipe") or {}).items() if k in Recipe.__dataclass_fields__}
