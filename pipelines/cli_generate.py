@@ -34,7 +34,10 @@ def _gates(args: argparse.Namespace, world: Path | None, registry=None, base: st
         from pipelines.registry_gates import latest_registry_gates
 
         found = latest_registry_gates(registry, base)
-        return load_gates(found) if found else None
+        if found is None:
+            return None
+        print(f"using gates {found} (the newest trained for this base; --gates FILE picks others)", file=sys.stderr)
+        return load_gates(found)
     return None
 
 
@@ -118,7 +121,7 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
 
 def _train_registry_gates(args: argparse.Namespace, recipe):
     from pipelines.generate import BaseNotFound
-    from pipelines.registry_gates import train_registry_gates
+    from pipelines.registry_gates import PoolTooSmall, train_registry_gates
 
     if not args.base:
         raise UsageError("--registry needs --base: the diffusers pipeline (folder, demo world or Hub id) the gates are for")
@@ -126,11 +129,18 @@ def _train_registry_gates(args: argparse.Namespace, recipe):
     try:
         trained = train_registry_gates(registry, args.base, base_model=args.base_model, where=args.where,
                                        recipe=recipe, size=args.size, out_dir=args.out)
+    except PoolTooSmall as error:
+        _print_skipped(error.skipped)
+        raise UsageError(str(error)) from None
     except (BaseNotFound, ValueError) as error:
         raise UsageError(str(error)) from None
-    for lora_id, why in trained.skipped.items():
-        print(f"skipped {lora_id}: {why}", file=sys.stderr)
+    _print_skipped(trained.skipped)
     return trained.training, {"pool": trained.pool, "skipped": trained.skipped}
+
+
+def _print_skipped(skipped: dict[str, str]) -> None:
+    for lora_id, why in skipped.items():
+        print(f"skipped {lora_id}: {why}", file=sys.stderr)
 
 
 def cmd_eval_fusion(args: argparse.Namespace) -> int:

@@ -48,30 +48,70 @@ class RenderSettings:
 
     @classmethod
     def for_base(cls, pipe: FluxPipeline) -> RenderSettings:
+        """The settings for a loaded base pipeline (see :meth:`for_transformer`)."""
+        return cls.for_transformer(pipe.transformer.config)
+
+    @classmethod
+    def for_transformer(cls, config) -> RenderSettings:
         """FLUX.1-dev's usual settings for a FLUX.1-width transformer (3072), else the demo
-        world sampler's (its tiny base is trained for 32 px, 12 steps, true CFG 1.5)."""
+        world sampler's (its tiny base is trained for 32 px, 12 steps, true CFG 1.5); ``config``:
+        the transformer's config (a mapping)."""
         from pipelines.world.sampling import CFG, STEPS
 
-        config = pipe.transformer.config
-        if config.num_attention_heads * config.attention_head_dim == FLUX1_WIDTH:
+        if config["num_attention_heads"] * config["attention_head_dim"] == FLUX1_WIDTH:
             return cls(steps=28, size=1024, true_cfg=1.0, guidance=3.5)
         return cls(steps=STEPS, size=32, true_cfg=CFG)
 
 
 FLUX1_WIDTH = 3072
+LARGEST_SIZE_FACTOR = 4  # sizes above 4x the base's usual one are refused (a typo, not a render)
+
+
+def check_size(size: int, multiple: int, usual: int) -> None:
+    """ValueError unless ``size`` is a positive multiple of ``multiple`` (FLUX packs 2x2 latent
+    patches: ``vae_scale_factor * 2``) and at most ``LARGEST_SIZE_FACTOR`` x the base's ``usual`` size."""
+    if size < 1 or size % multiple:
+        below = max(multiple, size // multiple * multiple)
+        raise ValueError(f"image size {size} is not a positive multiple of {multiple}, which this base needs "
+                         f"(e.g. {below} or {below + multiple})")
+    if size > LARGEST_SIZE_FACTOR * usual:
+        raise ValueError(f"image size {size} is over {LARGEST_SIZE_FACTOR}x this base's usual {usual} px "
+                         f"(at most {LARGEST_SIZE_FACTOR * usual})")
 
 
 class BaseNotFound(FileNotFoundError):
     """The base is neither a local pipeline folder (or demo world) nor a Hub repo id that loads."""
 
 
+def base_config(source: str, component: str) -> dict:
+    """The ``config.json`` of a resolved base's ``component`` ("vae", "transformer", ...) without
+    loading any weights: from the folder, or for a Hub id from the Hub (cache first)."""
+    if Path(source).is_dir():
+        file: str | Path = Path(source) / component / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = hf_hub_download(source, f"{component}/config.json")
+        except (OSError, ValueError) as error:  # offline and not cached, gated, missing, bad id
+            raise BaseNotFound(hub_load_failure("base", source, error)) from error
+    return json.loads(Path(file).read_text())
+
+
+def size_multiple(vae_config) -> int:
+    """Image sizes a FLUX base renders exactly are multiples of this: ``vae_scale_factor * 2``
+    (the VAE halves per extra block; FLUX packs 2x2 latent patches), 16 for FLUX.1-dev."""
+    return 2 * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def resolve_base(source: str | os.PathLike) -> str:
-    """``source`` as ``FluxPipeline.from_pretrained`` takes it: an existing local pipeline folder
-    (a demo world folder, or a folder holding one built world: its ``base/``) or a Hub repo id
+    """``source`` as ``FluxPipeline.from_pretrained`` takes it: an existing local pipeline folder,
+    absolute (a demo world folder, or a folder holding one built world: its ``base/``) or a Hub repo id
     ("owner/name" that is no local path); anything else raises :class:`BaseNotFound`."""
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.exists():
+        path = path.resolve()  # one spelling per folder: gates are matched to their base by it
         if (path / "model_index.json").is_file():
             return str(path)
         worlds = [path] if (path / "world.json").is_file() else [w.parent for w in path.glob("*/world.json")]
@@ -150,22 +190,17 @@ class Generator:
 
     @property
     def size_multiple(self) -> int:
-        """Image sizes this base renders exactly are multiples of this: FLUX packs 2x2 latent
-        patches, so ``vae_scale_factor * 2`` (16 for FLUX.1-dev)."""
+        """Image sizes this base renders exactly are multiples of this (:func:`size_multiple`)."""
         return 2 * int(getattr(self.pipe, "vae_scale_factor", 8))
 
     @property
     def settings(self) -> RenderSettings:
-        """How this generator renders; setting it checks the size (ValueError)."""
+        """How this generator renders; setting it checks the size (:func:`check_size`, ValueError)."""
         return self._settings
 
     @settings.setter
     def settings(self, value: RenderSettings) -> None:
-        m = self.size_multiple
-        if value.size < 1 or value.size % m:
-            below = max(m, value.size // m * m)
-            raise ValueError(f"image size {value.size} is not a positive multiple of {m}, which this base needs "
-                             f"(e.g. {below} or {below + m})")
+        check_size(value.size, self.size_multiple, RenderSettings.for_base(self.pipe).size)
         self._settings = value
 
     def retrieve(self, prompt: str, k: int) -> list:

@@ -12,6 +12,7 @@ to compose), cached by version (base, pool, captions, recipe, image size).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,46 +94,68 @@ def only_base_with_loras(reg: Registry) -> str:
     return bases[0]
 
 
+class PoolTooSmall(ValueError):
+    """Fewer than two LoRAs of the pool have sample renders; ``skipped`` says why for the rest."""
+
+    def __init__(self, message: str, skipped: dict[str, str]) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
+def _matched(reg: Registry, base_model: str, where: str | None) -> int:
+    """How many LoRAs the pool's filter matches; an unknown base model or a ``where`` that matches
+    nothing (or does not parse) is a ValueError saying so, before any model is loaded."""
+    known = sorted(b.name for b in reg.bases())
+    if base_model not in known:
+        raise ValueError(f"unknown base model {base_model!r}; the registry knows: {', '.join(known) or 'none'}")
+    try:
+        n = reg.loras.count_rows(pool_condition(base_model, where))
+    except ValueError as error:  # LanceDB: a parse or schema error
+        raise ValueError(f"the filter (where) {where!r} is not valid SQL for the registry: {' '.join(str(error).split())[:200]}") from None
+    if not n:
+        raise ValueError(f"the filter (where) {where!r} matched no LoRAs of {base_model!r}" if where
+                         else f"the registry has no LoRAs of {base_model!r}")
+    return n
+
+
 def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = None, where: str | None = None,
                          recipe: GateRecipe = GateRecipe(), size: int | None = None, out_dir: str | Path | None = None,
                          progress: Callable[[int, float], None] | None = None) -> RegistryGates:
     """Gates for the base pipeline ``base`` (folder, demo world or Hub id) trained on the registry's
     LoRAs of ``base_model`` (default: the only base its LoRAs have), cached in ``out_dir`` (default
-    ``<registry>/gates``); ``size``: training image size (default: the base's render size)."""
-    from diffusers import FluxPipeline
-
+    ``<registry>/gates``; a cache hit becomes the newest checkpoint, the one generate picks);
+    ``size``: training image size (default: the base's render size). Bad input is a ValueError
+    (:class:`PoolTooSmall` when too few LoRAs have renders) raised before the base is loaded."""
     from models.torch_threads import one_torch_thread
-    from pipelines.generate import RenderSettings, loading_output, resolve_base
-
-    def load() -> FluxPipeline:
-        with loading_output():
-            loaded = FluxPipeline.from_pretrained(source)
-        loaded.set_progress_bar_config(disable=True)
-        return loaded
+    from pipelines.generate import RenderSettings, base_config, check_size, load_base, resolve_base, size_multiple
 
     source = resolve_base(base)
     base_model = base_model or only_base_with_loras(reg)
+    matched = _matched(reg, base_model, where)
+    usual = RenderSettings.for_transformer(base_config(source, "transformer")).size
+    size = size or usual
+    check_size(size, size_multiple(base_config(source, "vae")), usual)
     out = Path(out_dir) if out_dir is not None else reg.root / GATES_DIR
-    pipe = None
-    if size is None:
-        pipe = load()
-        size = RenderSettings.for_base(pipe).size
     pool, skipped = registry_pool(reg, base_model, size, where)
     if len(pool) < 2:
-        raise ValueError(f"gate training needs at least two LoRAs of {base_model!r} with sample renders; "
-                         f"{len(pool)} have them ({len(skipped)} skipped: no render with a prompt or caption)")
+        raise PoolTooSmall(
+            f"gate training needs at least two LoRAs of {base_model!r} with sample renders; {len(pool)} of the "
+            f"{matched} matched have them. Render and caption the others with 'autolora caption --registry R "
+            f"--model CAPTIONER --base {base_model}=PIPELINE'", skipped)
     base_id = f"{source}|{base_model}|{size}px"
     if (out / f"gates-{gate_version(base_id, pool, recipe)}.safetensors").is_file():
-        return RegistryGates(train_gates(None, pool, out, base_id=base_id, recipe=recipe),  # type: ignore[arg-type]
-                             [p.lora_id for p in pool], skipped)
-    pipe = pipe or load()
+        training = train_gates(None, pool, out, base_id=base_id, recipe=recipe)  # type: ignore[arg-type]
+        os.utime(training.path)  # asked for again: the newest for this base
+        return RegistryGates(training, [p.lora_id for p in pool], skipped)
+    pipe = load_base(source)
     with one_torch_thread():
         training = train_gates(pipe, pool, out, base_id=base_id, recipe=recipe, progress=progress)
     return RegistryGates(training, [p.lora_id for p in pool], skipped)
 
 
 def latest_registry_gates(reg: Registry, base: str) -> Path | None:
-    """The newest gate checkpoint in ``<registry>/gates`` trained for the base pipeline ``base``."""
+    """The newest gate checkpoint in ``<registry>/gates`` trained for the base pipeline ``base``
+    (last trained or last asked for by :func:`train_registry_gates`)."""
     import json
 
     from safetensors import safe_open

@@ -16,7 +16,7 @@ from registry.lora.base_models import BaseModel
 from registry.store.store import quote
 
 
-def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys):
+def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, monkeypatch):
     bare = tmp_path / "bare"  # a LoRA file without its card and renders
     bare.mkdir()
     shutil.copy(sorted((micro_world / "heldout_loras").glob("*.safetensors"))[0], bare / "bare.safetensors")
@@ -45,6 +45,9 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["cached"] and again["path"] == first["path"]
+    monkeypatch.chdir(micro_world.parent)  # the same base spelt another way is the same base
+    assert main([*argv[:5], f"./{micro_world.name}/base/../base", *argv[6:]]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == first["path"]
 
     # the pool's renders are its images and their prompts, trigger words included
     row = reg.rows(reg.loras, f"lora_id = {quote(pool[0].lora_id)}", 1)[0]
@@ -52,17 +55,32 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys):
     assert [text for _, text in pairs] == pool[0].captions and pool[0].images.shape == (len(pairs), 32, 32, 3)
     assert all(row["trigger_words"][0] in text for text in pool[0].captions)
 
-    # usage errors are one line, no traceback
+    # usage errors are one line, no traceback, before any model is loaded
     assert main(["train", "gates", "--registry", str(tmp_path / "registry")]) == 2
     assert "needs --base" in capsys.readouterr().err
     assert main([*argv[:6], "--where", f"lora_id = {quote(bare_id)}"]) == 2
-    assert "at least two LoRAs" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the skipped LoRAs are listed, and how to give them renders
+    assert "at least two LoRAs" in err and f"skipped {bare_id}: no sample render" in err and "autolora caption" in err
+    for extra, says in ((["--where", "lora_id = 'nothing'"], "matched no LoRAs"), (["--where", "lora_id ="], "not valid"),
+                        (["--base-model", "sdxl-typo"], "unknown base model 'sdxl-typo'; the registry knows: "),
+                        (["--size", "15"], "not a positive multiple of 8"), (["--size", "100000"], "at most 128")):
+        assert main([*argv[:6], *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert main([*argv[:5], "nobody/not-cached-flux", *argv[6:]]) == 2
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
     assert main(["train", "gates", "--world", str(micro_world), "--base", str(micro_world)]) == 2
     assert "give --registry" in capsys.readouterr().err
 
-    # generate on that base and registry picks those gates up by itself
+    # generate on that base and registry picks the newest gates up by itself, and says which
+    assert main([*argv, "--steps", "2"]) == 0  # a trial: now the newest
+    trial = json.loads(capsys.readouterr().out)
     image = tmp_path / "out.png"
-    assert main(["generate", "a red circle", "--registry", str(tmp_path / "registry"), "--base", str(micro_world),
-                 "-k", "2", "-o", str(image), "--json"]) == 0
+    generate = ["generate", "a red circle", "--registry", str(tmp_path / "registry"), "--base", str(micro_world),
+                "-k", "2", "-o", str(image), "--json"]
+    assert main(generate) == 0 and json.loads(capsys.readouterr().out)["gates"] == trial["version"]
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["cached"]  # asked for again: the newest again
+    assert main(generate) == 0
     done = capsys.readouterr()
     assert json.loads(done.out)["gates"] == first["version"] and "warning" not in done.err and image.is_file()
+    assert f"using gates {first['path']}" in done.err
