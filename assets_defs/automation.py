@@ -6,10 +6,10 @@
 * ``registry_automation``: Dagster's declarative automation for the registry's derived assets:
   ``registry_indexes`` and ``weight_embeddings`` are refreshed after every ingest or source sync
   (re-indexing incrementally on arrivals: only rows lacking a vector are embedded).
-* ``registry_maintenance_schedule``: the indexes and compaction once a night, the one place that
-  runs them besides the CLI.
-* ``reports_schedule``: the retrieval, fusion and generation reports once a week (they evaluate on
-  a built demo world's held-out LoRAs, ``$AUTOLORA_WORLD``).
+* ``registry_maintenance_schedule``: the indexes and compaction once a night (03:00 UTC), the one
+  place that runs them besides the CLI.
+* ``reports_schedule``: the retrieval, fusion and generation reports once a week (Sundays 04:00 UTC;
+  they evaluate on a built demo world's held-out LoRAs, ``$AUTOLORA_WORLD``).
 """
 
 import dagster as dg
@@ -29,10 +29,9 @@ reports_job = dg.define_asset_job("reports_job", selection=[fusion_gates, fusion
 
 
 def encoder_run_config(growth) -> dict:
-    """The ``lora_weight_encoder`` run config that retrains ``growth``'s pool with the same recipe."""
-    recipe = growth.recipe
-    config = {"base_model": growth.base_model, "where": growth.where}
-    config.update({k: recipe[k] for k in ("design", "steps", "seed", "probes_from", "text_encoder") if k in recipe})
+    """The ``lora_weight_encoder`` run config that retrains ``growth``'s pool with the same recipe
+    (the asset's config takes every recipe field, so the run makes ``growth.next_version``)."""
+    config = {"base_model": growth.base_model, "where": growth.where, **growth.recipe}
     return {"ops": {"lora_weight_encoder": {"config": config}}}
 
 
@@ -77,10 +76,10 @@ registry_automation = dg.AutomationConditionSensorDefinition(
 
 registry_maintenance_schedule = dg.ScheduleDefinition(
     name="registry_maintenance_schedule", job=maintenance_job, cron_schedule="0 3 * * *",
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="index maintenance and compaction, nightly")
+    execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="index maintenance and compaction, nightly at 03:00 UTC")
 
 reports_schedule = dg.ScheduleDefinition(
     name="reports_schedule", job=reports_job, cron_schedule="0 4 * * 0",
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="the evaluation reports on the demo world's held-out LoRAs, weekly")
+    execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="the evaluation reports on the demo world's held-out LoRAs, weekly on Sundays at 04:00 UTC")

@@ -20,6 +20,8 @@ class EncoderTrainingConfig(dg.Config):
     where: str = Field("", description="a LanceDB SQL filter narrowing the pool; empty: every LoRA of the base")
     design: str = Field("ours", description="'ours' or 'paper' (the authors' design)")
     steps: int = Field(300, description="optimiser steps")
+    batch_size: int = Field(32, description="LoRAs per contrastive batch")
+    lr: float | None = Field(None, description="learning rate; null: the design's own")
     seed: int = Field(0, description="random seed of the training")
     probes_from: str = Field("", description="the base as a diffusers pipeline (folder or Hub id): probes from "
                                              "its layers' real inputs; empty: learned probes")
@@ -52,8 +54,7 @@ def lora_weight_encoder(context: dg.AssetExecutionContext, config: EncoderTraini
     unchanged); registering a new version embeds every LoRA with it and switches search to it."""
     from pipelines.encoder_pool import Recipe, train_registry_encoder
 
-    recipe = Recipe(design=config.design, steps=config.steps, seed=config.seed, probes_from=config.probes_from,
-                    text_encoder=config.text_encoder)
+    recipe = Recipe(**{name: getattr(config, name) for name in Recipe.__dataclass_fields__})
     info = train_registry_encoder(registry.open(), config.base_model, config.where or None, recipe)
     context.log.info(f"encoder {info['version']}: {'trained' if info['trained'] else 'cached'}")
     return dg.MaterializeResult(metadata={

@@ -60,6 +60,20 @@ class Recipe:
     # path or Hub id (models.text_encoder.load_text_encoder)
     text_encoder: str = ""
 
+    def __post_init__(self) -> None:
+        # local folders absolute (Hub ids and names as given): the recipe is recorded with its
+        # encoder and a retraining (the Dagster sensor) may run from another working directory
+        object.__setattr__(self, "probes_from", _absolute(self.probes_from))
+        if self.text_encoder != "clip":  # "clip": the probes_from pipeline's, a name, never a folder
+            prefix = CLIP_PREFIX if self.text_encoder.startswith(CLIP_PREFIX) else ""
+            object.__setattr__(self, "text_encoder", prefix + _absolute(self.text_encoder[len(prefix):]))
+
+
+def _absolute(value: str) -> str:
+    """``value`` as an absolute path when it names an existing local file or folder, else as is."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if value and path.exists() else value
+
 
 def text_encoder_spec(recipe: Recipe) -> str:
     """The text encoder ``recipe`` names, as recorded with the encoder ("" for the default)."""

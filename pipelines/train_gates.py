@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from models.fusion import GatedFusion
 from pipelines.fusion_methods.base import Lora
@@ -42,6 +42,7 @@ from pipelines.fusion_methods.gated import GateSet, fusion_layers
 from pipelines.world.train_base import (
     encode_captions, encode_images, flow_matching_loss, scale_latents, training_scheduler,
 )
+from registry.atomic_write import write_atomically
 
 GATES_FORMAT = "autolora-gates/1"
 # bump when the training code changes what one recipe trains (part of the version id);
@@ -110,9 +111,9 @@ def save_gates(path: str | Path, gates: GateSet) -> Path:
     meta = {"format": GATES_FORMAT, "version": gates.version, "time_features": str(gates.time_features),
             "rank_global": str(gates.rank_global), "use_global": json.dumps(gates.use_global),
             "meta": json.dumps(gates.meta)}
-    tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in gates.state.items()}, tmp, metadata=meta)
-    tmp.replace(path)
+    # written whole through a unique temp file with a plain file's mode (0o666 less the umask), as
+    # every other checkpoint: safetensors' save_file would leave it 0600
+    write_atomically(path, save({k: v.contiguous() for k, v in gates.state.items()}, metadata=meta))
     return path
 
 

@@ -9,9 +9,11 @@ import shutil
 
 import dagster as dg
 
-from assets_defs.automation import encoder_retrain_sensor, retrain_job, retrain_sensor
+from assets_defs.automation import encoder_retrain_sensor, encoder_run_config, retrain_job, retrain_sensor
 from assets_defs.definitions import defs
+from assets_defs.models import EncoderTrainingConfig, lora_weight_encoder
 from assets_defs.resources import RegistryResource
+from pipelines.retrain_policy import PoolGrowth
 from registry import BaseModel, Registry
 from registry.store.store import quote
 
@@ -68,8 +70,8 @@ def test_the_encoder_is_retrained_when_its_pool_grows(micro_world, tmp_path):
     assert len(Registry.open(registry).add(pool_dir).added) == 2
     (request,) = _tick(sensor, registry, instance).run_requests
     assert request.run_config["ops"]["lora_weight_encoder"]["config"] == {
-        "base_model": base, "where": pool, "design": "ours", "steps": 20, "seed": 0, "probes_from": "",
-        "text_encoder": ""}
+        "base_model": base, "where": pool, "design": "ours", "steps": 20, "batch_size": 32, "lr": None, "seed": 0,
+        "probes_from": "", "text_encoder": ""}
     assert "2 new LoRA(s)" in request.tags["autolora/reason"]
 
     run = job.execute_in_process(run_config=request.run_config, instance=instance,
@@ -109,3 +111,59 @@ def test_schedules_and_sensors_are_defined_stopped():
     assert all(s.default_status == dg.DefaultScheduleStatus.STOPPED for s in repo.schedule_defs)
     assert {"encoder_retrain_sensor", "registry_automation"} <= {s.name for s in repo.sensor_defs}
     assert all(s.default_status == dg.DefaultSensorStatus.STOPPED for s in repo.sensor_defs)
+
+
+# a value other than the default for every Recipe field (pipelines.encoder_pool.Recipe)
+NON_DEFAULT = {"design": "paper", "steps": 7, "batch_size": 8, "lr": 5e-3, "seed": 3,
+               "probes_from": "/abs/world/base", "text_encoder": "clip"}
+
+
+def _recipe_fields() -> set[str]:
+    """The Recipe fields; the ``lora_weight_encoder`` asset's config takes every one."""
+    from pipelines.encoder_pool import Recipe
+
+    fields = set(Recipe.__dataclass_fields__)
+    assert fields == set(NON_DEFAULT)  # a new Recipe field: give it a non-default value above
+    assert fields <= set(EncoderTrainingConfig.model_fields)
+    return fields
+
+
+def _growth(recipe: dict, base: str = "b", ids: tuple[str, ...] = ("l1", "l2")) -> PoolGrowth:
+    from pipelines.encoder_pool import Recipe, version_of
+
+    return PoolGrowth(base_model=base, pool_size=len(ids), new=len(ids), trained_on=0, active_version="enc-0",
+                      where="tags LIKE '%x%'", recipe=recipe,
+                      next_version=version_of(list(ids), base, Recipe(**recipe)))
+
+
+def test_the_retrain_run_trains_the_version_its_run_key_names(tmp_path, monkeypatch):
+    """Every recipe field is carried (lr and batch_size included), so the asset trains the very
+    recipe (and version) the sensor's run key names."""
+    import pipelines.encoder_pool as encoder_pool
+    from pipelines.encoder_pool import Recipe, version_of
+
+    recipe = {k: NON_DEFAULT[k] for k in _recipe_fields()}
+    growth = _growth(recipe)
+    run_config = encoder_run_config(growth)
+    config = run_config["ops"]["lora_weight_encoder"]["config"]
+    assert config == {"base_model": "b", "where": growth.where, **recipe}
+
+    trained = []
+
+    def train(reg, base_model, where, recipe):  # what the asset would train, not training it
+        trained.append((base_model, where, recipe))
+        return {"version": "v", "pool_size": 2, "trained": False, "embedding": {}}
+
+    monkeypatch.setattr(encoder_pool, "train_registry_encoder", train)
+    result = dg.materialize([lora_weight_encoder], run_config=run_config,
+                            resources={"registry": RegistryResource(path=str(tmp_path / "registry"))})
+    assert result.success
+    ((base_model, where, made),) = trained
+    assert (base_model, where, made) == ("b", growth.where, Recipe(**recipe))
+    assert version_of(["l1", "l2"], base_model, made) == growth.next_version
+
+
+def test_the_schedules_state_their_timezone():
+    repo = defs.get_repository_def()
+    for schedule in repo.schedule_defs:
+        assert schedule.execution_timezone == "UTC" and "UTC" in (schedule.description or ""), schedule.name
