@@ -3,7 +3,6 @@
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ from assets_defs.resources import RegistryResource
 from assets_defs.sources import synced_loras
 from pipelines.caption import DEFAULT_PROMPT, Captioner
 from pipelines.caption_registry import caption_registry, pending_captions
-from pipelines.vllm_server import default_served_name, vllm_server
+from pipelines.captioner_endpoint import CaptionerEndpoint
 
 DEMO_BASE = ("autolora-demo-flux", ".autolora/world/default-seed0/base")
 
@@ -45,30 +44,19 @@ class CaptionerResource(dg.ConfigurableResource):
     max_tokens: int = Field(64, description="caption length limit in tokens")
     startup_timeout: float = Field(600.0, description="seconds to wait for a launched server to answer")
 
+    def endpoint(self) -> CaptionerEndpoint:
+        """These settings as a :class:`pipelines.captioner_endpoint.CaptionerEndpoint`."""
+        return CaptionerEndpoint(**{name: getattr(self, name) for name in CaptionerEndpoint.__dataclass_fields__})
+
     def model_name(self) -> str | None:
         """The model id captions will carry, when known without asking a server."""
-        if self.served_name:
-            return self.served_name
-        return None if self.url or not self.model_dir else default_served_name(self.model_dir)
+        return self.endpoint().model_name()
 
     @contextmanager
     def connect(self) -> Iterator[tuple[Captioner, dict]]:
         """A :class:`Captioner` on the endpoint, and ``{base_url, model, pid, start_seconds}``."""
-        if not self.url and not self.model_dir:
-            raise ValueError("CaptionerResource needs `url` (a running OpenAI server) or `model_dir` "
-                             "(a model folder or Hub id to serve with vLLM); set AUTOLORA_CAPTIONER_URL or _MODEL")
-        t0 = time.perf_counter()
-        with vllm_server(self.model_dir if not self.url else None, url=self.url or None,
-                         served_name=self.served_name or None, startup_timeout=self.startup_timeout,
-                         max_model_len=self.max_model_len, dtype=self.dtype,
-                         extra_args=list(self.extra_args)) as server:
-            info = {"base_url": server.base_url, "model": server.model, "pid": server.pid,
-                    "start_seconds": round(time.perf_counter() - t0, 2)}
-            with Captioner(server.base_url, server.model, prompt=self.prompt,
-                           cache_dir=Path(self.cache_dir) if self.cache_dir else None,
-                           concurrency=self.concurrency, timeout=self.timeout,
-                           max_tokens=self.max_tokens) as captioner:
-                yield captioner, info
+        with self.endpoint().connect() as connected:
+            yield connected
 
 
 def _default_bases() -> dict[str, str]:
@@ -95,7 +83,7 @@ def lora_captions(context: dg.AssetExecutionContext, config: CaptionConfig, regi
     without renders rendered by their base first); captions feed full-text search and training."""
     reg = registry.open()
     model = captioner.model_name()
-    if model is not None and pending_captions(reg, model) == 0:  # no server started for nothing
+    if model is not None and pending_captions(reg, model, config.base_pipelines, config.self_render) == 0:  # no server started for nothing
         context.log.info(f"every LoRA has captions of {model}")
         return dg.MaterializeResult(metadata={"model": model, "captioned": 0, "server_started": False,
                                               "registry_version": reg.version})

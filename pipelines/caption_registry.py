@@ -98,13 +98,9 @@ class _Bases:
         if not name or name not in self.given:
             return None
         if name not in self.loaded:
-            pipe = self.given[name]
-            if isinstance(pipe, (str, os.PathLike)):
-                from diffusers import FluxPipeline
+            from pipelines.generate import load_base  # a folder, demo world or Hub id, loaded quietly
 
-                pipe = FluxPipeline.from_pretrained(Path(pipe))
-                pipe.set_progress_bar_config(disable=True)
-            self.loaded[name] = pipe
+            self.loaded[name] = load_base(self.given[name])
         return self.loaded[name]
 
 
@@ -149,7 +145,11 @@ class _Pass:
         prompts, blobs = list(row["render_prompts"] or []), list(row["render_blobs"] or [])
         if any(_has_image(self.reg, b) for b in blobs):
             return prompts, blobs
-        pipe = self.bases.get(row["base_model"]) if self.self_render else None
+        try:
+            pipe = self.bases.get(row["base_model"]) if self.self_render else None
+        except OSError as error:  # a base that does not load (a folder gone, a Hub id not cached)
+            self.report.failed.append({"lora_id": row["lora_id"], "reason": f"self-render failed: {error}"})
+            return None
         if pipe is None:
             why = ("self-rendering is off" if not self.self_render
                    else f"no pipeline for its base {row['base_model']!r} (pass base_pipelines)")
@@ -224,9 +224,15 @@ def _rows(reg: Registry) -> list[dict]:
     return sorted(reg.rows(reg.loras, where, n, _COLUMNS) if n else [], key=lambda r: r["lora_id"])
 
 
-def pending_captions(reg: Registry, model: str) -> int:
-    """How many LoRAs a :func:`caption_registry` pass with ``model`` would look at."""
-    return sum(_needs_captions(r, model) for r in _rows(reg))
+def pending_captions(reg: Registry, model: str, base_pipelines: Mapping[str, Any] | None = None,
+                     self_render: bool = True) -> int:
+    """How many LoRAs a :func:`caption_registry` pass with these arguments would caption: those
+    lacking ``model``'s captions that have a render image, or whose base can render one (a LoRA
+    it could only skip does not count, so it starts no server on every run)."""
+    can_render = set(base_pipelines or {}) if self_render else set()
+    return sum(_needs_captions(r, model) and (r["base_model"] in can_render
+                                              or any(_has_image(reg, b) for b in r["render_blobs"] or []))
+               for r in _rows(reg))
 
 
 def caption_registry(reg: Registry, captioner: Captioner, *, base_pipelines: Mapping[str, Any] | None = None,

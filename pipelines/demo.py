@@ -79,22 +79,21 @@ def _captioning(registry: Registry, model_dir: Path, world_root: Path, workdir: 
 
     from pipelines.caption import Captioner
     from pipelines.caption_registry import CaptionReport, caption_registry, pending_captions
-    from pipelines.vllm_server import vllm_server
+    from pipelines.captioner_endpoint import CaptionerEndpoint
     from pipelines.world.build import DEMO_BASE_NAME
 
     served = f"world-captioner-{world_root.name}"  # the cache key: captions of this world's model
+    endpoint = CaptionerEndpoint(model_dir=str(model_dir), served_name=served, cache_dir=str(workdir / "caption-cache"))
+    bases = {DEMO_BASE_NAME: world_root / "base"}
     with ExitStack() as stack:
         captioner: list[Captioner] = []
 
         def caption() -> dict:
-            if not pending_captions(registry, served):
+            if not pending_captions(registry, served, bases):
                 return CaptionReport(model=served, up_to_date=len(registry)).to_dict()
             if not captioner:
-                server = stack.enter_context(vllm_server(model_dir, served_name=served))
-                captioner.append(stack.enter_context(
-                    Captioner(server.base_url, server.model, cache_dir=workdir / "caption-cache")))
-            return caption_registry(registry, captioner[0],
-                                    base_pipelines={DEMO_BASE_NAME: world_root / "base"}).to_dict()
+                captioner.append(stack.enter_context(endpoint.connect())[0])
+            return caption_registry(registry, captioner[0], base_pipelines=bases).to_dict()
 
         yield caption
 

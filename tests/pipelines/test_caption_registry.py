@@ -16,7 +16,9 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from pipelines.caption import Captioner
-from pipelines.caption_registry import caption_registry, render_seed, render_with_base, self_render_prompts
+from pipelines.caption_registry import (
+    caption_registry, pending_captions, render_seed, render_with_base, self_render_prompts,
+)
 from pipelines.vllm_server import free_port, vllm_available, vllm_python, vllm_server
 from pipelines.world.captioner import build_random_captioner
 from pipelines.world.sampling import generate
@@ -72,6 +74,16 @@ def test_dead_endpoint_fails_rows_and_writes_nothing(registry):
     assert report.captioned == 0 and report.writes == 0 and registry.version == version
     assert len(report.failed) == 2 and all("captioning failed" in f["reason"] for f in report.failed)
     assert report.skipped[0]["lora_id"] == _rows(registry)[WITHOUT]["lora_id"]
+    # what a pass could caption: the render-less LoRA only when its base can render it
+    assert pending_captions(registry, "m") == 2
+    assert pending_captions(registry, "m", {"autolora-demo-flux": "any"}) == 3
+    assert pending_captions(registry, "m", {"autolora-demo-flux": "any"}, self_render=False) == 2
+    # a base that does not load fails that LoRA with the reason, and the pass goes on
+    with Captioner(f"http://127.0.0.1:{free_port()}/v1", "m", retries=0, timeout=5) as cap:
+        report = caption_registry(registry, cap, base_pipelines={"autolora-demo-flux": "nobody/not-cached-flux"})
+    assert registry.version == version and not report.skipped and len(report.failed) == 3
+    failed = {f["lora_id"]: f["reason"] for f in report.failed}
+    assert "not in the local Hugging Face cache" in failed[_rows(registry)[WITHOUT]["lora_id"]]
 
 
 def test_captions_every_render_once_then_self_renders(server, registry, micro_world, tmp_path):

@@ -1,0 +1,138 @@
+"""``autolora caption``: caption a registry's sample renders with a vision model behind an
+OpenAI-compatible server, as the Dagster asset ``lora_captions`` does: attach to a running server
+(``--url``) or serve a model folder / Hub id with vLLM for the duration (``--model``); LoRAs that
+came without any render are first rendered by their base (``--base BASE_MODEL=PIPELINE``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _positive, _print_json
+
+DEFAULT_RENDERS = 3  # self-rendered images per LoRA without any (the asset's default too)
+_NOT_REMOVED = "removed IS NULL OR removed = false"
+
+
+def _base_pipeline(text: str) -> tuple[str, str]:
+    """``BASE_MODEL=PIPELINE`` as a pair; anything else is an argparse (usage) error."""
+    name, sep, pipeline = text.partition("=")
+    if not sep or not name.strip() or not pipeline.strip():
+        raise argparse.ArgumentTypeError(f"expected BASE_MODEL=PIPELINE, e.g. FLUX.1-dev=~/models/FLUX.1-dev, "
+                                         f"not {text!r}")
+    return name.strip(), _expanded(pipeline.strip())
+
+
+def _base_pipelines(registry, given: list[tuple[str, str]]) -> dict[str, str]:
+    """``{base model: pipeline folder}`` from the ``--base`` pairs: each name a base the registry
+    knows, each pipeline a diffusers folder or built demo world (checked before anything runs)."""
+    if not given:
+        return {}
+    from pipelines.generate import BaseNotFound, resolve_base  # imports diffusers: only when rendering may happen
+
+    known, pipelines = registry.base_names(), {}
+    for name, pipeline in given:
+        if name not in known:
+            raise UsageError(f"--base {name}=...: the registry knows no base model {name!r} "
+                             f"(known: {', '.join(known)})")
+        if pipelines.get(name, pipeline) != pipeline:
+            raise UsageError(f"--base {name}=... given twice with different pipelines")
+        try:
+            pipelines[name] = resolve_base(pipeline)
+        except BaseNotFound as error:
+            raise UsageError(f"--base {name}=...: {error}") from None
+    return pipelines
+
+
+def _endpoint(args: argparse.Namespace):
+    """The captioner the flags describe (the captioner resource's defaults otherwise)."""
+    from pipelines.captioner_endpoint import CaptionerEndpoint
+
+    cache = args.cache_dir if args.cache_dir is not None else os.environ.get(
+        "AUTOLORA_CAPTION_CACHE", ".autolora/caption-cache")
+    return CaptionerEndpoint(url=args.url or "", model_dir=args.model or "", served_name=args.served_name or "",
+                             max_model_len=args.max_model_len or None, dtype=args.dtype,
+                             extra_args=tuple(args.vllm_arg or ()), cache_dir=cache)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from pipelines.caption_registry import CaptionReport, caption_registry, pending_captions
+    from pipelines.vllm_server import VLLMServerError, is_model_source
+
+    if args.renders is not None and not args.base:
+        raise UsageError("--renders sets how many images --base renders per LoRA without any: give --base too")
+    if args.model and not is_model_source(args.model):
+        raise UsageError(f"--model: {args.model!r} is neither an existing model folder nor a Hub repo id")
+    registry = _open_registry(args.registry, create=False)
+    pipelines = _base_pipelines(registry, args.base or [])
+    endpoint = _endpoint(args)
+    model = endpoint.model_name()
+    if model is not None and pending_captions(registry, model, pipelines) == 0:  # no server started for nothing
+        up_to_date = registry.loras.count_rows(_NOT_REMOVED)
+        if args.json:
+            show(CaptionReport(model=model, up_to_date=up_to_date), as_json=True)
+        else:
+            print(f"nothing to caption: every LoRA ({up_to_date}) has captions of {model} or cannot get any "
+                  "(no render, no --base for its base model); no server started")
+        return 0
+    try:
+        with endpoint.connect() as (captioner, server):
+            report = caption_registry(registry, captioner, base_pipelines=pipelines,
+                                      n_renders=args.renders or DEFAULT_RENDERS)
+    except VLLMServerError as error:  # the server did not come up, or nothing answers at --url
+        print(f"autolora caption: {error}", file=sys.stderr)
+        return 1
+    show(report, args.json, server_started=server["pid"] is not None, start_seconds=server["start_seconds"])
+    return 0
+
+
+def show(report, as_json: bool, server_started: bool = False, start_seconds: float = 0.0) -> None:
+    """``report`` (a :class:`pipelines.caption_registry.CaptionReport`) as JSON, or as the
+    :func:`summary` line with each skipped or failed LoRA and its reason on stderr."""
+    if as_json:
+        _print_json({**report.to_dict(), "server_started": server_started, "server_start_seconds": start_seconds})
+        return
+    for kind, problems in (("skipped", report.skipped), ("failed", report.failed)):
+        for problem in problems:  # the library's hint names its argument; here it is --base
+            reason = problem["reason"].replace("pass base_pipelines", "pass --base BASE_MODEL=PIPELINE")
+            print(f"{kind} {problem['lora_id']}: {reason}", file=sys.stderr)
+    print(summary(report))
+
+
+def summary(report) -> str:
+    """One line for a :class:`pipelines.caption_registry.CaptionReport`."""
+    cached = report.images - report.requests
+    return (f"{report.captioned} LoRAs captioned by {report.model} ({report.images} renders, {cached} from the cache), "
+            f"{len(report.self_rendered)} self-rendered, {report.up_to_date} up to date, "
+            f"{len(report.skipped)} skipped, {len(report.failed)} failed")
+
+
+def add_commands(sub) -> None:
+    """Register ``caption`` on the top-level subparsers."""
+    cmd = sub.add_parser("caption", help="caption the registry's sample renders with a vision model "
+                                         "(vLLM or any OpenAI-compatible server)")
+    cmd.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded, metavar="DIR")
+    server = cmd.add_mutually_exclusive_group(required=True)
+    server.add_argument("--url", metavar="URL", help="a running OpenAI-compatible server to attach to (left running)")
+    server.add_argument("--model", type=_expanded, metavar="MODEL_DIR_OR_HUB_ID",
+                        help="a model folder or Hub id served by vLLM (.venv-vllm) for the duration")
+    cmd.add_argument("--served-name", metavar="NAME",
+                     help="the model name to ask for (default: the first model --url lists, the --model folder's "
+                          "name, or the Hub id); captions carry it")
+    cmd.add_argument("--base", action="append", type=_base_pipeline, metavar="BASE_MODEL=PIPELINE",
+                     help="render LoRAs of BASE_MODEL that came without any sample render with PIPELINE "
+                          "(a diffusers pipeline folder or built demo world), then caption those; repeatable")
+    cmd.add_argument("--renders", type=_positive, metavar="N",
+                     help=f"with --base: images per such LoRA (default {DEFAULT_RENDERS})")
+    cmd.add_argument("--cache-dir", type=_expanded, metavar="DIR",
+                     help="captions cached by image hash, model and prompt (default: $AUTOLORA_CAPTION_CACHE or "
+                          ".autolora/caption-cache; '' for none)")
+    cmd.add_argument("--max-model-len", type=int, default=256, metavar="N",
+                     help="with --model: vLLM's --max-model-len (default 256, the tiny CPU model's; 0: vLLM's "
+                          "choice, which a real Qwen2.5-VL needs)")
+    cmd.add_argument("--dtype", default="float32", help="with --model: vLLM's --dtype (default float32, for CPUs)")
+    cmd.add_argument("--vllm-arg", action="append", metavar="ARG",
+                     help="with --model: one more vLLM server argument, e.g. --vllm-arg=--tensor-parallel-size=2")
+    cmd.add_argument("--json", action="store_true")
+    cmd.set_defaults(func=cmd_caption)
