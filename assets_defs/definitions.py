@@ -17,13 +17,15 @@ from assets_defs.automation import (
     encoder_retrain_sensor, maintenance_job, registry_automation, registry_maintenance_schedule, reports_job,
     reports_schedule, retrain_job,
 )
+from assets_defs.registry_gates import gates_retrain_job, gates_retrain_sensor, registry_gates
 
 defs = dg.Definitions(
     assets=[ingested_loras, registry_indexes, lora_weight_encoder, weight_embeddings, fusion_gates, fusion_report,
-            generation_report, retrieval_report, synced_loras, lora_captions],
-    jobs=[ingest_job, retrieval_job, source_sync_job, retrain_job, maintenance_job, reports_job],
+            generation_report, retrieval_report, synced_loras, lora_captions, registry_gates],
+    jobs=[ingest_job, retrieval_job, source_sync_job, retrain_job, gates_retrain_job, maintenance_job,
+          reports_job],
     # one per enabled source in sources.toml (the demo's local folder by default), then the automation
-    sensors=[*source_sensors(), encoder_retrain_sensor, registry_automation],
+    sensors=[*source_sensors(), encoder_retrain_sensor, gates_retrain_sensor, registry_automation],
     schedules=[registry_maintenance_schedule, reports_schedule],
     resources={"registry": RegistryResource(), "captioner": CaptionerResource()},
 )

@@ -39,7 +39,7 @@ def _png_data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _loss_curve_md(losses: list[float], window: int = 25) -> str:
+def loss_curve_md(losses: list[float], window: int = 25) -> str:
     """The gate loss curve as an embedded PNG (no ``MetadataValue.image`` in Dagster 1.13)."""
     import numpy as np
     from PIL import Image, ImageDraw
@@ -80,7 +80,7 @@ def fusion_gates(context: dg.AssetExecutionContext, config: GatesConfig) -> dg.M
         "version": result.version, "path": str(result.path), "cached": result.cached,
         "pool_size": len(result.gates.meta.get("pool", [])), "seconds": float(result.gates.meta.get("seconds", 0.0)),
         "final_loss": float(sum(result.losses[-50:]) / max(1, len(result.losses[-50:]))) if result.losses else 0.0,
-        "loss_curve": dg.MetadataValue.md(_loss_curve_md(result.losses)),
+        "loss_curve": dg.MetadataValue.md(loss_curve_md(result.losses)),
     })
 
 

@@ -102,7 +102,7 @@ class PoolTooSmall(ValueError):
         self.skipped = skipped
 
 
-def _matched(reg: Registry, base_model: str, where: str | None) -> int:
+def count_pool(reg: Registry, base_model: str, where: str | None) -> int:
     """How many LoRAs the pool's filter matches; an unknown base model or a ``where`` that matches
     nothing (or does not parse) is a ValueError saying so, before any model is loaded."""
     known = sorted(b.name for b in reg.bases())
@@ -131,7 +131,7 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
 
     source = resolve_base(base)
     base_model = base_model or only_base_with_loras(reg)
-    matched = _matched(reg, base_model, where)
+    matched = count_pool(reg, base_model, where)
     usual = RenderSettings.for_transformer(base_config(source, "transformer")).size
     size = size or usual
     check_size(size, size_multiple(base_config(source, "vae")), usual)
@@ -153,22 +153,34 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
     return RegistryGates(training, [p.lora_id for p in pool], skipped)
 
 
-def latest_registry_gates(reg: Registry, base: str) -> Path | None:
-    """The newest gate checkpoint in ``<registry>/gates`` trained for the base pipeline ``base``
-    (last trained or last asked for by :func:`train_registry_gates`)."""
+def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> tuple[Path, str, dict] | None:
+    """The newest checkpoint in ``<registry>/gates`` trained for the resolved base pipeline
+    ``source`` (and on ``base_model``'s LoRAs when given; newest: last trained or last asked for
+    by :func:`train_registry_gates`): its path, version and meta (pool, recipe); headers only."""
     import json
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    from pipelines.generate import resolve_base
-
-    source, found = resolve_base(base), []
+    prefix, found = f"{source}|{base_model}|" if base_model else f"{source}|", []
     for path in (reg.root / GATES_DIR).glob("gates-*.safetensors"):
         try:
             with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {}).get("meta") or "{}")
-        except (OSError, ValueError):  # not a checkpoint of ours: not a candidate
+                header = f.metadata() or {}
+            meta = json.loads(header.get("meta") or "{}")
+            mtime = path.stat().st_mtime
+        except (OSError, ValueError, SafetensorError):  # not a checkpoint of ours (or gone meanwhile): not a candidate
             continue
-        if str(meta.get("base", "")).startswith(f"{source}|"):
-            found.append((path.stat().st_mtime, path))
-    return max(found)[1] if found else None
+        if str(meta.get("base", "")).startswith(prefix):
+            found.append((mtime, str(path), header.get("version", ""), meta))
+    if not found:
+        return None
+    _, path, version, meta = max(found)
+    return Path(path), version, meta
+
+
+def latest_registry_gates(reg: Registry, base: str) -> Path | None:
+    """The newest gate checkpoint in ``<registry>/gates`` trained for the base pipeline ``base``."""
+    from pipelines.generate import resolve_base
+
+    found = newest_gates(reg, resolve_base(base))
+    return found[0] if found else None

@@ -24,8 +24,10 @@ def test_definitions_validate():
     repo = defs.get_repository_def()
     assert repo.has_job("ingest_job")
     # sources.toml's enabled entries, then the automation (tests/assets_defs/test_automation.py)
-    assert {s.name for s in repo.sensor_defs} == {"local_source_sensor", "encoder_retrain_sensor", "registry_automation"}
-    for job in ("retrieval_job", "source_sync_job", "retrain_job", "maintenance_job", "reports_job"):
+    assert {s.name for s in repo.sensor_defs} == {"local_source_sensor", "encoder_retrain_sensor", "gates_retrain_sensor",
+                                                  "registry_automation"}
+    for job in ("retrieval_job", "source_sync_job", "retrain_job", "gates_retrain_job", "maintenance_job",
+                "reports_job"):
         assert repo.has_job(job)
 
 
@@ -69,13 +71,14 @@ def test_every_config_field_is_described_for_the_launchpad():
 
     import dagster as dg
 
-    from assets_defs import captions, definitions, generation, ingest, models, retrieval_report, sources
+    from assets_defs import captions, definitions, generation, ingest, models, registry_gates, retrieval_report, sources
 
     schemas = {f"resource {name}": type(res) for name, res in (definitions.defs.resources or {}).items()}
-    for module in (captions, generation, ingest, models, retrieval_report, sources):
+    for module in (captions, generation, ingest, models, registry_gates, retrieval_report, sources):
         schemas.update({name: obj for name, obj in vars(module).items()
                         if inspect.isclass(obj) and issubclass(obj, dg.Config) and obj.__module__ == module.__name__})
-    assert {"resource registry", "resource captioner", "GatesConfig", "SyncConfig", "IngestConfig"} <= set(schemas)
+    assert {"resource registry", "resource captioner", "GatesConfig", "SyncConfig", "IngestConfig",
+            "RegistryGatesConfig"} <= set(schemas)
     bare = [f"{name}.{field}" for name, cls in schemas.items()
             for field, spec in cls.to_config_schema().as_field().config_type.fields.items() if not spec.description]
     assert bare == []

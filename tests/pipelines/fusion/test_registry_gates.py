@@ -80,6 +80,7 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, 
                 "-k", "2", "-o", str(image), "--json"]
     assert main(generate) == 0 and json.loads(capsys.readouterr().out)["gates"] == trial["version"]
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["cached"]  # asked for again: the newest again
+    (reg.root / "gates" / "gates-not-ours.safetensors").write_bytes(b"\xff" * 64)  # a stray file is no candidate
     assert main(generate) == 0
     done = capsys.readouterr()
     assert json.loads(done.out)["gates"] == first["version"] and "warning" not in done.err and image.is_file()
