@@ -152,7 +152,8 @@ class _Pass:
             return None
         if pipe is None:
             why = ("self-rendering is off" if not self.self_render
-                   else f"no pipeline for its base {row['base_model']!r} (pass base_pipelines)")
+                   else f"no pipeline for its base {row['base_model']!r} to render one (autolora caption --base "
+                        f"{row['base_model']}=PIPELINE; base_pipelines in Python and Dagster)")
             self.report.skipped.append({"lora_id": row["lora_id"], "reason": f"no sample render image; {why}"})
             return None
         new_prompts = self_render_prompts(row["trigger_words"] or [], self.n_renders)

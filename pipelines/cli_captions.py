@@ -94,9 +94,8 @@ def show(report, as_json: bool, server_started: bool = False, start_seconds: flo
         _print_json({**report.to_dict(), "server_started": server_started, "server_start_seconds": start_seconds})
         return
     for kind, problems in (("skipped", report.skipped), ("failed", report.failed)):
-        for problem in problems:  # the library's hint names its argument; here it is --base
-            reason = problem["reason"].replace("pass base_pipelines", "pass --base BASE_MODEL=PIPELINE")
-            print(f"{kind} {problem['lora_id']}: {reason}", file=sys.stderr)
+        for problem in problems:
+            print(f"{kind} {problem['lora_id']}: {problem['reason']}", file=sys.stderr)
     print(summary(report))
 
 

@@ -51,13 +51,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    from pipelines.evaluate.retrieval import evaluate_retrieval
+    from pipelines.evaluate.retrieval import NotEvaluable, evaluate_retrieval
 
     _open_registry(args.registry, create=False)  # a usage error if missing
     try:
         report = evaluate_retrieval(args.registry, args.world, args.out, baselines_too=not args.no_baselines,
                                     progress=not args.json)
-    except (LookupError, FileNotFoundError) as error:
+    except (NotEvaluable, FileNotFoundError) as error:  # not a bug's KeyError: that shows its traceback
         raise UsageError(str(error)) from None
     if args.json:
         _print_json(report)

@@ -17,6 +17,7 @@ _EXPORTS = {
     "NoWeightEncoder": "registry.store.search",
     "EmbedReport": "registry.embed",
     "RegistryNotFound": "registry.store.store",
+    "VersionNotFound": "registry.store.store",
     "MaintenanceReport": "registry.store.maintenance",
     "IngestReport": "registry.ingest",
     "RejectedFile": "registry.lora.errors",

@@ -41,6 +41,10 @@ from registry.store.store import where_in
 CHANNELS = ("weights", "text", "hybrid")
 
 
+class NotEvaluable(LookupError):
+    """The registry cannot be evaluated against the world (its LoRAs missing, no active encoder)."""
+
+
 def manifest_ids(reg: Registry, root: Path, entries: list[dict]) -> dict[str, str]:
     """World file (relative) -> lora_id through the registry's file records: by path while the file's
     size, mtime and inode are the recorded ones, else by content (sha256), so a copied or moved
@@ -64,7 +68,7 @@ def manifest_ids(reg: Registry, root: Path, entries: list[dict]) -> dict[str, st
                 found.setdefault(file, row["lora_id"])
     missing = [f for f in paths.values() if f not in found]
     if missing:
-        raise LookupError(f"{len(missing)} world LoRA(s) are not in {reg.root} (e.g. {missing[0]}): "
+        raise NotEvaluable(f"{len(missing)} world LoRA(s) are not in {reg.root} (e.g. {missing[0]}): "
                           "ingest the world first")
     return found
 
@@ -129,7 +133,7 @@ def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.Path
     reg = Registry.open(registry_dir, create=False)
     active = next((r for r in reg.encoder_versions() if r.active), None)
     if active is None:
-        raise LookupError(f"{reg.root} has no active LoRA-weight encoder: train one first (autolora train encoder)")
+        raise NotEvaluable(f"{reg.root} has no active LoRA-weight encoder: train one first (autolora train encoder)")
     entries = manifest["loras"]
     ids = manifest_ids(reg, root, entries)
     heldout = [e for e in entries if e["split"] == "heldout"]

@@ -50,10 +50,11 @@ def make_queries(entries: Sequence[Mapping]) -> list[Query]:
 
 def metrics(rankings: Sequence[Sequence[str]], queries: Sequence[Query],
             attrs_of: Mapping[str, Mapping[str, str]]) -> dict[str, float]:
-    """Recall@1/3/10 and MRR@10 of ranked LoRA ids, one ranking per query."""
+    """Recall@1/3/10 and MRR@10 of ranked LoRA ids, one ranking per query; a LoRA without
+    ``attrs_of`` (one from outside the world, in a whole-registry ranking) is relevant to none."""
     first = []
     for ranking, query in zip(rankings, queries, strict=True):
-        hit = next((i for i, lora in enumerate(ranking[:DEPTH], 1) if query.relevant(attrs_of[lora])), None)
+        hit = next((i for i, lora in enumerate(ranking[:DEPTH], 1) if query.relevant(attrs_of.get(lora, {}))), None)
         first.append(hit)
     out = {f"recall_at_{k}": float(np.mean([h is not None and h <= k for h in first])) for k in KS}
     out["mrr"] = float(np.mean([1.0 / h if h else 0.0 for h in first]))

@@ -45,6 +45,10 @@ class RegistryNotFound(FileNotFoundError):
     """The folder holds no autolora registry (or one this version cannot read)."""
 
 
+class VersionNotFound(RegistryNotFound):
+    """The registry is there; the version number or tag asked of it is not."""
+
+
 def user_path(path: str | os.PathLike) -> Path:
     """A path as a user typed it: ``~`` and ``$VARS`` expanded."""
     return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
@@ -185,12 +189,15 @@ class Store:
         """Check out every table as of ``version`` of the LoRA table (or tag ``version`` where a
         table carries it; otherwise its last version committed before the LoRA table's next one:
         an ingest writes its LoRA rows first, then their file records)."""
+        versions, tags = [v["version"] for v in self.loras.list_versions()], self.loras.tags.list()
+        known = f"versions: {_ranges(versions)}, tags: {', '.join(sorted(tags)) or 'none'}"
+        if version not in (tags if isinstance(version, str) else versions):
+            what = f"tag {version!r}" if isinstance(version, str) else f"version {version}"
+            raise VersionNotFound(f"{self.root} has no {what}; {known}")
         try:
             self.loras.checkout(version)
-        except (ValueError, RuntimeError, OSError) as error:
-            raise RegistryNotFound(f"{self.root}: no version {version!r} ({error}); versions: "
-                                   f"{_ranges(v['version'] for v in self.loras.list_versions())}, "
-                                   f"tags: {', '.join(sorted(self.loras.tags.list())) or 'none'}") from None
+        except (ValueError, RuntimeError, OSError) as error:  # listed, but its files are gone (cleaned up)
+            raise VersionNotFound(f"{self.root}: version {version!r} cannot be read ({error}); {known}") from None
         later = [v["timestamp"] for v in self.loras.list_versions() if v["version"] > self.loras.version]
         until = min(later) if later else None
         for name, table in self._tables().items():

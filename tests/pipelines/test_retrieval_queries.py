@@ -40,3 +40,11 @@ def test_the_canonical_oracle_embeds_a_lora_as_its_values_in_canonical_words():
     rankings = canonical_oracle_rankings(list(ATTRS), ENTRIES, queries, default_text_encoder().encode)
     kinds = metrics_by_kind(rankings, queries, ATTRS)
     assert kinds["canonical"]["recall_at_1"] == 1.0  # canonical queries: the exact theme first
+
+def test_a_lora_from_outside_the_world_is_relevant_to_no_query():
+    """The whole-registry ranking may hold LoRAs the world's manifest does not know (a user's own)."""
+    queries = make_queries(ENTRIES)
+    right = {q.text: next(i for i, a in ATTRS.items() if q.relevant(a)) for q in queries}
+    rankings = [["lora-not-in-the-world", right[q.text]] for q in queries]
+    scores = metrics(rankings, queries, ATTRS)
+    assert scores["recall_at_1"] == 0.0 and scores["recall_at_3"] == 1.0 and scores["mrr"] == 0.5

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from flux_fixtures import flux_lora, partial_names
 
-from registry import Registry, RegistryNotFound
+from registry import Registry, RegistryNotFound, VersionNotFound
 from registry.lora.formats import save_lora
 
 REPO = Path(__file__).resolve().parents[3]
@@ -80,8 +80,12 @@ def test_reading_never_creates_a_registry(tmp_path):
     with pytest.raises(RegistryNotFound, match="holds no autolora registry"):
         Registry.open(tmp_path / "photos")  # not a new registry inside someone's folder
     reg = Registry.open(tmp_path / "new")
-    with pytest.raises(RegistryNotFound, match="no version"):
+    with pytest.raises(VersionNotFound, match="has no tag 'prod'; versions: "):
         Registry.open(reg.root, version="prod")
+    for never in (99999, 0, -1):  # never existed: said so, not "cleaned up"
+        with pytest.raises(VersionNotFound, match=rf"has no version {never}; versions: ") as caught:
+            Registry.open(reg.root, version=never)
+        assert "cleaned up" not in str(caught.value)
 
 
 def test_maintenance_during_a_concurrent_ingest_loses_nothing(tmp_path, monkeypatch):
@@ -130,7 +134,7 @@ def test_tagging_a_missing_version_and_a_version_given_as_digits(tmp_path):
     assert reg.tags() == {}
     pinned = Registry.open(reg.root, version=str(first))
     assert pinned.version == first and len(pinned) == 1 and len(pinned.search("lora", k=5)) == 1
-    with pytest.raises(RegistryNotFound, match=rf"no version 9999 .*; versions: 1-{reg.version}, tags: none"):
+    with pytest.raises(RegistryNotFound, match=rf"has no version 9999; versions: 1-{reg.version}, tags: none"):
         Registry.open(reg.root, version="9999")
     reg.tag(str(first), reg.version)  # a tag named like a number
     assert len(Registry.open(reg.root, version=str(first))) == 2
