@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from registry.atomic_write import write_atomically
 from registry.store.encoders import EncoderRecord, encoder_records, register_encoder
 from registry.store.maintenance import MaintenanceReport, maintain
-from registry.store.prune import prune
 from registry.store.search import NoWeightEncoder, Searcher, SearchHit
 from registry.store.store import Store, quote, user_path
 
@@ -123,8 +122,11 @@ class Registry(Store):
         return maintain(self)
 
     def prune(self) -> dict[str, int]:
-        """Mark LoRAs whose every known path is gone as removed (hidden from search)."""
-        return prune(self)
+        """Mark LoRAs whose every known path is gone as removed (hidden from search), and rebuild
+        the card data of those whose copies changed (a duplicate's card gone or back)."""
+        from registry.ingest import prune_and_refresh
+
+        return prune_and_refresh(self)
 
     # ---- search ------------------------------------------------------------------------
     def search(self, prompt: str, k: int = 10, channel: str = "hybrid", base_model: str | None = None,
