@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.ingest.report import IngestReport
-from registry.store.store import user_path
+from registry.store.store import MARKER, holds_registry, user_path
 
 # Files that may be LoRAs when found while walking a folder (everything else there is a sidecar).
 # An explicitly named file is always considered, whatever its extension.
@@ -32,6 +32,10 @@ def _walk(folder: Path, report: IngestReport) -> list[Candidate]:
         report.reject(str(error.filename or folder), "unreadable", f"unreadable folder: {error.strerror}")
 
     for root, dirs, names in os.walk(folder, onerror=unreadable):
+        if MARKER in names and holds_registry(Path(root)):  # its blobs are copies of LoRAs it holds already
+            dirs[:] = []
+            report.warnings.append(f"skipped {root}: an autolora registry, not a folder of LoRAs")
+            continue
         dirs.sort()
         siblings = sorted(names)
         for name in siblings:

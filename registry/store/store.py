@@ -82,6 +82,14 @@ def _read_format(root: Path) -> int | None:
         raise RegistryNotFound(f"{root}: unreadable {MARKER}: {error}") from None
 
 
+def holds_registry(folder: Path) -> bool:
+    """Whether ``folder`` is an autolora registry's root (its marker names a format)."""
+    try:
+        return isinstance(json.loads((folder / MARKER).read_text(encoding="utf-8")).get("format"), int)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_marker(root: Path, writable: bool) -> None:
     found = _read_format(root)
     if found == FORMAT_VERSION or (writable and found in MIGRATABLE):

@@ -91,3 +91,18 @@ def test_concurrent_overlapping_ingests_leave_no_duplicates(lora_folder, tmp_pat
     snap = _snapshot(registry)
     assert len(snap["loras"]) == N_FILES
     assert len(snap["files"]) == N_FILES
+
+
+def test_a_registry_inside_an_ingested_folder_is_not_ingested(lora_folder, tmp_path):
+    """Its blobs are copies of LoRAs it holds: walking into it would record them as duplicates
+    whose paths are the registry's own (never gone, so never pruned)."""
+    import shutil
+
+    folder = tmp_path / "collection"
+    shutil.copytree(lora_folder, folder)
+    reg = Registry.open(folder / "registry")
+    first = reg.add([folder])
+    again = reg.add([folder])
+    assert first.added and not first.duplicates and not again.duplicates and not again.added
+    assert any(w.startswith(f"skipped {folder / 'registry'}: an autolora registry") for w in again.warnings)
+    assert not any(str(folder / "registry") in r["path"] for r in reg.column_rows(reg.files, ["path"]))
