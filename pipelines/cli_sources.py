@@ -1,9 +1,16 @@
 """``autolora sync``: pull what is new in the sources of ``sources.toml`` into a registry, as the
-Dagster source sensors do, with each source's cursor kept beside its downloads."""
+Dagster source sensors do, with each source's cursor kept in the registry (``REGISTRY/sync/``): a
+cursor says what *that* registry has seen, so another registry synced from the same sources and
+download folder still gets everything (downloads already there are not fetched again).
+
+Cursors the CLI kept before, per source only (``DOWNLOAD_DIR/SOURCE.cursor.json``), are ignored:
+they may describe another registry. The first sync after that lists each source in full once;
+files already ingested cost a stat, releases already downloaded are not fetched again."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -13,11 +20,43 @@ from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registr
 from registry.atomic_write import write_atomically
 
 
-def cursor_path(download_dir: str | os.PathLike, source: str) -> Path:
-    """Where the CLI keeps ``source``'s cursor: ``DOWNLOAD_DIR/SOURCE.cursor.json``."""
+CURSOR_DIR = "sync"  # in the registry folder
+
+
+def cursor_path(registry_root: str | os.PathLike, source: str) -> Path:
+    """Where the CLI keeps ``source``'s cursor for the registry at ``registry_root``:
+    ``REGISTRY/sync/SOURCE.cursor.json`` (a name that is no plain file name gets a short hash, so two
+    sources never share a cursor)."""
     from pipelines.sources.base import safe_name
 
-    return Path(download_dir) / f"{safe_name(source)}.cursor.json"
+    stem = safe_name(source)
+    if stem != source:
+        stem = f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    return Path(registry_root) / CURSOR_DIR / f"{stem}.cursor.json"
+
+
+def failure_line(name: str, failure: dict, sources_file: str | os.PathLike) -> str:
+    """One line for one failure of source ``name``'s sync: the listing (``key`` is the source's
+    name) or one release (``key`` is ``SOURCE:ID@REVISION``)."""
+    code, reason = failure["code"], failure["reason"]
+    if failure["key"] == name and not failure["file"]:
+        if code == "missing":
+            return f"{name}: {reason}; create it, or set this source's folder in {sources_file}"
+        return f"{name}: listing failed: {code}: {reason} (retried next sync)"
+    file = f" {failure['file']}" if failure["file"] else ""
+    return f"{failure['key']}{file}: {code}: {reason}" + (" (retried next sync)" if failure.get("retry") else "")
+
+
+def _load_cursor(path: Path) -> dict | None:
+    """The kept cursor, or ``None`` (from the start) where there is none or it cannot be read."""
+    try:
+        cursor = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        print(f"warning: unreadable cursor {path} ({error}): syncing that source from the start", file=sys.stderr)
+        return None
+    return cursor if isinstance(cursor, dict) else None
 
 
 def _save_cursor(path: Path, cursor: dict) -> None:
@@ -41,39 +80,49 @@ def cmd_sync(args: argparse.Namespace) -> int:
     registry = _open_registry(args.registry)
     results = {}
     for name in sources:
-        path = cursor_path(args.download_dir, name)
-        cursor = None if args.from_start or not path.is_file() else json.loads(path.read_text(encoding="utf-8"))
+        path = cursor_path(registry.root, name)
+        cursor = None if args.from_start else _load_cursor(path)
         report = sync(sources[name], registry, args.download_dir, cursor)
         _save_cursor(path, report.cursor)
         results[name] = report
     if any(r.ingest for r in results.values()):
         registry.maintain()
+    status = 1 if any(r.failed for r in results.values()) else 0  # rejected files are no failure
     if args.json:
         _print_json({name: report.to_dict() for name, report in results.items()})
-        return 0
+        return status
     for name, report in results.items():
         for failure in report.failed:
-            print(f"warning: {name}: {failure['key']} {failure['file']}: {failure['code']}: {failure['reason']}",
-                  file=sys.stderr)
+            print(f"warning: {failure_line(name, failure, args.sources)}", file=sys.stderr)
     rows = []
     for name, r in results.items():
         added, rejected = (len(r.ingest.added), len(r.ingest.rejected)) if r.ingest else (0, 0)
         rows.append((name, r.discovered, len(r.downloaded), len(r.already_present), len(r.failed), added, rejected))
     _table("sources synced", ["source", "discovered", "downloaded", "already present", "failed", "added", "rejected"],
            rows)
-    return 0
+    return status
 
 
 def add_commands(sub) -> None:
     """Register ``sync`` on the top-level subparsers."""
-    cmd = sub.add_parser("sync", help="pull what is new in the sources of sources.toml into a registry")
+    cmd = sub.add_parser(
+        "sync", help="pull what is new in the sources of sources.toml into a registry",
+        description="Pull what is new in each source since this registry's last sync (its cursor per source is "
+                    "kept in REGISTRY/sync/) into the registry. Files rejected for a reason that can change "
+                    "without the file changing (unknown_base: register the base; unreadable) are tried again "
+                    "by the next sync. Exit status: 0 when every source synced (whatever the ingest "
+                    "rejected); 1 when any source failed (a missing local folder, a failed listing or "
+                    "download: one warning line each; the other sources are still synced); 2 for a usage "
+                    "error.")
     cmd.add_argument("names", nargs="*", help="sources to sync (default: every enabled one)")
     cmd.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     cmd.add_argument("--sources", type=_expanded, help="the sources file (default: $AUTOLORA_SOURCES or sources.toml)")
     # defaults resolved in cmd_sync: importing pipelines.sources while parsing would import lancedb and torch
     cmd.add_argument("--download-dir", type=_expanded,
-                     help="downloads and each source's cursor (default: $AUTOLORA_DOWNLOAD_DIR or .autolora/downloads)")
-    cmd.add_argument("--from-start", action="store_true", help="ignore the kept cursor (files already ingested "
-                                                                "stay deduplicated)")
+                     help="where remote sources download to, shared by registries (default: $AUTOLORA_DOWNLOAD_DIR "
+                          "or .autolora/downloads)")
+    cmd.add_argument("--from-start", action="store_true", help="ignore this registry's kept cursors (files "
+                                                                "already ingested stay deduplicated; every "
+                                                                "rejected file is tried again)")
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(func=cmd_sync)

@@ -39,8 +39,14 @@ class Registry(Store):
         return self.root / "bases"
 
     def register_base(self, base: BaseModel) -> None:
-        """Make LoRAs for ``base`` recognisable (persisted in ``bases/NAME.json``)."""
+        """Make LoRAs for ``base`` recognisable (persisted in ``bases/NAME.json``); a name already
+        used by a base with other layers (a built-in's included) is a ValueError."""
         self._writable()
+        known = next((b for b in self.bases() if b.name == base.name), None)
+        if known is not None and not known.same_layers(base):
+            raise ValueError(f"a different base named {base.name!r} is already known ({known.architecture}, "
+                             f"{len(known.layer_shapes)} layers; this one has {len(base.layer_shapes)}): "
+                             "register it under another name")
         self._bases_dir.mkdir(exist_ok=True)
         target = self._bases_dir / f"{base.name.replace('/', '__')}.json"
         write_atomically(target, base.to_json())

@@ -47,6 +47,14 @@ class LocalSource:
                                        page_url=path.as_uri()))
         return found, {"files": now}
 
+    @staticmethod
+    def forget(cursor: Cursor, ids: list[str]) -> Cursor:
+        """``cursor`` without the files ``ids`` (candidate ids: paths), so the next
+        :meth:`discover` finds them again (e.g. a file rejected for a base not yet registered)."""
+        gone = set(ids)
+        files = {path: digest for path, digest in (cursor or {}).get("files", {}).items() if path not in gone}
+        return {**(cursor or {}), "files": files}
+
     def fetch(self, candidate: Candidate, file: RemoteFile, dest_dir: Path) -> Path:
         """The local file itself (nothing is copied; ``dest_dir`` is unused)."""
         path = Path(candidate.id)

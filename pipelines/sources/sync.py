@@ -6,6 +6,15 @@ it is complete is the folder renamed into ``DOWNLOAD/SOURCE/RELEASE/``; the regi
 ``DOWNLOAD/SOURCE`` only, so it never sees a half-written release. Failures are recorded in the
 report and kept in the cursor (``pending``) to be retried by the next sync, up to
 ``max_attempts``; they never stop the run.
+
+Files the registry rejects are tried again by a later sync where the rejection can change without
+the file changing (:data:`RETRIED_REJECTIONS`: ``unknown_base`` until the base is registered,
+``unreadable``). For a downloading source that costs nothing extra: every sync ingests the whole
+``DOWNLOAD/SOURCE`` folder (known files settle from a stat, rejected ones are inspected again) and
+downloads are kept, so nothing is fetched twice. An in-place source (a local folder) leaves such
+files out of its cursor (:meth:`pipelines.sources.local.LocalSource.forget`), so they are
+discovered again; files rejected for what they hold (not a LoRA, a pickle, ...) stay seen until
+they change.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ if TYPE_CHECKING:
     from registry.ingest import IngestReport
 
 STAGING = ".staging"
+# rejection codes a later sync may see differently although the file did not change
+RETRIED_REJECTIONS = frozenset({"unknown_base", "unreadable"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -103,11 +114,14 @@ def _sync_in_place(source: Source, registry: Registry | None, cursor: Cursor | N
     except SourceError as error:  # e.g. the folder is missing: keep the old cursor
         return SyncReport(failed=[{"key": source.name, "file": "", "code": error.code, "reason": error.reason,
                                    "retry": True}], cursor={"source": (cursor or {}).get("source"), "pending": []})
-    report = SyncReport(discovered=len(found), cursor={"source": new, "pending": []})
     paths = [c.id for c in found if os.path.exists(c.id)]
-    if registry is not None and paths:
-        report.ingest = registry.add(paths)
-    return report
+    ingest = registry.add(paths) if registry is not None and paths else None
+    retried = {os.path.realpath(r["path"]) for r in (ingest.rejected if ingest else [])
+               if r["code"] in RETRIED_REJECTIONS}
+    forget = getattr(source, "forget", None)
+    if retried and forget is not None:  # not seen: discovered again next time
+        new = forget(new, [c.id for c in found if os.path.realpath(c.id) in retried])
+    return SyncReport(discovered=len(found), ingest=ingest, cursor={"source": new, "pending": []})
 
 
 def _one(source: Source, candidate: Candidate, final_root: Path, staging_root: Path,

@@ -59,6 +59,10 @@ class BaseModel:
     def __hash__(self) -> int:  # the shapes dict is not hashable; name + family + size is enough
         return hash((self.name, self.architecture, len(self.layer_shapes)))
 
+    def same_layers(self, other: BaseModel) -> bool:
+        """Whether ``other`` has this base's architecture and layer shapes (names aside)."""
+        return (self.architecture, self.layer_shapes) == (other.architecture, other.layer_shapes)
+
     def to_json(self) -> str:
         """Serialise to a JSON string (shapes as ``[d, k]`` lists)."""
         return json.dumps(

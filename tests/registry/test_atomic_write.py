@@ -99,10 +99,14 @@ def test_registry_files_written_by_it_leave_no_temp_files(tmp_path):
 
     reg = Registry.open(tmp_path / "reg")  # writes the registry.json marker
     reg.register_base(BaseModel("owner/mine", "flux", {"proj": (4, 4)}))
-    reg.register_base(BaseModel("owner/mine", "flux", {"proj": (4, 8)}))  # rewritten in place
+    reg.register_base(BaseModel("owner/mine", "flux", {"proj": (4, 4)}))  # rewritten in place
+    with pytest.raises(ValueError, match="a different base named 'owner/mine' is already known"):
+        reg.register_base(BaseModel("owner/mine", "flux", {"proj": (4, 8)}))  # not silently replaced
+    with pytest.raises(ValueError, match="a different base named 'FLUX.1-dev'"):
+        reg.register_base(BaseModel("FLUX.1-dev", "flux", {"proj": (4, 8)}))  # nor is a built-in
     assert _names(reg.root / "bases") == ["owner__mine.json"]
     assert not [p.name for p in reg.root.iterdir() if p.name.endswith(".tmp")]
-    assert [b for b in reg.bases() if b.name == "owner/mine"][0] == BaseModel("owner/mine", "flux", {"proj": (4, 8)})
+    assert [b for b in reg.bases() if b.name == "owner/mine"][0] == BaseModel("owner/mine", "flux", {"proj": (4, 4)})
     assert Registry.open(tmp_path / "reg").base_names()[-1] == "owner/mine"  # the marker reads back
 
 

@@ -31,8 +31,9 @@ def test_sync_ingests_new_files_once_and_keeps_its_cursor(tmp_path):
     first = run("sync", *common)
     assert first.returncode == 0, first.stderr
     assert [Path(a["path"]).name for a in json.loads(first.stdout)["mine"]["ingest"]["added"]] == ["one.safetensors"]
-    assert (tmp_path / "downloads" / "mine.cursor.json").is_file()
-    assert not [p.name for p in (tmp_path / "downloads").iterdir() if p.name.endswith((".tmp", ".partial"))]
+    assert (tmp_path / "registry" / "sync" / "mine.cursor.json").is_file()
+    assert not (tmp_path / "downloads" / "mine.cursor.json").exists()
+    assert [p.name for p in (tmp_path / "registry" / "sync").iterdir()] == ["mine.cursor.json"]  # no temp files
     again = json.loads(run("sync", *common).stdout)["mine"]
     assert again["discovered"] == 0 and again["ingest"] is None  # the cursor says nothing is new
     save_lora(folder / "two.safetensors", flux_lora(partial_names((2,), ()), rank=2, seed=2), "kohya")
@@ -50,3 +51,75 @@ def test_sync_usage_errors_are_one_line(tmp_path):
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert out.stderr.startswith("autolora sync: ")
     assert not Path(registry).exists()
+
+
+def _sources(tmp_path: Path, *entries: tuple[str, str]) -> Path:
+    text = "".join(f'[[source]]\nkind = "local"\nname = "{name}"\nfolder = "{folder}"\n' for name, folder in entries)
+    (tmp_path / "sources.toml").write_text(text)
+    return tmp_path / "sources.toml"
+
+
+def test_each_registry_keeps_its_own_cursor_and_an_old_download_dir_cursor_is_ignored(tmp_path):
+    """A registry synced after another one still gets every file: the cursor lives in the registry."""
+    from pipelines.sources.local import LocalSource
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_lora(folder / "one.safetensors", flux_lora(partial_names((1,), ()), rank=2, seed=1), "kohya")
+    sources = _sources(tmp_path, ("mine", "loras"))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    # where the CLI kept the cursor before (per source only): says everything was seen; ignored now
+    (downloads / "mine.cursor.json").write_text(json.dumps(
+        {"source": LocalSource(folder, "mine").discover(None)[1], "pending": []}))
+    common = ["--sources", str(sources), "--download-dir", str(downloads), "--json"]
+    for registry in ("first", "second"):
+        out = run("sync", "--registry", str(tmp_path / registry), *common)
+        assert out.returncode == 0, out.stderr
+        added = json.loads(out.stdout)["mine"]["ingest"]["added"]
+        assert [Path(a["path"]).name for a in added] == ["one.safetensors"], registry
+        assert (tmp_path / registry / "sync" / "mine.cursor.json").is_file()
+    again = json.loads(run("sync", "--registry", str(tmp_path / "first"), *common).stdout)["mine"]
+    assert again["discovered"] == 0 and again["ingest"] is None
+
+
+def test_a_file_rejected_for_an_unknown_base_is_retried_once_the_base_is_registered(tmp_path):
+    """Rejections that registering a base can undo (``unknown_base``) are not kept as seen; a file
+    that no registration can change (a .ckpt) is not retried."""
+    from flux_fixtures import tiny_flux_base
+
+    from registry import Registry
+
+    base = tiny_flux_base()
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_lora(folder / "tiny.safetensors", flux_lora(list(base.layer_shapes)[:4], rank=2, base=base), "diffusers")
+    (folder / "old.ckpt").write_bytes(b"\x80\x04K\x01.")
+    registry = tmp_path / "registry"
+    common = ["--registry", str(registry), "--sources", str(_sources(tmp_path, ("mine", "loras"))),
+              "--download-dir", str(tmp_path / "downloads"), "--json"]
+    first = json.loads(run("sync", *common).stdout)["mine"]
+    assert {Path(r["path"]).name: r["code"] for r in first["ingest"]["rejected"]} == {
+        "tiny.safetensors": "unknown_base", "old.ckpt": "unsupported_extension"}
+    Registry.open(registry).register_base(base)
+    second = json.loads(run("sync", *common).stdout)["mine"]
+    assert second["discovered"] == 1 and second["ingest"]["rejected"] == []
+    assert [Path(a["path"]).name for a in second["ingest"]["added"]] == ["tiny.safetensors"]
+    third = json.loads(run("sync", *common).stdout)["mine"]
+    assert third["discovered"] == 0 and third["ingest"] is None
+
+
+def test_a_missing_local_folder_is_one_line_and_exit_1_after_the_other_sources(tmp_path):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_lora(folder / "one.safetensors", flux_lora(partial_names((1,), ()), rank=2, seed=1), "kohya")
+    sources = _sources(tmp_path, ("gone", "nowhere"), ("mine", "loras"))
+    out = run("sync", "--registry", str(tmp_path / "registry"), "--sources", str(sources),
+              "--download-dir", str(tmp_path / "downloads"))
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"warning: gone: folder {tmp_path / 'nowhere'} does not exist; create it, or set this "
+                     f"source's folder in {sources}"], out.stderr
+    from registry import Registry
+
+    assert len(Registry.open(tmp_path / "registry", create=False)) == 1  # the other source was synced
