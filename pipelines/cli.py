@@ -69,14 +69,15 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 def cmd_inspect(args: argparse.Namespace) -> int:
     from registry.lora.errors import RejectedFile
     from registry.lora.inspect import inspect_file
+    from registry.lora.metadata import from_sidecars
     from registry.store.store import user_path
 
     path = user_path(args.file)
     if not os.path.lexists(path):
         raise UsageError(f"no such file: {path}")
     bases = _open_registry(args.registry, create=False).bases() if args.registry else _default_bases()
-    try:
-        summary = inspect_file(path, bases).summary()
+    try:  # the base named by a card or .civitai.info beside the file counts, as at ingest
+        summary = inspect_file(path, bases, base_hint=from_sidecars(path).base_model_hint).summary()
     except (RejectedFile, OSError) as error:
         code, reason = ((error.code, error.reason) if isinstance(error, RejectedFile)
                         else ("unreadable", f"unreadable: {error.strerror or error}"))

@@ -80,6 +80,8 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink():  # the code ingest gives the same link
+            raise RejectedFile("broken_link", f"{path} is a symlink that is dangling or loops")
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
     bases = list(bases)
     with one_torch_thread():

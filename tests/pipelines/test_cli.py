@@ -99,6 +99,8 @@ def test_links_empty_folders_and_quiet_output(folder, tmp_path):
     report = json.loads(out.stdout)
     assert [(r["path"], r["code"]) for r in report["rejected"]] == [(str(loop), "broken_link")]
     assert any("no LoRA files found" in w for w in report["warnings"])
+    inspected = run("inspect", str(loop), "--json")  # the same link, the same code
+    assert inspected.returncode == 1 and json.loads(inspected.stdout)["code"] == "broken_link"
     human = run("ingest", str(folder), "--registry", registry)
     assert human.returncode == 0 and human.stderr == ""  # no library chatter by default
     search = run("search", "neon", "--registry", registry)
@@ -175,3 +177,15 @@ def test_a_reader_that_leaves_early_gets_no_traceback(folder, tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=600) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_inspect_reads_the_base_a_sidecar_names_as_ingest_does(folder, tmp_path):
+    """Shapes that fit FLUX.1-dev and -schnell alike: a .civitai.info saying "Flux.1 S" decides."""
+    import shutil
+
+    lora = tmp_path / "neon_city.safetensors"
+    shutil.copy(folder / "neon_city.safetensors", lora)
+    assert json.loads(run("inspect", str(lora), "--json").stdout)["base_model"] == "FLUX.1-dev"
+    (tmp_path / "neon_city.civitai.info").write_text(json.dumps({"baseModel": "Flux.1 S"}))
+    out = run("inspect", str(lora), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["base_model"] == "FLUX.1-schnell", out.stdout
