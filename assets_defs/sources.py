@@ -2,11 +2,15 @@
 requesting a ``synced_loras`` run (download, verify, ingest: ``pipelines.sources.sync.sync``)
 when its source lists something new.
 
-A sensor's cursor is the sync cursor it last handed out (JSON). Each run carries in its config
-the cursor it starts from, so the run key (source + the cursor it leads to) is unique per new
-listing, and a failed run re-executed from the UI redoes the same window.
+A source's cursor is kept in the registry, where ``autolora sync`` keeps it
+(``REGISTRY/sync/SOURCE.cursor.json``, :func:`pipelines.cli_sources.cursor_path`): the sensor reads
+it, each run carries in its config the cursor it starts from (a failed run re-executed from the UI
+redoes the same window) and writes back the cursor its sync ends with. So a registry's cursor says
+what *that* registry has seen (a new registry is synced from the start), and a local file rejected
+with a retryable code (``unknown_base``, ``unreadable``) is left out of it and listed again. The run
+key (source + registry, its base names, the cursor and the listing) is unique per new listing, and
+a file still waiting for its base is tried again once the registry's bases change.
 """
-
 
 import hashlib
 import json
@@ -18,6 +22,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets_defs.resources import RegistryResource
+from pipelines.cli_sources import load_cursor, save_cursor, cursor_path
 from pipelines.sources.base import Source, SourceError
 from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE, configured_source, load_sources
 from pipelines.sources.sync import sync
@@ -36,7 +41,9 @@ def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
                  registry: RegistryResource) -> dg.MaterializeResult:
     """New releases of a configured source downloaded (verified, staged) and ingested."""
     source = configured_source(config.sources_file, config.source)
-    report = sync(source, registry.open(), config.download_dir, json.loads(config.cursor) if config.cursor else None)
+    reg = registry.open()
+    report = sync(source, reg, config.download_dir, json.loads(config.cursor) if config.cursor else None)
+    save_cursor(cursor_path(reg.root, source.name), report.cursor)  # where the sensor and `autolora sync` read it
     for failure in report.failed:
         context.log.warning(f"{failure['key']} {failure['file']}: {failure['code']}: {failure['reason']}")
     for warning in report.warnings:
@@ -65,28 +72,36 @@ def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str
 
     @dg.sensor(name=_sensor_name(name), job=source_sync_job, minimum_interval_seconds=minimum_interval_seconds,
                default_status=dg.DefaultSensorStatus.STOPPED, description=f"new LoRAs in source {name!r}")
-    def _discover(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    def _discover(context: dg.SensorEvaluationContext, registry: RegistryResource) -> dg.SensorResult | dg.SkipReason:
+        from registry.store.store import RegistryNotFound, user_path
+
         try:
             source = configured_source(sources_file, name)
         except ValueError as error:  # disabled, renamed or broken since the code location was loaded
             return dg.SkipReason(f"{error}; reload the code location to apply edits of {sources_file}")
-        start = json.loads(context.cursor) if context.cursor else {}
+        root = user_path(registry.path)  # what Registry.open makes of it
+        try:
+            bases = registry.open_existing().base_names()
+        except RegistryNotFound:  # the run creates it
+            bases = []
+        start = load_cursor(cursor_path(root, name)) or {}  # what the last run left (none: from the start)
         try:
             found, listed = source.discover(start.get("source"))
-        except SourceError as error:  # the listing failed: keep the cursor, try again next tick
+        except SourceError as error:  # the listing failed: try again next tick
             if error.code == "missing":  # a local folder that is not there
                 return dg.SkipReason(f"{name}: {error.reason}: create it, or set this source's folder "
                                      f"in {sources_file}")
             return dg.SkipReason(f"{name}: listing failed: {error}")
-        cursor = json.dumps({"source": listed}, sort_keys=True)
-        if not found:
-            return dg.SensorResult(skip_reason=f"nothing new in {name}", cursor=cursor)
-        run_key = f"{name}:{hashlib.sha256(cursor.encode()).hexdigest()[:16]}"
+        if not found and not start.get("pending"):
+            return dg.SkipReason(f"nothing new in {name}")
+        window = json.dumps({"registry": str(root.absolute()), "bases": bases, "start": start, "listed": listed},
+                            sort_keys=True)
+        run_key = f"{name}:{hashlib.sha256(window.encode()).hexdigest()[:16]}"
         config = {"source": name, "cursor": json.dumps(start, sort_keys=True) if start else "",
                   "sources_file": sources_file, "download_dir": download_dir}
         request = dg.RunRequest(run_key=run_key, run_config={"ops": {"synced_loras": {"config": config}}},
                                 tags={"autolora/source": name, "autolora/candidates": str(len(found))})
-        return dg.SensorResult(run_requests=[request], cursor=cursor)
+        return dg.SensorResult(run_requests=[request])
 
     return _discover
 

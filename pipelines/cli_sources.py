@@ -47,7 +47,7 @@ def failure_line(name: str, failure: dict, sources_file: str | os.PathLike) -> s
     return f"{failure['key']}{file}: {code}: {reason}" + (" (retried next sync)" if failure.get("retry") else "")
 
 
-def _load_cursor(path: Path) -> dict | None:
+def load_cursor(path: Path) -> dict | None:
     """The kept cursor, or ``None`` (from the start) where there is none or it cannot be read."""
     try:
         cursor = json.loads(path.read_text(encoding="utf-8"))
@@ -59,7 +59,7 @@ def _load_cursor(path: Path) -> dict | None:
     return cursor if isinstance(cursor, dict) else None
 
 
-def _save_cursor(path: Path, cursor: dict) -> None:
+def save_cursor(path: Path, cursor: dict) -> None:
     """Written whole or not at all (a crash mid-write keeps the previous cursor)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, json.dumps(cursor))
@@ -81,9 +81,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     results = {}
     for name in sources:
         path = cursor_path(registry.root, name)
-        cursor = None if args.from_start else _load_cursor(path)
+        cursor = None if args.from_start else load_cursor(path)
         report = sync(sources[name], registry, args.download_dir, cursor)
-        _save_cursor(path, report.cursor)
+        save_cursor(path, report.cursor)
         results[name] = report
     if any(r.ingest for r in results.values()):
         registry.maintain()

@@ -87,28 +87,33 @@ def test_one_sensor_per_enabled_source_with_cursor_and_run_keys(tmp_path):
     sensors = source_sensors(str(toml), str(tmp_path / "downloads"))
     assert [s.name for s in sensors] == ["mine_source_sensor"]
     sensor = sensors[0]
-    empty = sensor(dg.build_sensor_context(cursor=None))
-    assert not empty.run_requests and json.loads(empty.cursor) == {"source": {"files": {}}}
+    registry = RegistryResource(path=str(tmp_path / "registry"))
+
+    def tick():
+        return sensor(dg.build_sensor_context(resources={"registry": registry}))
+
+    empty = tick()
+    assert isinstance(empty, dg.SkipReason) and empty.skip_message == "nothing new in mine"
 
     _lora(tmp_path / "watched", "one", 1)
-    first = sensor(dg.build_sensor_context(cursor=empty.cursor))
+    first = tick()
     (request,) = first.run_requests
     assert request.run_key.startswith("mine:") and request.tags["autolora/source"] == "mine"
-    assert list(json.loads(first.cursor)["source"]["files"]) == [str(tmp_path / "watched" / "one.safetensors")]
-    assert json.loads(request.run_config["ops"]["synced_loras"]["config"]["cursor"]) == json.loads(empty.cursor)
-    assert not sensor(dg.build_sensor_context(cursor=first.cursor)).run_requests  # nothing new since
+    assert request.run_config["ops"]["synced_loras"]["config"]["cursor"] == ""  # this registry: from the start
+    assert [r.run_key for r in tick().run_requests] == [request.run_key]  # until the run is done: a key Dagster drops
 
-    registry = RegistryResource(path=str(tmp_path / "registry"))
     run = dg.materialize([synced_loras], resources={"registry": registry}, run_config=request.run_config,
                          instance=dg.DagsterInstance.ephemeral())
     meta = run.asset_materializations_for_node("synced_loras")[0].metadata
     assert run.success and meta["discovered"].value == 1 and meta["added"].value == 1
     assert len(registry.open()) == 1
+    assert isinstance(tick(), dg.SkipReason)  # nothing new since
 
     _lora(tmp_path / "watched", "two", 2)
-    second = sensor(dg.build_sensor_context(cursor=first.cursor))
-    (request2,) = second.run_requests
-    assert request2.run_key != request.run_key and len(json.loads(second.cursor)["source"]["files"]) == 2
+    (request2,) = tick().run_requests
+    start = json.loads(request2.run_config["ops"]["synced_loras"]["config"]["cursor"])
+    assert request2.run_key != request.run_key
+    assert list(start["source"]["files"]) == [str(tmp_path / "watched" / "one.safetensors")]
 
 
 def test_unknown_source_in_a_run_is_a_clear_error(tmp_path):
