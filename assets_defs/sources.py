@@ -3,7 +3,7 @@ requesting a ``synced_loras`` run (download, verify, ingest: ``pipelines.sources
 when its source lists something new.
 
 A source's cursor is kept in the registry, where ``autolora sync`` keeps it
-(``REGISTRY/sync/SOURCE.cursor.json``, :func:`pipelines.cli_sources.cursor_path`): the sensor reads
+(``REGISTRY/sync/SOURCE.cursor.json``, :func:`pipelines.sources.cursors.cursor_path`): the sensor reads
 it, each run carries in its config the cursor it starts from (a failed run re-executed from the UI
 redoes the same window) and writes back the cursor its sync ends with. So a registry's cursor says
 what *that* registry has seen (a new registry is synced from the start), and a local file rejected
@@ -22,8 +22,8 @@ import dagster as dg
 from pydantic import Field
 
 from assets_defs.resources import RegistryResource
-from pipelines.cli_sources import load_cursor, save_cursor, cursor_path
 from pipelines.sources.base import Source, SourceError
+from pipelines.sources.cursors import cursor_path, load_cursor, save_cursor
 from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE, configured_source, load_sources
 from pipelines.sources.sync import sync
 

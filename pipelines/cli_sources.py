@@ -10,29 +10,12 @@ files already ingested cost a stat, releases already downloaded are not fetched 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 
 from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _print_json, _table
-from registry.atomic_write import write_atomically
-
-
-CURSOR_DIR = "sync"  # in the registry folder
-
-
-def cursor_path(registry_root: str | os.PathLike, source: str) -> Path:
-    """Where the CLI keeps ``source``'s cursor for the registry at ``registry_root``:
-    ``REGISTRY/sync/SOURCE.cursor.json`` (a name that is no plain file name gets a short hash, so two
-    sources never share a cursor)."""
-    from pipelines.sources.base import safe_name
-
-    stem = safe_name(source)
-    if stem != source:
-        stem = f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
-    return Path(registry_root) / CURSOR_DIR / f"{stem}.cursor.json"
+from pipelines.sources.cursors import cursor_path, load_cursor, save_cursor
 
 
 def failure_line(name: str, failure: dict, sources_file: str | os.PathLike) -> str:
@@ -45,24 +28,6 @@ def failure_line(name: str, failure: dict, sources_file: str | os.PathLike) -> s
         return f"{name}: listing failed: {code}: {reason} (retried next sync)"
     file = f" {failure['file']}" if failure["file"] else ""
     return f"{failure['key']}{file}: {code}: {reason}" + (" (retried next sync)" if failure.get("retry") else "")
-
-
-def load_cursor(path: Path) -> dict | None:
-    """The kept cursor, or ``None`` (from the start) where there is none or it cannot be read."""
-    try:
-        cursor = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        print(f"warning: unreadable cursor {path} ({error}): syncing that source from the start", file=sys.stderr)
-        return None
-    return cursor if isinstance(cursor, dict) else None
-
-
-def save_cursor(path: Path, cursor: dict) -> None:
-    """Written whole or not at all (a crash mid-write keeps the previous cursor)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(cursor))
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

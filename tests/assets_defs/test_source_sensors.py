@@ -20,7 +20,7 @@ from flux_fixtures import flux_lora, partial_names, tiny_flux_base  # noqa: E402
 from assets_defs.ingest import IngestConfig, ingested_loras  # noqa: E402
 from assets_defs.resources import RegistryResource  # noqa: E402
 from assets_defs.sources import source_sensor, source_sensors, synced_loras  # noqa: E402
-from pipelines.cli_sources import cursor_path  # noqa: E402
+from pipelines.sources.cursors import cursor_path  # noqa: E402
 from pipelines.sources.local import DEMO_LORAS  # noqa: E402
 from registry.lora.formats import save_lora  # noqa: E402
 
