@@ -98,6 +98,7 @@ def test_vllm_server_rejects_a_missing_folder_before_starting(fake_popen):
 
 def test_captioner_resource_config_reaches_the_server(monkeypatch):
     from assets_defs import captions
+    from pipelines import captioner_endpoint
 
     seen = {}
 
@@ -110,8 +111,8 @@ def test_captioner_resource_config_reaches_the_server(monkeypatch):
     def fake_captioner(base_url, model, **kwargs):
         yield model
 
-    monkeypatch.setattr(captions, "vllm_server", fake_server)
-    monkeypatch.setattr(captions, "Captioner", fake_captioner)
+    monkeypatch.setattr(captioner_endpoint, "vllm_server", fake_server)  # where the resource's connect() goes
+    monkeypatch.setattr(captioner_endpoint, "Captioner", fake_captioner)
     resource = captions.CaptionerResource(url="", model_dir=HUB_ID, max_model_len=None, dtype="bfloat16",
                                           extra_args=["--gpu-memory-utilization", "0.8"])
     assert resource.model_name() == HUB_ID
