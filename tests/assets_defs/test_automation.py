@@ -8,6 +8,7 @@ import os
 import shutil
 
 import dagster as dg
+from sensor_ticks import skipped, tick
 
 from assets_defs.automation import encoder_retrain_sensor, encoder_run_config, retrain_job, retrain_sensor
 from assets_defs.definitions import defs
@@ -18,21 +19,10 @@ from registry import BaseModel, Registry
 from registry.store.store import quote
 
 
-def _tick(sensor: dg.SensorDefinition, registry: str, instance: dg.DagsterInstance) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, resources={"registry": RegistryResource(path=registry)})
-    result = sensor(context)
-    return dg.SensorResult(skip_reason=result) if isinstance(result, dg.SkipReason) else result
-
-
-def _skipped(result: dg.SensorResult) -> str:
-    assert not result.run_requests and result.skip_reason is not None
-    return result.skip_reason.skip_message
-
-
 def test_the_encoder_is_retrained_when_its_pool_grows(micro_world, tmp_path):
     registry = str(tmp_path / "registry")
     instance = dg.DagsterInstance.ephemeral()
-    assert "holds no autolora registry" in _skipped(_tick(encoder_retrain_sensor, registry, instance))
+    assert "holds no autolora registry" in skipped(tick(encoder_retrain_sensor, registry, instance))
 
     pool_dir = tmp_path / "loras"  # the folder the user trains on; new LoRAs arrive in it
     pool_dir.mkdir()
@@ -46,7 +36,7 @@ def test_the_encoder_is_retrained_when_its_pool_grows(micro_world, tmp_path):
     sensor = retrain_sensor(min_growth=0.2, min_new=2, first_pool=4)
 
     # no encoder yet: a first one is requested for the whole base, with the default recipe
-    first = _tick(sensor, registry, instance).run_requests
+    first = tick(sensor, registry, instance).run_requests
     assert len(first) == 1 and first[0].tags["autolora/base_model"] == base
     assert first[0].run_config["ops"]["lora_weight_encoder"]["config"] == {"base_model": base, "where": ""}
 
@@ -59,16 +49,16 @@ def test_the_encoder_is_retrained_when_its_pool_grows(micro_world, tmp_path):
     assert run.success
     (first_active,) = [r for r in Registry.open(registry).encoder_versions() if r.active]
     trained = {first_active.version}
-    assert f"0 new LoRA(s) since encoder {next(iter(trained))}" in _skipped(_tick(sensor, registry, instance))
+    assert f"0 new LoRA(s) since encoder {next(iter(trained))}" in skipped(tick(sensor, registry, instance))
 
     # held-out LoRAs elsewhere are not the pool; new files in the pool's folder are
     *arrivals, elsewhere = sorted((micro_world / "heldout_loras").glob("*.safetensors"))[:3]
     assert len(Registry.open(registry).add(elsewhere).added) == 1
-    assert "0 new LoRA(s)" in _skipped(_tick(sensor, registry, instance))
+    assert "0 new LoRA(s)" in skipped(tick(sensor, registry, instance))
     for lora in arrivals:
         shutil.copy(lora, pool_dir / f"arrived-{lora.name}")
     assert len(Registry.open(registry).add(pool_dir).added) == 2
-    (request,) = _tick(sensor, registry, instance).run_requests
+    (request,) = tick(sensor, registry, instance).run_requests
     assert request.run_config["ops"]["lora_weight_encoder"]["config"] == {
         "base_model": base, "where": pool, "design": "ours", "steps": 20, "batch_size": 32, "lr": None, "seed": 0,
         "probes_from": "", "text_encoder": ""}
@@ -83,7 +73,7 @@ def test_the_encoder_is_retrained_when_its_pool_grows(micro_world, tmp_path):
     assert active.info["pool_size"] == first_active.info["pool_size"] + 2
     versions = {r["encoder_version"] for r in reg.column_rows(reg.loras, ["encoder_version"])}
     assert versions == {active.version}  # every row re-embedded by the new version, held-out ones too
-    assert "0 new LoRA(s)" in _skipped(_tick(sensor, registry, instance))
+    assert "0 new LoRA(s)" in skipped(tick(sensor, registry, instance))
 
 
 def test_arrivals_refresh_the_indexes_and_weight_vectors():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from sensor_ticks import skipped, tick
 
 from assets_defs import registry_gates as module
 from assets_defs.definitions import defs
@@ -38,17 +39,6 @@ def _materialize(registry: Path, **config) -> dict:
                             instance=dg.DagsterInstance.ephemeral())
     assert result.success
     return {k: v.value for k, v in result.asset_materializations_for_node("registry_gates")[0].metadata.items()}
-
-
-def _tick(sensor: dg.SensorDefinition, registry: Path, instance: dg.DagsterInstance) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, resources={"registry": RegistryResource(path=str(registry))})
-    result = sensor(context)
-    return dg.SensorResult(skip_reason=result) if isinstance(result, dg.SkipReason) else result
-
-
-def _skipped(result: dg.SensorResult) -> str:
-    assert not result.run_requests and result.skip_reason is not None
-    return result.skip_reason.skip_message
 
 
 def test_registry_gates_train_then_cache_and_fail_clearly(micro_world, tmp_path):
@@ -94,12 +84,12 @@ def test_the_gates_are_retrained_when_the_pool_with_renders_grows(micro_world, t
     instance = dg.DagsterInstance.ephemeral()
     monkeypatch.setenv("AUTOLORA_GATES_BASE", str(micro_world))  # the default base, read at each tick
     sensor = gates_sensor(min_new=2)
-    assert "holds no autolora registry" in _skipped(_tick(sensor, registry, instance))
+    assert "holds no autolora registry" in skipped(tick(sensor, registry, instance))
 
     reg = _registry(micro_world, registry, micro_world / "loras")
     base_model = BaseModel.from_json((micro_world / "base_model.json").read_text()).name
     source = str((micro_world / "base").resolve())
-    (first,) = _tick(sensor, registry, instance).run_requests  # no gates yet: the first ones
+    (first,) = tick(sensor, registry, instance).run_requests  # no gates yet: the first ones
     assert first.run_config == {"ops": {"registry_gates": {"config": {
         "base": source, "base_model": base_model, "where": "", "size": 0}}}}
     assert "no gates for" in first.tags["autolora/reason"] and first.tags["autolora/base"] == source
@@ -111,7 +101,7 @@ def test_the_gates_are_retrained_when_the_pool_with_renders_grows(micro_world, t
                                  instance=instance, resources=resources)
     assert run.success
     trained = load_gates(latest_registry_gates(reg, source)).version
-    assert f"0 new LoRA(s) with sample renders since gates {trained}" in _skipped(_tick(sensor, registry, instance))
+    assert f"0 new LoRA(s) with sample renders since gates {trained}" in skipped(tick(sensor, registry, instance))
 
     arrivals = tmp_path / "arrivals"  # new LoRAs with their cards and previews; a bare one does not count
     arrivals.mkdir()
@@ -119,14 +109,14 @@ def test_the_gates_are_retrained_when_the_pool_with_renders_grows(micro_world, t
         shutil.copy(file, arrivals)
     shutil.copy(micro_world / "heldout_loras" / "rhombus-lined.safetensors", arrivals)
     assert len(Registry.open(registry).add(arrivals).added) == 2
-    reason = _skipped(_tick(sensor, registry, instance))
+    reason = skipped(tick(sensor, registry, instance))
     assert "1 new LoRA(s) with sample renders" in reason and "retrain at 2" in reason
     assert "without sample renders do not count" in reason
 
     for file in (micro_world / "heldout_loras").glob("red-diamond.*"):
         shutil.copy(file, arrivals)
     assert len(Registry.open(registry).add(arrivals).added) == 1
-    (request,) = _tick(sensor, registry, instance).run_requests
+    (request,) = tick(sensor, registry, instance).run_requests
     assert request.run_config["ops"]["registry_gates"]["config"] == {  # the newest gates' recipe and size
         "base": source, "base_model": base_model, "where": "", "size": 32, **RECIPE_FIELDS, "steps": 3}
     assert "2 new LoRA(s)" in request.tags["autolora/reason"]
@@ -140,14 +130,14 @@ def test_the_gates_are_retrained_when_the_pool_with_renders_grows(micro_world, t
     assert newest.version == materialization.metadata["version"].value != trained
     assert newest.meta["pool"] == grown and materialization.metadata["pool_size"].value == len(grown)
     assert request.run_key == f"{base_model}:{gate_pool_hash(source, base_model, grown)}"
-    assert "0 new LoRA(s)" in _skipped(_tick(sensor, registry, instance))
+    assert "0 new LoRA(s)" in skipped(tick(sensor, registry, instance))
 
 
 def test_without_a_base_the_sensor_says_how_to_configure_one(tmp_path, monkeypatch):
     monkeypatch.delenv("AUTOLORA_GATES_BASE", raising=False)
     monkeypatch.chdir(tmp_path)  # no demo world here either
     assert default_gates_base() == ""
-    reason = _skipped(_tick(gates_retrain_sensor, tmp_path / "registry", dg.DagsterInstance.ephemeral()))
+    reason = skipped(tick(gates_retrain_sensor, tmp_path / "registry", dg.DagsterInstance.ephemeral()))
     assert reason.startswith("no base configured: set AUTOLORA_GATES_BASE")
     (tmp_path / module.DEMO_WORLD).mkdir(parents=True)
     assert default_gates_base() == module.DEMO_WORLD

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import requests
 from diffusers import FluxPipeline
 from PIL import Image
+from caption_fixtures import WITH_RENDERS, WITHOUT, captioning_registry
 
 from pipelines.caption import Captioner
 from pipelines.caption_registry import (
@@ -24,11 +24,8 @@ from pipelines.world.captioner import build_random_captioner
 from pipelines.world.sampling import generate
 from registry import Registry
 from registry.captions import SELF_RENDERED
-from registry.lora.base_models import BaseModel
 from registry.lora.inspect import load_canonical
 
-WITH_RENDERS = ("triangle", "square")  # 1 and 2 sample renders
-WITHOUT = "red-diamond"  # copied without its card and preview
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +41,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registry(micro_world, tmp_path_factory) -> Registry:
-    root = tmp_path_factory.mktemp("capreg")
-    folder = root / "loras"
-    folder.mkdir()
-    for theme in WITH_RENDERS:
-        for file in (micro_world / "loras").glob(f"{theme}.*"):
-            shutil.copy(file, folder / file.name)
-    shutil.copy(micro_world / "heldout_loras" / f"{WITHOUT}.safetensors", folder)
-    reg = Registry.open(root / "registry")
-    reg.register_base(BaseModel.from_json((micro_world / "base_model.json").read_text()))
-    assert len(reg.add([folder]).added) == 3
-    return reg
+    return captioning_registry(micro_world, tmp_path_factory.mktemp("capreg"))
 
 
 def _served_requests(srv) -> float:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from caption_fixtures import WITH_RENDERS, WITHOUT, captioning_registry
 
 from pipelines import cli
 from pipelines.caption_registry import CaptionReport
@@ -22,10 +23,7 @@ from pipelines.vllm_server import free_port, vllm_available, vllm_python
 from pipelines.world.captioner import build_random_captioner
 from registry import Registry
 from registry.captions import SELF_RENDERED
-from registry.lora.base_models import BaseModel
 
-WITH_RENDERS = ("triangle", "square")  # 1 and 2 sample renders
-WITHOUT = "red-diamond"  # copied without its card and preview
 BASE = "autolora-demo-flux"
 
 
@@ -38,17 +36,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry_root(micro_world, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("clicap")
-    folder = root / "loras"
-    folder.mkdir()
-    for theme in WITH_RENDERS:
-        for file in (micro_world / "loras").glob(f"{theme}.*"):
-            shutil.copy(file, folder / file.name)
-    shutil.copy(micro_world / "heldout_loras" / f"{WITHOUT}.safetensors", folder)
-    reg = Registry.open(root / "registry")
-    reg.register_base(BaseModel.from_json((micro_world / "base_model.json").read_text()))
-    assert len(reg.add([folder]).added) == 3
-    return root / "registry"
+    return captioning_registry(micro_world, tmp_path_factory.mktemp("clicap")).root
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
