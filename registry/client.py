@@ -42,7 +42,7 @@ class Registry(Store):
         """Make LoRAs for ``base`` recognisable (persisted in ``bases/NAME.json``); a name already
         used by a base with other layers (a built-in's included) is a ValueError."""
         self._writable()
-        known = next((b for b in self.bases() if b.name == base.name), None)
+        known = next((b for b in self.bases() if b.name == base.name), None) if base.name in self.base_names() else None
         if known is not None and not known.same_layers(base):
             raise ValueError(f"a different base named {base.name!r} is already known ({known.architecture}, "
                              f"{len(known.layer_shapes)} layers; this one has {len(base.layer_shapes)}): "

@@ -85,8 +85,8 @@ def _read_format(root: Path) -> int | None:
 def holds_registry(folder: Path) -> bool:
     """Whether ``folder`` is an autolora registry's root (its marker names a format)."""
     try:
-        return isinstance(json.loads((folder / MARKER).read_text(encoding="utf-8")).get("format"), int)
-    except (OSError, ValueError, AttributeError):
+        return isinstance(_read_format(folder), int)
+    except RegistryNotFound:  # no marker, or an unreadable one
         return False
 
 
@@ -197,7 +197,8 @@ class Store:
         """Check out every table as of ``version`` of the LoRA table (or tag ``version`` where a
         table carries it; otherwise its last version committed before the LoRA table's next one:
         an ingest writes its LoRA rows first, then their file records)."""
-        versions, tags = [v["version"] for v in self.loras.list_versions()], self.loras.tags.list()
+        listed, tags = self.loras.list_versions(), self.loras.tags.list()
+        versions = [v["version"] for v in listed]
         known = f"versions: {_ranges(versions)}, tags: {', '.join(sorted(tags)) or 'none'}"
         if version not in (tags if isinstance(version, str) else versions):
             what = f"tag {version!r}" if isinstance(version, str) else f"version {version}"
@@ -206,7 +207,7 @@ class Store:
             self.loras.checkout(version)
         except (ValueError, RuntimeError, OSError) as error:  # listed, but its files are gone (cleaned up)
             raise VersionNotFound(f"{self.root}: version {version!r} cannot be read ({error}); {known}") from None
-        later = [v["timestamp"] for v in self.loras.list_versions() if v["version"] > self.loras.version]
+        later = [v["timestamp"] for v in listed if v["version"] > self.loras.version]
         until = min(later) if later else None
         for name, table in self._tables().items():
             if name == "loras":
