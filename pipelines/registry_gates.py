@@ -86,7 +86,7 @@ def registry_pool(reg: Registry, base_model: str, size: int, where: str | None =
 
 def only_base_with_loras(reg: Registry) -> str:
     """The registry's base model when its LoRAs have exactly one known base (else ValueError)."""
-    known = {b.name for b in reg.bases()}
+    known = set(reg.base_names())
     bases = sorted({r["base_model"] for r in reg.column_rows(reg.loras, ["base_model"])} & known)
     if len(bases) != 1:
         raise ValueError(f"the registry's LoRAs have {len(bases)} known base models ({', '.join(bases) or 'none'}): "
@@ -105,13 +105,14 @@ class PoolTooSmall(ValueError):
 def count_pool(reg: Registry, base_model: str, where: str | None) -> int:
     """How many LoRAs the pool's filter matches; an unknown base model or a ``where`` that matches
     nothing (or does not parse) is a ValueError saying so, before any model is loaded."""
-    known = sorted(b.name for b in reg.bases())
+    known = sorted(reg.base_names())  # names only: no base's layer shapes are built
     if base_model not in known:
         raise ValueError(f"unknown base model {base_model!r}; the registry knows: {', '.join(known) or 'none'}")
     try:
         n = reg.loras.count_rows(pool_condition(base_model, where))
     except ValueError as error:  # LanceDB: a parse or schema error
-        raise ValueError(f"the filter (where) {where!r} is not valid SQL for the registry: {' '.join(str(error).split())[:200]}") from None
+        why = " ".join(str(error).split())[:200]
+        raise ValueError(f"the filter (where) {where!r} is not valid SQL for the registry: {why}") from None
     if not n:
         raise ValueError(f"the filter (where) {where!r} matched no LoRAs of {base_model!r}" if where
                          else f"the registry has no LoRAs of {base_model!r}")
