@@ -83,7 +83,8 @@ def lora_captions(context: dg.AssetExecutionContext, config: CaptionConfig, regi
     without renders rendered by their base first); captions feed full-text search and training."""
     reg = registry.open()
     model = captioner.model_name()
-    if model is not None and pending_captions(reg, model, config.base_pipelines, config.self_render) == 0:  # no server started for nothing
+    pending = pending_captions(reg, model, config.base_pipelines, config.self_render) if model is not None else None
+    if pending == 0:  # no server started for nothing
         context.log.info(f"every LoRA has captions of {model}")
         return dg.MaterializeResult(metadata={"model": model, "captioned": 0, "server_started": False,
                                               "registry_version": reg.version})

@@ -29,6 +29,7 @@ from typing import Any
 from pipelines.caption import CaptionError, Captioner
 from registry import Registry
 from registry.captions import SELF_RENDERED
+from registry.store.search import NOT_REMOVED
 from registry.lora.errors import RejectedFile
 
 NEUTRAL_PROMPTS = ("", "an image", "a picture")  # nothing about content: the LoRA decides it
@@ -220,7 +221,7 @@ class _Pass:
 
 
 def _rows(reg: Registry) -> list[dict]:
-    where = "removed IS NULL OR removed = false"
+    where = NOT_REMOVED
     n = reg.loras.count_rows(where)
     return sorted(reg.rows(reg.loras, where, n, _COLUMNS) if n else [], key=lambda r: r["lora_id"])
 

@@ -12,7 +12,6 @@ import sys
 from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _positive, _print_json
 
 DEFAULT_RENDERS = 3  # self-rendered images per LoRA without any (the asset's default too)
-_NOT_REMOVED = "removed IS NULL OR removed = false"
 
 
 def _base_pipeline(text: str) -> tuple[str, str]:
@@ -69,7 +68,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     endpoint = _endpoint(args)
     model = endpoint.model_name()
     if model is not None and pending_captions(registry, model, pipelines) == 0:  # no server started for nothing
-        up_to_date = registry.loras.count_rows(_NOT_REMOVED)
+        from registry.store.search import NOT_REMOVED
+
+        up_to_date = registry.loras.count_rows(NOT_REMOVED)
         if args.json:
             show(CaptionReport(model=model, up_to_date=up_to_date), as_json=True)
         else:

@@ -24,6 +24,7 @@ from models.text_encoder import CLIP_PREFIX, text_encoder_for
 from pipelines.train_encoder import train_encoder
 from registry import Registry
 from registry.lora.inspect import load_canonical
+from registry.store.search import NOT_REMOVED
 from registry.store.store import quote
 
 RECIPE_VERSION = 3  # bump when the training recipe changes: every pool is trained again
@@ -96,7 +97,7 @@ def lora_texts(row: dict) -> list[str]:
 
 def pool_condition(base_model: str, where: str | None = None) -> str:
     """The SQL filter of a training pool: not removed, of ``base_model``, matching ``where``."""
-    clauses = [f"base_model = {quote(base_model)}", "(removed IS NULL OR removed = false)"]
+    clauses = [f"base_model = {quote(base_model)}", NOT_REMOVED]
     if where:
         clauses.append(f"({where})")
     return " AND ".join(clauses)

@@ -125,7 +125,7 @@ def _get_session() -> lancedb.Session:
     return _session
 
 
-_NOT_REMOVED = "(removed IS NULL OR removed = false)"  # = removed IS NOT TRUE; uses an index on it
+NOT_REMOVED = "(removed IS NULL OR removed = false)"  # = removed IS NOT TRUE; uses an index on it
 
 
 def _filter(base_model: str | None, where: str | None) -> str | None:
@@ -236,8 +236,8 @@ class Searcher:
         if include_removed or not removed:
             return _Plan(user), rows, listing
         if user is None and removed <= MAX_POSTFILTERED:
-            return _Plan(_NOT_REMOVED, postfilter=True, extra=removed), rows, listing
-        return _Plan(" AND ".join(filter(None, [_NOT_REMOVED, user]))), rows, listing
+            return _Plan(NOT_REMOVED, postfilter=True, extra=removed), rows, listing
+        return _Plan(" AND ".join(filter(None, [NOT_REMOVED, user]))), rows, listing
 
     def search(self, prompt: str, k: int = 5, base_model: str | None = None, channel: str = "hybrid",
                encoder=None, where: str | None = None, include_removed: bool = False) -> list[SearchHit]:
