@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from registry.lora.metadata import LoraMetadata
 from registry.store.store import WRITE_TIMEOUT, Store, where_in
-from registry.text import embed_texts
+from registry.text import embed_documents
 
 SELF_RENDERED = "[self-rendered] "  # prefix of the prompt of a render made by the LoRA's base
 _WRITTEN = ("lora_id", "render_prompts", "render_blobs", "captions", "caption_model", "search_text",
@@ -83,7 +83,7 @@ def set_captions(store: Store, updates: Mapping[str, tuple[Sequence[str], str]],
         row.update(render_prompts=prompts, render_blobs=blobs, captions=list(captions), caption_model=model)
         row["search_text"] = search_document(row, captions)
         out.append({c: row[c] for c in _WRITTEN if c != "text_vector"})
-    for row, vector in zip(out, embed_texts([r["search_text"] for r in out]), strict=True):
+    for row, vector in zip(out, embed_documents([r["search_text"] for r in out]), strict=True):
         row["text_vector"] = vector
     schema = pa.schema([store.loras.schema.field(c) for c in _WRITTEN])
     store.loras.merge_insert("lora_id").when_matched_update_all().execute(

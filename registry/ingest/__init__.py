@@ -40,7 +40,7 @@ from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sid
 from registry.store.maintenance import ensure_indexes
 from registry.store.prune import prune
 from registry.store.store import Store, where_in
-from registry.text import embed_texts
+from registry.text import embed_documents
 
 _LOOKUP_CHUNK = 500  # paths per prefetch query
 
@@ -101,7 +101,7 @@ class _Batch:
         if self.loras:
             rows = list(self.loras.values())
             missing = [row for row in rows if row.get("text_vector") is None]
-            for row, vector in zip(missing, embed_texts([r["search_text"] for r in missing])):
+            for row, vector in zip(missing, embed_documents([r["search_text"] for r in missing])):
                 row["text_vector"] = vector
             reg.upsert(reg.loras, rows, "lora_id", update=False)
         reg.upsert(reg.files, list(self.files.values()), "path", update=True)
@@ -206,7 +206,7 @@ def _refreshed_rows(reg: Store, lora_ids: set[str], warnings: list[str] | None =
     rows = reg.rows(reg.loras, where_in("lora_id", sorted(lora_ids)), len(lora_ids))
     for row in rows:
         _rebuild(reg, row, [f["path"] for f in reg.paths_of(row["lora_id"]) if os.path.exists(f["path"])], warnings)
-    for row, vector in zip(rows, embed_texts([r["search_text"] for r in rows])):
+    for row, vector in zip(rows, embed_documents([r["search_text"] for r in rows])):
         row["text_vector"] = vector
     return rows
 
@@ -257,7 +257,7 @@ def _source_fields(meta: LoraMetadata) -> dict:
 
 def _early(meta: LoraMetadata) -> list[float]:  # its own function: tests watch that it runs
     """The text vector of a new LoRA, made while its blob copy still runs."""
-    return embed_texts([meta.search_text()])[0]
+    return embed_documents([meta.search_text()])[0]
 
 
 def _prefetch(reg: Store, candidates: list[Candidate]) -> dict[str, dict]:

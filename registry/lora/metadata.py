@@ -39,8 +39,9 @@ class LoraMetadata:
     source_url: str = ""  # where it was downloaded from
 
     def search_text(self) -> str:
-        """The document indexed for full-text and text-embedding search."""
-        parts = [self.name, " ".join(self.trigger_words), self.description, " ".join(self.tags)]
+        """The document indexed for full-text and text-embedding search, one text per line
+        (:func:`registry.text.embed_documents` embeds each line)."""
+        parts = [self.name, " ".join(self.trigger_words), self.description, *self.tags]
         parts += self.render_prompts
         return "\n".join(p for p in parts if p)
 
