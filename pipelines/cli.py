@@ -261,21 +261,12 @@ def _base_from_json(path, name: str | None):
     renamed to ``name`` when given; anything else is a usage error."""
     from registry.lora.base_models import BaseModel
 
-    expected = (f"{path} is not a base_model.json: expected a JSON object with \"name\", \"architecture\" and "
-                f"\"layer_shapes\" (at least one module: [out_features, in_features]), or a pipeline folder")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise UsageError(expected) from None
-    shapes = data.get("layer_shapes") if isinstance(data, dict) else None
-    name = name or (data.get("name") if isinstance(data, dict) else None)
-    valid_shape = (lambda v: isinstance(v, list) and len(v) == 2
-                   and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v))
-    if not (isinstance(name, str) and name.strip() and isinstance(data.get("architecture"), str)
-            and data["architecture"] and isinstance(shapes, dict) and shapes
-            and all(valid_shape(v) for v in shapes.values())):
-        raise UsageError(expected)
-    return BaseModel(name=name, architecture=data["architecture"], layer_shapes=shapes)
+        return BaseModel.from_json(path.read_text(encoding="utf-8"), name)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"{path} is not a base_model.json ({error}): expected a JSON object with \"name\", "
+                         "\"architecture\" and \"layer_shapes\" (at least one module: [out_features, "
+                         "in_features]), or a pipeline folder") from None
 
 
 def _known_bases(path: str):

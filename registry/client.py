@@ -55,15 +55,14 @@ class Registry(Store):
         """The built-in FLUX.1-dev and FLUX.1-schnell plus every registered base model."""
         from registry.lora.base_models import BaseModel, builtin_bases
 
-        registered = [BaseModel.from_json(p.read_text(encoding="utf-8"))
-                      for p in sorted(self._bases_dir.glob("*.json"))]
+        registered = [_registered(path, BaseModel.from_json) for path in sorted(self._bases_dir.glob("*.json"))]
         return [*builtin_bases(), *registered]
 
     def base_names(self) -> list[str]:
         """The names of :meth:`bases` (read without building their layer shapes)."""
         from registry.lora.base_models import BUILTIN_BASE_NAMES
 
-        registered = [json.loads(p.read_text(encoding="utf-8"))["name"] for p in sorted(self._bases_dir.glob("*.json"))]
+        registered = [_registered(p, lambda text: json.loads(text)["name"]) for p in sorted(self._bases_dir.glob("*.json"))]
         return [*BUILTIN_BASE_NAMES, *registered]
 
     def _check_base(self, base_model: str) -> None:
@@ -158,3 +157,12 @@ class Registry(Store):
                          column: str = "text_vector", where: str | None = None) -> list[SearchHit]:
         """Top-``k`` by cosine similarity to ``vector`` in ``column`` (ANN once indexed)."""
         return self._searcher.by_vector(vector, k, base_model, column, where)
+
+
+def _registered(path, read):
+    """``read(text)`` of a registered base's file; a file that does not read is a ``ValueError`` naming it."""
+    try:
+        return read(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a base model description ({error}); fix or delete it, then register "
+                         "the base again (autolora register-base)") from None

@@ -75,11 +75,25 @@ class BaseModel:
         )
 
     @classmethod
-    def from_json(cls, s: str) -> BaseModel:
-        """Inverse of :meth:`to_json`."""
-        data = json.loads(s)
-        shapes = {k: (int(v[0]), int(v[1])) for k, v in data["layer_shapes"].items()}
-        return cls(name=data["name"], architecture=data["architecture"], layer_shapes=shapes)
+    def from_json(cls, s: str, name: str | None = None) -> BaseModel:
+        """Inverse of :meth:`to_json`, renamed to ``name`` when given. ``ValueError`` where ``s`` is
+        not a JSON object with a non-empty ``name`` and ``architecture`` and ``layer_shapes``
+        (at least one module: ``[out_features, in_features]``, positive integers)."""
+        try:
+            data = json.loads(s)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        name = name or data.get("name")
+        shapes = data.get("layer_shapes")
+        for key, value in (("name", name), ("architecture", data.get("architecture"))):
+            if not (isinstance(value, str) and value.strip()):
+                raise ValueError(f"no {key} (a non-empty string)")
+        if not (isinstance(shapes, dict) and shapes and all(map(_is_shape, shapes.values()))):
+            raise ValueError("layer_shapes must map at least one module to [out_features, in_features]")
+        return cls(name=name, architecture=data["architecture"],
+                   layer_shapes={k: (v[0], v[1]) for k, v in shapes.items()})
 
     @classmethod
     def from_flux_transformer(cls, name: str, transformer: torch.nn.Module) -> BaseModel:
@@ -94,6 +108,11 @@ class BaseModel:
         if not shapes:
             raise ValueError(f"{name}: the transformer has no nn.Linear layers")
         return cls(name=name, architecture="flux", layer_shapes=shapes)
+
+
+def _is_shape(value: object) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value))
 
 
 def flux_base_from_folder(folder: str | Path, name: str | None = None) -> BaseModel:

@@ -151,3 +151,36 @@ def test_inspect_takes_the_callers_hint_after_the_header(tmp_path):
     save_lora(tmp_path / "g.safetensors", top, "kohya")
     info = inspect_file(tmp_path / "g.safetensors", builtin_bases(), base_hint="FLUX.1-schnell")
     assert info.base_model == "FLUX.1-dev"
+
+
+@pytest.mark.parametrize("text, why", [
+    ("not json", "not JSON"),
+    ("[1, 2]", "not an object"),
+    ('{"architecture": "flux", "layer_shapes": {"a": [2, 2]}}', "no name"),
+    ('{"name": "x", "layer_shapes": {"a": [2, 2]}}', "no architecture"),
+    ('{"name": "x", "architecture": "flux", "layer_shapes": {}}', "layer_shapes"),
+    ('{"name": "x", "architecture": "flux", "layer_shapes": {"a": [2, "2"]}}', "layer_shapes"),
+    ('{"name": "x", "architecture": "flux", "layer_shapes": {"a": [2, 0]}}', "layer_shapes"),
+])
+def test_from_json_says_what_is_wrong(text, why):
+    with pytest.raises(ValueError, match=why):
+        BaseModel.from_json(text)
+
+
+def test_from_json_renames():
+    base = BaseModel("a", "flux", {"proj": (4, 8)})
+    assert BaseModel.from_json(base.to_json(), "b") == BaseModel("b", "flux", {"proj": (4, 8)})
+
+
+def test_a_registry_names_a_broken_base_file(tmp_path):
+    from registry import Registry
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_base(BaseModel("mine", "flux", {"proj": (4, 4)}))
+    broken = next((tmp_path / "reg" / "bases").glob("*.json"))
+    broken.write_text('{"name": "mine"}')
+    with pytest.raises(ValueError, match=r"mine\.json: not a base model description \(no architecture"):
+        reg.bases()
+    broken.write_text("{")
+    with pytest.raises(ValueError, match="mine.json: not a base model description"):
+        reg.base_names()
