@@ -28,17 +28,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from registry.captions import is_self_rendered, search_document
 from registry.hashing import sha256_file
 from registry.embed import WeightEmbedder
 # the walk and the report live beside this module; both are part of its public names
 from registry.ingest.candidates import CANDIDATE_SUFFIXES, Candidate, collect_candidates  # noqa: F401
 from registry.ingest.report import IngestReport
+from registry.ingest.rows import (  # noqa: F401  (prune_and_refresh: the client's)
+    prune_and_refresh, rebuild_row, refreshed_rows, source_fields, store_renders,
+)
 from registry.lora.errors import RejectedFile
 from registry.lora.inspect import InspectedLoRA, inspect_file
 from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sidecar_files, sidecar_signature
 from registry.store.maintenance import ensure_indexes
-from registry.store.prune import prune
 from registry.store.store import Store, where_in
 from registry.text import embed_documents
 
@@ -105,7 +106,7 @@ class _Batch:
                 row["text_vector"] = vector
             reg.upsert(reg.loras, rows, "lora_id", update=False)
         reg.upsert(reg.files, list(self.files.values()), "path", update=True)
-        refreshed = _refreshed_rows(reg, self.refresh - set(self.loras), self.warnings)
+        refreshed = refreshed_rows(reg, self.refresh - set(self.loras), self.warnings)
         reg.upsert(reg.loras, refreshed, "lora_id", update=True)  # one version for all of them
         reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
         self.loras.clear(), self.files.clear(), self.rejections.clear(), self.refresh.clear()
@@ -115,125 +116,15 @@ class _Batch:
         later run would (:func:`_refreshed_rows`): which copy came first does not matter."""
         paths = {f["path"] for f in self.files.values() if f["lora_id"] == row["lora_id"]}
         paths |= {f["path"] for f in self.reg.paths_of(row["lora_id"])}  # none, unless a run was killed
-        _rebuild(self.reg, row, [p for p in paths if os.path.exists(p)], self.warnings)
+        rebuild_row(self.reg, row, [p for p in paths if os.path.exists(p)], self.warnings)
         row["text_vector"] = None  # made at flush, from the merged document
-
-
-def _store_renders(reg: Store, meta: LoraMetadata) -> list[str]:
-    """Copy ``meta``'s render images into the blob store and return their blob paths (``""``: a
-    render without an image here, e.g. a link). A render whose bytes are already among them
-    (the same preview beside two copies of a file) is dropped from ``meta``: first one kept."""
-    paths, prompts, blobs = [], [], []
-    for render, prompt in zip(meta.render_paths, meta.render_prompts):
-        blob = ""
-        if os.path.isfile(render):
-            blob = str(reg.blobs.put(render, sha256_file(render), Path(render).suffix.lower()).relative_to(reg.root))
-            if blob in blobs:
-                continue
-        paths.append(render), prompts.append(prompt), blobs.append(blob)
-    meta.render_paths, meta.render_prompts = paths, prompts
-    return blobs
-
-
-def _card_first(paths: Iterable[str]) -> list[str]:
-    """The paths of a LoRA's copies in the order their sidecars are read: those with a card (or
-    a ``.civitai.info``) first, then by path. It depends on what is on disk alone, not on which
-    copy was ingested first nor on whether they came in one run."""
-    paths = sorted(paths)
-    if len(paths) < 2:
-        return paths
-
-    def has_card(path: str) -> bool:
-        return any(f.suffix in (".json", ".info") for f in sidecar_files(path))
-
-    return sorted(paths, key=has_card, reverse=True)  # stable: path order among equals
-
-
-def _metadata_of(header: dict[str, str], paths: list[str], warnings: list[str] | None = None) -> LoraMetadata:
-    """Header metadata, then every path's sidecars in order; the first stem names it last."""
-    meta = from_header(header)
-    for path in paths:
-        meta.update(from_sidecars(path, name_from_stem=False, warnings=warnings))
-    if not meta.name and paths:
-        meta.name = Path(paths[0]).stem
-    return meta
-
-
-def _renders_and_captions(reg: Store, row: dict, meta: LoraMetadata) -> dict:
-    """The render and caption columns of ``row`` once its sidecars give ``meta``'s renders.
-
-    Captions follow their renders' blobs: each render kept keeps its caption. Self-rendered
-    renders (made by captioning because the LoRA had no image) are kept, with their captions,
-    while the sidecars still bring no image of their own; once they bring one, they are dropped:
-    the caption pass only self-renders a LoRA without any image, so a row with both could never
-    come out of it, and the LoRA's own renders say more about it than its base's. When a render
-    ends up without a caption, ``caption_model`` is cleared so that the next caption pass takes
-    the row again (its captions stay paired, ``""`` for the ones missing, meanwhile)."""
-    blobs = _store_renders(reg, meta)
-    prompts = list(meta.render_prompts)
-    old_prompts, old_blobs = list(row.get("render_prompts") or []), list(row.get("render_blobs") or [])
-    old_captions, model = list(row.get("captions") or []), row.get("caption_model")
-    if not any(blobs):  # no image of its own: the self-rendered fallback stays
-        for prompt, blob in zip(old_prompts, old_blobs):
-            if is_self_rendered(prompt) and blob and blob not in blobs and (reg.root / blob).is_file():
-                prompts.append(prompt), blobs.append(blob)
-    paired = len(old_captions) == len(old_blobs)
-    caption_of = {b: c for b, c in zip(old_blobs, old_captions) if b} if paired else {}
-    if not old_captions and model is None:  # never captioned: nothing to carry over
-        captions = []
-    else:
-        captions = [caption_of.get(b, "") for b in blobs]
-        if not paired or any(b and b not in caption_of for b in blobs):
-            model = None
-    return {"render_prompts": prompts, "render_blobs": blobs, "captions": captions, "caption_model": model}
-
-
-def _rebuild(reg: Store, row: dict, paths: Iterable[str], warnings: list[str] | None = None) -> None:
-    """Rebuild ``row``'s metadata in place from its stored header and the sidecars of ``paths``
-    (the copies of its file on disk), with its renders and captions kept paired; not its vector."""
-    meta = _metadata_of(json.loads(row["header_metadata"] or "{}"), _card_first(paths), warnings)
-    row.update(name=meta.name, description=meta.description, trigger_words=meta.trigger_words,
-               tags=meta.tags, **_renders_and_captions(reg, row, meta))
-    row.update(search_text=search_document(row, row["captions"]),  # captions of kept renders stay searchable
-               **_source_fields(meta), removed=False)
-
-
-def _refreshed_rows(reg: Store, lora_ids: set[str], warnings: list[str] | None = None) -> list[dict]:
-    """The rows of ``lora_ids`` with metadata rebuilt from the header stored and the sidecars of
-    every present path (:func:`_card_first` orders them), re-embedded, and ``removed`` cleared."""
-    if not lora_ids:
-        return []
-    rows = reg.rows(reg.loras, where_in("lora_id", sorted(lora_ids)), len(lora_ids))
-    for row in rows:
-        _rebuild(reg, row, [f["path"] for f in reg.paths_of(row["lora_id"]) if os.path.exists(f["path"])], warnings)
-    for row, vector in zip(rows, embed_documents([r["search_text"] for r in rows])):
-        row["text_vector"] = vector
-    return rows
-
-
-def prune_and_refresh(reg: Store) -> dict[str, int]:
-    """:func:`registry.store.prune.prune`, then the rows of the LoRAs still on disk whose copies
-    with sidecars vanished or came back (or that were restored) rebuilt from the sidecars of the
-    copies still there, so a gone copy's card data leaves its LoRA's row (one write for all;
-    ``refreshed`` counts them)."""
-    columns = ["path", "lora_id", "gone", "sidecars"]
-    before = {f["path"]: f for f in reg.column_rows(reg.files, columns)}
-    removed = {r["lora_id"] for r in reg.column_rows(reg.loras, ["lora_id", "removed"]) if r["removed"]}
-    counts = prune(reg)
-    after = reg.column_rows(reg.files, ["path", "lora_id", "gone"])
-    present = {f["lora_id"] for f in after if not f["gone"]}
-    changed = {f["lora_id"] for f in after if f["path"] in before and before[f["path"]]["sidecars"]
-               and bool(before[f["path"]]["gone"]) != bool(f["gone"])}
-    rows = _refreshed_rows(reg, (changed | removed) & present)
-    reg.upsert(reg.loras, rows, "lora_id", update=True)
-    return {**counts, "refreshed": len(rows)}
 
 
 def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
               staged: Path | None, vector: list[float] | None) -> dict:
     blob = reg.blobs.commit(staged, info.sha256) if staged else reg.blobs.put(info.path, info.sha256)
     n_renders = len(meta.render_paths)
-    render_blobs = _store_renders(reg, meta)
+    render_blobs = store_renders(reg, meta)
     if len(render_blobs) < n_renders:  # a render stored twice was dropped: so was its prompt
         vector = None  # made again at flush, from the document stored
     return {
@@ -245,14 +136,8 @@ def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
         "render_prompts": meta.render_prompts, "render_blobs": render_blobs, "captions": [],
         "header_metadata": json.dumps(info.header_metadata, sort_keys=True),
         "search_text": meta.search_text(), "text_vector": vector, "added_at": _now(), "removed": False,
-        **_source_fields(meta),
+        **source_fields(meta),
     }
-
-
-def _source_fields(meta: LoraMetadata) -> dict:
-    """Licence, NSFW level and source URL as the card or source states them; NULL when unstated."""
-    return {"licence": meta.licence or None, "nsfw_level": meta.nsfw_level or None,
-            "source_url": meta.source_url or None}
 
 
 def _early(meta: LoraMetadata) -> list[float]:  # its own function: tests watch that it runs
@@ -448,7 +333,7 @@ class _FileIngest:
 
 
 def _header_first(info: InspectedLoRA, sidecars: LoraMetadata) -> LoraMetadata:
-    """Header metadata first, then the sidecars' (as :func:`_metadata_of` orders them)."""
+    """Header metadata first, then the sidecars' (as :func:`registry.ingest.rows.metadata_of` orders them)."""
     meta = from_header(info.header_metadata)
     meta.update(sidecars)
     return meta
