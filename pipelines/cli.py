@@ -199,100 +199,6 @@ def cmd_world_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_register_base(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    source = Path(os.path.expandvars(os.path.expanduser(args.source)))
-    if not source.exists():
-        raise UsageError(f"no such pipeline folder, demo world or base_model.json: {source}")
-    if args.name is not None and not args.name.strip():
-        raise UsageError("--name must not be empty")
-    base = _base_from_folder(source, args.name) if source.is_dir() else _base_from_json(source, args.name)
-    existing = next((b for b in _known_bases(args.registry) if b.name == base.name), None)
-    if existing is not None and not existing.same_layers(base):
-        raise UsageError(f"a different base named {base.name!r} is already known ({existing.architecture}, "
-                         f"{len(existing.layer_shapes)} layers; this one has {len(base.layer_shapes)}): "
-                         f"register it under another name with --name")
-    if existing is None:  # the same base again is a no-op: nothing is written
-        _open_registry(args.registry).register_base(base)
-    result = {"name": base.name, "architecture": base.architecture, "layers": len(base.layer_shapes),
-              "already_registered": existing is not None}
-    _print_json(result) if args.json else print(
-        f"{base.name} is already registered with these layer shapes" if existing is not None
-        else f"registered {base.name} ({len(base.layer_shapes)} layers)")
-    return 0
-
-
-_BASE_EXPECTED = ("expected a diffusers FLUX pipeline folder (with transformer/config.json), a demo world "
-                  "folder (or the folder holding one), or a base_model.json")
-
-
-def _base_from_folder(folder, name: str | None):
-    """The base of a pipeline folder, or of a demo world's ``base/`` (resolved as
-    :func:`pipelines.generate.resolve_base` does), described from its transformer config."""
-    from pathlib import Path
-
-    from pipelines.generate import BaseNotFound, resolve_base
-
-    pipeline = folder.resolve()
-    if not (pipeline / "transformer" / "config.json").is_file():
-        try:
-            pipeline = Path(resolve_base(folder))
-        except BaseNotFound:
-            raise UsageError(f"{folder}: no pipeline or demo world there; {_BASE_EXPECTED}") from None
-    config_file = pipeline / "transformer" / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{config_file} is unreadable ({error}); {_BASE_EXPECTED}") from None
-    kind = config.get("_class_name", "FluxTransformer2DModel") if isinstance(config, dict) else None
-    if kind != "FluxTransformer2DModel":
-        raise UsageError(f"{config_file} does not describe a FluxTransformer2DModel ({kind!r}); {_BASE_EXPECTED}")
-    from registry.lora.base_models import flux_base_from_folder
-
-    try:
-        return flux_base_from_folder(pipeline, name or _described_name(pipeline))
-    except (OSError, ValueError, TypeError) as error:  # a config diffusers cannot build a transformer from
-        raise UsageError(f"{config_file}: not a FLUX transformer config ({error}); {_BASE_EXPECTED}") from None
-
-
-def _base_from_json(path, name: str | None):
-    """A ``base_model.json`` (``{"name", "architecture", "layer_shapes": {module: [out, in]}}``),
-    renamed to ``name`` when given; anything else is a usage error."""
-    from registry.lora.base_models import BaseModel
-
-    try:
-        return BaseModel.from_json(path.read_text(encoding="utf-8"), name)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UsageError(f"{path} is not a base_model.json ({error}): expected a JSON object with \"name\", "
-                         "\"architecture\" and \"layer_shapes\" (at least one module: [out_features, "
-                         "in_features]), or a pipeline folder") from None
-
-
-def _known_bases(path: str):
-    """The bases of the registry at ``path``, or the built-ins where it holds none (nothing is created)."""
-    from registry import Registry, RegistryNotFound
-    from registry.lora.base_models import builtin_bases
-
-    try:
-        return Registry.open(path, create=False).bases()
-    except RegistryNotFound:
-        return builtin_bases()
-
-
-def _described_name(pipeline: Path) -> str | None:
-    """The name in a ``base_model.json`` beside (or in) a pipeline folder, so a base has one name
-    whichever route registers it (the demo world writes one next to its pipeline)."""
-    for candidate in (pipeline / "base_model.json", pipeline.parent / "base_model.json"):
-        try:
-            name = json.loads(candidate.read_text(encoding="utf-8")).get("name") if candidate.is_file() else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            name = None
-        if isinstance(name, str) and name.strip():
-            return name
-    return None
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -388,16 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--json", action="store_true")
     prune.set_defaults(func=cmd_prune)
 
-    base = sub.add_parser("register-base", help="make LoRAs for a base model recognisable")
-    base.add_argument("source", help="a diffusers FLUX pipeline folder, a demo world folder (or the folder "
-                                     "holding one), or a base_model.json")
-    base.add_argument("--name", help="the name to register it under (default: the JSON's name; for a folder the "
-                                     "name in a base_model.json beside it, else the folder's parent's name); a "
-                                     "name already given to a base with other layer shapes is refused")
-    base.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
-    base.add_argument("--json", action="store_true")
-    base.set_defaults(func=cmd_register_base)
-
     world = sub.add_parser("world", help="the demo world").add_subparsers(dest="world_command", required=True)
     world_build = world.add_parser("build", help="build (or reuse) the demo world")
     world_build.add_argument("--size", choices=["micro", "default"], default="default")
@@ -423,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    from pipelines import cli_captions, cli_generate, cli_retrieval, cli_sources
+    from pipelines import cli_bases, cli_captions, cli_generate, cli_retrieval, cli_sources
 
     evaluate = sub.add_parser("eval", help="evaluations on held-out LoRAs").add_subparsers(dest="what", required=True)
     train = sub.add_parser("train", help="train a model on the registry").add_subparsers(dest="what", required=True)
@@ -431,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_generate.add_commands(sub, evaluate, train)
     cli_sources.add_commands(sub)
     cli_captions.add_commands(sub)
+    cli_bases.add_commands(sub)
     return parser
 
 
