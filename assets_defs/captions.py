@@ -60,10 +60,19 @@ class CaptionerResource(dg.ConfigurableResource):
 
 
 def _default_bases() -> dict[str, str]:
-    given = os.environ.get("AUTOLORA_BASE_PIPELINES")  # JSON {base model: pipeline folder}
-    if given:
-        return json.loads(given)
-    return {DEMO_BASE[0]: DEMO_BASE[1]} if Path(DEMO_BASE[1]).is_dir() else {}
+    """``$AUTOLORA_BASE_PIPELINES`` (JSON: base model name -> pipeline), else the demo base when built."""
+    given = os.environ.get("AUTOLORA_BASE_PIPELINES")
+    if not given:
+        return {DEMO_BASE[0]: DEMO_BASE[1]} if Path(DEMO_BASE[1]).is_dir() else {}
+    try:
+        bases = json.loads(given)
+    except json.JSONDecodeError as error:
+        bases = error
+    if not (isinstance(bases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in bases.items())):
+        raise ValueError(f"AUTOLORA_BASE_PIPELINES={given!r} is not a JSON object of base model name -> pipeline "
+                         f"folder or Hub id ({bases if isinstance(bases, Exception) else 'wrong shape'}), e.g. "
+                         '{"FLUX.1-dev": "black-forest-labs/FLUX.1-dev"}')
+    return bases
 
 
 class CaptionConfig(dg.Config):
@@ -81,6 +90,10 @@ def lora_captions(context: dg.AssetExecutionContext, config: CaptionConfig, regi
                   captioner: CaptionerResource) -> dg.MaterializeResult:
     """Every sample render captioned by the vision model (only LoRAs lacking its captions; those
     without renders rendered by their base first); captions feed full-text search and training."""
+    if not (captioner.url or captioner.model_dir):
+        raise dg.Failure("no captioner: set AUTOLORA_CAPTIONER_URL (a running OpenAI-compatible server) or "
+                         "AUTOLORA_CAPTIONER_MODEL (a model folder or Hub id to serve with vLLM), or the captioner "
+                         "resource's url / model_dir", allow_retries=False)
     reg = registry.open()
     model = captioner.model_name()
     pending = pending_captions(reg, model, config.base_pipelines, config.self_render) if model is not None else None

@@ -24,7 +24,7 @@ def _markdown(rows: list[dict], columns: list[str]) -> str:
 def ingested_loras(context: dg.AssetExecutionContext, config: IngestConfig,
                    registry: RegistryResource) -> dg.MaterializeResult:
     """LoRA files validated, canonicalised, deduplicated and upserted into the registry."""
-    reg = registry.open()
+    reg = registry.open(create=True)
     paths = [p for p in config.paths if os.path.lexists(os.path.expandvars(os.path.expanduser(p)))]
     missing = sorted(set(config.paths) - set(paths))
     if missing and not paths:

@@ -124,3 +124,24 @@ def test_unknown_source_in_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no enabled source named 'nope'"):
         dg.materialize([synced_loras], resources={"registry": RegistryResource(path=str(tmp_path / "r"))},
                        run_config=config, instance=dg.DagsterInstance.ephemeral())
+
+
+def test_lora_captions_without_a_captioner_names_the_variables(tmp_path):
+    Registry.open(tmp_path / "registry")
+    result = dg.materialize([lora_captions], resources={"registry": RegistryResource(path=str(tmp_path / "registry")),
+                                                        "captioner": CaptionerResource(url="", model_dir="")},
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    assert "AUTOLORA_CAPTIONER_URL" in failure.step_failure_data.error.message
+
+
+@pytest.mark.parametrize("value", ["{not json", '["a"]', '{"FLUX.1-dev": 3}'])
+def test_a_malformed_base_pipelines_variable_is_named(monkeypatch, value):
+    from assets_defs.captions import _default_bases
+
+    monkeypatch.setenv("AUTOLORA_BASE_PIPELINES", value)
+    with pytest.raises(ValueError, match="AUTOLORA_BASE_PIPELINES=.* is not a JSON object of base model name"):
+        _default_bases()
+    monkeypatch.setenv("AUTOLORA_BASE_PIPELINES", '{"FLUX.1-dev": "/models/flux"}')
+    assert _default_bases() == {"FLUX.1-dev": "/models/flux"}
