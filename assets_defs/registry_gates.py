@@ -21,8 +21,8 @@ from assets_defs.sources import synced_loras
 from pipelines.retrain_policy import GATES_FIRST_POOL, MIN_GROWTH, MIN_NEW, GatePoolGrowth, gate_pool_growth
 
 DEMO_WORLD = ".autolora/world/default-seed0"
-NO_BASE = ("no base configured: set AUTOLORA_GATES_BASE (or the run config's base) to the base pipeline the gates "
-           "are for: a diffusers pipeline folder, a built demo world or a Hub id")
+NO_BASE = ("no base configured: set AUTOLORA_GATES_BASE{} to the base pipeline the gates are for: a diffusers "
+           "pipeline folder, a built demo world or a Hub id")
 # the recipe knobs the CLI offers for registry gates (``composite`` needs a demo world's themes), with
 # ``pipelines.train_gates.GateRecipe``'s defaults (importing it here would load diffusers with the code location)
 RECIPE_FIELDS = {"steps": 300, "lr": 1e-2, "hinge": 0.0, "time_features": 0, "seed": 0}
@@ -57,13 +57,13 @@ def registry_gates(context: dg.AssetExecutionContext, config: RegistryGatesConfi
                    registry: RegistryResource) -> dg.MaterializeResult:
     """Fusion gates for a real base trained on the registry's LoRAs with sample renders (cached by
     version in ``<registry>/gates``; the newest is the one generation uses for that base)."""
+    if not config.base:
+        raise dg.Failure(description=NO_BASE.format(" (or the run config's base)"), allow_retries=False)
     from pipelines.generate import BaseNotFound
     from pipelines.registry_gates import PoolTooSmall, train_registry_gates
     from pipelines.train_gates import GateRecipe
     from registry.store.store import RegistryNotFound
 
-    if not config.base:
-        raise dg.Failure(description=NO_BASE, allow_retries=False)
     recipe = GateRecipe(**{name: getattr(config, name) for name in RECIPE_FIELDS})
     every = max(1, config.steps // 10)
 
@@ -123,12 +123,12 @@ def gates_sensor(base: str | None = None, base_model: str = "", where: str = "",
                            f"with sample renders grew by {min_growth:.0%} (at least {min_new} new; the first gates "
                            f"at {first_pool})")
     def _sensor(context: dg.SensorEvaluationContext, registry: RegistryResource) -> dg.SensorResult | dg.SkipReason:
+        pipeline = base if base is not None else default_gates_base()
+        if not pipeline:  # said before importing the pipeline code (diffusers)
+            return dg.SkipReason(NO_BASE.format(""))
         from pipelines.generate import BaseNotFound
         from registry.store.store import RegistryNotFound
 
-        pipeline = base if base is not None else default_gates_base()
-        if not pipeline:
-            return dg.SkipReason(NO_BASE)
         try:
             growth = gate_pool_growth(registry.open_existing(), pipeline, base_model or None, where or None)
         except (BaseNotFound, RegistryNotFound, ValueError) as error:

@@ -65,7 +65,7 @@ def test_registry_gates_train_then_cache_and_fail_clearly(micro_world, tmp_path)
 
     # bad input is a Failure saying what to do, before any model is loaded
     only_one = f"lora_id = {quote(first['pool'][0])}"
-    for config, says in (({"base": ""}, NO_BASE),
+    for config, says in (({"base": ""}, NO_BASE.format(" (or the run config's base)")),
                          ({"base": str(tmp_path / "nowhere")}, "no such base pipeline"),
                          ({"base": str(micro_world), "base_model": "sdxl"}, "unknown base model 'sdxl'"),
                          ({"base": str(micro_world), "where": "lora_id = 'x'"}, "matched no LoRAs"),
@@ -138,7 +138,8 @@ def test_without_a_base_the_sensor_says_how_to_configure_one(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # no demo world here either
     assert default_gates_base() == ""
     reason = skipped(tick(gates_retrain_sensor, tmp_path / "registry", dg.DagsterInstance.ephemeral()))
-    assert reason.startswith("no base configured: set AUTOLORA_GATES_BASE")
+    assert reason == NO_BASE.format("")  # a sensor has no run config to point to
+    assert "run config" not in reason
     (tmp_path / module.DEMO_WORLD).mkdir(parents=True)
     assert default_gates_base() == module.DEMO_WORLD
     monkeypatch.setenv("AUTOLORA_GATES_BASE", "owner/some-flux")
