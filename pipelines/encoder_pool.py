@@ -103,10 +103,22 @@ def pool_condition(base_model: str, where: str | None = None) -> str:
     return " AND ".join(clauses)
 
 
+class PoolError(ValueError):
+    """A pool that cannot be trained on: an unknown base model, a bad ``where``, too few LoRAs."""
+
+
 def pool_rows(reg: Registry, base_model: str, where: str | None = None) -> list[dict]:
-    """The rows of the training pool: not removed, of ``base_model``, matching ``where``."""
+    """The rows of the training pool: not removed, of ``base_model``, matching ``where``; an
+    unknown base model or a ``where`` LanceDB cannot run is a :class:`PoolError` saying so."""
+    known = sorted(reg.base_names())
+    if base_model not in known:
+        raise PoolError(f"unknown base model {base_model!r}; the registry knows: {', '.join(known) or 'none'}")
     condition = pool_condition(base_model, where)
-    n = reg.loras.count_rows(condition)
+    try:
+        n = reg.loras.count_rows(condition)
+    except ValueError as error:  # LanceDB: a parse or schema error
+        why = " ".join(str(error).split())[:200]
+        raise PoolError(f"the filter (where) {where!r} is not valid SQL for the registry: {why}") from None
     columns = ["lora_id", "blob", "name", "description", "tags", "render_prompts", "captions"]
     rows = reg.rows(reg.loras, condition, n, columns) if n else []
     return sorted(rows, key=lambda r: r["lora_id"])
@@ -159,8 +171,8 @@ def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
     pool, loss curve, seconds) without registering it."""
     rows = pool_rows(reg, base_model, where)
     if len(rows) < 2:
-        raise ValueError(f"the training pool has {len(rows)} LoRA(s) of {base_model!r}; contrastive "
-                         "training needs at least 2")
+        raise PoolError(f"the training pool has {len(rows)} LoRA(s) of {base_model!r}; contrastive "
+                        "training needs at least 2")
     bases = reg.bases()
     items = [(load_canonical(reg.root / row["blob"], bases)[0].factors, lora_texts(row)) for row in rows]
     items = [(lora, texts or [row["lora_id"]]) for (lora, texts), row in zip(items, rows)]
@@ -193,11 +205,24 @@ def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
     return encoder, info
 
 
+def active_recipe(reg: Registry, base_model: str, where: str | None = None,
+                  **fields: object) -> tuple[str, Recipe]:
+    """``where`` and the :class:`Recipe` of ``fields``, each one left None (``where`` too) taken from
+    ``base_model``'s active encoder (its where filter and recorded recipe; without one, every LoRA of
+    the base and the Recipe default), so that all None re-makes the active version."""
+    from pipelines.retrain_policy import pool_growth
+
+    active = pool_growth(reg, base_model)
+    given = {name: value for name, value in fields.items() if value is not None}
+    return active.where if where is None else where, Recipe(**{**active.recipe, **given})
+
+
 def train_registry_encoder(reg: Registry, base_model: str, where: str | None = None,
                            recipe: Recipe = Recipe(), activate: bool = True, progress: bool = False) -> dict:
     """Train (unless this pool's version is registered already), register and, with
     ``activate``, embed every LoRA of the base with it and switch search to it. Returns the info
-    with ``trained`` (False when cached) and the embedding report."""
+    with ``trained`` (False when cached) and the embedding report; a pool that cannot be trained
+    on is a :class:`PoolError`."""
     ids = [row["lora_id"] for row in pool_rows(reg, base_model, where)]
     version = version_of(ids, base_model, recipe)
     known = {r.version: r for r in reg.encoder_versions()}

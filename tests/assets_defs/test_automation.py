@@ -145,6 +145,7 @@ def test_the_retrain_run_trains_the_version_its_run_key_names(tmp_path, monkeypa
         return {"version": "v", "pool_size": 2, "trained": False, "embedding": {}}
 
     monkeypatch.setattr(encoder_pool, "train_registry_encoder", train)
+    Registry.open(tmp_path / "registry")  # an empty one: the asset never creates a registry
     result = dg.materialize([lora_weight_encoder], run_config=run_config,
                             resources={"registry": RegistryResource(path=str(tmp_path / "registry"))})
     assert result.success
