@@ -35,6 +35,18 @@ class ReportConfig(dg.Config):
     prompts: int = Field(8, description="prompts per set (fusion report)")
 
 
+def world_root(world: str) -> Path:
+    """The built demo world ``world`` names (itself or its parent holding one); none there fails the
+    run without retries, saying how to get one."""
+    from pipelines.world.evaluate import WorldNotFound, resolve_world_root
+
+    try:
+        return resolve_world_root(world)
+    except WorldNotFound as error:
+        raise dg.Failure(description=f"{error}, or set AUTOLORA_WORLD (or this asset's world config) to a built one",
+                         allow_retries=False) from None
+
+
 def _png_data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
@@ -72,9 +84,9 @@ def fusion_gates(context: dg.AssetExecutionContext, config: GatesConfig) -> dg.M
     """Gates trained with interference-resistant training on the world's training pool (cached by version)."""
     from pipelines.train_gates import GateRecipe, train_world_gates
 
-    result = train_world_gates(config.world, recipe=GateRecipe(steps=config.steps, hinge=config.hinge,
-                                                                  composite=config.composite,
-                                                                  time_features=config.time_features))
+    recipe = GateRecipe(steps=config.steps, hinge=config.hinge, composite=config.composite,
+                        time_features=config.time_features)
+    result = train_world_gates(world_root(config.world), recipe=recipe)
     context.log.info(f"gates {result.version} ({'cached' if result.cached else 'trained'}) at {result.path}")
     return dg.MaterializeResult(metadata={
         "version": result.version, "path": str(result.path), "cached": result.cached,
@@ -90,8 +102,9 @@ def fusion_report(context: dg.AssetExecutionContext, config: ReportConfig) -> dg
     from pipelines.evaluate.fusion import evaluate_fusion
     from pipelines.train_gates import train_world_gates
 
-    gates = train_world_gates(config.world).gates
-    report = evaluate_fusion(config.world, config.out, gates=gates, n_sets=config.sets, n_prompts=config.prompts,
+    world = world_root(config.world)
+    gates = train_world_gates(world).gates
+    report = evaluate_fusion(world, config.out, gates=gates, n_sets=config.sets, n_prompts=config.prompts,
                              progress=False)
     return dg.MaterializeResult(metadata={
         "gated_k2_accuracy": report["gated"]["k2_accuracy"], "gated_k3_accuracy": report["gated"]["k3_accuracy"],
@@ -106,8 +119,9 @@ def generation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     from pipelines.evaluate.generation import evaluate_generation
     from pipelines.train_gates import train_world_gates
 
-    gates = train_world_gates(config.world).gates
-    report = evaluate_generation(registry.open(), config.world, config.out, gates=gates,
+    world = world_root(config.world)
+    gates = train_world_gates(world).gates
+    report = evaluate_generation(registry.open(), world, config.out, gates=gates,
                                  n_prompts=config.prompts, progress=False)
     return dg.MaterializeResult(metadata={
         "synonym_top3": report["synonym"]["top3"], "synonym_base": report["synonym"]["base"],

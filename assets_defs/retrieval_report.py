@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets_defs.generation import REPORTS, WORLD, report_markdown
+from assets_defs.generation import REPORTS, WORLD, report_markdown, world_root
 from assets_defs.models import weight_embeddings
 from assets_defs.resources import RegistryResource
 
@@ -26,7 +26,8 @@ def retrieval_report(context: dg.AssetExecutionContext, config: RetrievalReportC
     """Search over the world's held-out LoRAs with the active encoder (``autolora eval retrieval``)."""
     from pipelines.evaluate.retrieval import evaluate_retrieval
 
-    report = evaluate_retrieval(registry.open().root, config.world, config.out, baselines_too=config.baselines)
+    world = world_root(config.world)  # before the registry: a missing world is the first thing to say
+    report = evaluate_retrieval(registry.open().root, world, config.out, baselines_too=config.baselines)
     context.log.info(f"weights R@3 {report['weights']['recall_at_3']:.3f}, hybrid {report['hybrid']['recall_at_3']:.3f}")
     return dg.MaterializeResult(metadata={
         "encoder": report["encoder"], "weights_recall_at_3": report["weights"]["recall_at_3"],

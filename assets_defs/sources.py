@@ -24,7 +24,8 @@ from pydantic import Field
 from assets_defs.resources import RegistryResource
 from pipelines.sources.base import Source, SourceError
 from pipelines.sources.cursors import cursor_path, load_cursor, save_cursor
-from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE, configured_source, load_sources
+from pipelines.sources.config import (DEFAULT_SOURCES_FILE, DOWNLOAD_DIR, SOURCES_FILE, configured_source,
+                                      load_sources)
 from pipelines.sources.sync import sync
 
 class SyncConfig(dg.Config):
@@ -41,7 +42,7 @@ def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
                  registry: RegistryResource) -> dg.MaterializeResult:
     """New releases of a configured source downloaded (verified, staged) and ingested."""
     source = configured_source(config.sources_file, config.source)
-    reg = registry.open()
+    reg = registry.open(create=True)
     report = sync(source, reg, config.download_dir, json.loads(config.cursor) if config.cursor else None)
     save_cursor(cursor_path(reg.root, source.name), report.cursor)  # where the sensor and `autolora sync` read it
     for failure in report.failed:
@@ -106,9 +107,17 @@ def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str
     return _discover
 
 
-def source_sensors(sources_file: str = SOURCES_FILE, download_dir: str = DOWNLOAD_DIR) -> list[dg.SensorDefinition]:
-    """One sensor per enabled source in ``sources_file`` (none when the file does not exist; any
-    error in it raises one ``ValueError`` naming the file and the entry)."""
-    if not Path(sources_file).is_file():
+def source_sensors(sources_file: str | None = None, download_dir: str = DOWNLOAD_DIR) -> list[dg.SensorDefinition]:
+    """One sensor per enabled source in ``sources_file`` (default: ``$AUTOLORA_SOURCES``, else ``sources.toml``
+    in the working directory). A file named explicitly (argument or variable) that is missing, or any error
+    in the file, raises one ``ValueError`` naming it; a missing default ``sources.toml`` warns and makes none."""
+    explicit = sources_file or os.environ.get("AUTOLORA_SOURCES")
+    path = Path(explicit or DEFAULT_SOURCES_FILE)
+    if not path.is_file():
+        if explicit:
+            via = "" if sources_file else f"AUTOLORA_SOURCES={explicit}: "
+            raise ValueError(f"{via}no such sources file: {path.absolute()}")
+        dg.get_dagster_logger().warning(f"no source sensors: no sources file at {path.absolute()} (the default "
+                                        f"{DEFAULT_SOURCES_FILE} of the working directory; set AUTOLORA_SOURCES)")
         return []
-    return [source_sensor(s.name, sources_file, download_dir) for s in load_sources(sources_file)]
+    return [source_sensor(s.name, str(path), download_dir) for s in load_sources(path)]

@@ -274,15 +274,17 @@ def theme_of(entry: dict):
 
 def world_pool(root: str | Path, split: str = "train", images_per_lora: int = 16, seed: int = 1000,
                trigger_only: bool = False) -> list[PoolLora]:
-    """The ``split`` LoRAs of a built world with fresh images of their themes (``theme_images``).
+    """The ``split`` LoRAs of a built world (or its parent holding one) with fresh images of their
+    themes (``theme_images``).
 
     ``trigger_only`` keeps the pairs whose caption leaves the theme's words out (the trigger alone
     carries the concept, as in the prompts fusion is used with); twice the images are drawn.
     """
+    from pipelines.world.evaluate import resolve_world_root
     from pipelines.world.themes import theme_images
     from registry.lora.inspect import load_canonical
 
-    root = Path(root)
+    root = resolve_world_root(root)
     manifest = json.loads((root / "world.json").read_text())
     pool = []
     for index, entry in enumerate(manifest["loras"]):
@@ -303,10 +305,12 @@ def world_pool(root: str | Path, split: str = "train", images_per_lora: int = 16
 
 def train_world_gates(root: str | Path, out_dir: str | Path | None = None, recipe: GateRecipe = GateRecipe(),
                       progress: Callable[[int, float], None] | None = None) -> GateTraining:
-    """Gates for a built world's training pool, cached in ``out_dir`` (default ``<world>/gates``)."""
+    """Gates for a built world's training pool (``root``: the world or its parent holding one, see
+    ``resolve_world_root``), cached in ``out_dir`` (default ``<world>/gates``)."""
     from models.torch_threads import one_torch_thread
+    from pipelines.world.evaluate import resolve_world_root
 
-    root = Path(root)
+    root = resolve_world_root(root)
     manifest = json.loads((root / "world.json").read_text())
     out = Path(out_dir) if out_dir is not None else root / "gates"
     pool = world_pool(root, trigger_only=recipe.trigger_only)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.world.evaluate import resolve_world_root
 from pipelines.world.readout import Readout
 
 
@@ -35,10 +36,10 @@ class World:
 
 
 def open_world(root: str | Path, pipe=None) -> World:
-    """The manifest, base pipeline (or ``pipe``) and read-out of a built world."""
+    """The manifest, base pipeline (or ``pipe``) and read-out of a built world (or its parent holding one)."""
     from diffusers import FluxPipeline
 
-    root = Path(root)
+    root = resolve_world_root(root)
     if pipe is None:
         pipe = FluxPipeline.from_pretrained(root / "base")
         pipe.set_progress_bar_config(disable=True)

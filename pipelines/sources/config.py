@@ -3,7 +3,7 @@
 Each entry has ``kind = "local" | "hub" | "civitai"``, ``enabled`` (default true), ``name``
 (default: the kind) and the options of that kind, declared with their types in :data:`SCHEMAS`
 (one ``TypedDict`` per kind) and checked generically: a wrong type, a non-positive count, an
-unknown key or a TOML syntax error is one ``ValueError`` naming the file (and the entry).
+unknown key, a TOML syntax error or a missing file is one ``ValueError`` naming the file (and the entry).
 Defaults are the source classes' own. Tokens come from the environment (``HF_TOKEN``,
 ``CIVITAI_API_KEY``), never from this file.
 """
@@ -19,7 +19,8 @@ from typing import Annotated, TypedDict, get_args, get_origin, get_type_hints
 from pipelines.sources.base import Source
 from pipelines.sources.local import DEMO_LORAS
 
-SOURCES_FILE = os.environ.get("AUTOLORA_SOURCES", "sources.toml")  # the CLI's and the Dagster sensors' default
+DEFAULT_SOURCES_FILE = "sources.toml"  # relative to the working directory
+SOURCES_FILE = os.environ.get("AUTOLORA_SOURCES", DEFAULT_SOURCES_FILE)  # the CLI's and the Dagster sensors' default
 DOWNLOAD_DIR = os.environ.get("AUTOLORA_DOWNLOAD_DIR", ".autolora/downloads")
 _TOKEN_KEYS = {"token", "api_key", "apikey"}
 
@@ -128,6 +129,8 @@ def read_entries(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:  # missing (e.g. deleted since the code location loaded) or unreadable
+        raise ValueError(f"{path}: cannot read the sources file: {error.strerror or error}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid TOML: {error}") from None
     unknown = set(data) - {"source"}

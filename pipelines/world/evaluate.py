@@ -108,12 +108,21 @@ def evaluate_world(world_dir: str | Path, *, n_base: int = 192, n_lora: int = 8,
     }
 
 
+class WorldNotFound(FileNotFoundError):
+    """No single built demo world where one was given; the message says where and how to build one."""
+
+
 def resolve_world_root(world_dir: str | Path) -> Path:
-    """``world_dir`` itself if it holds ``world.json``, else its single built world subfolder."""
+    """``world_dir`` itself if it holds ``world.json``, else its single built world subfolder
+    (else :class:`WorldNotFound`)."""
     world_dir = Path(world_dir)
     if (world_dir / "world.json").is_file():
         return world_dir
     found = sorted(p.parent for p in world_dir.glob("*/world.json"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"no single built world under {world_dir} (found {len(found)})")
+    if len(found) > 1:
+        raise WorldNotFound(f"{len(found)} demo worlds under {world_dir}: name one of "
+                            f"{[p.name for p in found]}")
+    if not found:
+        raise WorldNotFound(f"no demo world at {world_dir} (no world.json there or in a subfolder): "
+                            "build one with `autolora world build --out DIR`")
     return found[0]

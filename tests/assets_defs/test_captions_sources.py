@@ -54,7 +54,7 @@ def test_captioner_resource_launches_attaches_and_captions(tmp_path):
     folder.mkdir()
     _lora(folder, "glow", 1, render=True)
     registry = RegistryResource(path=str(tmp_path / "registry"))
-    assert len(registry.open().add([folder]).added) == 1
+    assert len(registry.open(create=True).add([folder]).added) == 1
     config = {"ops": {"lora_captions": {"config": {"self_render": False}}}}
     launch = CaptionerResource(model_dir=str(model), cache_dir="", max_tokens=8)
     assert launch.model_name() == "tiny-qwen2-vl"

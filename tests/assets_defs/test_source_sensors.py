@@ -60,6 +60,35 @@ def test_a_source_disabled_after_loading_skips_with_the_reason(tmp_path):
     assert "no enabled source named 'mine'" in result.skip_message and "reload the code location" in result.skip_message
 
 
+def test_a_sources_file_deleted_after_loading_skips_with_the_reason(tmp_path):
+    toml = tmp_path / "sources.toml"
+    (tmp_path / "loras").mkdir()
+    toml.write_text('[[source]]\nkind = "local"\nname = "mine"\nfolder = "loras"\n')
+    (sensor,) = source_sensors(str(toml), str(tmp_path / "downloads"))
+    toml.unlink()
+    result = sensor(_context(tmp_path))
+    assert isinstance(result, dg.SkipReason)
+    assert f"{toml}: cannot read the sources file" in result.skip_message
+    assert "reload the code location" in result.skip_message
+
+
+def test_a_missing_autolora_sources_fails_the_load_naming_variable_and_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOLORA_SOURCES", "nosuch.toml")
+    with pytest.raises(ValueError, match=f"AUTOLORA_SOURCES=nosuch.toml: no such sources file: {tmp_path}/nosuch.toml"):
+        source_sensors()
+    with pytest.raises(ValueError, match="no such sources file"):  # a file passed explicitly, too
+        source_sensors(str(tmp_path / "nosuch.toml"))
+
+
+def test_a_missing_default_sources_toml_warns_and_makes_no_sensors(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # dagster started elsewhere: no sources.toml here
+    monkeypatch.delenv("AUTOLORA_SOURCES", raising=False)
+    with caplog.at_level("WARNING"):
+        assert source_sensors() == []
+    assert f"no source sensors: no sources file at {tmp_path / 'sources.toml'}" in caplog.text
+
+
 @pytest.mark.parametrize("text, message", [
     ('[[source]\nkind = "local"\n', "not valid TOML"),
     ('[source]\nkind = "local"\n', "must be an array of tables"),

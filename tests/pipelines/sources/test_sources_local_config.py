@@ -101,6 +101,14 @@ def test_every_sources_toml_mistake_is_one_value_error_naming_the_file(tmp_path,
     assert type(error.value) is ValueError and str(error.value).startswith(str(tmp_path / "s.toml"))
 
 
+@pytest.mark.parametrize("make", [lambda p: None, lambda p: p.mkdir()], ids=["missing", "a folder"])
+def test_an_unreadable_sources_file_is_one_value_error_naming_it(tmp_path, make):
+    make(tmp_path / "s.toml")
+    with pytest.raises(ValueError, match="cannot read the sources file") as error:
+        load_sources(tmp_path / "s.toml")
+    assert type(error.value) is ValueError and str(error.value).startswith(str(tmp_path / "s.toml"))
+
+
 def test_sources_toml_values_reach_the_sources_typed(tmp_path):
     (tmp_path / "s.toml").write_text('[[source]]\nkind = "civitai"\nbase_models = ["Flux.1 D", "Flux.1 S"]\n'
                                      'page_size = 7\nmax_pages = 2\nenabled = false\n'
