@@ -55,7 +55,8 @@ def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
     return dg.MaterializeResult(metadata={
         "source": source.name, "discovered": report.discovered, "downloaded": len(report.downloaded),
         "already_present": len(report.already_present), "failed": len(report.failed),
-        "added": len(ingest.added) if ingest else 0, "rejected": len(ingest.rejected) if ingest else 0,
+        **{what: len(getattr(ingest, what)) if ingest else 0
+           for what in ("added", "duplicates", "refreshed", "unchanged", "rejected")},  # as ingested_loras says
         "next_cursor": dg.MetadataValue.json(report.cursor),
     })
 

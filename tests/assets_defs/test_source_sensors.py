@@ -172,3 +172,15 @@ def test_a_file_rejected_for_its_base_is_synced_again_after_register_base(tmp_pa
     meta = _run(after, registry)
     assert meta["added"] == 1 and meta["rejected"] == 0
     assert tick(registry) == []
+
+
+def test_a_sync_run_accounts_for_files_already_known(tmp_path):
+    """Files the registry already holds are counted (unchanged), not left out of the metadata."""
+    tick = _Ticks(tmp_path)
+    lora = flux_lora(partial_names((1,), (), attention_only=True), seed=1)
+    save_lora(tick.folder / "one.safetensors", lora, "diffusers")
+    registry = RegistryResource(path=str(tmp_path / "reg"))
+    registry.open(create=True).add([tick.folder / "one.safetensors"])
+    (request,) = tick(registry)
+    meta = _run(request, registry)
+    assert (meta["discovered"], meta["added"], meta["unchanged"], meta["duplicates"]) == (1, 0, 1, 0)
