@@ -27,12 +27,17 @@ class GatesConfig(dg.Config):
 
 
 class ReportConfig(dg.Config):
-    """Where the held-out LoRAs come from and how much to evaluate."""
+    """Where the held-out LoRAs come from and how much to evaluate (the generation report)."""
 
     world: str = Field(WORLD, description="a built demo world (its held-out LoRAs and read-out)")
     out: str = Field(REPORTS, description="folder for the markdown report and its image grids")
-    sets: int = Field(8, description="held-out LoRA sets per k (fusion report)")
-    prompts: int = Field(8, description="prompts per set (fusion report)")
+    prompts: int = Field(8, description="prompts per held-out theme (generation) or per LoRA set (fusion)")
+
+
+class FusionReportConfig(ReportConfig):
+    """The report's config and how many held-out LoRA sets to fuse."""
+
+    sets: int = Field(8, description="held-out LoRA sets per k")
 
 
 def world_root(world: str) -> Path:
@@ -97,7 +102,7 @@ def fusion_gates(context: dg.AssetExecutionContext, config: GatesConfig) -> dg.M
 
 
 @dg.asset(group_name="reports", deps=[fusion_gates])
-def fusion_report(context: dg.AssetExecutionContext, config: ReportConfig) -> dg.MaterializeResult:
+def fusion_report(context: dg.AssetExecutionContext, config: FusionReportConfig) -> dg.MaterializeResult:
     """Every fusion method on held-out LoRA pairs and triples, with base and single rows."""
     from pipelines.evaluate.fusion import evaluate_fusion
     from pipelines.train_gates import train_world_gates

@@ -82,3 +82,11 @@ def test_every_config_field_is_described_for_the_launchpad():
     bare = [f"{name}.{field}" for name, cls in schemas.items()
             for field, spec in cls.to_config_schema().as_field().config_type.fields.items() if not spec.description]
     assert bare == []
+
+
+def test_each_report_shows_only_the_fields_it_uses():
+    from assets_defs.generation import FusionReportConfig, ReportConfig
+
+    fields = {cls: set(cls.to_config_schema().as_field().config_type.fields) for cls in (ReportConfig, FusionReportConfig)}
+    assert fields[ReportConfig] == {"world", "out", "prompts"}  # the generation report has no LoRA sets
+    assert fields[FusionReportConfig] == {"world", "out", "prompts", "sets"}
