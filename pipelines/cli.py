@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+OFFLINE_BY_USER = "HF_HUB_OFFLINE" in os.environ  # else the CLI's default: `sync`, which downloads, lifts it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched implicitly
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _print_json, _table
+from pipelines.cli import DEFAULT_REGISTRY, OFFLINE_BY_USER, UsageError, _expanded, _open_registry, _print_json, _table
 from pipelines.sources.cursors import cursor_path, load_cursor, save_cursor
 
 
@@ -30,7 +30,19 @@ def failure_line(name: str, failure: dict, sources_file: str | os.PathLike) -> s
     return f"{failure['key']}{file}: {code}: {reason}" + (" (retried next sync)" if failure.get("retry") else "")
 
 
+def _online() -> None:
+    """Let huggingface_hub download: `sync` is an explicit download, so the CLI's offline default
+    does not apply to it (an HF_HUB_OFFLINE the user set does)."""
+    if OFFLINE_BY_USER:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # imported already: it read the variable once, at import
+        constants.HF_HUB_OFFLINE = False
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
+    _online()
     from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE, configured_source, load_sources
     from pipelines.sources.sync import sync
 

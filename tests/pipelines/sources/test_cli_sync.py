@@ -123,3 +123,20 @@ def test_a_missing_local_folder_is_one_line_and_exit_1_after_the_other_sources(t
     from registry import Registry
 
     assert len(Registry.open(tmp_path / "registry", create=False)) == 1  # the other source was synced
+
+
+def test_sync_lifts_only_the_clis_own_offline_default(monkeypatch):
+    """`autolora` sets HF_HUB_OFFLINE=1 when the user did not; `sync` (an explicit download) lifts
+    that default, but never an HF_HUB_OFFLINE the user set."""
+    import huggingface_hub.constants as hf_constants
+
+    import pipelines.cli_sources as cli_sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(cli_sources, "OFFLINE_BY_USER", True)
+    cli_sources._online()
+    assert hf_constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setattr(cli_sources, "OFFLINE_BY_USER", False)
+    cli_sources._online()
+    assert hf_constants.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0"
