@@ -45,8 +45,13 @@ def hub_load_failure(what: str, source: str, error: BaseException) -> str:
     """One line saying why ``source`` (a folder or Hub id holding ``what``) did not load (also used
     for base pipelines)."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
-    why = " ".join(str(error).split()) or type(error).__name__
+    hub_error = _in_chain(error, HfHubHTTPError)  # diffusers re-raises it as a vague "not cached" OSError
+    if isinstance(hub_error, GatedRepoError):
+        return (f"cannot load the {what} {source!r}: it is a gated Hub repo: accept its terms on the Hub, then set "
+                "HF_TOKEN to a token of that account")
+    why = " ".join(str(hub_error or error).split()) or type(error).__name__
     why = why if len(why) <= 200 else why[:199] + "…"
     if Path(source).expanduser().exists():
         return f"cannot load the {what} in the folder {source!r}: {why}"
@@ -56,6 +61,17 @@ def hub_load_failure(what: str, source: str, error: BaseException) -> str:
         return (f"cannot load the {what} {source!r}: no such folder, and as a Hub repo id it is not in the local "
                 "Hugging Face cache while HF_HUB_OFFLINE is on (set HF_HUB_OFFLINE=0 to download it)")
     return f"cannot load the {what} {source!r}: no such folder, and the Hugging Face Hub could not provide it ({why})"
+
+
+def _in_chain(error: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` among ``error`` and its causes / contexts."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _loading(what: str, source: str, load: Callable[[], T]) -> T:

@@ -156,8 +156,8 @@ def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False) 
     with loading_output(progress):
         try:
             pipe = FluxPipeline.from_pretrained(name)
-        except OSError as error:
-            if Path(name).exists():
+        except (OSError, ValueError, TypeError) as error:  # a folder that is no whole FLUX pipeline, a Hub id
+            if not (isinstance(error, OSError) or Path(name).exists()):
                 raise
             raise BaseNotFound(hub_load_failure("base", name, error)) from error
     pipe.set_progress_bar_config(disable=True)

@@ -69,3 +69,29 @@ def test_cli_train_encoder_usage_error(offline, two_lora_registry, capsys, args)
     assert code == 2
     line = next(line for line in err.splitlines() if line.startswith("autolora train: --text-encoder: "))
     assert MISSING_ID in line and "HF_HUB_OFFLINE=0" in line and "Traceback" not in err
+
+
+def _hub_error(kind, message: str) -> OSError:
+    """An OSError raised from ``kind`` as diffusers raises it ('not fully cached' ... from the Hub's error)."""
+    from types import SimpleNamespace
+
+    try:
+        try:
+            raise kind(message, response=SimpleNamespace(headers={}, status_code=401, request=None, url="u"))
+        except Exception as cause:
+            raise OSError("Cannot load model acme/x: the model is not fully cached locally and outgoing traffic "
+                          "has been disabled") from cause
+    except OSError as error:
+        return error
+
+
+def test_the_hubs_own_reason_is_said_not_the_wrappers(monkeypatch):
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from models.text_encoder import hub_load_failure
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    gated = hub_load_failure("base", "acme/x", _hub_error(GatedRepoError, "401 Cannot access gated repo"))
+    assert "gated Hub repo" in gated and "HF_TOKEN" in gated and "outgoing traffic" not in gated
+    missing = hub_load_failure("base", "acme/x", _hub_error(RepositoryNotFoundError, "404 Repository Not Found"))
+    assert "Repository Not Found" in missing and "outgoing traffic" not in missing

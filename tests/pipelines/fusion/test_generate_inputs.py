@@ -108,3 +108,14 @@ def test_loading_is_quiet_unless_progress_is_asked_for(micro_world, capfd):
     finally:
         for module, bar in zip(libraries, before):
             module.enable_progress_bar() if bar else module.disable_progress_bar()
+
+
+def test_a_folder_that_is_no_whole_pipeline_is_base_not_found(micro_world, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(micro_world / "base", partial)
+    for weights in (partial / "vae").glob("*.safetensors"):
+        weights.unlink()  # an interrupted download
+    with pytest.raises(BaseNotFound, match=r"cannot load the base in the folder .*partial"):
+        load_base(partial)
