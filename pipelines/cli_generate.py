@@ -31,10 +31,15 @@ def _gates(args: argparse.Namespace, world: Path | None, registry=None, base: st
     if world is not None:
         return train_world_gates(world).gates
     if registry is not None and base is not None:
-        from pipelines.registry_gates import latest_registry_gates
+        from pipelines.registry_gates import gate_bases, latest_registry_gates
 
         found = latest_registry_gates(registry, base)
         if found is None:
+            others = gate_bases(registry)
+            if others:
+                print(f"autolora generate: warning: {registry.root / 'gates'} holds gates for other spellings of a "
+                      f"base only ({', '.join(others)}): gates match the base as it was named when trained (Hub id "
+                      "or folder); pass --base that way, or --gates FILE", file=sys.stderr)
             return None
         print(f"using gates {found} (the newest trained for this base; --gates FILE picks others)", file=sys.stderr)
         return load_gates(found)

@@ -154,15 +154,13 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
     return RegistryGates(training, [p.lora_id for p in pool], skipped)
 
 
-def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> tuple[Path, str, dict] | None:
-    """The newest checkpoint in ``<registry>/gates`` trained for the resolved base pipeline
-    ``source`` (and on ``base_model``'s LoRAs when given; newest: last trained or last asked for
-    by :func:`train_registry_gates`): its path, version and meta (pool, recipe); headers only."""
+def _checkpoints(reg: Registry) -> list[tuple[float, str, str, dict]]:
+    """(mtime, path, version, meta) of every gate checkpoint in ``<registry>/gates`` (headers only)."""
     import json
 
     from safetensors import SafetensorError, safe_open
 
-    prefix, found = f"{source}|{base_model}|" if base_model else f"{source}|", []
+    found = []
     for path in (reg.root / GATES_DIR).glob("gates-*.safetensors"):
         try:
             with safe_open(str(path), "pt") as f:
@@ -171,12 +169,26 @@ def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> t
             mtime = path.stat().st_mtime
         except (OSError, ValueError, SafetensorError):  # not a checkpoint of ours (or gone meanwhile): not a candidate
             continue
-        if str(meta.get("base", "")).startswith(prefix):
-            found.append((mtime, str(path), header.get("version", ""), meta))
+        found.append((mtime, str(path), header.get("version", ""), meta))
+    return found
+
+
+def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> tuple[Path, str, dict] | None:
+    """The newest checkpoint in ``<registry>/gates`` trained for the resolved base pipeline
+    ``source`` (and on ``base_model``'s LoRAs when given; newest: last trained or last asked for
+    by :func:`train_registry_gates`): its path, version and meta (pool, recipe); headers only.
+    A base is matched by its spelling (a Hub id, or a folder's resolved path), not its weights."""
+    prefix = f"{source}|{base_model}|" if base_model else f"{source}|"
+    found = [c for c in _checkpoints(reg) if str(c[3].get("base", "")).startswith(prefix)]
     if not found:
         return None
     _, path, version, meta = max(found)
     return Path(path), version, meta
+
+
+def gate_bases(reg: Registry) -> list[str]:
+    """The base pipelines (as spelled when trained) that ``<registry>/gates`` holds gates for."""
+    return sorted({str(c[3].get("base", "")).split("|")[0] for c in _checkpoints(reg)} - {""})
 
 
 def latest_registry_gates(reg: Registry, base: str) -> Path | None:

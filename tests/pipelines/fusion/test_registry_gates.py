@@ -85,3 +85,9 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, 
     done = capsys.readouterr()
     assert json.loads(done.out)["gates"] == first["version"] and "warning" not in done.err and image.is_file()
     assert f"using gates {first['path']}" in done.err
+
+    # the same pipeline under another spelling finds no gates, and says which bases the folder has gates for
+    shutil.copytree(micro_world / "base", tmp_path / "same-base-elsewhere")
+    assert main([*generate[:5], str(tmp_path / "same-base-elsewhere"), *generate[6:]]) == 0
+    err = capsys.readouterr().err
+    assert "holds gates for other spellings of a base only" in err and str((micro_world / "base").resolve()) in err
