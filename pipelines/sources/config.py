@@ -32,6 +32,12 @@ class AtLeast:
     n: int
 
 
+@dataclass(frozen=True)
+class HttpUrl:
+    """``Annotated[str, HttpUrl()]``: a string starting with ``http://`` or ``https://``."""
+
+
+Url = Annotated[str, HttpUrl()]
 Positive = Annotated[int, AtLeast(1)]
 NonNegative = Annotated[int, AtLeast(0)]
 
@@ -52,7 +58,7 @@ class HubEntry(_Entry, total=False):
     """Options of :class:`pipelines.sources.hub.HubSource`."""
 
     filter: str
-    endpoint: str
+    endpoint: Url
     max_models: Positive
     max_file_bytes: Positive
     renders_per_model: NonNegative
@@ -61,7 +67,7 @@ class HubEntry(_Entry, total=False):
 class CivitaiEntry(_Entry, total=False):
     """Options of :class:`pipelines.sources.civitai.CivitaiSource`."""
 
-    base_url: str
+    base_url: Url
     base_models: list[str]
     types: list[str]
     page_size: Positive
@@ -86,6 +92,8 @@ def _classes() -> dict[str, type]:
 def _type_name(hint: object) -> str:
     if get_origin(hint) is Annotated:
         bound = get_args(hint)[1]
+        if isinstance(bound, HttpUrl):
+            return "an http:// or https:// URL"
         return "a positive integer" if bound.n == 1 else f"an integer >= {bound.n}"
     if get_origin(hint) is list:
         return f"a list of {_type_name(get_args(hint)[0]).removeprefix('a ')}s"
@@ -96,6 +104,8 @@ def _valid(value: object, hint: object) -> bool:
     """Whether ``value`` (as TOML parsed it) has the type ``hint`` declares."""
     if get_origin(hint) is Annotated:
         base, bound = get_args(hint)[0], get_args(hint)[1]
+        if isinstance(bound, HttpUrl):
+            return _valid(value, base) and value.startswith(("http://", "https://"))
         return _valid(value, base) and value >= bound.n
     if get_origin(hint) is list:
         return isinstance(value, list) and all(_valid(v, get_args(hint)[0]) for v in value)

@@ -91,6 +91,8 @@ def test_bad_sources_toml_is_refused_with_a_reason(tmp_path, text, message):
     ('[[source]]\nkind = "civitai"\nmax_pages = -3\n', "max_pages must be a positive integer, not -3"),
     ('[[source]]\nkind = "civitai"\nmax_pages = true\n', "max_pages must be a positive integer, not True"),
     ('[[source]]\nkind = "hub"\nmax_file_bytes = "2GB"\n', "max_file_bytes must be a positive integer"),
+    ('[[source]]\nkind = "hub"\nendpoint = "127.0.0.1:8080"\n', "endpoint must be an http:// or https:// URL"),
+    ('[[source]]\nkind = "civitai"\nbase_url = "civitai.com"\n', "base_url must be an http:// or https:// URL"),
     ('[[source]]\nkind = "hub"\npage_size = 100\n', r"unknown option\(s\) \['page_size'\] for kind 'hub'"),
     ('[[source]]\nkind = "local"\nname = 5\n', "name must be a string"),
 ])
