@@ -107,18 +107,24 @@ class PoolError(ValueError):
     """A pool that cannot be trained on: an unknown base model, a bad ``where``, too few LoRAs."""
 
 
-def pool_rows(reg: Registry, base_model: str, where: str | None = None) -> list[dict]:
-    """The rows of the training pool: not removed, of ``base_model``, matching ``where``; an
-    unknown base model or a ``where`` LanceDB cannot run is a :class:`PoolError` saying so."""
-    known = sorted(reg.base_names())
+def pool_size(reg: Registry, base_model: str, where: str | None = None) -> int:
+    """How many LoRAs the pool's filter matches; an unknown base model or a ``where`` LanceDB cannot
+    run is a :class:`PoolError` saying so (read before any model is loaded)."""
+    known = sorted(reg.base_names())  # names only: no base's layer shapes are built
     if base_model not in known:
         raise PoolError(f"unknown base model {base_model!r}; the registry knows: {', '.join(known) or 'none'}")
-    condition = pool_condition(base_model, where)
     try:
-        n = reg.loras.count_rows(condition)
+        return reg.loras.count_rows(pool_condition(base_model, where))
     except ValueError as error:  # LanceDB: a parse or schema error
         why = " ".join(str(error).split())[:200]
         raise PoolError(f"the filter (where) {where!r} is not valid SQL for the registry: {why}") from None
+
+
+def pool_rows(reg: Registry, base_model: str, where: str | None = None) -> list[dict]:
+    """The rows of the training pool: not removed, of ``base_model``, matching ``where``
+    (:func:`pool_size` checks the base and the filter)."""
+    n = pool_size(reg, base_model, where)
+    condition = pool_condition(base_model, where)
     columns = ["lora_id", "blob", "name", "description", "tags", "render_prompts", "captions"]
     rows = reg.rows(reg.loras, condition, n, columns) if n else []
     return sorted(rows, key=lambda r: r["lora_id"])
@@ -205,16 +211,27 @@ def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
     return encoder, info
 
 
+def active_encoder(reg: Registry, base_model: str):
+    """``base_model``'s active encoder version record, or None."""
+    return next((r for r in reg.encoder_versions() if r.active and r.base_model == base_model), None)
+
+
+def recorded_setup(record) -> tuple[str, dict]:
+    """The where filter ("" for every LoRA) and recipe fields an encoder ``record`` was trained
+    with (``""`` and ``{}`` for None)."""
+    info = record.info if record else {}
+    recipe = {k: v for k, v in (info.get("recipe") or {}).items() if k in Recipe.__dataclass_fields__}
+    return str(info.get("where") or ""), recipe
+
+
 def active_recipe(reg: Registry, base_model: str, where: str | None = None,
                   **fields: object) -> tuple[str, Recipe]:
     """``where`` and the :class:`Recipe` of ``fields``, each one left None (``where`` too) taken from
     ``base_model``'s active encoder (its where filter and recorded recipe; without one, every LoRA of
     the base and the Recipe default), so that all None re-makes the active version."""
-    from pipelines.retrain_policy import pool_growth
-
-    active = pool_growth(reg, base_model)
+    active_where, recipe = recorded_setup(active_encoder(reg, base_model))
     given = {name: value for name, value in fields.items() if value is not None}
-    return active.where if where is None else where, Recipe(**{**active.recipe, **given})
+    return active_where if where is None else where, Recipe(**{**recipe, **given})
 
 
 def train_registry_encoder(reg: Registry, base_model: str, where: str | None = None,

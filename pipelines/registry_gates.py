@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encoder_pool import pool_condition
+from pipelines.encoder_pool import pool_condition, pool_size
 from pipelines.train_gates import GateRecipe, GateTraining, PoolLora, gate_version, train_gates
 from registry import Registry
 from registry.captions import SELF_RENDERED
@@ -105,14 +105,7 @@ class PoolTooSmall(ValueError):
 def count_pool(reg: Registry, base_model: str, where: str | None) -> int:
     """How many LoRAs the pool's filter matches; an unknown base model or a ``where`` that matches
     nothing (or does not parse) is a ValueError saying so, before any model is loaded."""
-    known = sorted(reg.base_names())  # names only: no base's layer shapes are built
-    if base_model not in known:
-        raise ValueError(f"unknown base model {base_model!r}; the registry knows: {', '.join(known) or 'none'}")
-    try:
-        n = reg.loras.count_rows(pool_condition(base_model, where))
-    except ValueError as error:  # LanceDB: a parse or schema error
-        why = " ".join(str(error).split())[:200]
-        raise ValueError(f"the filter (where) {where!r} is not valid SQL for the registry: {why}") from None
+    n = pool_size(reg, base_model, where)  # PoolError (a ValueError) for an unknown base or a bad filter
     if not n:
         raise ValueError(f"the filter (where) {where!r} matched no LoRAs of {base_model!r}" if where
                          else f"the registry has no LoRAs of {base_model!r}")

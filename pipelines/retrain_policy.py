@@ -59,16 +59,14 @@ class PoolGrowth:
 
 def pool_growth(reg: Registry, base_model: str) -> PoolGrowth:
     """The pool of ``base_model`` now, against the ids its active encoder was trained on."""
-    from pipelines.encoder_pool import Recipe, pool_condition, version_of
+    from pipelines.encoder_pool import Recipe, active_encoder, pool_condition, recorded_setup, version_of
 
-    active = next((r for r in reg.encoder_versions() if r.active and r.base_model == base_model), None)
-    info = active.info if active else {}
-    where = str(info.get("where") or "")
+    active = active_encoder(reg, base_model)
+    where, recipe = recorded_setup(active)
     condition = pool_condition(base_model, where or None)
     n = reg.loras.count_rows(condition)
     ids = sorted(r["lora_id"] for r in reg.rows(reg.loras, condition, n, ["lora_id"])) if n else []
-    recipe = {k: v for k, v in (info.get("recipe") or {}).items() if k in Recipe.__dataclass_fields__}
-    trained = set(info.get("pool") or [])
+    trained = set((active.info if active else {}).get("pool") or [])
     return PoolGrowth(base_model=base_model, pool_size=len(ids), new=len(set(ids) - trained) if active else len(ids),
                       trained_on=len(trained) if active else None, active_version=active.version if active else None,
                       where=where, recipe=recipe, next_version=version_of(ids, base_model, Recipe(**recipe)))
