@@ -9,28 +9,21 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from asset_runs import materialize, micro_registry
 
 from assets_defs.models import lora_weight_encoder
-from assets_defs.resources import RegistryResource
 from registry import BaseModel, Registry
 from registry.store.store import quote
 
 
 def _registry(micro_world: Path, path: Path) -> tuple[Registry, str]:
     """A registry of the micro world's training and held-out LoRAs, and their base model's name."""
-    reg = Registry.open(path)
-    base = BaseModel.from_json((micro_world / "base_model.json").read_text())
-    reg.register_base(base)
-    reg.add([micro_world / "loras", micro_world / "heldout_loras"])
-    return reg, base.name
+    reg = micro_registry(micro_world, path, micro_world / "loras", micro_world / "heldout_loras")
+    return reg, BaseModel.from_json((micro_world / "base_model.json").read_text()).name
 
 
 def _materialize(registry: Path, **config) -> dict:
-    result = dg.materialize([lora_weight_encoder], run_config={"ops": {"lora_weight_encoder": {"config": config}}},
-                            resources={"registry": RegistryResource(path=str(registry))},
-                            instance=dg.DagsterInstance.ephemeral())
-    assert result.success
-    return {k: v.value for k, v in result.asset_materializations_for_node("lora_weight_encoder")[0].metadata.items()}
+    return materialize(lora_weight_encoder, registry, **config)
 
 
 def _active(registry: Path) -> str:

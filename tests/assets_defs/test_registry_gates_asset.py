@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from asset_runs import materialize, micro_registry
 from sensor_ticks import skipped, tick
 
 from assets_defs import registry_gates as module
@@ -26,19 +27,8 @@ from registry import BaseModel, Registry
 from registry.store.store import quote
 
 
-def _registry(micro_world: Path, path: Path, *folders: Path) -> Registry:
-    reg = Registry.open(path)
-    reg.register_base(BaseModel.from_json((micro_world / "base_model.json").read_text()))
-    reg.add(list(folders))
-    return reg
-
-
 def _materialize(registry: Path, **config) -> dict:
-    result = dg.materialize([registry_gates], run_config={"ops": {"registry_gates": {"config": config}}},
-                            resources={"registry": RegistryResource(path=str(registry))},
-                            instance=dg.DagsterInstance.ephemeral())
-    assert result.success
-    return {k: v.value for k, v in result.asset_materializations_for_node("registry_gates")[0].metadata.items()}
+    return materialize(registry_gates, registry, **config)
 
 
 def test_registry_gates_train_then_cache_and_fail_clearly(micro_world, tmp_path):
@@ -46,7 +36,7 @@ def test_registry_gates_train_then_cache_and_fail_clearly(micro_world, tmp_path)
     bare.mkdir()
     shutil.copy(micro_world / "heldout_loras" / "bg-plain.safetensors", bare)
     registry = tmp_path / "registry"
-    reg = _registry(micro_world, registry, micro_world / "loras", bare)
+    reg = micro_registry(micro_world, registry, micro_world / "loras", bare)
     bare_id = next(r["lora_id"] for r in reg.column_rows(reg.loras, ["lora_id", "source_path"])
                    if r["source_path"].startswith(os.path.realpath(bare)))
 
@@ -86,7 +76,7 @@ def test_the_gates_are_retrained_when_the_pool_with_renders_grows(micro_world, t
     sensor = gates_sensor(min_new=2)
     assert "holds no autolora registry" in skipped(tick(sensor, registry, instance))
 
-    reg = _registry(micro_world, registry, micro_world / "loras")
+    reg = micro_registry(micro_world, registry, micro_world / "loras")
     base_model = BaseModel.from_json((micro_world / "base_model.json").read_text()).name
     source = str((micro_world / "base").resolve())
     (first,) = tick(sensor, registry, instance).run_requests  # no gates yet: the first ones
