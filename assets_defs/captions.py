@@ -14,7 +14,7 @@ from assets_defs.ingest import ingested_loras
 from assets_defs.resources import RegistryResource
 from assets_defs.sources import synced_loras
 from pipelines.caption import DEFAULT_PROMPT, Captioner
-from pipelines.caption_registry import caption_registry, pending_captions
+from pipelines.caption_registry import caption_registry, idle_report, pending_captions
 from pipelines.captioner_endpoint import CaptionerEndpoint
 
 DEMO_BASE = ("autolora-demo-flux", ".autolora/world/default-seed0/base")
@@ -98,12 +98,11 @@ def lora_captions(context: dg.AssetExecutionContext, config: CaptionConfig, regi
     model = captioner.model_name()
     pending = pending_captions(reg, model, config.base_pipelines, config.self_render) if model is not None else None
     if pending == 0:  # no server started for nothing
-        context.log.info(f"every LoRA has captions of {model}")
-        return dg.MaterializeResult(metadata={"model": model, "captioned": 0, "server_started": False,
-                                              "registry_version": reg.version})
-    with captioner.connect() as (cap, server):
-        report = caption_registry(reg, cap, base_pipelines=config.base_pipelines,
-                                  self_render=config.self_render, n_renders=config.n_renders)
+        report, server = idle_report(reg, model, config.self_render), {"pid": None, "start_seconds": 0.0}
+    else:
+        with captioner.connect() as (cap, server):
+            report = caption_registry(reg, cap, base_pipelines=config.base_pipelines,
+                                      self_render=config.self_render, n_renders=config.n_renders)
     for problem in report.skipped + report.failed:
         context.log.warning(f"{problem['lora_id']}: {problem['reason']}")
     return dg.MaterializeResult(metadata={

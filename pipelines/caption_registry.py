@@ -132,6 +132,14 @@ def _has_image(reg: Registry, blob: str) -> bool:
     return bool(blob) and (reg.root / blob).is_file()
 
 
+def _no_render(row: dict, self_render: bool) -> dict:
+    """The skip record of a LoRA with no render image that nothing can render."""
+    why = ("self-rendering is off" if not self_render
+           else f"no pipeline for its base {row['base_model']!r} to render one (autolora caption --base "
+                f"{row['base_model']}=PIPELINE; base_pipelines in Python and Dagster)")
+    return {"lora_id": row["lora_id"], "reason": f"no sample render image; {why}"}
+
+
 class _Pass:
     """One captioning pass over a registry (state shared by its batches)."""
 
@@ -152,10 +160,7 @@ class _Pass:
             self.report.failed.append({"lora_id": row["lora_id"], "reason": f"self-render failed: {error}"})
             return None
         if pipe is None:
-            why = ("self-rendering is off" if not self.self_render
-                   else f"no pipeline for its base {row['base_model']!r} to render one (autolora caption --base "
-                        f"{row['base_model']}=PIPELINE; base_pipelines in Python and Dagster)")
-            self.report.skipped.append({"lora_id": row["lora_id"], "reason": f"no sample render image; {why}"})
+            self.report.skipped.append(_no_render(row, self.self_render))
             return None
         new_prompts = self_render_prompts(row["trigger_words"] or [], self.n_renders)
         t0 = time.perf_counter()
@@ -235,6 +240,19 @@ def pending_captions(reg: Registry, model: str, base_pipelines: Mapping[str, Any
     return sum(_needs_captions(r, model) and (r["base_model"] in can_render
                                               or any(_has_image(reg, b) for b in r["render_blobs"] or []))
                for r in _rows(reg))
+
+
+def idle_report(reg: Registry, model: str, self_render: bool = True) -> CaptionReport:
+    """The report of a pass with nothing to caption (:func:`pending_captions` 0), made without a
+    captioner: LoRAs with ``model``'s captions are up to date, the others skipped with the
+    reason a pass would give."""
+    report = CaptionReport(model=model)
+    for row in _rows(reg):
+        if _needs_captions(row, model):
+            report.skipped.append(_no_render(row, self_render))
+        else:
+            report.up_to_date += 1
+    return report
 
 
 def caption_registry(reg: Registry, captioner: Captioner, *, base_pipelines: Mapping[str, Any] | None = None,

@@ -56,7 +56,7 @@ def _endpoint(args: argparse.Namespace):
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from pipelines.caption_registry import CaptionReport, caption_registry, pending_captions
+    from pipelines.caption_registry import caption_registry, idle_report, pending_captions
     from pipelines.vllm_server import VLLMServerError, is_model_source
 
     if args.renders is not None and not args.base:
@@ -68,14 +68,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     endpoint = _endpoint(args)
     model = endpoint.model_name()
     if model is not None and pending_captions(registry, model, pipelines) == 0:  # no server started for nothing
-        from registry.store.search import NOT_REMOVED
-
-        up_to_date = registry.loras.count_rows(NOT_REMOVED)
+        report = idle_report(registry, model)
         if args.json:
-            show(CaptionReport(model=model, up_to_date=up_to_date), as_json=True)
+            show(report, as_json=True)
         else:
-            print(f"nothing to caption: every LoRA ({up_to_date}) has captions of {model} or cannot get any "
-                  "(no render, no --base for its base model); no server started")
+            _show_problems(report)
+            print(f"nothing to caption: {report.up_to_date} LoRAs have captions of {model}, {len(report.skipped)} "
+                  "cannot get any (no render, no --base for their base model); no server started")
         return 0
     try:
         with endpoint.connect() as (captioner, server):
@@ -94,10 +93,14 @@ def show(report, as_json: bool, server_started: bool = False, start_seconds: flo
     if as_json:
         _print_json({**report.to_dict(), "server_started": server_started, "server_start_seconds": start_seconds})
         return
+    _show_problems(report)
+    print(summary(report))
+
+
+def _show_problems(report) -> None:
     for kind, problems in (("skipped", report.skipped), ("failed", report.failed)):
         for problem in problems:
             print(f"{kind} {problem['lora_id']}: {problem['reason']}", file=sys.stderr)
-    print(summary(report))
 
 
 def summary(report) -> str:

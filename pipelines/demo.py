@@ -78,7 +78,7 @@ def _captioning(registry: Registry, model_dir: Path, world_root: Path, workdir: 
     from contextlib import ExitStack
 
     from pipelines.caption import Captioner
-    from pipelines.caption_registry import CaptionReport, caption_registry, pending_captions
+    from pipelines.caption_registry import caption_registry, idle_report, pending_captions
     from pipelines.captioner_endpoint import CaptionerEndpoint
     from pipelines.world.build import DEMO_BASE_NAME
 
@@ -90,7 +90,7 @@ def _captioning(registry: Registry, model_dir: Path, world_root: Path, workdir: 
 
         def caption() -> dict:
             if not pending_captions(registry, served, bases):
-                return CaptionReport(model=served, up_to_date=len(registry)).to_dict()
+                return idle_report(registry, served).to_dict()
             if not captioner:
                 captioner.append(stack.enter_context(endpoint.connect())[0])
             return caption_registry(registry, captioner[0], base_pipelines=bases).to_dict()

@@ -77,6 +77,7 @@ def test_captioner_resource_launches_attaches_and_captions(tmp_path):
                            run_config=config, instance=dg.DagsterInstance.ephemeral())
     meta = again.asset_materializations_for_node("lora_captions")[0].metadata
     assert again.success and meta["captioned"].value == 0 and meta["server_started"].value is False
+    assert meta["up_to_date"].value == 1 and meta["skipped"].value == 0
 
 
 def test_one_sensor_per_enabled_source_with_cursor_and_run_keys(tmp_path):

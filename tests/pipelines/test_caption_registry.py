@@ -17,7 +17,7 @@ from caption_fixtures import WITH_RENDERS, WITHOUT, captioning_registry
 
 from pipelines.caption import Captioner
 from pipelines.caption_registry import (
-    caption_registry, pending_captions, render_seed, render_with_base, self_render_prompts,
+    caption_registry, idle_report, pending_captions, render_seed, render_with_base, self_render_prompts,
 )
 from pipelines.vllm_server import free_port, vllm_available, vllm_python, vllm_server
 from pipelines.world.captioner import build_random_captioner
@@ -85,6 +85,10 @@ def test_captions_every_render_once_then_self_renders(server, registry, micro_wo
         assert _served_requests(server) - served == renders and registry.version == version + 1
         assert [s["lora_id"] for s in first.skipped] == [rows[WITHOUT]["lora_id"]]
         assert "autolora-demo-flux" in first.skipped[0]["reason"]
+        # nothing left that a pass could caption: the report a pass gives, made without a captioner
+        assert pending_captions(registry, server.model) == 0
+        idle = idle_report(registry, server.model)
+        assert (idle.up_to_date, idle.skipped, idle.requests) == (2, first.skipped, 0)
         # with the base: only that LoRA is rendered (3 renders) and captioned
         second = caption_registry(registry, cap, base_pipelines={"autolora-demo-flux": micro_world / "base"})
         print(f"\ncaptioned {first.requests + second.requests} images: "

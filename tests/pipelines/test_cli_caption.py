@@ -152,8 +152,8 @@ def test_caption_with_model_self_renders_then_a_rerun_starts_no_server(
     assert report["captioned"] == 0 and report["requests"] == 0 and report["up_to_date"] == 3
     assert report["model"] == "tiny-qwen2-vl" and report["server_started"] is False
     rc, out, err = _cli(capsys, *rerun)
-    assert rc == 0 and err == "" and out.startswith("nothing to caption: every LoRA (3) has captions of "
-                                                    "tiny-qwen2-vl or cannot get any") and "no server started" in out
+    assert rc == 0 and err == "" and out == ("nothing to caption: 3 LoRAs have captions of tiny-qwen2-vl, 0 cannot "
+                                             "get any (no render, no --base for their base model); no server started\n")
     assert Registry.open(registry_root, create=False).version == version
 
     # a new LoRA without renders, and no --base to render it: nothing a server could do, none started
@@ -162,4 +162,8 @@ def test_caption_with_model_self_renders_then_a_rerun_starts_no_server(
     shutil.copy(sorted((micro_world / "heldout_loras").glob("*.safetensors"))[-1], bare / "bare.safetensors")
     assert len(Registry.open(registry_root, create=False).add([bare]).added) == 1
     rc, out, err = _cli(capsys, "--registry", str(registry_root), "--model", str(model))
-    assert rc == 0 and "no server started" in out, (out, err)
+    assert rc == 0 and "3 LoRAs have captions of tiny-qwen2-vl, 1 cannot get any" in out, (out, err)
+    assert "no server started" in out and err.startswith("skipped ") and "no sample render image" in err
+    rc, out, err = _cli(capsys, "--registry", str(registry_root), "--model", str(model), "--json")
+    report = json.loads(out)  # the same counts as a pass would give: the render-less LoRA is skipped, not up to date
+    assert report["up_to_date"] == 3 and len(report["skipped"]) == 1 and report["server_started"] is False
