@@ -15,22 +15,30 @@ def add_commands(sub) -> None:
     """Add ``register-base`` to the ``autolora`` subcommands ``sub``."""
     base = sub.add_parser("register-base", help="make LoRAs for a base model recognisable")
     base.add_argument("source", help="a diffusers FLUX pipeline folder, a demo world folder (or the folder "
-                                     "holding one), or a base_model.json")
+                                     "holding one), a base_model.json, or the Hub id of a FLUX pipeline (only its "
+                                     "transformer/config.json is read: from the Hugging Face cache, or downloaded "
+                                     "with HF_HUB_OFFLINE=0)")
     base.add_argument("--name", help="the name to register it under (default: the JSON's name; for a folder the "
-                                     "name in a base_model.json beside it, else the folder's parent's name); a "
-                                     "name already given to a base with other layer shapes is refused")
+                                     "name in a base_model.json beside it, else the folder's parent's name; for a "
+                                     "Hub id the id); a name already given to a base with other layer shapes is "
+                                     "refused")
     base.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     base.add_argument("--json", action="store_true")
     base.set_defaults(func=cmd_register_base)
 
 
 def cmd_register_base(args: argparse.Namespace) -> int:
+    from models.hub_ids import looks_like_hub_repo_id
+
     source = Path(os.path.expandvars(os.path.expanduser(args.source)))
-    if not source.exists():
-        raise UsageError(f"no such pipeline folder, demo world or base_model.json: {source}")
     if args.name is not None and not args.name.strip():
         raise UsageError("--name must not be empty")
-    base = _base_from_folder(source, args.name) if source.is_dir() else _base_from_json(source, args.name)
+    if source.exists():
+        base = _base_from_folder(source, args.name) if source.is_dir() else _base_from_json(source, args.name)
+    elif looks_like_hub_repo_id(args.source, owner_required=True):
+        base = _base_from_hub(args.source, args.name)
+    else:
+        raise UsageError(f"no such pipeline folder, demo world or base_model.json, and not a Hub repo id: {source}")
     existing = next((b for b in _known_bases(args.registry) if b.name == base.name), None)
     if existing is not None and not existing.same_layers(base):
         raise UsageError(f"a different base named {base.name!r} is already known ({existing.architecture}, "
@@ -47,7 +55,7 @@ def cmd_register_base(args: argparse.Namespace) -> int:
 
 
 _BASE_EXPECTED = ("expected a diffusers FLUX pipeline folder (with transformer/config.json), a demo world "
-                  "folder (or the folder holding one), or a base_model.json")
+                  "folder (or the folder holding one), a base_model.json, or a FLUX pipeline's Hub id")
 
 
 def _base_from_folder(folder, name: str | None):
@@ -75,6 +83,25 @@ def _base_from_folder(folder, name: str | None):
         return flux_base_from_folder(pipeline, name or _described_name(pipeline))
     except (OSError, ValueError, TypeError) as error:  # a config diffusers cannot build a transformer from
         raise UsageError(f"{config_file}: not a FLUX transformer config ({error}); {_BASE_EXPECTED}") from None
+
+
+def _base_from_hub(repo_id: str, name: str | None):
+    """The base of the FLUX pipeline ``repo_id`` on the Hub, from its transformer config alone
+    (the cached one, or downloaded when HF_HUB_OFFLINE is off), named ``name`` or the id."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from models.text_encoder import hub_load_failure
+
+    try:
+        config_file = Path(hf_hub_download(repo_id, "transformer/config.json"))
+    except EntryNotFoundError as error:
+        if isinstance(error, LocalEntryNotFoundError):  # offline and not cached, or the Hub out of reach
+            raise UsageError(hub_load_failure("FLUX pipeline config", repo_id, error)) from None
+        raise UsageError(f"the Hub repo {repo_id!r} has no transformer/config.json; {_BASE_EXPECTED}") from None
+    except Exception as error:  # huggingface_hub: offline and not cached, missing or gated repo, network
+        raise UsageError(hub_load_failure("FLUX pipeline config", repo_id, error)) from None
+    return _base_from_folder(config_file.parent.parent, name or repo_id)
 
 
 def _base_from_json(path, name: str | None):

@@ -97,9 +97,17 @@ class BaseModel:
 
     @classmethod
     def from_flux_transformer(cls, name: str, transformer: torch.nn.Module) -> BaseModel:
-        """Describe a (possibly meta-device) ``FluxTransformer2DModel`` by its linear layers."""
+        """Describe a (possibly meta-device) ``FluxTransformer2DModel`` by its linear layers (one
+        without LoRA layers loaded: those would be described as the base's)."""
         import torch
+        from diffusers import FluxTransformer2DModel
 
+        if not isinstance(transformer, FluxTransformer2DModel):
+            raise ValueError(f"{name}: expected a diffusers FluxTransformer2DModel, not {type(transformer).__name__}")
+        if any(".lora_" in module_name or module_name.endswith(".base_layer")
+               for module_name, _ in transformer.named_modules()):
+            raise ValueError(f"{name}: the transformer has LoRA layers loaded; describe it before loading any "
+                             "(or after pipe.unload_lora_weights())")
         shapes = {
             module_name: (module.out_features, module.in_features)
             for module_name, module in transformer.named_modules()

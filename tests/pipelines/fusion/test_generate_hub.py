@@ -159,3 +159,33 @@ def test_text_encoders_load_by_hub_id(hub, micro_world, tmp_path):
     assert (clip / "model.safetensors").read_bytes() == (local_clip / "model.safetensors").read_bytes()
     shutil.rmtree(hf_home)  # ~90 MB each: the MiniLM in the Hub cache and in the mirror
     shutil.rmtree(server.mirrors / "models" / HUB_MINILM)
+
+
+def test_register_base_by_hub_id_reads_only_the_transformer_config(hub, micro_world, tmp_path):
+    """``autolora register-base OWNER/NAME`` registers the Hub pipeline's base under its id, from its
+    ``transformer/config.json`` alone (no weights downloaded); offline and not cached, or a repo the Hub
+    does not have, is a one-line usage error that writes nothing."""
+    server, commit = hub
+    hf_home, registry = tmp_path / "hf", tmp_path / "registry"
+    register = [str(AUTOLORA), "register-base", HUB_BASE, "--registry", str(registry), "--json"]
+
+    offline = _run(register, hf_home, None, tmp_path)
+    assert offline.returncode == 2 and offline.stderr.count("\n") == 1, offline.stderr
+    assert "not in the local Hugging Face cache" in offline.stderr and "HF_HUB_OFFLINE=0" in offline.stderr
+    assert not registry.exists()
+
+    got = _run(register, hf_home, server.url, tmp_path)
+    assert got.returncode == 0, f"{got.stderr[-4000:]}\n--- olah:\n{server.log_tail()}"
+    described = json.loads((micro_world / "base_model.json").read_text())
+    assert json.loads(got.stdout) == {"name": HUB_BASE, "architecture": "flux",
+                                      "layers": len(described["layer_shapes"]), "already_registered": False}
+    snapshot = hf_home / "hub" / f"models--{HUB_BASE.replace('/', '--')}" / "snapshots" / commit
+    assert sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()) == [
+        "transformer/config.json"]
+    again = _run(register, hf_home, None, tmp_path)  # cached now: offline is enough, and nothing changes
+    assert again.returncode == 0 and json.loads(again.stdout)["already_registered"] is True, again.stderr
+
+    missing = _run([*register[:2], MISSING, *register[3:]], hf_home, server.url, tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert f"'{MISSING}'" in missing.stderr and "Traceback" not in missing.stderr
+    print(f"\n{offline.stderr}{missing.stderr}")

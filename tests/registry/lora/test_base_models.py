@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from flux_fixtures import flux_lora, partial_names, tiny_flux_base, top_level_names
+from flux_fixtures import TINY_FLUX_CONFIG, flux_lora, partial_names, tiny_flux_base, top_level_names
 
 from registry.lora.base_models import (
     BUILTIN_BASE_NAMES,
@@ -58,6 +58,19 @@ def test_from_flux_transformer_on_a_tiny_model():
     assert tiny.architecture == "flux"
     assert tiny.layer_shapes["transformer_blocks.1.attn.to_q"] == (32, 32)
     assert tiny.layer_shapes["single_transformer_blocks.0.proj_out"] == (32, 32 + 128)
+
+
+def test_from_flux_transformer_refuses_other_models_and_loaded_loras():
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="expected a diffusers FluxTransformer2DModel, not Sequential"):
+        BaseModel.from_flux_transformer("x", torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    model = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))  # as pipe.load_lora_weights leaves it
+    with pytest.raises(ValueError, match="LoRA layers loaded"):
+        BaseModel.from_flux_transformer("x", model)
 
 
 def test_match_base():
