@@ -34,7 +34,7 @@ def _quiet() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("TRANSFORMERS_VERBOSITY", "LANCEDB_LOG"):
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "LANCEDB_LOG"):
         os.environ.setdefault(name, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
