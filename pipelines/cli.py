@@ -243,6 +243,25 @@ def _expanded(text: str) -> str:
     return os.path.expandvars(os.path.expanduser(text))
 
 
+def _report_folder(path: str) -> str:
+    """``path`` checked as a report folder before any work: an existing folder this process can write
+    in, or a missing one under such a folder (created by the report); else a usage error."""
+    import tempfile
+    from pathlib import Path
+
+    nearest = Path(path).absolute()
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UsageError(f"--out {path}: {nearest} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):  # root ignores permission bits: try a write
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {path}: cannot write in {nearest} ({error.strerror or error})") from None
+    return path
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
-from pipelines.cli import UsageError, _expanded, _open_registry, _positive, _print_json, _table
+from pipelines.cli import UsageError, _expanded, _open_registry, _positive, _print_json, _report_folder, _table
 
 
 def _world_root(path: str) -> Path:
@@ -152,6 +153,7 @@ def cmd_eval_fusion(args: argparse.Namespace) -> int:
     from pipelines.evaluate.fusion import evaluate_fusion
 
     world = _world_root(args.world)
+    _report_folder(args.out)
     report = evaluate_fusion(world, args.out, gates=_gates(args, world), n_sets=args.sets, n_prompts=args.prompts,
                              seed=args.seed, methods=args.methods or None, progress=not args.json)
     if args.json:
@@ -167,8 +169,16 @@ def cmd_eval_fusion(args: argparse.Namespace) -> int:
 def cmd_eval_generation(args: argparse.Namespace) -> int:
     from pipelines.evaluate.generation import SETTINGS, evaluate_generation
 
+    from pipelines.evaluate.retrieval import NotEvaluable, manifest_ids
+
     world = _world_root(args.world)
     registry = _open_registry(args.registry, create=False)
+    _report_folder(args.out)
+    try:  # before any gates are trained for a world that is not the registry's
+        entries = json.loads((world / "world.json").read_text(encoding="utf-8"))["loras"]
+        manifest_ids(registry, world, [e for e in entries if e["split"] == "heldout"])
+    except NotEvaluable as error:
+        raise UsageError(str(error)) from None
     report = evaluate_generation(registry, world, args.out, gates=_gates(args, world), n_prompts=args.prompts,
                                  seed=args.seed, progress=not args.json)
     if args.json:
@@ -232,7 +242,7 @@ def add_commands(sub, evaluate, train=None) -> None:
     fusion.add_argument("--world", default=".autolora/world", type=_expanded)
     fusion.add_argument("--out", default=".autolora/reports", type=_expanded)
     fusion.add_argument("--gates", type=_expanded, help="gate checkpoint (default: the world's, trained if missing)")
-    fusion.add_argument("--sets", type=_positive, default=12, help="LoRA sets per k")
+    fusion.add_argument("--sets", type=_positive, default=8, help="LoRA sets per k")
     fusion.add_argument("--prompts", type=_positive, default=8, help="prompts per set")
     fusion.add_argument("--methods", nargs="*", help="a subset of the methods")
     fusion.add_argument("--seed", type=int, default=0)

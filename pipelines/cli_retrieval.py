@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import UsageError, _expanded, _open_registry, _print_json, _table
+from pipelines.cli import UsageError, _expanded, _open_registry, _print_json, _report_folder, _table
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
@@ -54,6 +54,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from pipelines.evaluate.retrieval import NotEvaluable, evaluate_retrieval
 
     _open_registry(args.registry, create=False)  # a usage error if missing
+    _report_folder(args.out)
     try:
         report = evaluate_retrieval(args.registry, args.world, args.out, baselines_too=not args.no_baselines,
                                     progress=not args.json)
