@@ -112,12 +112,14 @@ def fusion_report(context: dg.AssetExecutionContext, config: FusionReportConfig)
     report = evaluate_fusion(world, config.out, gates=gates, n_sets=config.sets, n_prompts=config.prompts,
                              progress=False)
     return dg.MaterializeResult(metadata={
-        "gated_k2_accuracy": report["gated"]["k2_accuracy"], "gated_k3_accuracy": report["gated"]["k3_accuracy"],
+        **{f"{method}_{key}": row[key] for method, row in report.items() for key in ("k2_accuracy", "k3_accuracy")},
+        "gated_loss_ratio": report["gated"]["loss_ratio"],
+        "report_path": dg.MetadataValue.path(str(Path(config.out).absolute() / "fusion.md")),
         "report": dg.MetadataValue.md(report_markdown(Path(config.out) / "fusion.md")),
         "json": dg.MetadataValue.json(report)})
 
 
-@dg.asset(group_name="reports", deps=[fusion_gates, "ingested_loras"])
+@dg.asset(group_name="reports", deps=[fusion_gates, "ingested_loras", "weight_embeddings"])
 def generation_report(context: dg.AssetExecutionContext, config: ReportConfig,
                       registry: RegistryResource) -> dg.MaterializeResult:
     """Word-only prompts on held-out themes: base vs top-1/2/3 retrieved LoRAs fused by gated."""
@@ -129,6 +131,8 @@ def generation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     report = evaluate_generation(registry.open(), world, config.out, gates=gates,
                                  n_prompts=config.prompts, progress=False)
     return dg.MaterializeResult(metadata={
-        "synonym_top3": report["synonym"]["top3"], "synonym_base": report["synonym"]["base"],
+        **{f"{group}_{setting}": report[group][setting] for group in ("synonym", "canonical")
+           for setting in ("base", "top1", "top2", "top3")},
+        "report_path": dg.MetadataValue.path(str(Path(config.out).absolute() / "generation.md")),
         "report": dg.MetadataValue.md(report_markdown(Path(config.out) / "generation.md")),
         "json": dg.MetadataValue.json(report)})

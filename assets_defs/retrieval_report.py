@@ -29,9 +29,12 @@ def retrieval_report(context: dg.AssetExecutionContext, config: RetrievalReportC
     world = world_root(config.world)  # before the registry: a missing world is the first thing to say
     report = evaluate_retrieval(registry.open().root, world, config.out, baselines_too=config.baselines)
     context.log.info(f"weights R@3 {report['weights']['recall_at_3']:.3f}, hybrid {report['hybrid']['recall_at_3']:.3f}")
+    rows = ["weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random", "canonical_oracle"]
+    recall = {f"{row}_recall_at_3": report[row]["recall_at_3"] for row in rows if row in report}
+    recall.update({f"stripped_{c}_recall_at_3": m["recall_at_3"] for c, m in report["stripped"].items()})
     return dg.MaterializeResult(metadata={
-        "encoder": report["encoder"], "weights_recall_at_3": report["weights"]["recall_at_3"],
-        "hybrid_recall_at_3": report["hybrid"]["recall_at_3"],
-        "canonical_oracle_recall_at_3": report["canonical_oracle"]["recall_at_3"],
+        "encoder": report["encoder"], **recall,
+        "within_theme_cos": report["within_theme_cos"], "cross_theme_cos": report["cross_theme_cos"],
+        "report_path": dg.MetadataValue.path(str(Path(config.out).absolute() / "retrieval.md")),
         "report": dg.MetadataValue.md(report_markdown(Path(config.out) / "retrieval.md")),
         "json": dg.MetadataValue.json(report)})
