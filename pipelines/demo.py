@@ -112,7 +112,7 @@ def fusion_grid(registry: Registry, world_root: Path, out: Path) -> tuple[dict, 
     with Generator(registry, world_root / "base", training.gates) as generator:
         rows = {m: generator.render([prompt] * FUSION_IMAGES, [h.lora_id for h in hits], seed=0, method=m)
                 for m in METHODS}
-    grid = save_grid(out / "demo-fusion.png", rows)
+    grid = save_grid(out / "demo-fusion.png", rows, title=prompt)
     gates = {"version": training.version, "cached": training.cached, "seconds": round(training.seconds, 1),
              "prompt": prompt, "loras": [h.name for h in hits], "methods": list(rows)}
     return gates, grid

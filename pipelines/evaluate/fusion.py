@@ -40,6 +40,20 @@ from pipelines.world.scene import caption, sample_attributes
 
 METHODS = ("linear", "ties", "dare", "klora", "gated_noglobal", "gated")
 KEYS = ("k2_accuracy", "k3_accuracy", "k2_worst", "k3_worst", "prompt_accuracy", "loss_ratio")
+LEGEND = (
+    "**Rows.** `gated`: fine-grained gated fusion with the global LoRA, the AutoLoRA paper's §4 design as this "
+    "project implements it (the anchor, and what `autolora generate` uses); `gated_noglobal`: the same without "
+    "the global LoRA (ablation). Baselines: `linear` (every LoRA added at weight 1, diffusers' multi-adapter "
+    "default), `ties`, `dare` (peft's merges), `klora`. References: `base` (no LoRA), `single` (each concept's "
+    "own LoRA alone, same prompts), `single_own_trigger` (the same with only its own trigger word).",
+    "",
+    "**Columns.** `kN_accuracy`: for each fused concept, the share of its theme's attributes the read-out finds "
+    "in the renders, averaged over concepts and sets of N LoRAs; `kN_worst`: the set's worst concept, averaged "
+    "over sets; `prompt_accuracy`: read-out accuracy of the attributes the prompt states outright; "
+    "`loss_ratio`: a concept's flow-matching loss on fresh images of its theme with the row's LoRAs active, "
+    "over the loss with its own LoRA alone (1 = no interference; `base`'s is the loss with no LoRA at all). "
+    "Held-out LoRAs only: neither the gates nor anything else was trained on them.",
+)
 
 
 def _disjoint(entries: Sequence[Mapping]) -> bool:
@@ -170,7 +184,8 @@ def _markdown(report: Mapping, grids: Mapping, n_sets: int, n_prompts: int, root
     lines = ["# Fusion of held-out LoRAs", "",
              f"World `{root}`; {n_sets} sets per k, {n_prompts} prompts each; held-out LoRAs only. "
              f"Gates: `{getattr(gates, 'version', 'untrained')}`.", "",
-             markdown_table(["method", *KEYS], [(m, *(r[key] for key in KEYS)) for m, r in report.items()]), ""]
+             markdown_table(["method", *KEYS], [(m, *(r[key] for key in KEYS)) for m, r in report.items()]), "",
+             *LEGEND, ""]
     for k, (path, labels, prompts) in sorted(grids.items()):
         lines += [f"## k = {k}: first set", "", f"Rows: {', '.join(labels)}.", "",
                   f"Prompts: {'; '.join(prompts[:3])}; ...", "", f"![k={k}]({path.name})", ""]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.world.evaluate import resolve_world_root
 from pipelines.world.readout import Readout
@@ -83,17 +83,77 @@ class HeldoutLoss:
         return float(np.mean(losses))
 
 
-def save_grid(path: Path, rows: Mapping[str, np.ndarray], scale: int = 3) -> Path:
-    """One row of images per label (the label is in the markdown beside it), upscaled ``scale``×."""
-    arrays = list(rows.values())
+GRID_PAD = 6
+"""Pixels of white space around labels and the title in :func:`save_grid`."""
+LABEL_SIZE, TITLE_SIZE = 14, 16
+"""Font sizes (px) of the row labels and the title in :func:`save_grid`."""
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's default font at ``size`` px (its fixed bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text`` with line breaks between words so that each line fits ``width`` px (a longer word stays whole)."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def save_grid(path: Path, rows: Mapping[str, np.ndarray], scale: int = 3, title: str | None = None) -> Path:
+    """A PNG with one row of (N, H, W, 3) uint8 images per key, upscaled ``scale``× (nearest), each row's key
+    as a label in a left margin that fits the longest one, and ``title`` (wrapped) above the grid.
+
+    Rows may hold different image counts (missing cells stay white; a row may be empty) but one image size.
+    Raises ``ValueError`` for no rows or mixed image sizes."""
+    arrays = [np.asarray(a) for a in rows.values()]
+    if not arrays:
+        raise ValueError("save_grid: no rows to draw")
+    sizes = {a.shape[1:3] for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"save_grid: rows hold images of different sizes {sorted(sizes)}")
+    h, w = sizes.pop()
     n = max(len(a) for a in arrays)
-    h, w = arrays[0].shape[1:3]
-    canvas = np.full((len(arrays) * (h + 2), n * (w + 2), 3), 255, np.uint8)
+    cells = np.full((len(arrays) * (h + 2), n * (w + 2), 3), 255, np.uint8)
     for r, images in enumerate(arrays):
         for c, image in enumerate(images):
-            canvas[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = image
+            cells[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = image
+    grid = Image.fromarray(cells).resize((cells.shape[1] * scale, cells.shape[0] * scale), Image.NEAREST)
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_font, title_font = _font(LABEL_SIZE), _font(TITLE_SIZE)
+    labels = [str(k) for k in rows]
+    boxes = [measure.multiline_textbbox((0, 0), label, font=label_font) for label in labels]
+    margin = max(box[2] for box in boxes) + 2 * GRID_PAD
+    width = margin + grid.width
+    top, title_text = 0, ""
+    if title:
+        title_text = _wrap(measure, title, title_font, max(width, 360) - 2 * GRID_PAD)
+        box = measure.multiline_textbbox((0, 0), title_text, font=title_font)
+        width = max(width, box[2] + 2 * GRID_PAD)
+        top = box[3] + 2 * GRID_PAD
+    canvas = Image.new("RGB", (width, top + grid.height), (255, 255, 255))
+    canvas.paste(grid, (margin, top))
+    draw = ImageDraw.Draw(canvas)
+    if title_text:
+        draw.multiline_text((GRID_PAD, GRID_PAD), title_text, fill=(0, 0, 0), font=title_font)
+    for r, (label, box) in enumerate(zip(labels, boxes)):
+        y = max(top, top + r * (h + 2) * scale + (h * scale - (box[3] - box[1])) // 2) - box[1]
+        draw.multiline_text((GRID_PAD, y), label, fill=(0, 0, 0), font=label_font)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    canvas.save(path)
     return path
 
 

@@ -32,6 +32,15 @@ from pipelines.world.scene import caption, sample_attributes
 RETRIEVED = ("top1", "top2", "top3")
 SETTINGS = ("base", *RETRIEVED, "own1", "base_with_trigger", "own1_without_trigger")
 GROUPS = ("synonym", "canonical", "all")
+LEGEND = (
+    "**Columns.** Read-out accuracy of the attribute values each prompt asks for. `base`: the base alone "
+    "(the baseline); `top1`/`top2`/`top3`: the k LoRAs hybrid search retrieves for the prompt, their trigger "
+    "words added, fused by `gated` (ours, as `autolora generate` runs); references: `own1` (the theme's own "
+    "LoRA with its trigger: a perfect retriever), `base_with_trigger` (the base, that trigger word added, no "
+    "LoRA), `own1_without_trigger` (the own LoRA, no trigger word). **Rows.** `synonym`: themes described in "
+    "words the base never saw; `canonical`: in the base's own words; `all`: both. Held-out themes only. No row "
+    "retrieves with the authors' weight-only encoder (their retrieval is in the retrieval report).",
+)
 
 
 def word_prompts(entry: Mapping, n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
@@ -105,7 +114,10 @@ def _markdown(report: Mapping, grid_rows: Mapping, out: Path, root: Path, gates,
              f"`{getattr(gates, 'version', 'untrained')}`.", "",
              markdown_table(["prompts", *SETTINGS], [(g, *(report[g][s] for s in SETTINGS)) for g in GROUPS]), "",
              "Share of prompts whose top-k holds the theme's own LoRA (or a twin): "
-             + ", ".join(f"{s} {v:.3f}" for s, v in report["retrieval_found"].items() if v is not None), ""]
+             + ", ".join(f"{s} {v:.3f}" for s, v in report["retrieval_found"].items() if v is not None)
+             + " (the query is the whole prompt, a scene of several attributes, searched on the hybrid channel "
+               "over the whole registry: harder than the retrieval report's one-attribute queries).", "",
+             *LEGEND, ""]
     for group, rows in grid_rows.items():
         prompts: Sequence[str] = rows["prompts"]
         path = save_grid(out / f"generation_{group}.png", {s: rows[s] for s in SETTINGS})
