@@ -51,16 +51,25 @@ def word_prompts(entry: Mapping, n: int, seed: int) -> tuple[list[str], list[dic
     return [caption(s, rng, words=words) for s in scenes], scenes
 
 
-def _render_retrieved(gen: Generator, prompts: list[str], k: int, seed: int) -> tuple[np.ndarray, list[list]]:
+def _render_retrieved(gen: Generator, prompts: list[str], k: int, seed: int,
+                      ) -> tuple[np.ndarray, list[list], list[str]]:
+    """The renders with each prompt's top-k fused, the hits, and the texts rendered (triggers added)."""
     hits = [gen.retrieve(p, k) for p in prompts]
+    texts = [with_triggers(p, [w for x in h for w in x.trigger_words]) for p, h in zip(prompts, hits)]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, h in enumerate(hits):
         groups[tuple(x.lora_id for x in h)].append(i)
     images = np.empty((len(prompts), 32, 32, 3), np.uint8)
     for ids, rows in groups.items():
-        texts = [with_triggers(prompts[i], [w for x in hits[i] for w in x.trigger_words]) for i in rows]
-        images[rows] = gen.render(texts, list(ids), seed, "gated")
-    return images, hits
+        images[rows] = gen.render([texts[i] for i in rows], list(ids), seed, "gated")
+    return images, hits, texts
+
+
+def clip_cut(pipe, texts: Sequence[str]) -> list[bool]:
+    """Whether each text is longer than the base's CLIP tokenizer takes: the CLIP (pooled) side then
+    reads only its start (T5 reads it whole)."""
+    tokenizer = pipe.tokenizer
+    return [len(ids) > tokenizer.model_max_length for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
 
 
 def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, gates=None, n_prompts: int = 8,
@@ -71,6 +80,7 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
     world = open_world(world_root, pipe)
     scores: dict[str, dict[str, list[float]]] = {g: {s: [] for s in SETTINGS} for g in GROUPS}
     found: dict[str, list[float]] = {s: [] for s in RETRIEVED}
+    cut: dict[str, list[bool]] = {s: [] for s in SETTINGS}
     grid_rows: dict[str, dict[str, np.ndarray]] = {}
     out = Path(out)
     ids = manifest_ids(registry, world.root, world.heldout)
@@ -82,13 +92,16 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
             prompts, scenes = word_prompts(entry, n_prompts, seed + index)
             render_seed = seed + 1000 + index
             images = {"base": generate(world.pipe, prompts, render_seed)}
+            texts = {"base": prompts, "own1_without_trigger": prompts}
             for k in (1, 2, 3):
-                images[f"top{k}"], hits = _render_retrieved(gen, prompts, k, render_seed)
+                images[f"top{k}"], hits, texts[f"top{k}"] = _render_retrieved(gen, prompts, k, render_seed)
                 own = family_ids[entry["family"]]
                 found[f"top{k}"] += [float(any(h.lora_id in own for h in hh)) for hh in hits]
             own_id = ids[entry["file"]]
             triggers = list(registry.get(own_id)["trigger_words"])
-            triggered = [with_triggers(p, triggers) for p in prompts]
+            triggered = texts["own1"] = texts["base_with_trigger"] = [with_triggers(p, triggers) for p in prompts]
+            for setting, rendered in texts.items():
+                cut[setting] += clip_cut(world.pipe, rendered)
             images["own1"] = gen.render(triggered, [own_id], render_seed, "gated")
             images["base_with_trigger"] = generate(world.pipe, triggered, render_seed)
             images["own1_without_trigger"] = gen.render(prompts, [own_id], render_seed, "gated")
@@ -102,6 +115,7 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
                 grid_rows[group]["prompts"] = prompts  # type: ignore[assignment]
     report = {g: {s: float(np.mean(v)) if v else None for s, v in by.items()} for g, by in scores.items()}
     report["retrieval_found"] = {s: float(np.mean(v)) if v else None for s, v in found.items()}
+    report["clip_cut"] = {s: float(np.mean(v)) if v else None for s, v in cut.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "generation.json").write_text(json.dumps(report, indent=1))
     (out / "generation.md").write_text(_markdown(report, grid_rows, out, world.root, gates, n_prompts))
@@ -117,6 +131,9 @@ def _markdown(report: Mapping, grid_rows: Mapping, out: Path, root: Path, gates,
              + ", ".join(f"{s} {v:.3f}" for s, v in report["retrieval_found"].items() if v is not None)
              + " (the query is the whole prompt, a scene of several attributes, searched on the hybrid channel "
                "over the whole registry: harder than the retrieval report's one-attribute queries).", "",
+             "Share of rendered prompts longer than the base's CLIP tokenizer takes (the CLIP side reads only "
+             "their start; T5 reads them whole; the trigger words added make them longer): "
+             + ", ".join(f"{s} {v:.3f}" for s, v in report["clip_cut"].items() if v is not None) + ".", "",
              *LEGEND, ""]
     for group, rows in grid_rows.items():
         prompts: Sequence[str] = rows["prompts"]

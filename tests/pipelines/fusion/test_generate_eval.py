@@ -114,6 +114,17 @@ def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tm
     prompts, _ = word_prompts(entry, 3, 0)
     assert all(entry["trigger"] not in p for p in prompts)
     assert all(not math.isnan(v) for v in report["retrieval_found"].values())
+    cut = report["clip_cut"]  # triggers only make prompts longer
+    assert set(cut) == set(SETTINGS) and all(0.0 <= v <= 1.0 for v in cut.values())
+    assert cut["base"] == cut["own1_without_trigger"] <= cut["own1"] == cut["base_with_trigger"]
+    assert "longer than the base's CLIP tokenizer takes" in (tmp_path / "generation.md").read_text()
+
+
+def test_clip_cut_counts_prompts_past_the_clip_tokenizers_length(pipe):
+    from pipelines.evaluate.generation import clip_cut
+
+    limit = pipe.tokenizer.model_max_length
+    assert clip_cut(pipe, ["a red disc", " ".join(["word"] * (limit + 1))]) == [False, True]
 
 
 def test_cli_generate(micro_world, micro_registry, tmp_path, capsys):
