@@ -109,11 +109,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     missing = [p for p in args.paths if not os.path.lexists(user_path(p))]
     if missing:  # checked before the registry is opened, so nothing is created
         raise UsageError(f"no such file or folder: {', '.join(missing)}")
+    from registry import RegistryNotWritable
+
     registry = _open_registry(args.registry)
     try:
         report = registry.add(args.paths, progress=not args.json and sys.stderr.isatty(),
                               batch_size=args.batch_size)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, RegistryNotWritable) as error:
         raise UsageError(str(error)) from None
     maintenance = registry.maintain()
     if args.json:

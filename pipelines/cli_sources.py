@@ -44,7 +44,8 @@ def _online() -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     _online()
     from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE, configured_source, load_sources
-    from pipelines.sources.sync import sync
+    from pipelines.sources.sync import SyncReport, sync
+    from registry import RegistryNotWritable
 
     args.sources, args.download_dir = args.sources or SOURCES_FILE, args.download_dir or DOWNLOAD_DIR
     if not Path(args.sources).is_file():
@@ -59,7 +60,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
     for name in sources:
         path = cursor_path(registry.root, name)
         cursor = None if args.from_start else load_cursor(path)
-        report = sync(sources[name], registry, args.download_dir, cursor)
+        try:
+            report = sync(sources[name], registry, args.download_dir, cursor)
+        except RegistryNotWritable as error:
+            raise UsageError(str(error)) from None
+        except Exception as error:  # noqa: BLE001  one source's unforeseen failure must not stop the others
+            report = SyncReport(cursor=cursor or {})
+            report.failed.append({"key": name, "file": "", "code": "internal_error", "retry": True,
+                                  "reason": f"internal error (please report): {type(error).__name__}: {error}"})
         save_cursor(path, report.cursor)
         results[name] = report
     if any(r.ingest for r in results.values()):

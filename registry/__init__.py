@@ -18,6 +18,7 @@ _EXPORTS = {
     "EmbedReport": "registry.embed",
     "RegistryNotFound": "registry.store.store",
     "VersionNotFound": "registry.store.store",
+    "RegistryNotWritable": "registry.store.store",
     "MaintenanceReport": "registry.store.maintenance",
     "IngestReport": "registry.ingest",
     "RejectedFile": "registry.lora.errors",

@@ -158,22 +158,37 @@ def _prefetch(reg: Store, candidates: list[Candidate]) -> dict[str, dict]:
     return known
 
 
+def _utf8_name(path: str | os.PathLike, report: IngestReport) -> bool:
+    """Whether ``path`` can be recorded (the tables hold UTF-8); a name that cannot is rejected."""
+    try:
+        os.fspath(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        shown = os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        report.reject(shown, "bad_name", "the file's path is not valid UTF-8 (renaming it fixes that)")
+        return False
+
+
 def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLike], *, progress: bool = False,
                  batch_size: int = 64) -> IngestReport:
     """Ingest every candidate file under ``paths`` (one path or several); bad files are recorded,
     never raised (a path that does not exist raises ``FileNotFoundError`` before anything is
     written), and so are broken sidecars (in ``warnings``: the LoRA is ingested without them)."""
     report = IngestReport()
-    candidates = collect_candidates(paths, report)
+    reg.check_writable()  # a registry it cannot write to is said once, not blamed on every file
+    candidates = [c for c in collect_candidates(paths, report) if _utf8_name(c.path, report)]
     known = _prefetch(reg, candidates)
     batch = _Batch(reg, report.warnings)
     bases = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-hash") as pool:
         for candidate in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
             ingest = _FileIngest(reg, batch, report, candidate, known.get(os.path.realpath(candidate.path)))
-            if not ingest.unchanged():
-                bases = bases if bases is not None else reg.bases()
-                ingest.run(bases, pool)
+            try:
+                if not ingest.unchanged():
+                    bases = bases if bases is not None else reg.bases()
+                    ingest.run(bases, pool)
+            except Exception as error:  # noqa: BLE001  a bug one file triggers must not lose the batch
+                ingest.reject_internal(error)
             if len(batch) >= batch_size:
                 batch.flush()
     batch.flush()
@@ -204,6 +219,14 @@ class _FileIngest:
         self.sidecars = sidecar_files(candidate.path, candidate.siblings)
         self.record = record  # the stored file record of this path, if any
         self.stat: os.stat_result | None = None
+
+    def reject_internal(self, error: Exception) -> None:
+        """Record a failure no check foresaw (a bug) as this file's rejection; the batch goes on."""
+        reason = f"internal error while ingesting it (please report): {type(error).__name__}: {error}"[:500]
+        key = hashlib.sha256(f"{self.resolved}\0internal".encode()).hexdigest()
+        self.batch.rejections[key] = {"rejection_id": key, "path": self.resolved, "sha256": "",
+                                      "code": "internal_error", "reason": reason, "rejected_at": _now()}
+        self.report.reject(self.shown, "internal_error", reason)
 
     def _file_row(self, sha: str, lora_id: str, fmt: str) -> dict:
         st = self.stat

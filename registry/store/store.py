@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -47,6 +48,10 @@ class RegistryNotFound(FileNotFoundError):
 
 class VersionNotFound(RegistryNotFound):
     """The registry is there; the version number or tag asked of it is not."""
+
+
+class RegistryNotWritable(PermissionError):
+    """This process cannot write into the registry's folders (a read-only mount, permissions)."""
 
 
 def user_path(path: str | os.PathLike) -> Path:
@@ -221,6 +226,18 @@ class Store:
     def _writable(self) -> None:
         if self.read_only:
             raise PermissionError("this registry view is pinned to a version; open it without one to write")
+
+    def check_writable(self) -> None:
+        """Raise :class:`RegistryNotWritable` unless a file can be created in the blob store and
+        the tables' folder (tried: permission bits do not bind root), before a write starts."""
+        self._writable()
+        for folder in (self.blobs.root, self.root / "lancedb"):
+            try:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as error:
+                raise RegistryNotWritable(f"cannot write to the registry at {self.root}: {folder} "
+                                          f"({error.strerror or error})") from None
 
     # ---- writes ------------------------------------------------------------------------
     def upsert(self, table, rows: Sequence[dict], key: str, *, update: bool) -> None:

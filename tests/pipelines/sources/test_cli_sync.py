@@ -140,3 +140,32 @@ def test_sync_lifts_only_the_clis_own_offline_default(monkeypatch):
     monkeypatch.setattr(cli_sources, "OFFLINE_BY_USER", False)
     cli_sources._online()
     assert hf_constants.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_one_sources_unforeseen_failure_is_its_warning_and_the_others_sync(tmp_path, monkeypatch, capsys):
+    import pipelines.sources.sync as sync_module
+    from pipelines.cli import main
+
+    monkeypatch.setattr("pipelines.cli_sources.OFFLINE_BY_USER", True)  # in process: leave HF_HUB_OFFLINE alone
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        save_lora(tmp_path / name / f"{name}.safetensors", flux_lora(partial_names((len(name),), ()), rank=2,
+                                                                     seed=len(name)), "kohya")
+    (tmp_path / "sources.toml").write_text("".join(f'[[source]]\nkind = "local"\nname = "{n}"\nfolder = "{n}"\n\n'
+                                                   for n in ("first", "second")))
+    real = sync_module.sync
+
+    def first_breaks(source, *args, **kwargs):
+        if source.name == "first":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(sync_module, "sync", first_breaks)
+    code = main(["sync", "--registry", str(tmp_path / "registry"), "--sources", str(tmp_path / "sources.toml"),
+                 "--download-dir", str(tmp_path / "downloads")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "first: listing failed: internal_error: internal error (please report): RecursionError" in err
+    from registry import Registry
+
+    assert len(Registry.open(tmp_path / "registry", create=False)) == 1  # the second source's LoRA
