@@ -21,5 +21,6 @@ def registry_indexes(context: dg.AssetExecutionContext, registry: RegistryResour
         context.log.warning(f"yielded to a concurrent writer: {step}")
     return dg.MaterializeResult(metadata={
         "created": ", ".join(report.created) or "none", "optimized": ", ".join(report.optimized),
-        "yielded": len(report.yielded), "seconds": report.seconds,
+        "yielded": len(report.yielded), "stale_staging_removed": report.stale_staging_removed,
+        "seconds": report.seconds,
     })

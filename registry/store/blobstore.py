@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from registry.store.blob_copy import copy_into
+
+
+STALE_STAGING_S = 6 * 3600  # a staged copy this old belongs to no live ingest
 
 
 class BlobStore:
@@ -65,6 +69,19 @@ class BlobStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, target)  # same file system: readers see nothing or the whole file
         return target
+
+    def remove_stale_staging(self, older_than_s: float = STALE_STAGING_S) -> int:
+        """Remove the temp files of :meth:`stage` that a killed process left (older than
+        ``older_than_s``: a live ingest renames or removes its own within seconds); returns how many."""
+        removed, cutoff = 0, time.time() - older_than_s
+        for entry in os.scandir(self.root):  # staging files live in the root only: a cheap listing
+            try:
+                if entry.name.startswith(".incoming-") and entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # another process removed it first
+                continue
+        return removed
 
     @staticmethod
     def discard(staged: Path | None) -> None:

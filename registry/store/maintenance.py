@@ -38,11 +38,12 @@ class MaintenanceReport:
     created: list[str] = field(default_factory=list)
     optimized: list[str] = field(default_factory=list)
     yielded: list[str] = field(default_factory=list)
+    stale_staging_removed: int = 0  # partial blob copies of killed ingests
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"created": self.created, "optimized": self.optimized, "yielded": self.yielded,
-                "seconds": round(self.seconds, 3)}
+                "stale_staging_removed": self.stale_staging_removed, "seconds": round(self.seconds, 3)}
 
 
 def _existing(table) -> set[str]:
@@ -81,7 +82,8 @@ def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | N
 
 def maintain(store: Store) -> MaintenanceReport:
     """Create missing indexes (the vector index too, past its threshold), then optimize every
-    table: compact, fold new rows into every index, prune old versions (tags are kept)."""
+    table: compact, fold new rows into every index, prune old versions (tags are kept); remove
+    the partial blob copies killed ingests left."""
     store._writable()
     report, start = MaintenanceReport(), time.perf_counter()
     report.created = ensure_indexes(store, vector=True, yielded=report.yielded)
@@ -91,5 +93,6 @@ def maintain(store: Store) -> MaintenanceReport:
             report.optimized.append(name)
         except _LANCE_ERRORS as error:  # a concurrent commit won: leave it for the next run
             report.yielded.append(f"optimize {name}: {error}"[:300])
+    report.stale_staging_removed = store.blobs.remove_stale_staging()
     report.seconds = time.perf_counter() - start
     return report

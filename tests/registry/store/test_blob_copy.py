@@ -62,3 +62,21 @@ def test_put_copies_a_known_file(tmp_path: Path) -> None:
     target = store.put(source, sha, ".png")
     assert target.read_bytes() == data and target.name.endswith(".png")
     assert store.put(source, sha, ".png") == target  # present: a no-op
+
+
+def test_maintenance_removes_the_staged_copies_a_killed_ingest_left(tmp_path):
+    import os
+    import time
+
+    from registry import Registry
+
+    reg = Registry.open(tmp_path / "registry")
+    blobs = tmp_path / "registry" / "blobs"
+    old, fresh = blobs / ".incoming-killed", blobs / ".incoming-live"
+    for path in (old, fresh):
+        path.write_bytes(b"partial copy")
+    day_ago = time.time() - 24 * 3600
+    os.utime(old, (day_ago, day_ago))
+    report = reg.maintain()
+    assert report.stale_staging_removed == 1 and report.to_dict()["stale_staging_removed"] == 1
+    assert not old.exists() and fresh.exists()  # a live ingest's copy is left alone
