@@ -245,6 +245,14 @@ def _expanded(text: str) -> str:
     return os.path.expandvars(os.path.expanduser(text))
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as surrogates
+        return False
+
+
 def _report_folder(path: str) -> str:
     """``path`` checked as a report folder before any work: an existing folder this process can write
     in, or a missing one under such a folder (created by the report); else a usage error."""
@@ -358,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         _quiet()
     try:
+        if isinstance(getattr(args, "prompt", None), str) and not _utf8(args.prompt):
+            raise UsageError("the prompt is not valid UTF-8 (check the terminal's encoding)")
         return int(args.func(args) or 0)
     except UsageError as error:
         print(f"autolora {args.command}: {error}", file=sys.stderr)

@@ -264,6 +264,8 @@ class Store:
         tagged on that table alone); moves the tag where it exists. A version that does not exist
         raises ``ValueError`` naming those that do."""
         self._writable()
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ValueError(f"a tag name must be a non-empty name without surrounding spaces, not {name!r}")
         if version is not None:
             versions = [v["version"] for v in self.loras.list_versions()]
             if version not in versions:

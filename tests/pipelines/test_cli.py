@@ -189,3 +189,14 @@ def test_inspect_reads_the_base_a_sidecar_names_as_ingest_does(folder, tmp_path)
     (tmp_path / "neon_city.civitai.info").write_text(json.dumps({"baseModel": "Flux.1 S"}))
     out = run("inspect", str(lora), "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["base_model"] == "FLUX.1-schnell", out.stdout
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
+    import os
+
+    from pipelines.cli import main
+
+    prompt = os.fsdecode(b"caf\xe9")  # as the command line delivers undecodable bytes
+    assert main(["search", prompt, "--registry", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == ("autolora search: the prompt is not valid UTF-8 (check the terminal's "
+                                       "encoding)\n")

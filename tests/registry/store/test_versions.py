@@ -138,3 +138,11 @@ def test_tagging_a_missing_version_and_a_version_given_as_digits(tmp_path):
         Registry.open(reg.root, version="9999")
     reg.tag(str(first), reg.version)  # a tag named like a number
     assert len(Registry.open(reg.root, version=str(first))) == 2
+
+
+def test_an_empty_tag_name_is_a_value_error(tmp_path):
+    reg = Registry.open(tmp_path / "registry")
+    for name in ("", "  ", " prod"):
+        with pytest.raises(ValueError, match="a tag name must be a non-empty name"):
+            reg.tag(name)
+    assert reg.tags() == {}
