@@ -46,6 +46,8 @@ def _walk(folder: Path, report: IngestReport) -> list[Candidate]:
                 found.append(Candidate(path, siblings))
             elif path.is_symlink():
                 report.reject(str(path), "broken_link", "a symlink that is dangling or loops")
+            else:  # a FIFO, socket or device named like a LoRA
+                report.reject(str(path), "not_a_file", "neither a regular file nor a folder")
     if not found:
         report.warnings.append(f"no LoRA files found under {folder} "
                                f"(looked for {', '.join(sorted(CANDIDATE_SUFFIXES))})")

@@ -69,3 +69,13 @@ def test_a_registry_that_cannot_be_written_is_said_once_before_anything(tmp_path
     assert main(["ingest", str(lora), "--registry", str(tmp_path / "registry")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("autolora ingest: cannot write to the registry at ") and err.count("\n") == 1
+
+
+def test_a_fifo_named_like_a_lora_in_a_folder_is_rejected_not_skipped_silently(tmp_path):
+    folder = tmp_path / "in"
+    good = _lora(folder / "good.safetensors", 6)
+    os.mkfifo(folder / "pipe.safetensors")
+    report = Registry.open(tmp_path / "registry").add([folder])
+    assert [r["path"] for r in report.added] == [str(good)]
+    assert report.rejected == [{"path": str(folder / "pipe.safetensors"), "code": "not_a_file",
+                                "reason": "neither a regular file nor a folder"}]
