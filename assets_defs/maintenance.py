@@ -16,11 +16,12 @@ AFTER_ARRIVALS = dg.AutomationCondition.eager().without(~dg.AutomationCondition.
 def registry_indexes(context: dg.AssetExecutionContext, registry: RegistryResource) -> dg.MaterializeResult:
     """The registry's indexes refreshed and its tables compacted after new arrivals (safe beside
     a concurrent ingest: a step that loses a race yields and is retried next time)."""
-    report = registry.open().maintain()
+    report = registry.open().maintain(collect_blobs=True)
     for step in report.yielded:
         context.log.warning(f"yielded to a concurrent writer: {step}")
     return dg.MaterializeResult(metadata={
         "created": ", ".join(report.created) or "none", "optimized": ", ".join(report.optimized),
         "yielded": len(report.yielded), "stale_staging_removed": report.stale_staging_removed,
+        "orphan_blobs_removed": report.orphan_blobs_removed, "orphan_bytes_freed": report.orphan_bytes_freed,
         "seconds": report.seconds,
     })

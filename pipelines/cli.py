@@ -163,7 +163,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_maintain(args: argparse.Namespace) -> int:
-    report = _open_registry(args.registry, create=False).maintain()
+    report = _open_registry(args.registry, create=False).maintain(collect_blobs=True)
     _print_json(report.to_dict()) if args.json else _table(
         "maintenance", ["field", "value"], list(report.to_dict().items()))
     return 0
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
 
-    maintain = sub.add_parser("maintain", help="refresh the indexes and compact the tables")
+    maintain = sub.add_parser("maintain", help="refresh the indexes, compact the tables, remove orphan blobs")
     maintain.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     maintain.add_argument("--json", action="store_true")
     maintain.set_defaults(func=cmd_maintain)

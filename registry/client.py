@@ -122,9 +122,10 @@ class Registry(Store):
 
         return refresh_embeddings(self, self.bases())
 
-    def maintain(self) -> MaintenanceReport:
-        """Refresh every index and compact the tables (the CLI runs it after each ingest)."""
-        return maintain(self)
+    def maintain(self, collect_blobs: bool = False) -> MaintenanceReport:
+        """Refresh every index and compact the tables (the CLI runs it after each ingest);
+        ``collect_blobs``: also remove LoRA blobs no row refers to (``autolora maintain`` does)."""
+        return maintain(self, collect_blobs)
 
     def prune(self) -> dict[str, int]:
         """Mark LoRAs whose every known path is gone as removed (hidden from search), and rebuild

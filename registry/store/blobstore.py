@@ -33,6 +33,7 @@ class BlobStore:
         """Copy ``source`` in under its (already computed) hash; a no-op when present."""
         target = self.path_for(sha256, suffix)
         if target.exists():
+            os.utime(target)  # reused now: not an orphan for remove_unreferenced
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
@@ -65,10 +66,34 @@ class BlobStore:
         target = self.path_for(sha256, suffix)
         if target.exists():
             self.discard(staged)
+            os.utime(target)  # reused now: not an orphan for remove_unreferenced
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, target)  # same file system: readers see nothing or the whole file
         return target
+
+    def remove_unreferenced(self, referenced: set[str], suffix: str = ".safetensors",
+                            older_than_s: float = STALE_STAGING_S) -> tuple[int, int]:
+        """Remove the blobs named ``*suffix`` whose paths are not in ``referenced`` and that were
+        not written or reused for ``older_than_s`` (an ingest in flight commits its blob before its
+        row: :meth:`commit` and :meth:`put` refresh a reused blob's time); returns (count, bytes).
+        LoRA rows are never deleted, so a LoRA blob no current row names no old version names
+        either; render blobs can be, and are left alone."""
+        removed = freed = 0
+        cutoff = time.time() - older_than_s
+        for folder in os.scandir(self.root):
+            if not folder.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(folder.path):
+                try:
+                    if (entry.name.endswith(suffix) and not entry.name.startswith(".")
+                            and entry.path not in referenced and entry.stat().st_mtime < cutoff):
+                        size = entry.stat().st_size
+                        os.unlink(entry.path)
+                        removed, freed = removed + 1, freed + size
+                except FileNotFoundError:
+                    continue
+        return removed, freed
 
     def remove_stale_staging(self, older_than_s: float = STALE_STAGING_S) -> int:
         """Remove the temp files of :meth:`stage` that a killed process left (older than

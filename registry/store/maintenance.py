@@ -39,11 +39,15 @@ class MaintenanceReport:
     optimized: list[str] = field(default_factory=list)
     yielded: list[str] = field(default_factory=list)
     stale_staging_removed: int = 0  # partial blob copies of killed ingests
+    orphan_blobs_removed: int = 0  # LoRA blobs no row refers to (only with collect_blobs)
+    orphan_bytes_freed: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"created": self.created, "optimized": self.optimized, "yielded": self.yielded,
-                "stale_staging_removed": self.stale_staging_removed, "seconds": round(self.seconds, 3)}
+                "stale_staging_removed": self.stale_staging_removed,
+                "orphan_blobs_removed": self.orphan_blobs_removed, "orphan_bytes_freed": self.orphan_bytes_freed,
+                "seconds": round(self.seconds, 3)}
 
 
 def _existing(table) -> set[str]:
@@ -80,10 +84,11 @@ def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | N
     return created
 
 
-def maintain(store: Store) -> MaintenanceReport:
+def maintain(store: Store, collect_blobs: bool = False) -> MaintenanceReport:
     """Create missing indexes (the vector index too, past its threshold), then optimize every
     table: compact, fold new rows into every index, prune old versions (tags are kept); remove
-    the partial blob copies killed ingests left."""
+    the partial blob copies killed ingests left and, with ``collect_blobs`` (a walk of the whole
+    blob store: explicit maintenance, not after every ingest), the LoRA blobs no row refers to."""
     store._writable()
     report, start = MaintenanceReport(), time.perf_counter()
     report.created = ensure_indexes(store, vector=True, yielded=report.yielded)
@@ -94,5 +99,9 @@ def maintain(store: Store) -> MaintenanceReport:
         except _LANCE_ERRORS as error:  # a concurrent commit won: leave it for the next run
             report.yielded.append(f"optimize {name}: {error}"[:300])
     report.stale_staging_removed = store.blobs.remove_stale_staging()
+    if collect_blobs:
+        referenced = {row["blob"] for row in store.column_rows(store.loras, ["blob"])}
+        report.orphan_blobs_removed, report.orphan_bytes_freed = store.blobs.remove_unreferenced(
+            {str(store.root / blob) for blob in referenced})
     report.seconds = time.perf_counter() - start
     return report

@@ -80,3 +80,37 @@ def test_maintenance_removes_the_staged_copies_a_killed_ingest_left(tmp_path):
     report = reg.maintain()
     assert report.stale_staging_removed == 1 and report.to_dict()["stale_staging_removed"] == 1
     assert not old.exists() and fresh.exists()  # a live ingest's copy is left alone
+
+
+def test_explicit_maintenance_removes_lora_blobs_no_row_refers_to(tmp_path):
+    import os
+    import time
+
+    from flux_fixtures import flux_lora, partial_names
+
+    from registry import Registry
+    from registry.lora.formats import save_lora
+
+    (tmp_path / "in").mkdir()
+    save_lora(tmp_path / "in" / "a.safetensors", flux_lora(partial_names((1,), (), attention_only=True), rank=2,
+                                                           seed=1), "diffusers")
+    reg = Registry.open(tmp_path / "registry")
+    reg.add([tmp_path / "in"])
+    kept = reg.root / reg.get(reg.lora_ids()[0])["blob"]
+    day_ago = time.time() - 24 * 3600
+    os.utime(kept, (day_ago, day_ago))
+    folder = reg.root / "blobs" / "ff"
+    folder.mkdir(exist_ok=True)
+    orphan, fresh, render = folder / "f00d.safetensors", folder / "f11d.safetensors", folder / "f22d.png"
+    for path in (orphan, fresh, render):
+        path.write_bytes(b"x" * 10)
+    for path in (orphan, render):
+        os.utime(path, (day_ago, day_ago))
+    assert reg.maintain().orphan_blobs_removed == 0 and orphan.exists()  # after an ingest: no walk
+    report = reg.maintain(collect_blobs=True)
+    assert (report.orphan_blobs_removed, report.orphan_bytes_freed) == (1, 10)
+    assert not orphan.exists() and kept.exists() and fresh.exists() and render.exists()
+    # a blob an ingest in flight reuses gets a fresh time, so it is not collected before its row lands
+    reg.blobs.put(tmp_path / "in" / "a.safetensors", "f0" + "0" * 62)
+    reused = reg.blobs.put(tmp_path / "in" / "a.safetensors", "f0" + "0" * 62)
+    assert time.time() - reused.stat().st_mtime < 60
