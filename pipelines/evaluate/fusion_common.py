@@ -39,9 +39,12 @@ def open_world(root: str | Path, pipe=None) -> World:
     """The manifest, base pipeline (or ``pipe``) and read-out of a built world (or its parent holding one)."""
     from diffusers import FluxPipeline
 
+    from pipelines.generate import loading_output
+
     root = resolve_world_root(root)
     if pipe is None:
-        pipe = FluxPipeline.from_pretrained(root / "base")
+        with loading_output():  # no loading bars: a report's progress is its own bar
+            pipe = FluxPipeline.from_pretrained(root / "base")
         pipe.set_progress_bar_config(disable=True)
     return World(root, json.loads((root / "world.json").read_text()), pipe, Readout.load(root / "readout"))
 
