@@ -13,7 +13,9 @@ theme gets in *canonical* words ("green triangle" for a "jade pyramid"), i.e. a 
 that reads every LoRA's values perfectly. With a text encoder that does not place a synonym near
 its canonical word, that reference misses synonym queries, which bounds what any encoder that maps a
 LoRA to what it does can reach on them; ``by_query_kind`` reports every row over synonym and
-canonical queries apart. Writes ``retrieval.md`` and a cosine heatmap.
+canonical queries apart. Writes ``retrieval.md`` (provenance, legend, tables), ``retrieval.json``
+(the returned object, with ``provenance``: world, registry, text encoder, both encoders' versions and
+pools, date) and cosine heatmaps; the stripped scratch registry lives in a temporary folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ from registry.lora.inspect import load_canonical
 from registry.store.store import where_in
 
 CHANNELS = ("weights", "text", "hybrid")
+BUNDLED_TEXT_ENCODER = "all-MiniLM-L6-v2 (bundled)"  # what an encoder's text_encoder "" means
 
 
 class NotEvaluable(LookupError):
@@ -121,14 +126,32 @@ def stripped_copy(reg: Registry, root: Path, entries: list[dict], scratch: Path)
     return copy
 
 
+def provenance(reg: Registry, root: Path, manifest: dict, active, pool: list[str]) -> dict:
+    """Where the numbers come from: the world, the registry (and its version), the text encoder, our
+    encoder and its training pool, whether any held-out LoRA was in that pool, and the UTC date."""
+    trained_on = set(active.info.get("pool") or [])
+    return {"world": {"root": str(Path(root).resolve()), "key": manifest.get("key", ""), "seed": manifest.get("seed")},
+            "registry": {"root": str(Path(reg.root).resolve()), "version": reg.version},
+            "text_encoder": active.info.get("text_encoder", "") or BUNDLED_TEXT_ENCODER,
+            "encoder": {"version": active.version, "pool_size": len(trained_on), "where": active.info.get("where", "")},
+            "heldout_in_encoder_pool": len(trained_on & set(pool)),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _remove_old_scratch(out: Path) -> None:
+    """Earlier versions left the stripped scratch registry as ``OUT/stripped/`` (files + registry)."""
+    old = out / "stripped"
+    if old.is_dir() and {p.name for p in old.iterdir()} <= {"files", "registry"} and (old / "registry").is_dir():
+        shutil.rmtree(old)
+
+
 def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        *, baselines_too: bool = True, progress: bool = False) -> dict:
-    """Run the evaluation; returns the ``autolora eval retrieval --json`` object."""
+    """Run the evaluation (the out folder is made only once the registry and world are found
+    evaluable); returns the ``autolora eval retrieval --json`` object, also written as ``retrieval.json``."""
     from pipelines.world.evaluate import resolve_world_root
 
     root = resolve_world_root(world_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((root / "world.json").read_text())
     reg = Registry.open(registry_dir, create=False)
     active = next((r for r in reg.encoder_versions() if r.active), None)
@@ -137,18 +160,26 @@ def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.Path
     entries = manifest["loras"]
     ids = manifest_ids(reg, root, entries)
     heldout = [e for e in entries if e["split"] == "heldout"]
+    if not heldout:
+        raise NotEvaluable(f"the world at {root} has no held-out LoRAs")
     pool = [ids[e["file"]] for e in heldout]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_old_scratch(out)
     attrs_of = {ids[e["file"]]: e["attrs"] for e in entries}
     queries = make_queries(heldout)
-    report: dict = {"queries": len(queries), "pool": len(pool), "encoder": active.version}
+    report: dict = {"queries": len(queries), "pool": len(pool), "encoder": active.version,
+                    "provenance": provenance(reg, root, manifest, active, pool)}
     rankings = _search_rows(reg, queries, pool)
     for channel, ranks in rankings.items():
         report[channel] = metrics(ranks, queries, attrs_of)
     rankings["canonical_oracle"] = canonical_oracle_rankings(pool, heldout, queries, weight_query_embedder(active))
     report["canonical_oracle"] = metrics(rankings["canonical_oracle"], queries, attrs_of)
     report["by_query_kind"] = {row: metrics_by_kind(ranks, queries, attrs_of) for row, ranks in rankings.items()}
-    copy = stripped_copy(reg, root, heldout, out / "stripped")
-    report["stripped"] = {c: metrics(r, queries, attrs_of) for c, r in _search_rows(copy, queries, None).items()}
+    with tempfile.TemporaryDirectory(prefix="autolora-stripped-", ignore_cleanup_errors=True) as scratch:  # not kept
+        copy = stripped_copy(reg, root, heldout, Path(scratch) / "stripped")
+        report["stripped"] = {c: metrics(r, queries, attrs_of) for c, r in _search_rows(copy, queries, None).items()}
+        del copy
     report["whole_registry"] = {c: metrics(r, queries, attrs_of) for c, r in _search_rows(reg, queries, None).items()}
     report["whole_registry"]["pool"] = len(reg)
 
@@ -161,8 +192,25 @@ def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.Path
     figures = {"weights": (ours, families)}
     if baselines_too:
         report.update(_baselines(reg, root, active, pool, rows, queries, attrs_of, figures, progress))
+        report["provenance"]["paper_design"] = report.pop("paper_design_encoder")
     report["figures"] = write_report(out, report, figures, [e["theme"] for e in heldout])
+    (out / "retrieval.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return report
+
+
+def paper_design_encoder(reg: Registry, active, progress: bool = False) -> tuple[object, dict]:
+    """The authors' design trained (or reused: a version is its pool and recipe) on exactly the
+    LoRAs ``active`` was trained on, with its recipe and text encoder; returns its record and
+    ``{"version", "pool_size", "trained", "seconds"}``."""
+    trained_on = active.info.get("pool") or []
+    where = where_in("lora_id", trained_on) if trained_on else (active.info.get("where") or None)
+    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper", "probes_from": "",
+                       "text_encoder": active.info.get("text_encoder", "")})  # their learned probes
+    info = train_registry_encoder(reg, active.base_model, where, recipe, activate=False,
+                                  progress=progress)  # registered inactive: trained once per pool
+    record = next(r for r in reg.encoder_versions() if r.version == info["version"])
+    return record, {"version": record.version, "pool_size": len(record.info.get("pool") or []),
+                    "trained": bool(info["trained"]), "seconds": info.get("seconds", 0.0) if info["trained"] else 0.0}
 
 
 def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of, figures, progress) -> dict:
@@ -173,14 +221,9 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     shapes = {s.name: (s.d_out, s.d_in) for s in layer_specs(reg, base)}
     held = [load_canonical(reg.root / rows[i]["blob"], reg.bases())[0].factors for i in pool]
     q = default_text_encoder().encode([x.text for x in queries])
-    # same pool and training recipe, the authors' design exactly (their learned probes)
-    recipe = Recipe(**{**active.info.get("recipe", {}), "design": "paper", "probes_from": "",
-                       "text_encoder": active.info.get("text_encoder", "")})
-    info = train_registry_encoder(reg, base, active.info.get("where") or None, recipe, activate=False,
-                                  progress=progress)  # registered inactive: trained once per pool
-    record = next(r for r in reg.encoder_versions() if r.version == info["version"])
+    record, used = paper_design_encoder(reg, active, progress)
     paper = LoRAWeightEncoder.load(record.path)
-    out = {}
+    out: dict = {"paper_design_encoder": used}  # moved into the provenance by the caller
     emb = baselines.paper_embeddings(paper, held)
     figures["paper_design"] = (emb, figures["weights"][1])
     paper_q = weight_query_embedder(record)([x.text for x in queries])
@@ -193,6 +236,6 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     train = [load_canonical(reg.root / r["blob"], reg.bases())[0].factors for r in train_rows]
     emb = baselines.weight_stats_embeddings(train, [lora_texts(r) or [r["lora_id"]] for r in train_rows], held, shapes)
     out["weight_stats"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
-    emb, _ = baselines.render_read_embeddings(root, held)
+    emb, _ = baselines.render_read_embeddings(root, held, progress=progress)
     out["render_read"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
     return out

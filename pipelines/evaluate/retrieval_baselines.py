@@ -72,16 +72,20 @@ def describe(readings: Sequence[Mapping[str, str]]) -> str:
     return f"a {top['colour']} {top['shape']} on a {top['background']} background, {top['style']} style"
 
 
-def render_read_embeddings(world_root: Path, loras: Sequence[Factors], seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """Render each LoRA from neutral prompts, read the renders, embed the description."""
+def render_read_embeddings(world_root: Path, loras: Sequence[Factors], seed: int = 0,
+                           progress: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Render each LoRA from neutral prompts, read the renders, embed the description (diffusers'
+    loading bars and warnings on stderr only with ``progress``)."""
     from diffusers import FluxPipeline
 
     from models.torch_threads import one_torch_thread
+    from pipelines.generate import loading_output
     from pipelines.world.readout import Readout
     from pipelines.world.sampling import generate, lora_active
 
-    pipe = FluxPipeline.from_pretrained(world_root / "base")
-    pipe.set_progress_bar_config(disable=True)
+    with loading_output(progress):
+        pipe = FluxPipeline.from_pretrained(world_root / "base")
+    pipe.set_progress_bar_config(disable=True)  # 29 renders: no bar each
     readout = Readout.load(world_root / "readout")
     texts = []
     with one_torch_thread():

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,16 @@ AUTOLORA = str(Path(sys.executable).with_name("autolora"))
 METRICS = {"recall_at_1", "recall_at_3", "recall_at_10", "mrr"}
 
 
-def run_json(*args: str):
+def run_json_err(*args: str):
+    """The CLI's ``--json`` object and its stderr."""
     out = subprocess.run([AUTOLORA, *args, "--json"], capture_output=True, text=True, timeout=1200,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return json.loads(out.stdout), out.stderr
+
+
+def run_json(*args: str):
+    return run_json_err(*args)[0]
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +68,24 @@ def test_search_channels_from_the_cli(trained):
     assert all(-1 <= h["score"] <= 1 for h in results["weights"])
 
 
-def test_retrieval_evaluation_contract(trained, micro_world, tmp_path):
-    report = run_json("eval", "retrieval", "--registry", trained[0], "--world", str(micro_world),
-                      "--out", str(tmp_path))
-    for row in ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random", "canonical_oracle"):
+@pytest.fixture(scope="module")
+def evaluated(trained, micro_world, tmp_path_factory):
+    """``eval retrieval --json`` (baselines on) into a fresh out folder: report, out, the registry's
+    version before, stderr, and the temporary stripped folders that existed before."""
+    from registry import Registry
+
+    out = tmp_path_factory.mktemp("evaluated") / "report"
+    version = Registry.open(trained[0], create=False).version
+    scratch_before = set(Path(tempfile.gettempdir()).glob("autolora-stripped-*"))
+    report, stderr = run_json_err("eval", "retrieval", "--registry", trained[0], "--world", str(micro_world),
+                                  "--out", str(out))
+    return report, out, version, stderr, scratch_before
+
+
+def test_retrieval_evaluation_contract(trained, evaluated, micro_world):
+    report, tmp_path = evaluated[:2]
+    for row in ("weights", "text", "hybrid", "paper_design", "weight_stats", "render_read", "random",
+                "canonical_oracle"):
         assert set(report[row]) >= METRICS and all(0 <= report[row][m] <= 1 for m in METRICS), row
     # every query is synonym or canonical; the canonical-word reference finds every canonical one
     kinds = report["by_query_kind"]
@@ -82,6 +104,98 @@ def test_retrieval_evaluation_contract(trained, micro_world, tmp_path):
 
     paper = [r for r in Registry.open(trained[0], create=False).encoder_versions() if "-paper-" in r.version]
     assert paper and all(r.info["recipe"]["probes_from"] == "" for r in paper)
+
+
+def test_the_report_says_where_its_numbers_come_from(trained, evaluated, micro_world):
+    from registry import Registry
+
+    report, out, version = evaluated[:3]
+    manifest = json.loads((micro_world / "world.json").read_text())
+    reg = Registry.open(trained[0], create=False)
+    active = next(r for r in reg.encoder_versions() if r.active)
+    paper = next(r for r in reg.encoder_versions() if "-paper-" in r.version)
+    prov = report["provenance"]
+    assert prov["world"] == {"root": os.path.realpath(micro_world), "key": manifest["key"], "seed": manifest["seed"]}
+    assert prov["registry"] == {"root": os.path.realpath(trained[0]), "version": version}
+    assert prov["text_encoder"] == "all-MiniLM-L6-v2 (bundled)"  # the encoder's text_encoder is ""
+    assert prov["encoder"]["version"] == active.version == report["encoder"]
+    assert prov["encoder"]["pool_size"] == manifest["train"] and prov["heldout_in_encoder_pool"] == 0
+    assert prov["paper_design"]["version"] == paper.version
+    assert prov["paper_design"]["pool_size"] == manifest["train"]
+    date = datetime.fromisoformat(prov["date"])
+    assert date.utcoffset() == timedelta(0) and abs(datetime.now(timezone.utc) - date) < timedelta(hours=1)
+    markdown = (out / "retrieval.md").read_text()
+    assert active.version in markdown and paper.version in markdown and manifest["key"] in markdown
+    assert os.path.realpath(micro_world) in markdown and "all-MiniLM-L6-v2" in markdown
+
+
+def test_the_report_writes_its_json_and_keeps_no_scratch_registry(evaluated):
+    report, out, _, stderr, scratch_before = evaluated
+    assert json.loads((out / "retrieval.json").read_text()) == report
+    assert {p.name for p in out.iterdir()} == {"retrieval.md", "retrieval.json", "heatmap-weights.png",
+                                               "heatmap-paper_design.png"}  # no stripped/ scratch registry
+    assert set(Path(tempfile.gettempdir()).glob("autolora-stripped-*")) <= scratch_before
+    assert "Loading pipeline components" not in stderr and "it/s]" not in stderr  # --json: quiet
+
+
+def test_the_report_has_a_legend_a_caveat_and_both_designs_geometry(evaluated):
+    report, out = evaluated[:2]
+    markdown = (out / "retrieval.md").read_text()
+    for text in ("## Legend", "| weights | ours |", "| stripped weights / text / hybrid | ours, no metadata |",
+                 "| paper_design | anchor |", "| weight_stats | baseline |", "| render_read | baseline |",
+                 "| random | baseline |", "| canonical_oracle | reference |", "Recall@k", "MRR@10",
+                 "0 when none is in the top 10", "theme fixes the attribute value(s)", "never seen by the encoder",
+                 "file names, trigger words and cards", "no-metadata setting",
+                 f"Held-out queries over all {report['whole_registry']['pool']} LoRAs of the registry; "
+                 "training LoRAs count as hits here (not zero-shot)",
+                 "different LoRAs of the same theme family"):
+        assert text in markdown, text
+    paper = report["paper_design"]
+    assert f"| paper_design (authors' design) | {paper['within_theme_cos']:.3f} | {paper['cross_theme_cos']:.3f} |" \
+        in markdown
+
+
+def test_the_authors_design_is_trained_on_our_encoders_pool_not_the_live_filter(micro_world, tmp_path):
+    """A LoRA added later under the folder our encoder's ``where`` names must not change the
+    authors'-design row: it is trained on (or reused for) exactly our encoder's training LoRAs."""
+    from safetensors.torch import load_file, save_file
+
+    from registry import Registry
+
+    loras = tmp_path / "loras"
+    shutil.copytree(micro_world / "loras", loras)
+    registry = str(tmp_path / "registry")
+    run_json("register-base", str(micro_world / "base_model.json"), "--registry", registry)
+    run_json("ingest", str(loras), "--registry", registry)
+    where = f"source_path LIKE '{os.path.realpath(loras)}/%'"
+    run_json("train", "encoder", "--registry", registry, "--where", where, "--steps", "10")
+    run_json("ingest", str(micro_world / "heldout_loras"), "--registry", registry)
+    args = ("eval", "retrieval", "--registry", registry, "--world", str(micro_world))
+    first = run_json(*args, "--out", str(tmp_path / "first"))["provenance"]["paper_design"]
+
+    source = sorted(loras.glob("*.safetensors"))[0]  # a new LoRA the where filter matches
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(source).items()},
+              loras / "later-added.safetensors")
+    run_json("ingest", str(loras), "--registry", registry)
+    reg = Registry.open(registry, create=False)
+    active = next(r for r in reg.encoder_versions() if r.active)
+    assert reg.loras.count_rows(where) == len(active.info["pool"]) + 1
+    second = run_json(*args, "--out", str(tmp_path / "second"))["provenance"]["paper_design"]
+    assert second["version"] == first["version"] and not second["trained"]
+    assert second["pool_size"] == first["pool_size"] == len(active.info["pool"])
+    papers = [r for r in Registry.open(registry, create=False).encoder_versions() if "-paper-" in r.version]
+    assert [r.version for r in papers] == [first["version"]]
+    assert sorted(papers[0].info["pool"]) == sorted(active.info["pool"])
+
+
+def test_a_refused_evaluation_creates_no_report_folder(micro_world, tmp_path):
+    registry = str(tmp_path / "registry")
+    run_json("register-base", str(micro_world / "base_model.json"), "--registry", registry)
+    out = tmp_path / "new" / "report"
+    result = subprocess.run([AUTOLORA, "eval", "retrieval", "--registry", registry, "--world", str(micro_world),
+                             "--out", str(out), "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "no active LoRA-weight encoder" in result.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_retrieval_report_asset_materialises_the_evaluation(trained, micro_world, tmp_path):
