@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -178,29 +179,106 @@ def _drop_zero_components(factors: Layers, proj: Projections) -> None:
         factors[name], proj[name] = (a, b), project(a, b)
 
 
-def _peft_scale(metadata: Mapping[str, str]) -> Callable[[str], float] | None:
-    """Per-layer ``lora_alpha / r`` from diffusers' ``lora_adapter_metadata`` (a PEFT config)."""
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except ValueError:
-        return None
-    if not isinstance(config, dict) or not config:
-        return None
+MAX_PEFT_PATTERNS = 4096  # rank_pattern + alpha_pattern entries (each is tried on every layer)
 
-    def pattern(patterns: Mapping[str, float], module: str, default: float) -> float:
-        hits = (v for k, v in patterns.items() if re.fullmatch(rf"(.*\.)?({k})", module))
-        return next(hits, default)
+
+class _PeftScale(NamedTuple):
+    """One model's part of a PEFT config, validated: ``r``, ``lora_alpha``, compiled
+    ``rank_pattern`` / ``alpha_pattern`` entries and ``use_rslora``."""
+
+    r: float
+    alpha: float
+    ranks: list[tuple[re.Pattern, float]]
+    alphas: list[tuple[re.Pattern, float]]
+    rslora: bool
+
+    def of(self, module: str) -> float:
+        """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) of ``module``; the first pattern matching
+        the name or its ending wins, as in PEFT."""
+        r = next((v for rx, v in self.ranks if rx.fullmatch(module)), self.r)
+        alpha = next((v for rx, v in self.alphas if rx.fullmatch(module)), self.alpha)
+        return alpha / (math.sqrt(r) if self.rslora else r)
+
+
+def _bad_config(what: str) -> RejectedFile:
+    return RejectedFile("invalid_metadata", f"lora_adapter_metadata (a PEFT config): {what}"[:400])
+
+
+def _config_number(value: object, key: str, *, rank: bool) -> float:
+    """A PEFT ``r`` (an integer >= 1) or ``lora_alpha`` (a finite number: a negative alpha is a
+    sign-flipped scale, accepted as a negative ``.alpha`` key is)."""
+    need = "an integer >= 1" if rank else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad_config(f"{key} is {str(value)[:80]!r} ({type(value).__name__}); it must be {need}")
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond float range
+        x = math.inf
+    if not math.isfinite(x) or (rank and not (x >= 1 and x.is_integer())):
+        raise _bad_config(f"{key} is {str(value)[:80]}; it must be {need}")
+    return x
+
+
+def _config_patterns(value: object, key: str, *, rank: bool) -> list[tuple[re.Pattern, float]]:
+    """A ``rank_pattern`` / ``alpha_pattern``: module regex -> number, compiled."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise _bad_config(f"{key} is a JSON {type(value).__name__}, not an object mapping module "
+                          "patterns to numbers")
+    out = []
+    for k, v in value.items():
+        try:
+            regex = re.compile(rf"(.*\.)?({k})")
+        except (re.error, RecursionError, OverflowError) as e:
+            raise _bad_config(f"{key} has the pattern {k[:80]!r}, which is not a valid regular "
+                              f"expression ({e})") from None
+        out.append((regex, _config_number(v, f"{key}[{k[:80]!r}]", rank=rank)))
+    return out
+
+
+def _peft_owner(config: Mapping[str, object], owner: str) -> _PeftScale | None:
+    """``owner``'s (``transformer``, ``text_encoder``) validated scale settings; ``None`` where
+    ``r`` or ``lora_alpha`` is not given (scale 1)."""
+    cfg = {k: config.get(f"{owner}.{k}", config.get(k))
+           for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")}
+    ranks = _config_patterns(cfg["rank_pattern"], "rank_pattern", rank=True)
+    alphas = _config_patterns(cfg["alpha_pattern"], "alpha_pattern", rank=False)
+    if len(ranks) + len(alphas) > MAX_PEFT_PATTERNS:
+        raise _bad_config(f"{len(ranks) + len(alphas)} rank/alpha patterns, over the limit of "
+                          f"{MAX_PEFT_PATTERNS}")
+    if cfg["use_rslora"] is not None and not isinstance(cfg["use_rslora"], bool):
+        raise _bad_config(f"use_rslora is {str(cfg['use_rslora'])[:80]!r}; it must be true or false")
+    if cfg["r"] is None or cfg["lora_alpha"] is None:
+        return None
+    return _PeftScale(_config_number(cfg["r"], "r", rank=True),
+                      _config_number(cfg["lora_alpha"], "lora_alpha", rank=False),
+                      ranks, alphas, bool(cfg["use_rslora"]))
+
+
+def _peft_scale(metadata: Mapping[str, str]) -> Callable[[str], float] | None:
+    """Per-layer ``lora_alpha / r`` from diffusers' ``lora_adapter_metadata`` (a PEFT config),
+    validated up front: a config that is not JSON, or has a value of the wrong type or range
+    (``r`` 0, a string ``lora_alpha``, a NaN, a bad regex, ...) is refused as
+    ``invalid_metadata``."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise _bad_config(f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise _bad_config(f"a JSON {type(config).__name__}, not an object")
+    if not config:
+        return None
+    owners = {owner: _peft_owner(config, owner) for owner in ("transformer", "text_encoder")}
 
     def scale(name: str) -> float:
         te = name.startswith("text_encoder.")
         owner, module = name.split(".", 1) if te else ("transformer", name)
-        cfg = {k: config.get(f"{owner}.{k}", config.get(k))
-               for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")}
-        if cfg["r"] is None or cfg["lora_alpha"] is None:
-            return 1.0
-        r = pattern(cfg["rank_pattern"] or {}, module, cfg["r"])
-        alpha = pattern(cfg["alpha_pattern"] or {}, module, cfg["lora_alpha"])
-        return alpha / (math.sqrt(r) if cfg["use_rslora"] else r)
+        cfg = owners[owner]
+        return 1.0 if cfg is None else cfg.of(module)
 
     return scale
 

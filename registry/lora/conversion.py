@@ -8,7 +8,8 @@ fed float32 copies so alpha folding loses no precision) on a deterministic sampl
 modules (:func:`sample_modules`; the whole file for formats whose converter needs every block:
 fal/Kontext, BFL Control) and compares layer names, ΔW shapes and ΔW on a fixed probe. Our
 result stands; a diffusers failure or disagreement is noted. Where our name map cannot convert
-a file, diffusers' conversion of the whole file is used; where neither can, it is rejected.
+a file, diffusers' conversion of the whole file is used if it covers every module; where neither
+can, it is rejected. A layer given twice with different weights is rejected, never resolved.
 
 The gaps we found in diffusers 0.42 (where our map is right and the check notes it): BFL names
 with PEFT suffixes pass through unconverted (its loader then drops them), kohya/ComfyUI
@@ -126,18 +127,59 @@ def _convert_module(prefix: str, m: Module) -> list[tuple[str, tuple[Tensor, Ten
     return [(part, (a, r)) for part, r in zip(parts, rows, strict=True)]
 
 
-def convert(modules: Mapping[str, Module]) -> Layers:
+def _probe(a: Tensor, b: Tensor) -> Tensor:
+    """``ΔW x`` for a fixed ±1 probe ``x``, in float32 (ample for a 1e-4 comparison)."""
+    return b.float() @ (a.float() @ signs(a.shape[1], 1)[:, 0].float())
+
+
+def _equal(x: Tensor, y: Tensor) -> bool:
+    """Same shape, dtype and values (NaN equals nothing); numpy's compare is ~3x torch.equal's."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    try:
+        return bool(np.array_equal(x.detach().numpy(), y.detach().numpy()))
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
+        return torch.equal(x, y)
+
+
+def _layer_agrees(mine: tuple[Tensor, Tensor], theirs: tuple[Tensor, Tensor]) -> bool:
+    """The same ``ΔW x`` for a fixed probe ``x`` (to 1e-4 relative); identical factors give an
+    identical ``ΔW x`` and skip the probe."""
+    (a, b), (c, d) = mine, theirs
+    if _equal(a, c) and _equal(b, d):
+        return True
+    y, z = _probe(a, b), _probe(c, d)
+    return bool(y.shape == z.shape and (y - z).norm() <= 1e-4 * y.norm() + 1e-12)
+
+
+def convert(modules: Mapping[str, Module], notes: list[str] | None = None) -> Layers:
     """Our own conversion: name map, alpha/rank folded into B, fused layers split by B's rows.
-    Raises ``ValueError`` for modules the map does not know or layers given twice."""
-    unknown = [p for p in modules if module_layers(p) is None]
+
+    A layer given twice (e.g. in kohya and in diffusers spelling) with the same ΔW is kept once
+    (noted in ``notes``); with a different ΔW the file is ambiguous: :class:`RejectedFile`
+    ``duplicate_layer``. Raises ``ValueError`` for modules the map does not know.
+    """
+    layers: Layers = {}
+    owner: dict[str, str] = {}
+    unknown, repeated = [], []
+    for prefix, m in modules.items():
+        if module_layers(prefix) is None:
+            unknown.append(prefix)
+            continue
+        for part, factors in _convert_module(prefix, m):
+            if part not in layers:
+                layers[part], owner[part] = factors, prefix
+            elif _layer_agrees(layers[part], factors):
+                repeated.append(part)
+            else:
+                raise RejectedFile("duplicate_layer", f"layer {part} is given twice with different "
+                                                      f"weights (by {owner[part]} and {prefix}); "
+                                                      "which one applies is ambiguous")
     if unknown:
         raise ValueError(f"{len(unknown)} unrecognised LoRA modules, e.g. {unknown[:3]}")
-    layers: Layers = {}
-    for prefix, m in modules.items():
-        for part, factors in _convert_module(prefix, m):
-            if part in layers:
-                raise ValueError(f"layer {part} is given twice")
-            layers[part] = factors
+    if repeated and notes is not None:
+        notes.append(f"{len(repeated)} layers are given twice with the same weights (e.g. "
+                     f"{repeated[0]}); kept once")
     return layers
 
 
@@ -162,31 +204,6 @@ def _via_diffusers(tensors: Mapping[str, Tensor]) -> Layers:
     state, alphas = FluxPipeline.lora_state_dict(copy, return_alphas=True)
     modules, _ = group({**state, **(alphas or {})})
     return convert(modules)
-
-
-def _probe(a: Tensor, b: Tensor) -> Tensor:
-    """``ΔW x`` for a fixed ±1 probe ``x``, in float32 (ample for a 1e-4 comparison)."""
-    return b.float() @ (a.float() @ signs(a.shape[1], 1)[:, 0].float())
-
-
-def _equal(x: Tensor, y: Tensor) -> bool:
-    """Same shape, dtype and values (NaN equals nothing); numpy's compare is ~3x torch.equal's."""
-    if x.shape != y.shape or x.dtype != y.dtype:
-        return False
-    try:
-        return bool(np.array_equal(x.detach().numpy(), y.detach().numpy()))
-    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
-        return torch.equal(x, y)
-
-
-def _layer_agrees(mine: tuple[Tensor, Tensor], theirs: tuple[Tensor, Tensor]) -> bool:
-    """The same ``ΔW x`` for a fixed probe ``x`` (to 1e-4 relative); identical factors give an
-    identical ``ΔW x`` and skip the probe."""
-    (a, b), (c, d) = mine, theirs
-    if _equal(a, c) and _equal(b, d):
-        return True
-    y, z = _probe(a, b), _probe(c, d)
-    return bool(y.shape == z.shape and (y - z).norm() <= 1e-4 * y.norm() + 1e-12)
 
 
 _HASHED_MODULES = 2  # modules picked by a hash of the name, besides the rule-picked ones
@@ -236,27 +253,67 @@ def _agrees(mine: Layers, theirs: Layers, fed: Iterable[str], probed: Iterable[s
                for p in probed for part in module_layers(p)[0])
 
 
+# Alphas and diffusers: kohya, ComfyUI and OneTrainer converters in diffusers 0.42 split alpha / rank
+# into two factors with ``while scale_down * 2 < scale_up``, which never ends for a negative (or
+# -inf) scale. A negative alpha is still accepted, in every format: kohya's, ComfyUI's and
+# diffusers' loaders apply alpha / rank as it is, so it is a valid sign-flipped update (and the
+# diffusers-format path, which needs no diffusers check, always took it); our name map folds it
+# like any other. So modules whose alpha is <= 0 or not finite are only kept out of diffusers'
+# check. A NaN/Inf alpha is refused in every format by the NaN/Inf scan (``nan_inf``).
+def diffusers_can_scale(m: Module) -> bool:
+    """Whether diffusers' converters can be given this module's alpha (none, or finite and > 0)."""
+    return m.alpha is None or (math.isfinite(m.alpha) and m.alpha > 0)
+
+
+def _whole_file_via_diffusers(tensors: Mapping[str, Tensor], modules: Mapping[str, Module],
+                              mine_exc: ValueError) -> Layers:
+    """diffusers' conversion of a file our name map cannot convert, which must cover every module
+    (diffusers drops names it does not know); else :class:`RejectedFile` ``unsupported_layers``."""
+    def refuse(why: str) -> RejectedFile:
+        return RejectedFile("unsupported_layers", f"could not convert: name map: {mine_exc}; "
+                                                  f"diffusers: {why}"[:600])
+
+    odd = next((p for p, m in modules.items() if not diffusers_can_scale(m)), None)
+    if odd is not None:
+        raise refuse(f"not run ({odd} has alpha {modules[odd].alpha}, which its converters "
+                     "cannot take)")
+    try:
+        theirs = _via_diffusers(tensors)
+    except Exception as exc:  # noqa: BLE001 - third-party converters raise anything
+        raise refuse(f"{type(exc).__name__}: {exc}"[:300]) from None
+    if len(theirs) < len(modules):  # each module gives one layer or more (fused ones split)
+        raise refuse(f"converted only {len(theirs)} layers from the file's {len(modules)} LoRA "
+                     "modules")
+    return theirs
+
+
 def convert_checked(tensors: Mapping[str, Tensor], modules: Mapping[str, Module],
                     notes: list[str], fmt: Format | None = None) -> Layers:
     """Our conversion, cross-checked by diffusers' converter on a sample (see the module doc).
 
     ``fmt``: the file's detected format (``None``: run diffusers on a sample). Appends to
-    ``notes`` when diffusers fails or disagrees; raises :class:`RejectedFile` when neither our
-    name map nor diffusers can convert the file.
+    ``notes`` when diffusers fails or disagrees or is not run; raises :class:`RejectedFile` when
+    neither our name map nor diffusers can convert the file, or when it gives a layer twice with
+    different weights.
     """
     try:
-        mine = convert(modules)
+        mine = convert(modules, notes)
     except ValueError as mine_exc:  # our map cannot: diffusers' conversion of the whole file
-        try:
-            return _via_diffusers(tensors)
-        except Exception as exc:  # noqa: BLE001 - third-party converters raise anything
-            failed = f"diffusers: {type(exc).__name__}: {exc}"[:300]
-            raise RejectedFile("unsupported_layers",
-                               f"could not convert: name map: {mine_exc}; {failed}") from None
+        return _whole_file_via_diffusers(tensors, modules, mine_exc)
     if diffusers_keeps(tensors):
         return mine
-    probed = sample_modules(modules)
+    checkable = {p: m for p, m in modules.items() if diffusers_can_scale(m)}
     on_sample = fmt is None or fmt.diffusers_on_sample
+    if len(checkable) < len(modules):
+        odd = next(p for p in modules if p not in checkable)
+        if not checkable or not on_sample:
+            notes.append(f"diffusers check not run: {len(modules) - len(checkable)} modules have "
+                         f"an alpha <= 0 or not finite (e.g. {odd}), which its converters "
+                         "cannot take")
+            return mine
+        notes.append(f"diffusers check left out {len(modules) - len(checkable)} modules with an "
+                     f"alpha <= 0 or not finite (e.g. {odd})")
+    probed = sample_modules(checkable)
     fed = probed if on_sample else modules.keys()
     sample = {k: tensors[k] for p in fed for k in modules[p].keys} if on_sample else tensors
     try:

@@ -9,10 +9,12 @@ at the offsets the header check accepted. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
 import os
+import pickletools
 import struct
 from collections import Counter
 from pathlib import Path
@@ -54,6 +56,42 @@ def _kind_of(head: bytes) -> str:
     return "unknown"
 
 
+_SNIFF_BYTES = 64 * 1024
+_TEXT_BYTES = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\r")
+
+
+def _is_pickle(data: bytes) -> bool:
+    """Whether ``data`` reads as a pickle of any protocol (protocol 0/1 ones have no marker
+    byte): a whole one, up to STOP with a consistent stack and memo (:func:`pickletools.dis`), or,
+    where ``data`` was cut off at the sniff limit, at least 64 opcodes. :mod:`pickletools` only
+    decodes opcodes and their arguments; nothing is built or imported."""
+    try:
+        pickletools.dis(io.BytesIO(data), out=io.StringIO())
+        return True
+    except Exception:  # noqa: BLE001 - any failure on hostile bytes just means "not a pickle"
+        pass
+    if len(data) < _SNIFF_BYTES:
+        return False
+    stream, count = io.BytesIO(data), 0
+    try:
+        for _ in pickletools.genops(stream):
+            count += 1
+    except Exception:  # noqa: BLE001 - an unknown opcode, or the data ran out
+        pass
+    return count >= 64 and stream.tell() >= len(data)
+
+
+def _refuse_other_kind(path: Path, head: bytes) -> None:
+    """Refuse a ``.safetensors`` file that is a protocol 0/1 pickle or text (its first 8 bytes,
+    read as a header length, are absurd): a clearer reason than the length's."""
+    if _is_pickle(head):
+        raise _reject("pickle", path, "named .safetensors but is a Python pickle (protocol 0 or "
+                      "1); refusing to unpickle it")
+    if head[:8] and all(c in _TEXT_BYTES for c in head[:8]):
+        raise _reject("not_safetensors", path, f"not a safetensors file: it starts with text "
+                      f"({head[:40].decode('ascii', 'replace')!r}), not an 8-byte header length")
+
+
 def sniff_kind(path: str | os.PathLike) -> str:
     """Return "safetensors" | "pickle" | "zip" | "empty" | "unknown" from the first bytes only."""
     with open(path, "rb") as f:
@@ -82,11 +120,12 @@ def _check_entry(path: Path, name: str, entry: object) -> tuple[int, int]:
         raise _reject("bad_entry", path, f"tensor {name!r} must be an object with exactly "
                       f"'dtype', 'shape' and 'data_offsets', got {str(entry)[:200]}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in ALLOWED_DTYPES:
-        why = ("is not a floating-point type usable for LoRA weights"
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        why = ("is not a string" if not isinstance(dtype, str)
+               else "is not a floating-point type usable for LoRA weights"
                if dtype in _NOT_LORA_DTYPES else "is not a known safetensors dtype")
-        raise _reject("bad_dtype", path, f"tensor {name!r} has dtype {dtype!r}, which {why} "
-                      f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
+        raise _reject("bad_dtype", path, f"tensor {name!r} has dtype {str(dtype)[:100]!r}, which "
+                      f"{why} (allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _reject("bad_shape", path, f"tensor {name!r} has shape {str(shape)[:200]}; "
                       "expected a list of non-negative integers")
@@ -154,6 +193,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
             raise _reject("truncated", p, f"only {size} bytes; too short for the 8-byte "
                           "header length")
         (n,) = struct.unpack("<Q", head[:8])
+        if n > MAX_HEADER_BYTES or 8 + n > size:  # no safetensors length: maybe another kind
+            f.seek(0)
+            _refuse_other_kind(p, f.read(_SNIFF_BYTES))
         if n > MAX_HEADER_BYTES:
             raise _reject("header_too_large", p, f"header claims {n} bytes, over the "
                           f"{MAX_HEADER_BYTES}-byte cap")
