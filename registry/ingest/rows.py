@@ -6,31 +6,52 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from registry.captions import is_self_rendered, search_document
 from registry.hashing import sha256_file
-from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sidecar_files
+from registry.lora.metadata import MAX_RENDER_BYTES, LoraMetadata, from_header, from_sidecars, sidecar_files
 from registry.store.prune import prune
 from registry.store.store import Store, where_in
 from registry.text import embed_documents
 
 
-def store_renders(reg: Store, meta: LoraMetadata) -> list[str]:
+def store_renders(reg: Store, meta: LoraMetadata, warnings: list[str] | None = None) -> list[str]:
     """Copy ``meta``'s render images into the blob store and return their blob paths (``""``: a
-    render without an image here, e.g. a link). A render whose bytes are already among them
-    (the same preview beside two copies of a file) is dropped from ``meta``: first one kept."""
+    render without an image here, e.g. a link). Only the images the sidecars' reading checked
+    (``meta.render_images``) are copied. A render whose bytes are already among them (the same
+    preview beside two copies of a file) is dropped from ``meta``: first one kept. One that cannot
+    be copied now (unreadable, no longer a regular file under the size cap) keeps its prompt
+    without an image, with a line in ``warnings`` (default: the list its sidecars reported to)."""
+    warnings = meta.warnings if warnings is None else warnings
     paths, prompts, blobs = [], [], []
     for render, prompt in zip(meta.render_paths, meta.render_prompts):
         blob = ""
-        if os.path.isfile(render):
-            blob = str(reg.blobs.put(render, sha256_file(render), Path(render).suffix.lower()).relative_to(reg.root))
-            if blob in blobs:
+        if render in meta.render_images:
+            try:
+                blob = _put_render(reg, render)
+            except FileNotFoundError:  # gone since it was checked: as a render never there
+                pass
+            except OSError as error:
+                reason = f"unreadable: {error.strerror}" if error.strerror else str(error)
+                message = f"ignored render {render}: {reason}"
+                if warnings is not None and message not in warnings:
+                    warnings.append(message)
+            if blob and blob in blobs:
                 continue
         paths.append(render), prompts.append(prompt), blobs.append(blob)
     meta.render_paths, meta.render_prompts = paths, prompts
     return blobs
+
+
+def _put_render(reg: Store, render: str) -> str:
+    """Copy one render image into the blob store; its blob path. ``OSError`` when it cannot be."""
+    info = os.stat(render)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RENDER_BYTES:
+        raise OSError(f"no longer a regular file of at most {MAX_RENDER_BYTES:,} bytes")
+    return str(reg.blobs.put(render, sha256_file(render), Path(render).suffix.lower()).relative_to(reg.root))
 
 
 def card_first(paths: Iterable[str]) -> list[str]:
@@ -57,7 +78,7 @@ def metadata_of(header: dict[str, str], paths: list[str], warnings: list[str] | 
     return meta
 
 
-def renders_and_captions(reg: Store, row: dict, meta: LoraMetadata) -> dict:
+def renders_and_captions(reg: Store, row: dict, meta: LoraMetadata, warnings: list[str] | None = None) -> dict:
     """The render and caption columns of ``row`` once its sidecars give ``meta``'s renders.
 
     Captions follow their renders' blobs: each render kept keeps its caption. Self-rendered
@@ -66,8 +87,9 @@ def renders_and_captions(reg: Store, row: dict, meta: LoraMetadata) -> dict:
     the caption pass only self-renders a LoRA without any image, so a row with both could never
     come out of it, and the LoRA's own renders say more about it than its base's. When a render
     ends up without a caption, ``caption_model`` is cleared so that the next caption pass takes
-    the row again (its captions stay paired, ``""`` for the ones missing, meanwhile)."""
-    blobs = store_renders(reg, meta)
+    the row again (its captions stay paired, ``""`` for the ones missing, meanwhile). A render that
+    cannot be copied is reported to ``warnings`` (:func:`store_renders`)."""
+    blobs = store_renders(reg, meta, warnings)
     prompts = list(meta.render_prompts)
     old_prompts, old_blobs = list(row.get("render_prompts") or []), list(row.get("render_blobs") or [])
     old_captions, model = list(row.get("captions") or []), row.get("caption_model")
@@ -91,7 +113,7 @@ def rebuild_row(reg: Store, row: dict, paths: Iterable[str], warnings: list[str]
     (the copies of its file on disk), with its renders and captions kept paired; not its vector."""
     meta = metadata_of(json.loads(row["header_metadata"] or "{}"), card_first(paths), warnings)
     row.update(name=meta.name, description=meta.description, trigger_words=meta.trigger_words,
-               tags=meta.tags, **renders_and_captions(reg, row, meta))
+               tags=meta.tags, **renders_and_captions(reg, row, meta, warnings))
     row.update(search_text=search_document(row, row["captions"]),  # captions of kept renders stay searchable
                **source_fields(meta), removed=False)
 

@@ -157,8 +157,9 @@ def test_a_failure_while_the_blob_is_copied_leaves_no_staged_file(folder, tmp_pa
 
     monkeypatch.setattr(ingest.WeightEmbedder, "embed", broken)
     reg = Registry.open(tmp_path / "registry")
-    with pytest.raises(RuntimeError, match="encoder file unreadable"):
-        reg.add([folder])
+    report = reg.add([folder])  # each file's failure is its recorded rejection; the run ends
+    assert report.rejected and all(r["code"] == "internal_error" and "encoder file unreadable" in r["reason"]
+                                   for r in report.rejected)
     assert not list(reg.blobs.root.rglob(".incoming-*")) and reg.lora_ids() == []
 
 
