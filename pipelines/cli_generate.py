@@ -186,7 +186,8 @@ def cmd_eval_generation(args: argparse.Namespace) -> int:
         return 0
     cols = SETTINGS  # base, top-1/2/3, and the reference rows of the theme's own LoRA and trigger
     _table("prompt read-out accuracy on held-out themes", ["prompts", *cols],
-           [(g, *(f"{report[g][c]:.3f}" for c in cols)) for g in ("synonym", "canonical", "all")])
+           [(g, *("-" if report[g][c] is None else f"{report[g][c]:.3f}" for c in cols))
+            for g in ("synonym", "canonical", "all")])
     print(f"report: {args.out}/generation.md")
     return 0
 

@@ -25,21 +25,25 @@ from tqdm.auto import tqdm
 
 from models.torch_threads import one_torch_thread
 from pipelines.evaluate.fusion_common import markdown_table, open_world, save_grid, scene_accuracy
+from pipelines.evaluate.generation_anchor import AnchorRetrieval
 from pipelines.evaluate.retrieval import manifest_ids
 from pipelines.generate import Generator, with_triggers
 from pipelines.world.scene import caption, sample_attributes
 
 RETRIEVED = ("top1", "top2", "top3")
-SETTINGS = ("base", *RETRIEVED, "own1", "base_with_trigger", "own1_without_trigger")
+ANCHOR = ("paper_top1", "paper_top2", "paper_top3")  # the authors' retrieval (generation_anchor)
+SETTINGS = ("base", *RETRIEVED, *ANCHOR, "own1", "base_with_trigger", "own1_without_trigger")
 GROUPS = ("synonym", "canonical", "all")
 LEGEND = (
     "**Columns.** Read-out accuracy of the attribute values each prompt asks for. `base`: the base alone "
     "(the baseline); `top1`/`top2`/`top3`: the k LoRAs hybrid search retrieves for the prompt, their trigger "
-    "words added, fused by `gated` (ours, as `autolora generate` runs); references: `own1` (the theme's own "
+    "words added, fused by `gated` (ours, as `autolora generate` runs); `paper_top1`/`2`/`3` (the anchor): the k "
+    "LoRAs the authors' weight-only encoder design retrieves (trained on our encoder's pool, as in the retrieval "
+    "report; every LoRA of the base ranked by weight-embedding cosine with the prompt), fused the same way; "
+    "references: `own1` (the theme's own "
     "LoRA with its trigger: a perfect retriever), `base_with_trigger` (the base, that trigger word added, no "
     "LoRA), `own1_without_trigger` (the own LoRA, no trigger word). **Rows.** `synonym`: themes described in "
-    "words the base never saw; `canonical`: in the base's own words; `all`: both. Held-out themes only. No row "
-    "retrieves with the authors' weight-only encoder (their retrieval is in the retrieval report).",
+    "words the base never saw; `canonical`: in the base's own words; `all`: both. Held-out themes only.",
 )
 
 
@@ -51,10 +55,11 @@ def word_prompts(entry: Mapping, n: int, seed: int) -> tuple[list[str], list[dic
     return [caption(s, rng, words=words) for s in scenes], scenes
 
 
-def _render_retrieved(gen: Generator, prompts: list[str], k: int, seed: int,
+def _render_retrieved(gen: Generator, prompts: list[str], k: int, seed: int, retrieve=None,
                       ) -> tuple[np.ndarray, list[list], list[str]]:
-    """The renders with each prompt's top-k fused, the hits, and the texts rendered (triggers added)."""
-    hits = [gen.retrieve(p, k) for p in prompts]
+    """The renders with each prompt's top-k (by ``retrieve``, else ours) fused, the hits, and the
+    texts rendered (triggers added)."""
+    hits = [(retrieve or gen.retrieve)(p, k) for p in prompts]
     texts = [with_triggers(p, [w for x in h for w in x.trigger_words]) for p, h in zip(prompts, hits)]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, h in enumerate(hits):
@@ -79,7 +84,7 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
 
     world = open_world(world_root, pipe)
     scores: dict[str, dict[str, list[float]]] = {g: {s: [] for s in SETTINGS} for g in GROUPS}
-    found: dict[str, list[float]] = {s: [] for s in RETRIEVED}
+    found: dict[str, list[float]] = {s: [] for s in (*RETRIEVED, *ANCHOR)}
     cut: dict[str, list[bool]] = {s: [] for s in SETTINGS}
     grid_rows: dict[str, dict[str, np.ndarray]] = {}
     out = Path(out)
@@ -87,16 +92,21 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
     family_ids = defaultdict(set)  # a theme's own LoRA and its independently trained twins
     for entry in world.heldout:
         family_ids[entry["family"]].add(ids[entry["file"]])
+    active = next((r for r in registry.encoder_versions() if r.active), None)
+    anchor = AnchorRetrieval(registry, active, progress) if active is not None else None  # no encoder: no anchor
     with one_torch_thread(), Generator(registry, world.pipe, gates, method="gated") as gen:
         for index, entry in enumerate(tqdm(world.heldout, desc="generation", disable=not progress)):
             prompts, scenes = word_prompts(entry, n_prompts, seed + index)
             render_seed = seed + 1000 + index
             images = {"base": generate(world.pipe, prompts, render_seed)}
             texts = {"base": prompts, "own1_without_trigger": prompts}
+            own = family_ids[entry["family"]]
             for k in (1, 2, 3):
-                images[f"top{k}"], hits, texts[f"top{k}"] = _render_retrieved(gen, prompts, k, render_seed)
-                own = family_ids[entry["family"]]
-                found[f"top{k}"] += [float(any(h.lora_id in own for h in hh)) for hh in hits]
+                for name, retrieve in ((f"top{k}", None), (f"paper_top{k}", anchor and anchor.retrieve)):
+                    if name.startswith("paper") and anchor is None:
+                        continue
+                    images[name], hits, texts[name] = _render_retrieved(gen, prompts, k, render_seed, retrieve)
+                    found[name] += [float(any(h.lora_id in own for h in hh)) for hh in hits]
             own_id = ids[entry["file"]]
             triggers = list(registry.get(own_id)["trigger_words"])
             triggered = texts["own1"] = texts["base_with_trigger"] = [with_triggers(p, triggers) for p in prompts]
@@ -116,6 +126,7 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
     report = {g: {s: float(np.mean(v)) if v else None for s, v in by.items()} for g, by in scores.items()}
     report["retrieval_found"] = {s: float(np.mean(v)) if v else None for s, v in found.items()}
     report["clip_cut"] = {s: float(np.mean(v)) if v else None for s, v in cut.items()}
+    report["anchor_encoder"] = anchor.encoder if anchor else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "generation.json").write_text(json.dumps(report, indent=1))
     (out / "generation.md").write_text(_markdown(report, grid_rows, out, world.root, gates, n_prompts))
@@ -130,14 +141,17 @@ def _markdown(report: Mapping, grid_rows: Mapping, out: Path, root: Path, gates,
              "Share of prompts whose top-k holds the theme's own LoRA (or a twin): "
              + ", ".join(f"{s} {v:.3f}" for s, v in report["retrieval_found"].items() if v is not None)
              + " (the query is the whole prompt, a scene of several attributes, searched on the hybrid channel "
-               "over the whole registry: harder than the retrieval report's one-attribute queries).", "",
+               "over the whole registry, or by the authors' encoder for `paper_top*`: harder than the retrieval "
+               "report's one-attribute queries). Authors' encoder: "
+             + (f"`{report['anchor_encoder']['version']}`" if report.get("anchor_encoder") else
+                "none (the registry has no active encoder, so no anchor rows)") + ".", "",
              "Share of rendered prompts longer than the base's CLIP tokenizer takes (the CLIP side reads only "
              "their start; T5 reads them whole; the trigger words added make them longer): "
              + ", ".join(f"{s} {v:.3f}" for s, v in report["clip_cut"].items() if v is not None) + ".", "",
              *LEGEND, ""]
     for group, rows in grid_rows.items():
         prompts: Sequence[str] = rows["prompts"]
-        path = save_grid(out / f"generation_{group}.png", {s: rows[s] for s in SETTINGS})
+        path = save_grid(out / f"generation_{group}.png", {s: rows[s] for s in SETTINGS if s in rows})
         lines += [f"## {group} theme, first prompts", "", f"Rows: {', '.join(SETTINGS)}. Prompts: "
                   f"{'; '.join(prompts[:3])}; ...", "", f"![{group}]({path.name})", ""]
     return "\n".join(lines)

@@ -102,8 +102,18 @@ def test_fusion_sets_and_prompts(micro_world):
 
 
 def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tmp_path):
-    report = evaluate_generation(micro_registry, micro_world, tmp_path, gates=gates, n_prompts=2, pipe=pipe,
+    import shutil
+
+    from pipelines.encoder_pool import Recipe, train_registry_encoder
+    from registry import Registry
+
+    shutil.copytree(micro_registry.root, tmp_path / "registry")
+    registry = Registry.open(tmp_path / "registry", create=False)
+    base = json.loads((micro_world / "base_model.json").read_text())["name"]
+    train_registry_encoder(registry, base, recipe=Recipe(steps=3, batch_size=4))  # ours, so the anchor has a pool
+    report = evaluate_generation(registry, micro_world, tmp_path, gates=gates, n_prompts=2, pipe=pipe,
                                  progress=False)
+    assert report["anchor_encoder"]["version"].startswith("enc-paper-") and report["anchor_encoder"]["pool_size"] > 0
     heldout = [e for e in json.loads((micro_world / "world.json").read_text())["loras"] if e["split"] == "heldout"]
     for group in GROUPS:
         has = group == "all" or any(e["synonym"] == (group == "synonym") for e in heldout)
@@ -118,6 +128,11 @@ def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tm
     assert set(cut) == set(SETTINGS) and all(0.0 <= v <= 1.0 for v in cut.values())
     assert cut["base"] == cut["own1_without_trigger"] <= cut["own1"] == cut["base_with_trigger"]
     assert "longer than the base's CLIP tokenizer takes" in (tmp_path / "generation.md").read_text()
+    # without an active encoder there is no authors' design to retrieve with: no anchor rows, said so
+    bare = evaluate_generation(micro_registry, micro_world, tmp_path / "bare", gates=gates, n_prompts=1, pipe=pipe,
+                               progress=False)
+    assert bare["anchor_encoder"] is None and bare["all"]["paper_top1"] is None and bare["all"]["top1"] is not None
+    assert "no anchor rows" in (tmp_path / "bare" / "generation.md").read_text()
 
 
 def test_clip_cut_counts_prompts_past_the_clip_tokenizers_length(pipe):
