@@ -132,7 +132,8 @@ def generation_report(context: dg.AssetExecutionContext, config: ReportConfig,
                                  n_prompts=config.prompts, progress=False)
     return dg.MaterializeResult(metadata={
         **{f"{group}_{setting}": report[group][setting] for group in ("synonym", "canonical")
-           for setting in ("base", "top1", "top2", "top3")},
+           for setting in ("base", "top1", "top2", "top3", "paper_top1", "paper_top2", "paper_top3")
+           if report[group].get(setting) is not None},  # paper_*: the anchor (none without an encoder)
         "report_path": dg.MetadataValue.path(str(Path(config.out).absolute() / "generation.md")),
         "report": dg.MetadataValue.md(report_markdown(Path(config.out) / "generation.md")),
         "json": dg.MetadataValue.json(report)})
