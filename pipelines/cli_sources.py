@@ -79,6 +79,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     for name, report in results.items():
         for failure in report.failed:
             print(f"warning: {failure_line(name, failure, args.sources)}", file=sys.stderr)
+        for warning in report.warnings:  # renders not fetched; links, FIFOs, folders a local source skipped
+            print(f"warning: {name}: {warning}", file=sys.stderr)
     rows = []
     for name, r in results.items():
         added, rejected = (len(r.ingest.added), len(r.ingest.rejected)) if r.ingest else (0, 0)

@@ -28,6 +28,7 @@ class LocalSource:
 
     def __init__(self, folder: str | os.PathLike, name: str = "local") -> None:
         self.folder, self.name = Path(folder).expanduser().absolute(), name  # absolute: ids are file URIs
+        self.skipped: list[str] = []  # what the last discover could not consider, and why
 
     def discover(self, cursor: Cursor | None) -> tuple[list[Candidate], Cursor]:
         """Files new or changed since ``cursor`` (``{"files": {path: digest}}``); a folder that does
@@ -38,7 +39,8 @@ class LocalSource:
         seen: dict[str, str] = dict((cursor or {}).get("files", {}))
         now: dict[str, str] = {}
         found = []
-        for path, stat, siblings in _lora_files(self.folder):
+        self.skipped = []
+        for path, stat, siblings in _lora_files(self.folder, self.skipped):
             digest = _digest(path, stat, siblings)
             now[str(path)] = digest
             if seen.get(str(path)) != digest:
@@ -70,8 +72,13 @@ def changed_files(folder: str | os.PathLike, cursor: str | None) -> tuple[list[s
     return sorted(c.id for c in found), json.dumps(new, sort_keys=True)
 
 
-def _lora_files(folder: Path):
-    for root, dirs, names in os.walk(folder):
+def _lora_files(folder: Path, skipped: list[str]):
+    """LoRA-named regular files under ``folder``; what cannot be one (a dangling or looping link,
+    a FIFO or device, an unreadable folder) goes to ``skipped`` with the reason, as ingest says it."""
+    def unreadable(error: OSError) -> None:
+        skipped.append(f"skipped {error.filename or folder}: unreadable folder: {error.strerror}")
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. a sync's .staging
         siblings = sorted(names)
         for name in siblings:
@@ -80,10 +87,17 @@ def _lora_files(folder: Path):
             path = Path(root) / name
             try:
                 stat = path.stat()
-            except OSError:  # vanished or a broken link: not a candidate
+            except FileNotFoundError:  # vanished since the listing, or a dangling link
+                if path.is_symlink():
+                    skipped.append(f"skipped {path}: a symlink that is dangling or loops")
+                continue
+            except OSError as error:  # a looping link, an unreadable entry
+                skipped.append(f"skipped {path}: {error.strerror or error}")
                 continue
             if path.is_file():
                 yield path, stat, siblings
+            else:
+                skipped.append(f"skipped {path}: neither a regular file nor a folder")
 
 
 def _digest(path: Path, stat: os.stat_result, siblings: list[str]) -> str:

@@ -115,13 +115,14 @@ def _sync_in_place(source: Source, registry: Registry | None, cursor: Cursor | N
         return SyncReport(failed=[{"key": source.name, "file": "", "code": error.code, "reason": error.reason,
                                    "retry": True}], cursor={"source": (cursor or {}).get("source"), "pending": []})
     paths = [c.id for c in found if os.path.exists(c.id)]
+    skipped = list(getattr(source, "skipped", []))  # links, FIFOs, unreadable folders it walked past
     ingest = registry.add(paths) if registry is not None and paths else None
     retried = {os.path.realpath(r["path"]) for r in (ingest.rejected if ingest else [])
                if r["code"] in RETRIED_REJECTIONS}
     forget = getattr(source, "forget", None)
     if retried and forget is not None:  # not seen: discovered again next time
         new = forget(new, [c.id for c in found if os.path.realpath(c.id) in retried])
-    return SyncReport(discovered=len(found), ingest=ingest, cursor={"source": new, "pending": []})
+    return SyncReport(discovered=len(found), ingest=ingest, warnings=skipped, cursor={"source": new, "pending": []})
 
 
 def _one(source: Source, candidate: Candidate, final_root: Path, staging_root: Path,

@@ -169,3 +169,24 @@ def test_one_sources_unforeseen_failure_is_its_warning_and_the_others_sync(tmp_p
     from registry import Registry
 
     assert len(Registry.open(tmp_path / "registry", create=False)) == 1  # the second source's LoRA
+
+
+def test_a_local_source_names_what_it_walked_past(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.setattr("pipelines.cli_sources.OFFLINE_BY_USER", True)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_lora(folder / "good.safetensors", flux_lora(partial_names((3,), ()), rank=2, seed=3), "kohya")
+    (folder / "gone.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    os.mkfifo(folder / "pipe.safetensors")
+    (tmp_path / "sources.toml").write_text('[[source]]\nkind = "local"\nname = "mine"\nfolder = "loras"\n')
+    common = ["sync", "--registry", str(tmp_path / "registry"), "--sources", str(tmp_path / "sources.toml"),
+              "--download-dir", str(tmp_path / "downloads")]
+    assert main([*common, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["mine"]
+    assert len(report["ingest"]["added"]) == 1
+    assert sorted(report["warnings"]) == [f"skipped {folder / 'gone.safetensors'}: a symlink that is dangling or loops",
+                                          f"skipped {folder / 'pipe.safetensors'}: neither a regular file nor a folder"]
+    assert main(common) == 0  # the table, and each skipped path on stderr
+    assert f"warning: mine: skipped {folder / 'pipe.safetensors'}" in capsys.readouterr().err
