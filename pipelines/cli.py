@@ -256,19 +256,18 @@ def _utf8(text: str) -> bool:
 def _report_folder(path: str) -> str:
     """``path`` checked as a report folder before any work: an existing folder this process can write
     in, or a missing one under such a folder (created by the report); else a usage error."""
-    import tempfile
     from pathlib import Path
+
+    from registry.atomic_write import cannot_create_in
 
     nearest = Path(path).absolute()
     while not nearest.exists():
         nearest = nearest.parent
     if not nearest.is_dir():
         raise UsageError(f"--out {path}: {nearest} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=nearest):  # root ignores permission bits: try a write
-            pass
-    except OSError as error:
-        raise UsageError(f"--out {path}: cannot write in {nearest} ({error.strerror or error})") from None
+    why = cannot_create_in(nearest)
+    if why:
+        raise UsageError(f"--out {path}: cannot write in {nearest} ({why})")
     return path
 
 

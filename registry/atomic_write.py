@@ -43,3 +43,15 @@ def copy_atomically(source: str | os.PathLike, path: str | os.PathLike) -> None:
     the whole copy, and a failed copy leaves no temp file behind."""
     with open(source, "rb") as src, _replacing(path) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def cannot_create_in(folder: str | os.PathLike) -> str:
+    """Why no file can be created in ``folder`` (``""`` when one can): tried with an unnamed temp
+    file that leaves nothing behind, since permission bits do not bind root (a read-only mount does)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return ""
+    except OSError as error:
+        return str(error.strerror or error)

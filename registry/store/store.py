@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ import lancedb
 import pyarrow as pa
 from lancedb.index import FTS
 
-from registry.atomic_write import write_atomically
+from registry.atomic_write import cannot_create_in, write_atomically
 from registry.store.blobstore import BlobStore
 from registry.store.schema import (
     ENCODERS_SCHEMA, FILES_SCHEMA, FORMAT_VERSION, FULL_TEXT_COLUMN, REJECTIONS_SCHEMA, TEXT_DIM,
@@ -232,12 +231,9 @@ class Store:
         the tables' folder (tried: permission bits do not bind root), before a write starts."""
         self._writable()
         for folder in (self.blobs.root, self.root / "lancedb"):
-            try:
-                with tempfile.TemporaryFile(dir=folder):
-                    pass
-            except OSError as error:
-                raise RegistryNotWritable(f"cannot write to the registry at {self.root}: {folder} "
-                                          f"({error.strerror or error})") from None
+            why = cannot_create_in(folder)
+            if why:
+                raise RegistryNotWritable(f"cannot write to the registry at {self.root}: {folder} ({why})")
 
     # ---- writes ------------------------------------------------------------------------
     def upsert(self, table, rows: Sequence[dict], key: str, *, update: bool) -> None:
