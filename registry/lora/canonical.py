@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import regex  # PEFT patterns: unlike re, it can time a match out
 import torch
 
 from registry.lora.conversion import Module, convert_checked, group
@@ -82,10 +83,10 @@ _DOWN_MARKS = ("lora_down", "lora_A", "down_weight", "lora_linear_layer_down")
 
 def _width(keys_and_shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int | None:
     """In-features of the first down/A matrix whose key (dots as ``_``) matches ``pattern``."""
-    regex = re.compile(pattern)
+    compiled = re.compile(pattern)
     for key, shape in keys_and_shapes.items():
         k = key.replace(".", "_")
-        if regex.search(k) and any(m in k for m in _DOWN_MARKS) and len(shape) >= 2:
+        if compiled.search(k) and any(m in k for m in _DOWN_MARKS) and len(shape) >= 2:
             return int(shape[1])
     return None
 
@@ -180,6 +181,7 @@ def _drop_zero_components(factors: Layers, proj: Projections) -> None:
 
 
 MAX_PEFT_PATTERNS = 4096  # rank_pattern + alpha_pattern entries (each is tried on every layer)
+PATTERN_TIMEOUT_S = 0.05  # one module name against one pattern: a real pattern takes microseconds
 
 
 class _PeftScale(NamedTuple):
@@ -188,16 +190,27 @@ class _PeftScale(NamedTuple):
 
     r: float
     alpha: float
-    ranks: list[tuple[re.Pattern, float]]
-    alphas: list[tuple[re.Pattern, float]]
+    ranks: list[tuple[regex.Pattern, float]]
+    alphas: list[tuple[regex.Pattern, float]]
     rslora: bool
 
     def of(self, module: str) -> float:
         """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) of ``module``; the first pattern matching
         the name or its ending wins, as in PEFT."""
-        r = next((v for rx, v in self.ranks if rx.fullmatch(module)), self.r)
-        alpha = next((v for rx, v in self.alphas if rx.fullmatch(module)), self.alpha)
+        r = next((v for rx, v in self.ranks if _matches(rx, module)), self.r)
+        alpha = next((v for rx, v in self.alphas if _matches(rx, module)), self.alpha)
         return alpha / (math.sqrt(r) if self.rslora else r)
+
+
+def _matches(pattern: regex.Pattern, module: str) -> bool:
+    """``pattern`` matches all of ``module``; a pattern that backtracks for longer than
+    :data:`PATTERN_TIMEOUT_S` (a hostile ``(a+)+$``: ``re`` has no timeout, the ``regex``
+    package has) refuses the file instead of hanging the ingest."""
+    try:
+        return pattern.fullmatch(module, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise _bad_config(f"the pattern {pattern.pattern[8:-1][:80]!r} takes over {PATTERN_TIMEOUT_S} s to "
+                          f"match the module name {module[:120]!r}") from None
 
 
 def _bad_config(what: str) -> RejectedFile:
@@ -219,7 +232,7 @@ def _config_number(value: object, key: str, *, rank: bool) -> float:
     return x
 
 
-def _config_patterns(value: object, key: str, *, rank: bool) -> list[tuple[re.Pattern, float]]:
+def _config_patterns(value: object, key: str, *, rank: bool) -> list[tuple[regex.Pattern, float]]:
     """A ``rank_pattern`` / ``alpha_pattern``: module regex -> number, compiled."""
     if value is None:
         return []
@@ -229,11 +242,11 @@ def _config_patterns(value: object, key: str, *, rank: bool) -> list[tuple[re.Pa
     out = []
     for k, v in value.items():
         try:
-            regex = re.compile(rf"(.*\.)?({k})")
-        except (re.error, RecursionError, OverflowError) as e:
+            compiled = regex.compile(rf"(.*\.)?({k})")
+        except (regex.error, RecursionError, OverflowError, ValueError) as e:
             raise _bad_config(f"{key} has the pattern {k[:80]!r}, which is not a valid regular "
                               f"expression ({e})") from None
-        out.append((regex, _config_number(v, f"{key}[{k[:80]!r}]", rank=rank)))
+        out.append((compiled, _config_number(v, f"{key}[{k[:80]!r}]", rank=rank)))
     return out
 
 

@@ -102,6 +102,8 @@ BAD_CONFIGS = {
     "alpha_nan": ({"r": 4, "lora_alpha": float("nan")}, "lora_alpha is nan"),
     "alpha_inf": ({"r": 4, "lora_alpha": float("inf")}, "lora_alpha is inf"),
     "bad_regex": ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"(": 2}}, "not a valid regular"),
+    # backtracks exponentially on a module name: Python's re takes minutes on a FLUX name
+    "backtracking": ({"r": 4, "lora_alpha": 8, "alpha_pattern": {r"(.|\w)*[^a-z_.0-9]": 2}}, "takes over"),
     "pattern_list": ({"r": 4, "lora_alpha": 8, "rank_pattern": [1, 2]}, "rank_pattern is a JSON list"),
     "pattern_value": ({"r": 4, "lora_alpha": 8, "rank_pattern": {"to_q": "x"}}, "rank_pattern["),
     "rslora_negative_r": ({"r": -4, "lora_alpha": 8, "use_rslora": True}, "r is -4"),
