@@ -58,9 +58,9 @@ def _now() -> datetime:
 class _Batch:
     """Rows waiting to be written together (every write is a table version: batch them)."""
 
-    def __init__(self, reg: Store, warnings: list[str] | None = None) -> None:
-        self.reg = reg
-        self.warnings = warnings  # the report's: broken sidecars met while rows are rebuilt
+    def __init__(self, reg: Store, report: IngestReport) -> None:
+        self.reg, self.report = reg, report
+        self.warnings = report.warnings  # broken sidecars met while rows are rebuilt
         self.loras: dict[str, dict] = {}  # new LoRA rows
         self.files: dict[str, dict] = {}  # file records by resolved path
         self.rejections: dict[str, dict] = {}
@@ -104,12 +104,30 @@ class _Batch:
             missing = [row for row in rows if row.get("text_vector") is None]
             for row, vector in zip(missing, embed_documents([r["search_text"] for r in missing])):
                 row["text_vector"] = vector
-            reg.upsert(reg.loras, rows, "lora_id", update=False)
+            if reg.upsert(reg.loras, rows, "lora_id", update=False) < len(rows):
+                self._settle_races(rows)
         reg.upsert(reg.files, list(self.files.values()), "path", update=True)
         refreshed = refreshed_rows(reg, self.refresh - set(self.loras), self.warnings)
         reg.upsert(reg.loras, refreshed, "lora_id", update=True)  # one version for all of them
+        # a path's earlier rejection goes once it holds a LoRA or is rejected anew (other bytes)
+        reg.forget_rejections(list(self.files) + [r["path"] for r in self.rejections.values()])
         reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
         self.loras.clear(), self.files.clear(), self.rejections.clear(), self.refresh.clear()
+
+    def _settle_races(self, rows: list[dict]) -> None:
+        """A concurrent ingest stored some of these LoRAs between our look-up and our write (the
+        upsert kept its rows): those files are reported as duplicates of its rows, not as added.
+        Told by ``added_at``, which no two writers share."""
+        ours = {row["lora_id"]: row for row in rows}
+        stored = self.reg.rows(self.reg.loras, where_in("lora_id", list(ours)), len(ours),
+                               columns=["lora_id", "sha256", "added_at"])
+        theirs = {s["lora_id"]: s for s in stored if s["added_at"] != ours[s["lora_id"]]["added_at"]}
+        if not theirs:
+            return
+        for entry in [e for e in self.report.added if e["lora_id"] in theirs]:
+            same = theirs[entry["lora_id"]]["sha256"] == ours[entry["lora_id"]]["sha256"]
+            self.report.added.remove(entry)
+            self.report.duplicates.append({**entry, "kind": "sha256" if same else "fingerprint"})
 
     def _merge_copies(self, row: dict) -> None:
         """Rebuild a new row of this batch from the sidecars of every copy of it met so far, as a
@@ -178,7 +196,7 @@ def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLi
     reg.check_writable()  # a registry it cannot write to is said once, not blamed on every file
     candidates = [c for c in collect_candidates(paths, report) if _utf8_name(c.path, report)]
     known = _prefetch(reg, candidates)
-    batch = _Batch(reg, report.warnings)
+    batch = _Batch(reg, report)
     bases = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-hash") as pool:
         for candidate in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
@@ -332,17 +350,19 @@ class _FileIngest:
         info.sha256 = sha
         lora_id = lora_id_for(info.fingerprint)
         stored = early.stored if early.done else self.batch.stored_lora(lora_id)
-        if stored and stored["sha256"] != sha:
-            self.report.duplicates.append({"path": self.shown, "lora_id": lora_id, "kind": "fingerprint"})
-            return self._record(sha, lora_id, info.format, new=False)
-        if not stored:  # new (else: the file whose row a killed run wrote before its file record)
-            meta = _header_first(info, sidecars)
-            row = _lora_row(self.reg, info, lora_id, meta, staged, early.text_vector)
-            embedded = (early.weights if early.done  # zero-shot
-                        else self.batch.embedder.embed(info.base_model, info.lora.factors))
-            if embedded:
-                row["weight_vector"], row["encoder_version"] = embedded
-            self.batch.loras[lora_id] = row
+        if stored:  # another ingest stored it: these are its bytes (a concurrent ingest between
+            # its row and its file record, or a killed run after its row) or another file of it
+            same = stored["sha256"] == sha
+            self.report.duplicates.append({"path": self.shown, "lora_id": lora_id,
+                                           "kind": "sha256" if same else "fingerprint"})
+            return self._record(sha, lora_id, info.format, new=same)
+        meta = _header_first(info, sidecars)
+        row = _lora_row(self.reg, info, lora_id, meta, staged, early.text_vector)
+        embedded = (early.weights if early.done  # zero-shot
+                    else self.batch.embedder.embed(info.base_model, info.lora.factors))
+        if embedded:
+            row["weight_vector"], row["encoder_version"] = embedded
+        self.batch.loras[lora_id] = row
         info.lora = None  # its tensors are not kept in the batch
         self.report.added.append({"lora_id": lora_id, "path": self.shown})
         self._record(sha, lora_id, info.format, new=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 class IngestReport:
     """What one ``add`` did; ``to_dict`` is the ``autolora ingest --json`` contract.
 
-    ``added``: new LoRAs; ``duplicates``: files holding a LoRA already stored (``kind``: the same
+    ``added``: LoRAs this ingest stored (of two racing on one LoRA, the one whose row was kept); ``duplicates``: files holding a LoRA already stored (``kind``: the same
     bytes, ``sha256``, or the same weights in another file, ``fingerprint``); ``refreshed``:
     known files whose sidecars changed (their LoRA's metadata was rebuilt); ``unchanged``: known
     files skipped after a stat; ``rejected``: refused files and unreadable paths, with reasons;

@@ -236,18 +236,30 @@ class Store:
                 raise RegistryNotWritable(f"cannot write to the registry at {self.root}: {folder} ({why})")
 
     # ---- writes ------------------------------------------------------------------------
-    def upsert(self, table, rows: Sequence[dict], key: str, *, update: bool) -> None:
+    def upsert(self, table, rows: Sequence[dict], key: str, *, update: bool) -> int:
         """One batched upsert keyed by ``key`` (one table version); ``update=False`` keeps the
-        row already stored. Conflicts with concurrent writers are retried by LanceDB."""
+        row already stored. Conflicts with concurrent writers are retried by LanceDB. Returns
+        how many rows were inserted (not updated or kept)."""
         self._writable()
         if not rows:
-            return
+            return 0
         data = pa.Table.from_pylist(list(rows), schema=table.schema)
         builder = table.merge_insert(key)
         if update:
             builder = builder.when_matched_update_all()
         # a row without a weight vector (no encoder for its base yet) keeps it null
-        builder.when_not_matched_insert_all().execute(data, timeout=WRITE_TIMEOUT, on_bad_vectors="null")
+        result = builder.when_not_matched_insert_all().execute(data, timeout=WRITE_TIMEOUT, on_bad_vectors="null")
+        return result.num_inserted_rows
+
+    def forget_rejections(self, paths: Sequence[str]) -> None:
+        """Drop the rejections recorded for ``paths`` (each now holds a LoRA, or a new rejection):
+        one table version, only when there are some."""
+        self._writable()
+        if not paths or not self.rejections.count_rows():
+            return
+        where = where_in("path", paths)
+        if self.rejections.count_rows(where):
+            self.rejections.delete(where)
 
     # ---- versions ----------------------------------------------------------------------
     @property

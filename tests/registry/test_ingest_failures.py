@@ -79,3 +79,21 @@ def test_a_fifo_named_like_a_lora_in_a_folder_is_rejected_not_skipped_silently(t
     assert [r["path"] for r in report.added] == [str(good)]
     assert report.rejected == [{"path": str(folder / "pipe.safetensors"), "code": "not_a_file",
                                 "reason": "neither a regular file nor a folder"}]
+
+
+def test_a_rejected_path_keeps_one_rejection_and_none_once_it_holds_a_lora(tmp_path):
+    path = tmp_path / "in" / "a.safetensors"
+    path.parent.mkdir()
+    reg = Registry.open(tmp_path / "registry")
+
+    def recorded() -> list[tuple[str, str]]:
+        return [(r["path"], r["code"]) for r in reg.rejections.to_arrow().to_pylist()]
+
+    path.write_bytes(b"")
+    assert reg.add([path]).rejected[0]["code"] == "empty"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{nojson}")  # other bad bytes: its rejection replaces the first
+    assert reg.add([path]).rejected[0]["code"] == "invalid_json"
+    assert recorded() == [(os.path.realpath(path), "invalid_json")]
+    _lora(path, 6)  # replaced by a good file: the rejection goes
+    assert [r["path"] for r in reg.add([path]).added] == [str(path)]
+    assert recorded() == []

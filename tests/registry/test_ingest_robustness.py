@@ -91,6 +91,8 @@ def test_concurrent_overlapping_ingests_leave_no_duplicates(lora_folder, tmp_pat
     snap = _snapshot(registry)
     assert len(snap["loras"]) == N_FILES
     assert len(snap["files"]) == N_FILES
+    added = [e["lora_id"] for out in outputs for e in json.loads(out[0])["added"]]
+    assert sorted(added) == sorted(r["lora_id"] for r in snap["loras"])  # each reported added once
 
 
 def test_a_registry_inside_an_ingested_folder_is_not_ingested(lora_folder, tmp_path):
@@ -106,3 +108,32 @@ def test_a_registry_inside_an_ingested_folder_is_not_ingested(lora_folder, tmp_p
     assert first.added and not first.duplicates and not again.duplicates and not again.added
     assert any(w.startswith(f"skipped {folder / 'registry'}: an autolora registry") for w in again.warnings)
     assert not any(str(folder / "registry") in r["path"] for r in reg.column_rows(reg.files, ["path"]))
+
+
+@pytest.mark.parametrize("other_format", ["diffusers", "kohya"])
+def test_a_lora_a_concurrent_ingest_stored_first_is_reported_as_its_duplicate(tmp_path, monkeypatch, other_format):
+    """Both ingests look the LoRA up, find nothing, and write; the upsert keeps the first row, and
+    the second ingest reports its file as a duplicate of that row (it said "added" before)."""
+    import registry.ingest as ingest
+
+    layers = flux_lora(partial_names((3,), (), attention_only=True), rank=2, seed=7)
+    ours, theirs = tmp_path / "ours" / "x.safetensors", tmp_path / "theirs" / "x.safetensors"
+    for path, fmt in ((ours, "diffusers"), (theirs, other_format)):
+        path.parent.mkdir()
+        save_lora(path, layers, fmt)
+    reg, other = Registry.open(tmp_path / "registry"), Registry.open(tmp_path / "registry")
+    flush, raced = ingest._Batch.flush, []
+
+    def the_other_writes_first(batch):  # between our look-up and our write
+        if batch.loras and not raced:
+            raced.append(None)
+            raced[0] = other.add([theirs])
+        flush(batch)
+
+    monkeypatch.setattr(ingest._Batch, "flush", the_other_writes_first)
+    report = reg.add([ours])
+    assert [e["path"] for e in raced[0].added] == [str(theirs)]
+    lora_id = raced[0].added[0]["lora_id"]
+    kind = "sha256" if other_format == "diffusers" else "fingerprint"
+    assert not report.added and report.duplicates == [{"lora_id": lora_id, "path": str(ours), "kind": kind}]
+    assert len(reg) == 1 and {f["path"] for f in reg.paths_of(lora_id)} == {str(ours), str(theirs)}
