@@ -38,7 +38,9 @@ from registry.ingest.rows import (  # noqa: F401  (prune_and_refresh: the client
 )
 from registry.lora.errors import RejectedFile
 from registry.lora.inspect import InspectedLoRA, inspect_file
-from registry.lora.metadata import LoraMetadata, from_header, from_sidecars, sidecar_files, sidecar_signature
+from registry.lora.metadata import (
+    LoraMetadata, from_header, from_sidecars, header_then_sidecars, sidecar_files, sidecar_signature,
+)
 from registry.store.maintenance import ensure_indexes
 from registry.store.store import Store, where_in
 from registry.text import embed_documents
@@ -293,7 +295,7 @@ class _FileIngest:
         """Hash, dedupe, inspect and stage one file that its stat did not settle: the hash (with
         the blob copy, or alone when the size is known) runs in ``pool``'s thread while the file
         is inspected in this one (hashlib and file I/O drop the GIL)."""
-        sidecars = from_sidecars(self.path, self.siblings, warnings=self.report.warnings)
+        sidecars = from_sidecars(self.path, self.siblings, name_from_stem=False, warnings=self.report.warnings)
         staged: Path | None = None
         try:
             try:
@@ -339,6 +341,8 @@ class _FileIngest:
         if same_bytes:
             self.report.duplicates.append({"path": self.shown, "lora_id": same_bytes["lora_id"],
                                            "kind": "sha256"})
+            if same_bytes.get("gone"):  # a copy of a LoRA pruned as gone: its row is rebuilt, unmarked
+                self.batch.refresh.add(same_bytes["lora_id"])
             return self._record(sha, same_bytes["lora_id"], same_bytes["format"], new=False)
         if isinstance(outcome, RejectedFile):
             key = hashlib.sha256(f"{self.resolved}\0{sha}".encode()).hexdigest()
@@ -355,6 +359,8 @@ class _FileIngest:
             same = stored["sha256"] == sha
             self.report.duplicates.append({"path": self.shown, "lora_id": lora_id,
                                            "kind": "sha256" if same else "fingerprint"})
+            if stored.get("removed"):  # pruned with no path left: a path again, so unmarked
+                self.batch.refresh.add(lora_id)
             return self._record(sha, lora_id, info.format, new=same)
         meta = _header_first(info, sidecars)
         row = _lora_row(self.reg, info, lora_id, meta, staged, early.text_vector)
@@ -377,6 +383,4 @@ class _FileIngest:
 
 def _header_first(info: InspectedLoRA, sidecars: LoraMetadata) -> LoraMetadata:
     """Header metadata first, then the sidecars' (as :func:`registry.ingest.rows.metadata_of` orders them)."""
-    meta = from_header(info.header_metadata)
-    meta.update(sidecars)
-    return meta
+    return header_then_sidecars(from_header(info.header_metadata), sidecars, Path(info.path).stem)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from registry.captions import is_self_rendered, search_document
 from registry.hashing import sha256_file
-from registry.lora.metadata import MAX_RENDER_BYTES, LoraMetadata, from_header, from_sidecars, sidecar_files
+from registry.lora.metadata import (
+    MAX_RENDER_BYTES, LoraMetadata, from_header, from_sidecars, header_then_sidecars, sidecar_files,
+)
 from registry.store.prune import prune
 from registry.store.store import Store, where_in
 from registry.text import embed_documents
@@ -69,13 +71,12 @@ def card_first(paths: Iterable[str]) -> list[str]:
 
 
 def metadata_of(header: dict[str, str], paths: list[str], warnings: list[str] | None = None) -> LoraMetadata:
-    """Header metadata, then every path's sidecars in order; the first stem names it last."""
-    meta = from_header(header)
+    """Header metadata, then every path's sidecars in order (:func:`header_then_sidecars`); the
+    first stem names it last."""
+    sidecars = LoraMetadata()
     for path in paths:
-        meta.update(from_sidecars(path, name_from_stem=False, warnings=warnings))
-    if not meta.name and paths:
-        meta.name = Path(paths[0]).stem
-    return meta
+        sidecars.update(from_sidecars(path, name_from_stem=False, warnings=warnings))
+    return header_then_sidecars(from_header(header), sidecars, Path(paths[0]).stem if paths else "")
 
 
 def renders_and_captions(reg: Store, row: dict, meta: LoraMetadata, warnings: list[str] | None = None) -> dict:

@@ -38,6 +38,7 @@ class LoraMetadata:
     """Everything textual we know about one LoRA."""
 
     name: str = ""
+    aliases: list[str] = field(default_factory=list)  # other names it goes by (searchable, not shown)
     description: str = ""
     trigger_words: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
@@ -56,7 +57,7 @@ class LoraMetadata:
     def search_text(self) -> str:
         """The document indexed for full-text and text-embedding search, one text per line
         (:func:`registry.text.embed_documents` embeds each line)."""
-        parts = [self.name, " ".join(self.trigger_words), self.description, *self.tags]
+        parts = [self.name, *self.aliases, " ".join(self.trigger_words), self.description, *self.tags]
         parts += self.render_prompts
         return "\n".join(p for p in parts if p)
 
@@ -76,6 +77,25 @@ class LoraMetadata:
                     self.render_images.add(path)
         if self.warnings is None:
             self.warnings = other.warnings
+
+
+def _plain(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def header_then_sidecars(header: LoraMetadata, sidecars: LoraMetadata, stem: str = "") -> LoraMetadata:
+    """``header`` (from :func:`from_header`) filled from ``sidecars`` (read with ``name_from_stem``
+    off), in place. A name a card or source page gives wins over the header's (often the training
+    run's output file name, ``ss_output_name``) where they differ in more than case and
+    punctuation; the header's stays searchable as an alias. ``stem`` names it when nothing does."""
+    header_name = header.name
+    header.update(sidecars)
+    if header_name and sidecars.name and _plain(sidecars.name) != _plain(header_name):
+        header.name = sidecars.name
+        header.aliases.append(header_name)
+    if not header.name:
+        header.name = stem
+    return header
 
 
 def _split_words(value: object) -> list[str]:

@@ -1,6 +1,8 @@
 """Mark what has vanished from disk: a file record whose path is gone, and a LoRA whose every
-known path is gone (``removed``; search hides it by default). A path that comes back is
-unmarked again. Nothing is deleted: blobs and rows stay, so a pinned version still reads."""
+known path is gone (``removed``; search hides it by default), a LoRA left with no path at all
+included (its file was overwritten in place by another LoRA: the path's record moved to that
+one). A path that comes back is unmarked again. Nothing is deleted: blobs and rows stay, so a
+pinned version still reads."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ def _set(table, column: str, key: str, ids: list[str], value: bool) -> None:
 def prune(store: Store) -> dict[str, int]:
     """Refresh ``files.gone`` and ``loras.removed`` from the file system; returns counts."""
     store._writable()
+    # the LoRAs first: one an ingest writes meanwhile gets its file record after its row, so it is
+    # either not read here or read with its record (a run killed between the two is unmarked by its rerun)
+    loras = store.column_rows(store.loras, ["lora_id", "removed"])
     files = store.column_rows(store.files, ["path", "lora_id", "gone"])
     present: dict[str, bool] = defaultdict(bool)
     newly_gone, back = [], []
@@ -32,9 +37,7 @@ def prune(store: Store) -> dict[str, int]:
             newly_gone.append(row["path"])
     _set(store.files, "gone", "path", newly_gone, True)
     _set(store.files, "gone", "path", back, False)
-    loras = store.column_rows(store.loras, ["lora_id", "removed"])
-    removed = [r["lora_id"] for r in loras if r["lora_id"] in present
-               and not present[r["lora_id"]] and not r["removed"]]
+    removed = [r["lora_id"] for r in loras if not present[r["lora_id"]] and not r["removed"]]
     restored = [r["lora_id"] for r in loras if present.get(r["lora_id"]) and r["removed"]]
     _set(store.loras, "removed", "lora_id", removed, True)
     _set(store.loras, "removed", "lora_id", restored, False)

@@ -114,6 +114,34 @@ def test_prune_hides_loras_whose_every_path_is_gone_and_restores_them(folder, tm
     assert copper in {h.lora_id for h in reg.search("copper_leaf", k=5)}
 
 
+def test_a_lora_overwritten_in_place_by_another_is_pruned_as_gone(folder, tmp_path):
+    """v2 saved over v1: the path's record moves to v2, and v1, left with no path, is removed."""
+    reg = Registry.open(tmp_path / "registry")
+    added = {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+    old = added["harbor_fog.safetensors"]
+    _save(folder / "harbor_fog.safetensors", 41)
+    new = reg.add([folder]).added[0]["lora_id"]
+    assert reg.paths_of(old) == [] and reg.get(old)["removed"] is False
+    counts = reg.prune()
+    assert counts["removed"] == 1 and reg.get(old)["removed"] is True and reg.get(new)["removed"] is False
+    assert old not in {h.lora_id for h in reg.search("harbor_fog", k=5)}
+    assert reg.prune()["removed"] == 0  # marked once
+
+
+def test_a_pruned_lora_found_at_a_new_path_is_unmarked_by_the_ingest(folder, tmp_path):
+    reg = Registry.open(tmp_path / "registry")
+    added = {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+    copper = added["copper_leaf.safetensors"]
+    elsewhere = tmp_path / "elsewhere" / "copper_leaf.safetensors"
+    elsewhere.parent.mkdir()
+    (folder / "sub" / "copper_leaf.safetensors").rename(elsewhere)
+    assert reg.prune()["removed"] == 1
+    report = reg.add([elsewhere.parent])
+    assert [(d["lora_id"], d["kind"]) for d in report.duplicates] == [(copper, "sha256")]
+    assert reg.get(copper)["removed"] is False
+    assert copper in {h.lora_id for h in reg.search("copper_leaf", k=5)}
+
+
 def test_user_paths_expand_and_bad_paths_are_reported(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -192,3 +220,24 @@ def test_broken_sidecars_are_warned_about_and_kept_out_of_the_row(folder, tmp_pa
     assert [r["lora_id"] for r in again.refreshed] == [ids["copper_leaf"]]
     assert f"ignored sidecar {folder / 'sub' / 'copper_leaf.json'}: not a JSON object" in again.warnings
     assert reg.get(ids["copper_leaf"])["trigger_words"] == []
+
+
+def test_a_cards_name_wins_over_the_headers_output_name_which_stays_searchable(tmp_path):
+    folder = tmp_path / "loras"
+    layers = flux_lora(partial_names((5,), (), attention_only=True), rank=2, seed=42)
+    folder.mkdir()
+    save_lora(folder / "mh.safetensors", layers, "kohya", metadata={"ss_output_name": "mhv3_final_e10"})
+    save_lora(folder / "fog.safetensors", flux_lora(partial_names((6,), (), attention_only=True), rank=2, seed=43),
+              "kohya", metadata={"ss_output_name": "sea-fog"})
+    (folder / "mh.json").write_text(json.dumps({"name": "Misty Harbour"}))
+    (folder / "fog.json").write_text(json.dumps({"name": "Sea Fog"}))  # the same name, spelled otherwise
+    reg = Registry.open(tmp_path / "registry")
+    ids = {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+    harbour, fog = reg.get(ids["mh.safetensors"]), reg.get(ids["fog.safetensors"])
+    assert harbour["name"] == "Misty Harbour" and "mhv3_final_e10" in harbour["search_text"].splitlines()
+    assert fog["name"] == "sea-fog" and "Sea Fog" not in fog["search_text"]
+    assert reg.search("mhv3_final_e10", k=1, channel="text")[0].lora_id == ids["mh.safetensors"]
+    (folder / "mh.json").write_text(json.dumps({"name": "Misty Harbour", "trigger_words": ["hrbr"]}))
+    reg.add([folder])  # the row rebuilt from its sidecars names it the same way
+    assert reg.get(ids["mh.safetensors"])["name"] == "Misty Harbour"
+    assert reg.get(ids["mh.safetensors"])["trigger_words"] == ["hrbr"]
