@@ -191,8 +191,9 @@ def evaluate_retrieval(registry_dir: str | os.PathLike, world_dir: str | os.Path
     report["random"] = random_metrics(pool, queries, attrs_of)
     figures = {"weights": (ours, families)}
     if baselines_too:
-        report.update(_baselines(reg, root, active, pool, rows, queries, attrs_of, figures, progress))
-        report["provenance"]["paper_design"] = report.pop("paper_design_encoder")
+        baseline_rows, report["provenance"]["paper_design"] = _baselines(
+            reg, root, active, pool, rows, queries, attrs_of, figures, progress)
+        report.update(baseline_rows)
     report["figures"] = write_report(out, report, figures, [e["theme"] for e in heldout])
     (out / "retrieval.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return report
@@ -213,7 +214,9 @@ def paper_design_encoder(reg: Registry, active, progress: bool = False) -> tuple
                     "trained": bool(info["trained"]), "seconds": info.get("seconds", 0.0) if info["trained"] else 0.0}
 
 
-def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of, figures, progress) -> dict:
+def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of, figures,
+               progress) -> tuple[dict, dict]:
+    """The baseline and anchor rows, and the provenance of the authors' design encoder they used."""
     from models.text_encoder import default_text_encoder
     from pipelines.encoder_pool import lora_texts
 
@@ -223,7 +226,7 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     q = default_text_encoder().encode([x.text for x in queries])
     record, used = paper_design_encoder(reg, active, progress)
     paper = LoRAWeightEncoder.load(record.path)
-    out: dict = {"paper_design_encoder": used}  # moved into the provenance by the caller
+    out: dict = {}
     emb = baselines.paper_embeddings(paper, held)
     figures["paper_design"] = (emb, figures["weights"][1])
     paper_q = weight_query_embedder(record)([x.text for x in queries])
@@ -238,4 +241,4 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     out["weight_stats"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
     emb, _ = baselines.render_read_embeddings(root, held, progress=progress)
     out["render_read"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
-    return out
+    return out, used
