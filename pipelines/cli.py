@@ -371,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"autolora {args.command}: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (registry writes are atomic: a rerun goes on)
+        print(f"autolora {args.command}: interrupted; run it again to go on", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `autolora search ... | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -200,3 +200,32 @@ def test_a_prompt_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
     assert main(["search", prompt, "--registry", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err == ("autolora search: the prompt is not valid UTF-8 (check the terminal's "
                                        "encoding)\n")
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_a_rerun_finishes(tmp_path):
+    import signal
+    import time
+
+    from registry import Registry
+
+    loras = tmp_path / "many"
+    loras.mkdir()
+    for i in range(40):
+        save_lora(loras / f"l{i:02d}.safetensors", flux_lora(partial_names((i % 19,), ()), rank=4, seed=300 + i),
+                  "diffusers")
+    registry = tmp_path / "registry"
+    proc = subprocess.Popen([AUTOLORA, "ingest", str(loras), "--registry", str(registry), "--batch-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # interrupt once some LoRAs are stored
+        if sum(1 for _ in (registry / "blobs").rglob("*.safetensors")) >= 4:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "autolora ingest: interrupted; run it again to go on"
+    assert "Traceback" not in err
+    again = run("ingest", str(loras), "--registry", str(registry), "--json")
+    assert again.returncode == 0 and len(Registry.open(registry)) == 40
