@@ -12,6 +12,7 @@ key (source + registry, its base names, the cursor and the listing) is unique pe
 a file still waiting for its base is tried again once the registry's bases change.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from pipelines.sources.base import Source, SourceError
 from pipelines.sources.cursors import cursor_path, load_cursor, save_cursor
 from pipelines.sources.config import (DEFAULT_SOURCES_FILE, DOWNLOAD_DIR, SOURCES_FILE, configured_source,
                                       load_sources)
-from pipelines.sources.sync import sync
+from pipelines.sources.lock import source_lock
+from pipelines.sources.sync import failure_note, sync
 
 class SyncConfig(dg.Config):
     """Which source to sync, from which cursor (JSON; empty: from the start)."""
@@ -35,18 +37,29 @@ class SyncConfig(dg.Config):
     cursor: str = Field("", description="the source's cursor as JSON (the sensor passes it); empty: from the start")
     sources_file: str = Field(SOURCES_FILE, description="the sources file ($AUTOLORA_SOURCES)")
     download_dir: str = Field(DOWNLOAD_DIR, description="where downloads are staged ($AUTOLORA_DOWNLOAD_DIR)")
+    from_start: bool = Field(False, description="list the source in full (as `autolora sync --from-start`): cards "
+                                                "changed upstream are rewritten, kept failures retried")
 
 
 @dg.asset(group_name="registry", kinds={"lancedb"}, pool="registry_writes")
 def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
                  registry: RegistryResource) -> dg.MaterializeResult:
-    """New releases of a configured source downloaded (verified, staged) and ingested."""
+    """New releases of a configured source downloaded (verified, staged) and ingested. A run beside another
+    sync of the same source (a CLI `autolora sync`) waits for it."""
     source = configured_source(config.sources_file, config.source)
     reg = registry.open(create=True)
-    report = sync(source, reg, config.download_dir, json.loads(config.cursor) if config.cursor else None)
-    save_cursor(cursor_path(reg.root, source.name), report.cursor)  # where the sensor and `autolora sync` read it
+    lock = (contextlib.nullcontext() if getattr(source, "in_place", False)
+            else source_lock(config.download_dir, source.name, context.log.info))
+    with lock:
+        report = sync(source, reg, config.download_dir, json.loads(config.cursor) if config.cursor else None,
+                      from_start=config.from_start)
+        save_cursor(cursor_path(reg.root, source.name), report.cursor)  # where the sensor and `autolora sync` read it
     for failure in report.failed:
-        context.log.warning(f"{failure['key']} {failure['file']}: {failure['code']}: {failure['reason']}")
+        context.log.warning(f"{failure['key']} {failure['file']}: {failure['code']}: {failure['reason']} "
+                            f"({failure_note(failure, 'a run with from_start: true')})")
+    if report.gone_upstream:
+        context.log.warning(f"{len(report.gone_upstream)} downloaded release(s) no longer listed upstream, kept: "
+                            f"{', '.join(report.gone_upstream)}")
     for warning in report.warnings:
         context.log.warning(warning)
     ingest = report.ingest
@@ -54,7 +67,8 @@ def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
         context.log.warning(f"rejected {rejected['path']}: {rejected['reason']}")
     return dg.MaterializeResult(metadata={
         "source": source.name, "discovered": report.discovered, "downloaded": len(report.downloaded),
-        "already_present": len(report.already_present), "failed": len(report.failed),
+        "already_present": len(report.already_present), "cards_refreshed": len(report.refreshed),
+        "failed": len(report.failed), "gone_upstream": len(report.gone_upstream),
         **{what: len(getattr(ingest, what)) if ingest else 0
            for what in ("added", "duplicates", "refreshed", "unchanged", "rejected")},  # as ingested_loras says
         "next_cursor": dg.MetadataValue.json(report.cursor),
@@ -94,8 +108,11 @@ def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str
                 return dg.SkipReason(f"{name}: {error.reason}: create it, or set this source's folder "
                                      f"in {sources_file}")
             return dg.SkipReason(f"{name}: listing failed: {error}")
+        unread = getattr(source, "failures", None) or []  # listed but unreadable (a Hub repo): read again next tick
         if not found and not start.get("pending"):
-            return dg.SkipReason(f"nothing new in {name}")
+            return dg.SkipReason(f"nothing new in {name}" + (f"; {len(unread)} listed but unreadable, retried next "
+                                                             f"tick, e.g. {unread[0]['key']}: {unread[0]['reason']}"
+                                                             if unread else ""))
         window = json.dumps({"registry": str(root.absolute()), "bases": bases, "start": start, "listed": listed},
                             sort_keys=True)
         run_key = f"{name}:{hashlib.sha256(window.encode()).hexdigest()[:16]}"
@@ -121,4 +138,7 @@ def source_sensors(sources_file: str | None = None, download_dir: str = DOWNLOAD
         dg.get_dagster_logger().warning(f"no source sensors: no sources file at {path.absolute()} (the default "
                                         f"{DEFAULT_SOURCES_FILE} of the working directory; set AUTOLORA_SOURCES)")
         return []
-    return [source_sensor(s.name, str(path), download_dir) for s in load_sources(path)]
+    sources = load_sources(path)
+    if not sources:
+        dg.get_dagster_logger().warning(f"no source sensors: {path.absolute()} has no enabled [[source]] entry")
+    return [source_sensor(s.name, str(path), download_dir) for s in sources]

@@ -19,18 +19,24 @@ Cursor = dict[str, Any]  # JSON-able; ``None`` / ``{}`` means "from the start"
 
 class SourceError(Exception):
     """A candidate or file that could not be fetched. ``code`` is one of ``vanished`` (gone
-    between listing and download), ``sha256_mismatch``, ``too_large``, ``http`` (an error
-    status after retries), ``network`` (connection lost after retries), ``unsupported``, ``missing`` (a local folder
-    that does not exist)."""
+    between listing and download), ``sha256_mismatch``, ``size_mismatch`` (not the size promised),
+    ``too_large``, ``http`` (an error status after retries; ``status`` says which), ``network``
+    (connection lost after retries), ``unsupported``, ``missing`` (a local folder that does not exist)."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, status: int | None = None) -> None:
         super().__init__(f"{code}: {reason}")
-        self.code, self.reason = code, reason
+        self.code, self.reason, self.status = code, reason, status
 
     @property
     def retryable(self) -> bool:
-        """Whether a later sync may succeed (a network blip, a rate limit, a server error)."""
-        return self.code in ("http", "network")
+        """Whether a later sync may succeed without anything changing here: a network blip, a server
+        error, a rate limit, or a 401/403 (a token set later, an early-access period that ends)."""
+        if self.code == "network":
+            return True
+        return self.code == "http" and (self.status is None or self.status >= 500 or self.status in RETRIED_4XX)
+
+
+RETRIED_4XX = (401, 403, 408, 429)
 
 
 @dataclass
@@ -98,7 +104,12 @@ class Candidate:
 
 @runtime_checkable
 class Source(Protocol):
-    """What :func:`pipelines.sources.sync.sync` needs from a source."""
+    """What :func:`pipelines.sources.sync.sync` needs from a source. Optional attributes it reads
+    after :meth:`discover`: ``failures`` (releases the listing named but that could not be read:
+    ``{key, file, code, reason, retry}`` each, the source lists them again next time), ``listed_all``
+    (when the listing was complete: ``{(id, revision)}`` of every release upstream, ``revision``
+    ``None`` for "any revision"; else ``None``) and the class attribute ``superseding_revisions``
+    (a new revision of an id replaces the old one, as a Hub repo's commit does)."""
 
     name: str
 

@@ -38,6 +38,7 @@ class CivitaiSource:
         self.renders_per_version = renders_per_version
         self.session = session or make_session(token or os.environ.get(TOKEN_ENV))
         self.pages_read = 0
+        self.listed_all: set[tuple[str, str]] | None = None  # every version, when the last crawl was complete
 
     # ---- discovery ---------------------------------------------------------------------
     def discover(self, cursor: Cursor | None) -> tuple[list[Candidate], Cursor]:
@@ -48,6 +49,8 @@ class CivitaiSource:
         mark = int(cursor.get("after_version", 0))
         best = max(mark, int(cursor.get("pending_mark", 0)))
         page_cursor = cursor.get("resume")
+        everything: set[tuple[str, str]] | None = set() if not mark and not page_cursor else None
+        self.listed_all = None
         found: list[Candidate] = []
         pages = 0
         while True:
@@ -62,6 +65,8 @@ class CivitaiSource:
             for model in data.get("items") or []:
                 for version in (model.get("modelVersions") or []) if isinstance(model, dict) else []:
                     vid = int(version.get("id") or 0)
+                    if everything is not None:
+                        everything.add((str(model.get("id") or version.get("modelId")), str(vid)))
                     if vid > mark:
                         newer += 1
                         best = max(best, vid)
@@ -71,6 +76,7 @@ class CivitaiSource:
             page_cursor = (data.get("metadata") or {}).get("nextCursor")
             done = not page_cursor or (mark and not newer)
             if done:
+                self.listed_all = everything
                 return found, {"after_version": best}
             if self.max_pages is not None and pages >= self.max_pages:
                 return found, {"after_version": mark, "pending_mark": best, "resume": page_cursor}
@@ -113,9 +119,10 @@ class CivitaiSource:
         if not file.url:
             raise SourceError("unsupported", f"{candidate.key}: {file.name} has no download URL")
         is_render = any(r.file is file for r in candidate.renders)
-        cap = self.max_render_bytes if is_render else self.max_file_bytes
-        return download(self.session, file.url, Path(dest_dir) / safe_name(file.name),
-                        size=file.size, sha256=file.sha256, max_bytes=cap, auth_hint=AUTH_HINT)
+        cap, limit_name = ((self.max_render_bytes, "max_render_bytes") if is_render
+                           else (self.max_file_bytes, "max_file_bytes"))
+        return download(self.session, file.url, Path(dest_dir) / safe_name(file.name), size=file.size,
+                        sha256=file.sha256, max_bytes=cap, auth_hint=AUTH_HINT, limit_name=limit_name)
 
 
 def _is_safetensors_model(data: object) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipelines.sources.base import SourceError
 from pipelines.sources.civitai import AUTH_HINT, CivitaiSource
-from pipelines.sources.sync import IMAGE_SUFFIXES, card_for
+from pipelines.sources.releases import IMAGE_SUFFIXES, card_for
 from registry.atomic_write import write_atomically
 from registry.hashing import sha256_file
 

@@ -11,6 +11,7 @@ Defaults are the source classes' own. Tokens come from the environment (``HF_TOK
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ _TOKEN_KEYS = {"token", "api_key", "apikey"}
 
 @dataclass(frozen=True)
 class AtLeast:
-    """``Annotated[int, AtLeast(n)]``: an integer ``>= n``."""
+    """``Annotated[int, AtLeast(n)]``: an integer ``>= n`` (and ``<= most`` when given)."""
 
     n: int
+    most: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class HttpUrl:
 Url = Annotated[str, HttpUrl()]
 Positive = Annotated[int, AtLeast(1)]
 NonNegative = Annotated[int, AtLeast(0)]
+CIVITAI_MAX_PAGE = 100  # the largest page /api/v1/models serves
+PageSize = Annotated[int, AtLeast(1, most=CIVITAI_MAX_PAGE)]
+PATH_KEYS = ("folder",)  # values where ~ and $VARS expand
 
 
 class _Entry(TypedDict, total=False):
@@ -49,9 +54,12 @@ class _Entry(TypedDict, total=False):
 
 
 class LocalEntry(_Entry, total=False):
-    """``folder``: relative to the TOML file (default: the demo world's ``loras/``)."""
+    """``folder``: relative to the TOML file (default: the demo world's ``loras/``; ``~`` and ``$VARS``
+    expand); ``enrich``: the name of a ``civitai`` entry of the file (enabled or not) through which
+    new LoRA files without a card get one, looked up by their sha256."""
 
     folder: str
+    enrich: str
 
 
 class HubEntry(_Entry, total=False):
@@ -70,7 +78,7 @@ class CivitaiEntry(_Entry, total=False):
     base_url: Url
     base_models: list[str]
     types: list[str]
-    page_size: Positive
+    page_size: PageSize
     max_pages: Positive
     nsfw: bool
     max_file_bytes: Positive
@@ -94,6 +102,8 @@ def _type_name(hint: object) -> str:
         bound = get_args(hint)[1]
         if isinstance(bound, HttpUrl):
             return "an http:// or https:// URL"
+        if bound.most is not None:
+            return f"an integer from {bound.n} to {bound.most}"
         return "a positive integer" if bound.n == 1 else f"an integer >= {bound.n}"
     if get_origin(hint) is list:
         return f"a list of {_type_name(get_args(hint)[0]).removeprefix('a ')}s"
@@ -106,7 +116,7 @@ def _valid(value: object, hint: object) -> bool:
         base, bound = get_args(hint)[0], get_args(hint)[1]
         if isinstance(bound, HttpUrl):
             return _valid(value, base) and value.startswith(("http://", "https://"))
-        return _valid(value, base) and value >= bound.n
+        return _valid(value, base) and value >= bound.n and (bound.most is None or value <= bound.most)
     if get_origin(hint) is list:
         return isinstance(value, list) and all(_valid(v, get_args(hint)[0]) for v in value)
     if hint is int:
@@ -154,29 +164,54 @@ def read_entries(path: str | os.PathLike) -> list[dict]:
         label = f" ({table['name']!r})" if isinstance(table, dict) and isinstance(table.get("name"), str) else ""
         where = f"{path}: [[source]] #{i + 1}{label}"
         entry = check_entry(table, where)
+        for key in PATH_KEYS:
+            if key in entry:
+                entry[key] = expand_path(entry[key], f"{where}: {key}")
         entry.setdefault("name", entry["kind"])
         if entry["name"] in names:
             raise ValueError(f"{where}: duplicate source name {entry['name']!r}")
         names.add(entry["name"])
         entries.append(entry)
+    civitai = sorted(e["name"] for e in entries if e["kind"] == "civitai")
+    for i, entry in enumerate(entries):
+        if entry.get("enrich") is not None and entry["enrich"] not in civitai:
+            raise ValueError(f"{path}: [[source]] #{i + 1} ({entry['name']!r}): enrich must name a civitai source "
+                             f"of this file (it has {civitai}), not {entry['enrich']!r}")
     return entries
+
+
+def expand_path(value: str, where: str) -> str:
+    """``value`` with ``~`` and ``$VARS`` / ``${VARS}`` expanded; a variable that is not set is a
+    ``ValueError`` starting with ``where`` and naming it."""
+    unset = [a or b for a, b in re.findall(r"\$(?:(\w+)|\{([^}]*)\})", value) if (a or b) not in os.environ]
+    if unset:
+        raise ValueError(f"{where}: ${unset[0]} is not set (in {value!r})")
+    return os.path.expanduser(os.path.expandvars(value))
 
 
 def load_sources(path: str | os.PathLike, *, include_disabled: bool = False) -> list[Source]:
     """The sources configured in ``path`` (enabled ones unless ``include_disabled``); any error
     in the file raises ``ValueError`` naming it. Relative local folders are relative to the file."""
-    classes, sources = _classes(), []
-    for entry in read_entries(path):
-        options = dict(entry)
-        kind, enabled = options.pop("kind"), options.pop("enabled", True)
-        if kind == "local":
-            options["folder"] = Path(path).parent / Path(options.get("folder", DEMO_LORAS)).expanduser()
-        for key in ("base_models", "types"):
-            if key in options:
-                options[key] = tuple(options[key])
-        if enabled or include_disabled:
-            sources.append(classes[kind](**options))
+    entries = read_entries(path)
+    by_name = {e["name"]: e for e in entries}
+    sources = []
+    for entry in entries:
+        if entry.get("enabled", True) or include_disabled:
+            enricher = _build(by_name[entry["enrich"]], path) if entry.get("enrich") else None
+            sources.append(_build(entry, path, enricher))
     return sources
+
+
+def _build(entry: dict, path: str | os.PathLike, enricher: Source | None = None) -> Source:
+    """The source of one checked entry."""
+    options = {k: v for k, v in entry.items() if k not in ("kind", "enabled", "enrich")}
+    if entry["kind"] == "local":
+        options["folder"] = Path(path).parent / Path(options.get("folder", DEMO_LORAS)).expanduser()
+        options["enricher"] = enricher
+    for key in ("base_models", "types"):
+        if key in options:
+            options[key] = tuple(options[key])
+    return _classes()[entry["kind"]](**options)
 
 
 def configured_source(path: str | os.PathLike, name: str) -> Source:

@@ -61,7 +61,7 @@ class _CappedRetry(Retry):
 def _status_error(url: str, status: int, auth_hint: str, body: str = "") -> SourceError:
     """``http`` for an error status; a 401/403 carries ``auth_hint`` (e.g. ``set CIVITAI_API_KEY``)."""
     hint = f" ({auth_hint})" if auth_hint and status in (401, 403) else ""
-    return SourceError("http", f"{url}: HTTP {status}{hint}" + (f" {body[:200]}" if body else ""))
+    return SourceError("http", f"{url}: HTTP {status}{hint}" + (f" {body[:200]}" if body else ""), status)
 
 
 def get_json(session: requests.Session, url: str, params: dict | None = None, timeout: float = 30,
@@ -87,21 +87,24 @@ def get_json(session: requests.Session, url: str, params: dict | None = None, ti
 
 def download(session: requests.Session, url: str, dest: Path, *, size: int | None = None,
              sha256: str | None = None, max_bytes: int, attempts: int = 4, timeout: float = 60,
-             auth_hint: str = "") -> Path:
+             auth_hint: str = "", limit_name: str = "max_bytes") -> Path:
     """Download ``url`` to ``dest`` through ``dest.part`` (resumed with ``Range`` when a previous
-    attempt left one), stopping at ``max_bytes`` or past the promised ``size``; the finished file
-    must match ``size`` and ``sha256`` or it is deleted and :class:`SourceError` raised (a 401/403
-    with ``auth_hint``)."""
+    attempt left one). A promised ``size`` over ``max_bytes`` is refused before any request
+    (``too_large``, naming ``limit_name``); a body past ``max_bytes`` stops there (``too_large``), one
+    past the promised ``size`` or short of it is a ``size_mismatch``, other bytes a ``sha256_mismatch``:
+    then the file is deleted and :class:`SourceError` raised (a 401/403 with ``auth_hint``)."""
+    if size is not None and size > max_bytes:
+        raise SourceError("too_large", f"{dest.name}: {size} bytes promised > {limit_name} {max_bytes}")
     part = dest.with_name(dest.name + ".part")
-    limit = min(max_bytes, size) if size is not None else max_bytes
+    limits = _Limits(max_bytes, limit_name, size)
     for attempt in range(attempts):
         have = part.stat().st_size if part.exists() else 0
-        if have > limit:
+        if have > limits.most:
             part.unlink()
             have = 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            _stream(session, url, part, have, headers, limit, timeout, auth_hint)
+            _stream(session, url, part, have, headers, limits, timeout, auth_hint)
             break
         except SourceError:
             part.unlink(missing_ok=True)
@@ -113,7 +116,7 @@ def download(session: requests.Session, url: str, dest: Path, *, size: int | Non
     got = part.stat().st_size
     if size is not None and got != size:
         part.unlink()
-        raise SourceError("sha256_mismatch", f"{url}: got {got} bytes, promised {size}")
+        raise SourceError("size_mismatch", f"{url}: got {got} bytes, promised {size}")
     if sha256:
         actual = sha256_file(part)
         if actual.lower() != sha256.lower():
@@ -123,11 +126,26 @@ def download(session: requests.Session, url: str, dest: Path, *, size: int | Non
     return dest
 
 
+class _Limits:
+    """The cap (``max_bytes``, named ``name`` in messages) and the promised size of one download."""
+
+    def __init__(self, max_bytes: int, name: str, size: int | None) -> None:
+        self.max_bytes, self.name, self.size = max_bytes, name, size
+        self.most = min(max_bytes, size) if size is not None else max_bytes
+
+    def check(self, url: str, total: int, what: str) -> None:
+        """Raise when ``total`` bytes (``what``: how they are known) pass the promise or the cap."""
+        if self.size is not None and total > self.size:
+            raise SourceError("size_mismatch", f"{url}: {what} {total} bytes, promised {self.size}")
+        if total > self.max_bytes:
+            raise SourceError("too_large", f"{url}: {what} {total} bytes > {self.name} {self.max_bytes}")
+
+
 def _stream(session: requests.Session, url: str, part: Path, have: int, headers: dict,
-            limit: int, timeout: float, auth_hint: str = "") -> None:
+            limits: _Limits, timeout: float, auth_hint: str = "") -> None:
     with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
         if response.status_code in (404, 410):
-            raise SourceError("vanished", f"{url}: HTTP {response.status_code}")
+            raise SourceError("vanished", f"{url}: HTTP {response.status_code}", response.status_code)
         if response.status_code == 416 and have:  # the part is already whole
             return
         if response.status_code >= 400:
@@ -135,12 +153,11 @@ def _stream(session: requests.Session, url: str, part: Path, have: int, headers:
         if have and response.status_code != 206:  # the server ignored Range: start over
             have = 0
         declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and have + int(declared) > limit:
-            raise SourceError("too_large", f"{url}: {have + int(declared)} bytes > limit {limit}")
+        if declared is not None and declared.isdigit():
+            limits.check(url, have + int(declared), "announced")
         with open(part, "ab" if have else "wb") as handle:
             written = have
             for chunk in response.iter_content(_CHUNK):
                 written += len(chunk)
-                if written > limit:
-                    raise SourceError("too_large", f"{url}: more than {limit} bytes, stopped")
+                limits.check(url, written, "at least")
                 handle.write(chunk)

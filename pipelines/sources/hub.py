@@ -36,6 +36,8 @@ _NETWORK_ERRORS = (httpx2.RequestError, ConnectionError)
 class HubSource:
     """Hub repos matching ``filter`` (default: LoRAs/adapters of FLUX.1-dev)."""
 
+    superseding_revisions = True  # a repo's new commit replaces its old one
+
     def __init__(self, *, filter: str = FLUX_DEV_ADAPTERS, endpoint: str | None = None,
                  token: str | bool | None = None, max_models: int | None = None,
                  max_file_bytes: int = 2 << 30, renders_per_model: int = 4, name: str = "hub") -> None:
@@ -44,10 +46,15 @@ class HubSource:
         self.token = token
         self.max_file_bytes, self.renders_per_model = max_file_bytes, renders_per_model
         self.api = HfApi(endpoint=self.endpoint, token=token)
+        self.failures: list[dict] = []  # what the last discover listed but could not read
+        self.listed_all: set[tuple[str, None]] | None = None  # every repo, when the last listing was complete
 
     # ---- discovery ---------------------------------------------------------------------
     def discover(self, cursor: Cursor | None) -> tuple[list[Candidate], Cursor]:
-        """Repos modified since ``cursor`` (``{"since": iso time, "at_since": {repo: sha}}``)."""
+        """Repos modified since ``cursor`` (``{"since": iso time, "at_since": {repo: sha}, "retry": {repo:
+        sha}}``). A listed repo whose model info cannot be read (a server error, a timeout, not yet
+        readable or gated) goes to :attr:`failures` and to the cursor's ``retry``, never to ``at_since``:
+        the next discover reads it again."""
         cursor = cursor or {}
         since = datetime.fromisoformat(cursor["since"]) if cursor.get("since") else None
         at_since: dict[str, str] = dict(cursor.get("at_since", {}))
@@ -63,20 +70,38 @@ class HubSource:
                 listing.append(model)
         except (HfHubHTTPError, *_NETWORK_ERRORS) as error:
             raise _source_error(error, "listing") from error
-        found = []
-        for model in listing:
-            try:
-                found.append(self.candidate(model.id, model.sha))
-            except SourceError:
-                continue  # gone since the listing (or unreadable): nothing to fetch
+        listed = {m.id for m in listing}
+        retry = [(repo, sha) for repo, sha in cursor.get("retry", {}).items() if repo not in listed]
+        found, unread = self._read([(m.id, m.sha) for m in listing], retry)
+        complete = since is None and (self.max_models is None or len(listing) < self.max_models)
+        self.listed_all = {(m.id, None) for m in listing} if complete else None
         times = [m.last_modified for m in listing if m.last_modified is not None]
         if not times:
-            return found, {"since": cursor.get("since"), "at_since": at_since}
+            return found, {"since": cursor.get("since"), "at_since": at_since, "retry": unread}
         newest = max(times)
-        top = {m.id: m.sha for m in listing if m.last_modified == newest}
+        top = {m.id: m.sha for m in listing if m.last_modified == newest and m.id not in unread}
         if since is not None and newest == since:
             top = {**at_since, **top}
-        return found, {"since": newest.isoformat(), "at_since": top}
+        return found, {"since": newest.isoformat(), "at_since": top, "retry": unread}
+
+    def _read(self, listed: list[tuple[str, str]], retry: list[tuple[str, str]]
+              ) -> tuple[list[Candidate], dict[str, str]]:
+        """The candidates of ``listed`` (repo, sha) and of ``retry`` (read at their current commit), and
+        the repos that could not be read (each in :attr:`failures`). A repo to retry that is no longer
+        listed and not found is dropped, with a failure saying so."""
+        self.failures: list[dict] = []
+        found, unread = [], {}
+        for repo_id, sha in [*listed, *retry]:
+            again = (repo_id, sha) in retry
+            try:
+                found.append(self.candidate(repo_id, None if again else sha))
+            except SourceError as error:
+                dropped = again and error.code == "vanished"
+                if not dropped:
+                    unread[repo_id] = sha
+                self.failures.append({"key": f"{self.name}:{repo_id}@{sha}", "file": "", "code": error.code,
+                                      "reason": f"model info unreadable: {error.reason}", "retry": not dropped})
+        return found, unread
 
     def candidate(self, repo_id: str, sha: str | None) -> Candidate:
         """The candidate for ``repo_id`` at commit ``sha``: weights, card and renders."""
@@ -122,7 +147,8 @@ class HubSource:
         """``hf_hub_download`` at the candidate's commit into ``dest_dir/_hub`` (where a cut
         download resumes), verified against the LFS sha256, then moved to ``dest_dir``."""
         if file.size is not None and file.size > self.max_file_bytes:
-            raise SourceError("too_large", f"{file.name}: {file.size} bytes > limit {self.max_file_bytes}")
+            raise SourceError("too_large", f"{file.name}: {file.size} bytes promised > max_file_bytes "
+                                            f"{self.max_file_bytes}")
         scratch = Path(dest_dir) / "_hub"
         try:
             got = Path(hf_hub_download(candidate.id, file.name, revision=candidate.revision, local_dir=scratch,
@@ -136,7 +162,7 @@ class HubSource:
         size = got.stat().st_size
         if size > self.max_file_bytes:
             got.unlink()
-            raise SourceError("too_large", f"{file.name}: {size} bytes > limit {self.max_file_bytes}")
+            raise SourceError("too_large", f"{file.name}: {size} bytes > max_file_bytes {self.max_file_bytes}")
         if file.sha256 and sha256_file(got) != file.sha256.lower():
             got.unlink()
             raise SourceError("sha256_mismatch", f"{candidate.id}/{file.name}: content differs from LFS sha256 "
@@ -157,7 +183,7 @@ def _source_error(error: Exception, what: str) -> SourceError:
         what = f"{what}: HTTP {status} (set {TOKEN_ENV})"
     gone = (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)
     code = "vanished" if isinstance(error, gone) and not isinstance(error, GatedRepoError) else "http"
-    return SourceError(code, f"{what}: {error}")
+    return SourceError(code, f"{what}: {error}", status)
 
 
 def _words(value: object) -> list[str]:

@@ -13,9 +13,14 @@ import json
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from pipelines.sources.base import Candidate, Cursor, RemoteFile, SourceError
 from registry.ingest import CANDIDATE_SUFFIXES
 from registry.lora.metadata import sidecar_files, sidecar_signature
+
+if TYPE_CHECKING:
+    from pipelines.sources.civitai import CivitaiSource
 
 
 DEMO_LORAS = ".autolora/world/default-seed0/loras"  # bin/demo's world (pipelines.world.build: OUT/SIZE-seedN/loras)
@@ -26,8 +31,9 @@ class LocalSource:
 
     in_place = True  # sync ingests the files where they are
 
-    def __init__(self, folder: str | os.PathLike, name: str = "local") -> None:
+    def __init__(self, folder: str | os.PathLike, name: str = "local", enricher: CivitaiSource | None = None) -> None:
         self.folder, self.name = Path(folder).expanduser().absolute(), name  # absolute: ids are file URIs
+        self.enricher = enricher  # new files without a card get one from Civitai, by sha256
         self.skipped: list[str] = []  # what the last discover could not consider, and why
 
     def discover(self, cursor: Cursor | None) -> tuple[list[Candidate], Cursor]:
@@ -56,6 +62,31 @@ class LocalSource:
         gone = set(ids)
         files = {path: digest for path, digest in (cursor or {}).get("files", {}).items() if path not in gone}
         return {**(cursor or {}), "files": files}
+
+    def enrich(self, found: list[Candidate], cursor: Cursor) -> tuple[Cursor, list[str], list[str]]:
+        """Give the files of ``found`` that have no card one from :attr:`enricher` (Civitai, by sha256:
+        :func:`pipelines.sources.civitai_enrich.enrich_by_hash`). Returns the cursor with their new digests,
+        the cards written and warnings; a file whose lookup failed is left out of the cursor (looked up
+        again next time), and after a network failure the rest wait for the next sync too."""
+        from pipelines.sources.civitai_enrich import enrich_by_hash
+
+        files, written, warnings = dict((cursor or {}).get("files", {})), [], []
+        for i, candidate in enumerate(found if self.enricher is not None else []):
+            try:
+                card = enrich_by_hash(candidate.id, self.enricher)
+            except SourceError as error:
+                warnings.append(f"enrich {candidate.id} from Civitai: {error} (looked up again next sync)")
+                stop = error.code == "network"
+                for later in (found[i:] if stop else [candidate]):
+                    files.pop(later.id, None)
+                if stop:
+                    break
+                continue
+            if card is not None:
+                written.append(str(card))
+                path = Path(candidate.id)
+                files[candidate.id] = _digest(path, path.stat(), sorted(os.listdir(path.parent)))
+        return {**(cursor or {}), "files": files}, written, warnings
 
     def fetch(self, candidate: Candidate, file: RemoteFile, dest_dir: Path) -> Path:
         """The local file itself (nothing is copied; ``dest_dir`` is unused)."""
