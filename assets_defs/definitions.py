@@ -12,7 +12,7 @@ from assets_defs.resources import RegistryResource
 from assets_defs.retrieval_report import retrieval_report
 from assets_defs.jobs import ingest_job, retrieval_job
 from assets_defs.captions import CaptionerResource, lora_captions
-from assets_defs.sources import source_sensors, source_sync_job, synced_loras
+from assets_defs.sources import source_crawl_schedules, source_sensors, source_sync_job, synced_loras
 from assets_defs.automation import (
     encoder_retrain_sensor, maintenance_job, registry_automation, registry_maintenance_schedule, reports_job,
     reports_schedule, retrain_job,
@@ -26,6 +26,6 @@ defs = dg.Definitions(
           reports_job],
     # one per enabled source in sources.toml (the demo's local folder by default), then the automation
     sensors=[*source_sensors(), encoder_retrain_sensor, gates_retrain_sensor, registry_automation],
-    schedules=[registry_maintenance_schedule, reports_schedule],
+    schedules=[registry_maintenance_schedule, reports_schedule, *source_crawl_schedules()],
     resources={"registry": RegistryResource(), "captioner": CaptionerResource()},
 )

@@ -30,6 +30,7 @@ from pipelines.sources.config import (DEFAULT_SOURCES_FILE, DOWNLOAD_DIR, SOURCE
 from pipelines.sources.lock import source_lock
 from pipelines.sources.sync import failure_note, sync
 
+
 class SyncConfig(dg.Config):
     """Which source to sync, from which cursor (JSON; empty: from the start)."""
 
@@ -125,20 +126,49 @@ def source_sensor(name: str, sources_file: str = SOURCES_FILE, download_dir: str
     return _discover
 
 
-def source_sensors(sources_file: str | None = None, download_dir: str = DOWNLOAD_DIR) -> list[dg.SensorDefinition]:
-    """One sensor per enabled source in ``sources_file`` (default: ``$AUTOLORA_SOURCES``, else ``sources.toml``
-    in the working directory). A file named explicitly (argument or variable) that is missing, or any error
-    in the file, raises one ``ValueError`` naming it; a missing default ``sources.toml`` warns and makes none."""
+def _enabled_sources(sources_file: str | None, warn: bool) -> tuple[Path, list[Source]]:
+    """The sources file (argument, ``$AUTOLORA_SOURCES``, else ``sources.toml`` in the working
+    directory) and its enabled sources; see :func:`source_sensors` for the errors."""
     explicit = sources_file or os.environ.get("AUTOLORA_SOURCES")
     path = Path(explicit or DEFAULT_SOURCES_FILE)
     if not path.is_file():
         if explicit:
             via = "" if sources_file else f"AUTOLORA_SOURCES={explicit}: "
             raise ValueError(f"{via}no such sources file: {path.absolute()}")
-        dg.get_dagster_logger().warning(f"no source sensors: no sources file at {path.absolute()} (the default "
-                                        f"{DEFAULT_SOURCES_FILE} of the working directory; set AUTOLORA_SOURCES)")
-        return []
+        if warn:
+            dg.get_dagster_logger().warning(f"no source sensors: no sources file at {path.absolute()} (the default "
+                                            f"{DEFAULT_SOURCES_FILE} of the working directory; set AUTOLORA_SOURCES)")
+        return path, []
     sources = load_sources(path)
-    if not sources:
+    if not sources and warn:
         dg.get_dagster_logger().warning(f"no source sensors: {path.absolute()} has no enabled [[source]] entry")
+    return path, sources
+
+
+def source_sensors(sources_file: str | None = None, download_dir: str = DOWNLOAD_DIR) -> list[dg.SensorDefinition]:
+    """One sensor per enabled source in ``sources_file`` (default: ``$AUTOLORA_SOURCES``, else ``sources.toml``
+    in the working directory). A file named explicitly (argument or variable) that is missing, or any error
+    in the file, raises one ``ValueError`` naming it; a missing default ``sources.toml`` warns and makes none."""
+    path, sources = _enabled_sources(sources_file, warn=True)
     return [source_sensor(s.name, str(path), download_dir) for s in sources]
+
+
+def source_crawl_schedules(sources_file: str | None = None, download_dir: str = DOWNLOAD_DIR,
+                           cron_schedule: str = "0 5 * * 6") -> list[dg.ScheduleDefinition]:
+    """One weekly full crawl (``from_start``, Saturdays 05:00 UTC) per enabled downloading source (Hub,
+    Civitai): the sensors only see what is new since their cursor, so edits upstream to releases already
+    downloaded (trigger words, descriptions, previews) and deletions reach the registry this way. A local
+    folder needs none: every sync settles its files from their stats."""
+    path, sources = _enabled_sources(sources_file, warn=False)
+    schedules = []
+    for source in sources:
+        if getattr(source, "in_place", False):
+            continue
+        config = {"source": source.name, "from_start": True, "sources_file": str(path), "download_dir": download_dir}
+        schedules.append(dg.ScheduleDefinition(
+            name=re.sub(r"[^A-Za-z0-9_]", "_", source.name) + "_full_crawl_schedule", job=source_sync_job,
+            cron_schedule=cron_schedule, execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+            run_config={"ops": {"synced_loras": {"config": config}}},
+            description=f"a full crawl of source {source.name!r}: cards edited upstream rewritten, deletions "
+                        "reported, kept failures retried"))
+    return schedules
