@@ -30,6 +30,7 @@ from typing import BinaryIO
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _MAX_SIDECAR_BYTES = 4 * 1024 * 1024
 MAX_RENDER_BYTES = 32 * 1024 * 1024  # a render image bigger than this is ignored, never copied
+MAX_RENDER_PIXELS = 8192 * 8192  # decoded to check it: bounds the memory that takes (~200 MB RGB)
 _RENDER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # the only decoders PIL may use on a sidecar image
 
 
@@ -194,7 +195,10 @@ def _warn(warnings: list[str] | None, message: str) -> None:
 def _image_problem(path: Path) -> str:
     """Why the image at ``path`` cannot be a render (``""`` when it can): it must be a regular
     file (links followed) of at most :data:`MAX_RENDER_BYTES` that PIL identifies as a PNG, JPEG,
-    WebP or GIF and verifies. ``"missing"`` when there is no file (a render gone: no warning)."""
+    WebP or GIF, verifies and decodes (``verify`` checks a PNG's chunk checksums, not that its
+    pixel data inflates: a render that cannot be decoded would be captioned from nothing; a JPEG
+    is decoded at 1/8 scale, which reads every block). ``"missing"`` when there is no file (a
+    render gone: no warning)."""
     try:
         handle = _open_regular(path, MAX_RENDER_BYTES)
     except FileNotFoundError:
@@ -209,6 +213,12 @@ def _image_problem(path: Path) -> str:
 
             with Image.open(handle, formats=_RENDER_FORMATS) as image:
                 image.verify()
+            handle.seek(0)
+            with Image.open(handle, formats=_RENDER_FORMATS) as image:  # verify() leaves it unusable
+                if image.width * image.height > MAX_RENDER_PIXELS:
+                    return f"{image.width}x{image.height} pixels, over the {MAX_RENDER_PIXELS:,} a render may have"
+                image.draft("RGB", (image.width // 8 or 1, image.height // 8 or 1))  # JPEG only: a cheap decode
+                image.load()
         except Exception as error:  # PIL raises many kinds on broken or hostile bytes
             return f"not a readable PNG, JPEG, WebP or GIF image ({type(error).__name__})"
     return ""

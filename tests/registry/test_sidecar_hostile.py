@@ -276,3 +276,41 @@ def test_a_render_that_became_a_fifo_or_folder_is_not_copied(tmp_path):
     assert blobs == ["", ""] and meta.render_prompts == ["a", "d"]
     reason = f"no longer a regular file of at most {metadata.MAX_RENDER_BYTES:,} bytes"
     assert warnings == [f"ignored render {image}: {reason}", f"ignored render {tmp_path / 'd.png'}: {reason}"]
+
+
+def _png_with_garbage_pixels(path: Path) -> Path:
+    """A PNG whose chunks all have valid checksums (so PIL's verify() passes) but whose IDAT does
+    not inflate to an image."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(path).read_bytes())
+    at = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[at:at + 4])[0]
+    garbage = bytes((i * 37 + 11) % 251 for i in range(length))
+    data[at + 8:at + 8 + length] = garbage
+    data[at + 8 + length:at + 12 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + garbage))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_preview_that_verifies_but_does_not_decode_is_not_a_render(tmp_path):
+    from PIL import Image as PilImage
+
+    lora = _lora(tmp_path)
+    broken = _png_with_garbage_pixels(tmp_path / "fox.preview.png")
+    with PilImage.open(broken) as image:
+        image.verify()  # what the check was before: it passes
+    warnings: list[str] = []
+    meta = from_sidecars(lora, warnings=warnings)
+    assert not meta.render_images and len(warnings) == 1
+    assert warnings[0].startswith(f"ignored render {broken}: not a readable PNG, JPEG, WebP or GIF image")
+
+
+def test_a_preview_with_too_many_pixels_is_not_decoded(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "MAX_RENDER_PIXELS", 63)
+    lora = _lora(tmp_path)
+    big = _png(tmp_path / "fox.preview.png")  # 8 x 8
+    warnings: list[str] = []
+    assert not from_sidecars(lora, warnings=warnings).render_images
+    assert warnings == [f"ignored render {big}: 8x8 pixels, over the 63 a render may have"]
