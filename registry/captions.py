@@ -51,12 +51,21 @@ def _check(lora_id: str, captions: object, model: object, prompts: list, blobs: 
                          "(one caption per render, '' for a render without an image)")
 
 
+def _renders(row: Mapping) -> tuple[list, list]:
+    return list(row.get("render_prompts") or []), list(row.get("render_blobs") or [])
+
+
 def set_captions(store: Store, updates: Mapping[str, tuple[Sequence[str], str]],
-                 renders: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None) -> int:
+                 renders: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None, *,
+                 seen: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None) -> int:
     """Store ``{lora_id: (captions, model)}`` in one write (one table version) and return the rows
     written. ``renders`` (``{lora_id: (prompts, blobs)}``, blobs relative to the registry root)
-    replaces those rows' render lists in the same write. An unknown id, a missing blob or
-    captions that do not pair with the renders raise before anything is written."""
+    replaces those rows' render lists in the same write. ``seen`` (``{lora_id: (prompts, blobs)}``
+    as the row had them when its captions were planned): a row whose renders changed since (an
+    ingest refreshed it while the captioner ran) is not written, so the new renders are not undone;
+    the refresh left it for the next caption pass. (The rows are read again just before the write:
+    a change within those milliseconds is not seen.) An unknown id, a missing blob or captions that
+    do not pair with the renders raise before anything is written."""
 
     store._writable()
     renders = dict(renders or {})
@@ -74,6 +83,8 @@ def set_captions(store: Store, updates: Mapping[str, tuple[Sequence[str], str]],
     out = []
     for lora_id in ids:
         row, (captions, model) = rows[lora_id], updates[lora_id]
+        if seen is not None and lora_id in seen and _renders(row) != tuple(map(list, seen[lora_id])):
+            continue  # changed since the captions were planned
         prompts, blobs = renders.get(lora_id, (row["render_prompts"] or [], row["render_blobs"] or []))
         prompts, blobs = [str(p) for p in prompts], [str(b) for b in blobs]
         _check(lora_id, captions, model, prompts, blobs)
@@ -83,6 +94,8 @@ def set_captions(store: Store, updates: Mapping[str, tuple[Sequence[str], str]],
         row.update(render_prompts=prompts, render_blobs=blobs, captions=list(captions), caption_model=model)
         row["search_text"] = search_document(row, captions)
         out.append({c: row[c] for c in _WRITTEN if c != "text_vector"})
+    if not out:
+        return 0
     for row, vector in zip(out, embed_documents([r["search_text"] for r in out]), strict=True):
         row["text_vector"] = vector
     schema = pa.schema([store.loras.schema.field(c) for c in _WRITTEN])

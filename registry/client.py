@@ -88,14 +88,16 @@ class Registry(Store):
         return ingest_paths(self, paths, progress=progress, batch_size=batch_size)
 
     def set_captions(self, updates: Mapping[str, tuple[Sequence[str], str]],
-                     renders: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None) -> int:
+                     renders: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None, *,
+                     seen: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None) -> int:
         """Store ``{lora_id: (captions, model)}`` (one caption per render) in one write, with the
-        search text and its vector rebuilt; ``renders`` replaces render lists in that write.
-        See :mod:`registry.captions`."""
+        search text and its vector rebuilt; ``renders`` replaces render lists in that write; rows
+        whose renders are no longer those ``seen`` when planning are left alone. Returns the rows
+        written. See :func:`registry.captions.set_captions`."""
         from registry.captions import set_captions
 
         self._writable()
-        return set_captions(self, updates, renders)
+        return set_captions(self, updates, renders, seen=seen)
 
     # ---- the LoRA-weight encoder ---------------------------------------------------------
     def register_encoder(self, checkpoint: str | os.PathLike, activate: bool = True) -> EmbedReport:

@@ -115,3 +115,20 @@ def test_an_older_registry_gains_the_column_when_opened(tmp_path):
     with pytest.raises(PermissionError):
         pinned.set_captions({"x": ([], "m")})
 
+
+
+def test_a_row_whose_renders_changed_while_captioning_is_not_undone(reg, tmp_path):
+    """The caption pass plans from the row, an ingest refreshes it with a new preview meanwhile,
+    then the pass writes: the new render must stay (the write used to put the planned list back)."""
+    ember, _ = _ids(reg)
+    planned = reg.get(ember)
+    seen = {ember: (planned["render_prompts"], planned["render_blobs"])}
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(tmp_path / "loras" / "ember.c.png")
+    assert reg.add([tmp_path / "loras"]).refreshed  # the new preview arrives
+    refreshed = reg.get(ember)
+    assert len(refreshed["render_blobs"]) == 3
+    n = reg.set_captions({ember: (["glow", "candle"], "qwen-test")}, renders={ember: seen[ember]}, seen=seen)
+    assert n == 0 and reg.get(ember)["render_blobs"] == refreshed["render_blobs"]
+    assert reg.get(ember)["caption_model"] is None  # left for the next pass
+    unchanged = {ember: (refreshed["render_prompts"], refreshed["render_blobs"])}
+    assert reg.set_captions({ember: (["glow", "candle", "leaf"], "qwen-test")}, seen=unchanged) == 1
