@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    from pipelines import cli_bases, cli_captions, cli_generate, cli_retrieval, cli_sources
+    from pipelines import cli_bases, cli_captions, cli_generate, cli_retrieval, cli_show, cli_sources
 
     evaluate = sub.add_parser("eval", help="evaluations on held-out LoRAs").add_subparsers(dest="what", required=True)
     train = sub.add_parser("train", help="train a model on the registry").add_subparsers(dest="what", required=True)
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_sources.add_commands(sub)
     cli_captions.add_commands(sub)
     cli_bases.add_commands(sub)
+    cli_show.add_commands(sub)
     return parser
 
 

@@ -229,3 +229,22 @@ def test_ctrl_c_ends_a_command_with_one_line_and_a_rerun_finishes(tmp_path):
     assert "Traceback" not in err
     again = run("ingest", str(loras), "--registry", str(registry), "--json")
     assert again.returncode == 0 and len(Registry.open(registry)) == 40
+
+
+def test_show_prints_one_loras_row_renders_and_paths(folder, tmp_path):
+    registry = tmp_path / "registry"
+    added = json.loads(run("ingest", str(folder), "--registry", str(registry), "--json").stdout)["added"]
+    lora_id = next(a["lora_id"] for a in added if a["path"].endswith("neon_city.safetensors"))
+    shown = json.loads(run("show", lora_id[:12], "--registry", str(registry), "--json").stdout)
+    assert shown["lora_id"] == lora_id and shown["name"] == "neon city" and shown["trigger_words"] == ["n30n"]
+    assert {Path(p["path"]).name for p in shown["paths"]} == {"neon_city.safetensors", "neon_city_diffusers.safetensors"}
+    assert "weight_vector" not in shown and "text_vector" not in shown
+    table = run("show", lora_id, "--registry", str(registry))
+    assert table.returncode == 0 and "n30n" in table.stdout and "paths" in table.stdout  # (80 columns: paths wrap)
+    missing = run("show", "lora-nope", "--registry", str(registry))
+    assert missing.returncode == 2 and missing.stderr.startswith("autolora show: no LoRA 'lora-nope' in ")
+    other = tmp_path / "other.safetensors"
+    save_lora(other, flux_lora(partial_names((5,), ()), rank=4, seed=8), "diffusers")
+    assert run("ingest", str(other), "--registry", str(registry)).returncode == 0
+    ambiguous = run("show", "lora-", "--registry", str(registry))
+    assert ambiguous.returncode == 2 and "starts 2 LoRA ids" in ambiguous.stderr and "give more of it" in ambiguous.stderr
