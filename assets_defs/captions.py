@@ -16,6 +16,8 @@ from assets_defs.sources import synced_loras
 from pipelines.caption import DEFAULT_PROMPT, Captioner
 from pipelines.caption_registry import caption_registry, idle_report, pending_captions
 from pipelines.captioner_endpoint import CaptionerEndpoint
+from pipelines.vllm_server import VLLMServerError
+from registry import RegistryNotWritable
 
 DEMO_BASE = ("autolora-demo-flux", ".autolora/world/default-seed0/base")
 
@@ -89,29 +91,53 @@ class CaptionConfig(dg.Config):
 def lora_captions(context: dg.AssetExecutionContext, config: CaptionConfig, registry: RegistryResource,
                   captioner: CaptionerResource) -> dg.MaterializeResult:
     """Every sample render captioned by the vision model (only LoRAs lacking its captions; those
-    without renders rendered by their base first); captions feed full-text search and training."""
+    without renders rendered by their base first); captions feed full-text search and training.
+    The run fails (what was captioned is kept) on a registry it cannot write to, when the server
+    died or stopped answering, or when every LoRA it tried failed; some failures are warnings."""
     if not (captioner.url or captioner.model_dir):
         raise dg.Failure("no captioner: set AUTOLORA_CAPTIONER_URL (a running OpenAI-compatible server) or "
                          "AUTOLORA_CAPTIONER_MODEL (a model folder or Hub id to serve with vLLM), or the captioner "
                          "resource's url / model_dir", allow_retries=False)
     reg = registry.open()
+    try:
+        reg.check_writable()
+    except RegistryNotWritable as error:
+        raise dg.Failure(str(error), allow_retries=False) from None
     model = captioner.model_name()
     pending = pending_captions(reg, model, config.base_pipelines, config.self_render) if model is not None else None
-    if pending == 0:  # no server started for nothing
-        report, server = idle_report(reg, model, config.self_render), {"pid": None, "start_seconds": 0.0}
-    else:
-        with captioner.connect() as (cap, server):
-            report = caption_registry(reg, cap, base_pipelines=config.base_pipelines,
-                                      self_render=config.self_render, n_renders=config.n_renders)
+    report, server = None, {"pid": None, "start_seconds": 0.0}
+    try:
+        if pending == 0:  # no server started for nothing
+            report = idle_report(reg, model, config.self_render)
+        else:
+            with captioner.connect() as (cap, server):
+                report = caption_registry(reg, cap, base_pipelines=config.base_pipelines,
+                                          self_render=config.self_render, n_renders=config.n_renders)
+    except VLLMServerError as error:  # did not come up, or died while captioning (its log's end in the text)
+        done = f" ({report.captioned} LoRAs captioned before, kept)" if report else ""
+        raise dg.Failure(f"captioning server: {error}{done}") from None
     for problem in report.skipped + report.failed:
-        context.log.warning(f"{problem['lora_id']}: {problem['reason']}")
-    return dg.MaterializeResult(metadata={
+        context.log.warning(f"{problem['lora_id']} ({problem.get('name', '')}): {problem['reason']}")
+    metadata = _metadata(report, server, reg.version)
+    if report.stopped:
+        raise dg.Failure(f"captioning stopped: {report.stopped}; {report.captioned} LoRAs captioned (kept), "
+                         f"{report.left} left for the next run", metadata=metadata)
+    if report.failed and not report.captioned:
+        raise dg.Failure(f"every LoRA tried failed ({len(report.failed)}), e.g. {report.failed[0]['lora_id']}: "
+                         f"{report.failed[0]['reason']}", metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _metadata(report, server: dict, version: int) -> dict:
+    """The run's metadata from a :class:`pipelines.caption_registry.CaptionReport`."""
+    return {
         "model": report.model, "captioned": report.captioned, "up_to_date": report.up_to_date,
-        "images": report.images, "requests": report.requests, "self_rendered": len(report.self_rendered),
+        "images": report.images, "requests": report.requests, "cached": report.cached,
+        "self_rendered": len(report.self_rendered), "left": report.left,
         "skipped": len(report.skipped), "failed": len(report.failed),
         "caption_seconds": round(report.caption_seconds, 2), "render_seconds": round(report.render_seconds, 2),
         "images_per_second": round(report.images_per_second, 3),
         "seconds_per_request": round(report.caption_seconds / report.requests, 3) if report.requests else 0.0,
         "server_started": server["pid"] is not None, "server_start_seconds": server["start_seconds"],
-        "registry_version": reg.version,
-    })
+        "registry_version": version,
+    }

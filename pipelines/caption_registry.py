@@ -26,36 +26,41 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.caption import CaptionError, Captioner
+from pipelines.caption import Caption, Captioner, EndpointDown, describe
 from registry import Registry
 from registry.captions import SELF_RENDERED
 from registry.store.search import NOT_REMOVED
+from registry.store.store import where_in
 from registry.lora.errors import RejectedFile
 
 NEUTRAL_PROMPTS = ("", "an image", "a picture")  # nothing about content: the LoRA decides it
-_COLUMNS = ["lora_id", "base_model", "blob", "trigger_words", "render_prompts", "render_blobs", "captions",
-            "caption_model"]
-_CAPTION_ERRORS = (CaptionError, OSError, ValueError)  # endpoint failures, unreadable images
+_COLUMNS = ["lora_id", "name", "base_model", "blob", "trigger_words", "render_prompts", "render_blobs",
+            "captions", "caption_model"]
 
 
 @dataclass
 class CaptionReport:
     """What one :func:`caption_registry` pass did.
 
-    ``captioned``: LoRAs whose captions were written; ``images``: renders captioned (``requests``
-    of them sent to the endpoint, the rest from the cache); ``self_rendered``: ``{lora_id:
-    renders made}``; ``skipped``/``failed``: ``{lora_id, reason}`` (failed ones are retried by
-    the next pass); seconds spent captioning and rendering."""
+    ``captioned``: LoRAs whose captions were written; ``images``: renders captioned, ``requests`` of
+    them by the endpoint and ``cached`` from the cache (``images == requests + cached``);
+    ``self_rendered``: ``{lora_id: renders made}``; ``skipped``/``failed``: ``{lora_id, name,
+    reason}`` (failed ones are retried by the next pass); ``stopped``: why the pass stopped early
+    (the endpoint went down; "" when it ran to the end), with ``left`` LoRAs not captioned for that
+    (a rerun does them); seconds spent captioning and rendering."""
 
     model: str
     captioned: int = 0
     up_to_date: int = 0
     images: int = 0
     requests: int = 0
+    cached: int = 0
     self_rendered: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     writes: int = 0
+    stopped: str = ""
+    left: int = 0
     caption_seconds: float = 0.0
     render_seconds: float = 0.0
     seconds: float = 0.0
@@ -137,7 +142,16 @@ def _no_render(row: dict, self_render: bool) -> dict:
     why = ("self-rendering is off" if not self_render
            else f"no pipeline for its base {row['base_model']!r} to render one (autolora caption --base "
                 f"{row['base_model']}=PIPELINE; base_pipelines in Python and Dagster)")
-    return {"lora_id": row["lora_id"], "reason": f"no sample render image; {why}"}
+    return _problem(row, f"no sample render image; {why}")
+
+
+def _problem(row: dict, reason: str) -> dict:
+    """A skipped or failed record: the LoRA's id and name, and the reason."""
+    return {"lora_id": row["lora_id"], "name": row.get("name") or "", "reason": reason}
+
+
+class _Stopped(Exception):
+    """The endpoint went down: the pass ends after writing what it captioned."""
 
 
 class _Pass:
@@ -157,7 +171,7 @@ class _Pass:
         try:
             pipe = self.bases.get(row["base_model"]) if self.self_render else None
         except OSError as error:  # a base that does not load (a folder gone, a Hub id not cached)
-            self.report.failed.append({"lora_id": row["lora_id"], "reason": f"self-render failed: {error}"})
+            self.report.failed.append(_problem(row, f"self-render failed: {error}"))
             return None
         if pipe is None:
             self.report.skipped.append(_no_render(row, self.self_render))
@@ -168,7 +182,7 @@ class _Pass:
             lora = self._canonical(row)
             images = self.renderer(pipe, lora.layers, new_prompts, render_seed(row["lora_id"], self.seed))
         except (OSError, ValueError, RejectedFile, RuntimeError) as error:  # a bad blob or a base mismatch
-            self.report.failed.append({"lora_id": row["lora_id"], "reason": f"self-render failed: {error}"})
+            self.report.failed.append(_problem(row, f"self-render failed: {error}"))
             return None
         finally:
             self.report.render_seconds += time.perf_counter() - t0
@@ -182,47 +196,74 @@ class _Pass:
         return load_canonical(self.reg.root / row["blob"], self.reg.bases())[0]
 
     def caption(self, rows: list[dict]) -> None:
-        """Caption ``rows`` and write them in one registry write."""
-        plans = {}
+        """Caption ``rows`` and write them in one registry write; raises :class:`_Stopped` after
+        that write when the endpoint went down (the LoRAs it kept from captions count as ``left``)."""
+        plans, by_id = {}, {r["lora_id"]: r for r in rows}
         for row in rows:
+            if self.captioner.down:
+                self.report.left += 1
+                continue
             renders = self.renders_of(row)
             if renders is not None:
                 plans[row["lora_id"]] = renders
-        texts = self._captions(plans)
+        texts = self._captions(plans, by_id)
         updates = {i: (texts[i], self.captioner.model) for i in plans if i in texts}
-        if updates:
-            self.reg.set_captions(updates, renders={i: plans[i] for i in updates})
-            self.report.captioned += len(updates)
-            self.report.writes += 1
+        if updates:  # a row an ingest refreshed meanwhile is left alone (its new renders kept)
+            seen = {i: (by_id[i]["render_prompts"] or [], by_id[i]["render_blobs"] or []) for i in updates}
+            written = self.reg.set_captions(updates, renders={i: plans[i] for i in updates}, seen=seen)
+            self.report.captioned += written
+            self.report.writes += bool(written)
+            if written < len(updates):
+                self._changed_meanwhile(updates)
+        if self.captioner.down:
+            raise _Stopped(self.captioner.down)
 
-    def _captions(self, plans: dict[str, tuple[list[str], list[str]]]) -> dict[str, list[str]]:
-        """Captions per LoRA, one per render ("" for a render without an image). The whole batch
-        in one call; if that fails, LoRA by LoRA (cached captions cost nothing), so one bad
-        image or a failing endpoint fails only the LoRAs it concerns."""
+    def _changed_meanwhile(self, updates: dict) -> None:
+        """Report the rows :meth:`caption` did not write because their renders changed meanwhile."""
+        stored = self.reg.rows(self.reg.loras, where_in("lora_id", sorted(updates)), len(updates),
+                               ["lora_id", "name", "caption_model"])
+        for row in stored:
+            if row["caption_model"] != self.captioner.model:
+                self.report.skipped.append({"lora_id": row["lora_id"], "name": row["name"], "reason": (
+                    "its renders changed while it was captioned (an ingest refreshed it): the next pass captions it")})
+
+    def _captions(self, plans: dict[str, tuple[list[str], list[str]]],
+                  rows: dict[str, dict]) -> dict[str, list[str]]:
+        """Captions per LoRA, one per render ("" for a render without an image), from one
+        :meth:`Captioner.results` call for the whole batch: a render that fails fails its LoRA
+        (with the reason), one the endpoint being down kept from a caption leaves it for a rerun."""
         wanted = {i: [b for b in blobs if _has_image(self.reg, b)] for i, (_, blobs) in plans.items()}
-        try:
-            got = self._ask([b for blobs in wanted.values() for b in blobs])
-        except _CAPTION_ERRORS:
-            got = {}
-            for lora_id, blobs in wanted.items():
-                try:
-                    got.update(self._ask(blobs))
-                except _CAPTION_ERRORS as error:
-                    self.report.failed.append({"lora_id": lora_id, "reason": f"captioning failed: {error}"})
-        return {i: [got.get(b, "") for b in blobs] for i, (_, blobs) in plans.items()
-                if all(b in got for b in wanted[i])}
+        got = self._ask([b for blobs in wanted.values() for b in blobs])
+        texts = {}
+        for lora_id, blobs in wanted.items():
+            errors = [got[b] for b in blobs if isinstance(got[b], Exception)]
+            if not errors:
+                texts[lora_id] = [got[b].text if b in got else "" for b in plans[lora_id][1]]
+            elif any(isinstance(e, EndpointDown) for e in errors):
+                self.report.left += 1
+            else:
+                self.report.failed.append(_problem(rows[lora_id], f"captioning failed: {describe(errors[0])}"))
+        return texts
 
-    def _ask(self, blobs: list[str]) -> dict[str, str]:
+    def _ask(self, blobs: list[str]) -> dict[str, Caption | Exception]:
+        """Each blob's caption or failure; counts the renders captioned, by request or from the cache."""
         if not blobs:
             return {}
-        before, t0 = self.captioner.requests_made, time.perf_counter()
+        t0 = time.perf_counter()
         try:
-            captions = self.captioner.caption([self.reg.root / b for b in blobs])
+            results = self.captioner.results([self.reg.root / b for b in blobs])
         finally:
             self.report.caption_seconds += time.perf_counter() - t0
-            self.report.requests += self.captioner.requests_made - before
-        self.report.images += len(blobs)
-        return {b: c.text for b, c in zip(blobs, captions, strict=True)}
+        requested: set[str] = set()
+        for result in results:
+            if isinstance(result, Caption):
+                self.report.images += 1
+                if not result.cached and result.image_sha256 not in requested:  # a duplicate is sent once
+                    requested.add(result.image_sha256)
+                    self.report.requests += 1
+                else:
+                    self.report.cached += 1
+        return dict(zip(blobs, results, strict=True))
 
 
 def _rows(reg: Registry) -> list[dict]:
@@ -260,9 +301,12 @@ def caption_registry(reg: Registry, captioner: Captioner, *, base_pipelines: Map
                      renderer: Renderer = render_with_base) -> CaptionReport:
     """Caption the renders of every LoRA that lacks captions of ``captioner.model`` (removed
     LoRAs left alone); LoRAs without any render image are rendered by their base first when
-    ``self_render`` and ``base_pipelines`` has it. One registry write per ``batch_size`` LoRAs."""
+    ``self_render`` and ``base_pipelines`` has it. One registry write per ``batch_size`` LoRAs.
+    Raises ``RegistryNotWritable`` before any work on a registry it cannot write to. When the
+    endpoint goes down the pass writes what it has and stops (``report.stopped``, ``report.left``)."""
     if n_renders < 1 or batch_size < 1:
         raise ValueError(f"n_renders and batch_size must be positive, not {n_renders} and {batch_size}")
+    reg.check_writable()  # RegistryNotWritable before any work, not a lance error after a batch
     t0 = time.perf_counter()
     report = CaptionReport(model=captioner.model)
     rows = _rows(reg)
@@ -270,6 +314,11 @@ def caption_registry(reg: Registry, captioner: Captioner, *, base_pipelines: Map
     report.up_to_date = len(rows) - len(todo)
     run = _Pass(reg, captioner, _Bases(base_pipelines), self_render, n_renders, seed, renderer, report)
     for start in range(0, len(todo), batch_size):
-        run.caption(todo[start:start + batch_size])
+        try:
+            run.caption(todo[start:start + batch_size])
+        except _Stopped as stop:
+            report.left += max(0, len(todo) - start - batch_size)
+            report.stopped = str(stop)
+            break
     report.seconds = time.perf_counter() - t0
     return report

@@ -8,8 +8,8 @@ import argparse
 
 from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _print_json, _table
 
-_SHOWN = ("name", "lora_id", "base_model", "architecture", "format", "rank", "layers", "trigger_words", "tags", "description",
-          "licence", "nsfw_level", "source_url", "sha256", "size_bytes", "blob", "added_at", "removed",
+_SHOWN = ("name", "lora_id", "base_model", "architecture", "format", "rank", "layers", "trigger_words", "tags",
+          "description", "licence", "nsfw_level", "source_url", "sha256", "size_bytes", "blob", "added_at", "removed",
           "encoder_version", "caption_model")
 
 

@@ -19,7 +19,7 @@ from flux_fixtures import flux_lora, partial_names  # noqa: E402
 from assets_defs.captions import CaptionerResource, lora_captions  # noqa: E402
 from assets_defs.resources import RegistryResource  # noqa: E402
 from assets_defs.sources import source_sensors, synced_loras  # noqa: E402
-from pipelines.vllm_server import served_models, vllm_available, vllm_python  # noqa: E402
+from pipelines.vllm_server import default_served_name, served_models, vllm_available, vllm_python  # noqa: E402
 from pipelines.world.captioner import build_random_captioner  # noqa: E402
 from registry import Registry  # noqa: E402
 from registry.lora.formats import save_lora  # noqa: E402
@@ -57,10 +57,11 @@ def test_captioner_resource_launches_attaches_and_captions(tmp_path):
     assert len(registry.open(create=True).add([folder]).added) == 1
     config = {"ops": {"lora_captions": {"config": {"self_render": False}}}}
     launch = CaptionerResource(model_dir=str(model), cache_dir="", max_tokens=8)
-    assert launch.model_name() == "tiny-qwen2-vl"
+    name = default_served_name(model)
+    assert launch.model_name() == name and name.startswith("tiny-qwen2-vl-")
     with launch.connect() as (_, started):
         pid = started["pid"]
-        assert pid is not None and _alive(pid) and started["model"] == "tiny-qwen2-vl"
+        assert pid is not None and _alive(pid) and started["model"] == name
         attach = CaptionerResource(url=started["base_url"].removesuffix("/v1"), cache_dir="", max_tokens=8)
         result = dg.materialize([lora_captions], resources={"registry": registry, "captioner": attach},
                                 run_config=config, instance=dg.DagsterInstance.ephemeral())
@@ -68,10 +69,10 @@ def test_captioner_resource_launches_attaches_and_captions(tmp_path):
         meta = result.asset_materializations_for_node("lora_captions")[0].metadata
         assert meta["captioned"].value == 1 and meta["requests"].value == 1 and meta["server_started"].value is False
         print(f"\nserver start {started['start_seconds']} s; caption latency {meta['seconds_per_request'].value} s")
-        assert served_models(started["base_url"]) == ["tiny-qwen2-vl"]  # attaching left it running
+        assert served_models(started["base_url"]) == [name]  # attaching left it running
     assert not _alive(pid)  # launched, so stopped by its PID
     row = Registry.open(tmp_path / "registry").get(registry.open().lora_ids()[0])
-    assert row["caption_model"] == "tiny-qwen2-vl" and len(row["captions"]) == 1
+    assert row["caption_model"] == name and len(row["captions"]) == 1
     # nothing left to caption: the launching resource does not start a server at all
     again = dg.materialize([lora_captions], resources={"registry": registry, "captioner": launch},
                            run_config=config, instance=dg.DagsterInstance.ephemeral())

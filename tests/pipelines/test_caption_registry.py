@@ -59,7 +59,8 @@ def test_dead_endpoint_fails_rows_and_writes_nothing(registry):
     with Captioner(f"http://127.0.0.1:{free_port()}/v1", "m", retries=0, timeout=5) as cap:
         report = caption_registry(registry, cap)
     assert report.captioned == 0 and report.writes == 0 and registry.version == version
-    assert len(report.failed) == 2 and all("captioning failed" in f["reason"] for f in report.failed)
+    # refused connections: the pass stops, both LoRAs left for a rerun (not failed one by one)
+    assert not report.failed and report.left == 2 and "refuses connections" in report.stopped
     assert report.skipped[0]["lora_id"] == _rows(registry)[WITHOUT]["lora_id"]
     # what a pass could caption: the render-less LoRA only when its base can render it
     assert pending_captions(registry, "m") == 2
@@ -68,7 +69,7 @@ def test_dead_endpoint_fails_rows_and_writes_nothing(registry):
     # a base that does not load fails that LoRA with the reason, and the pass goes on
     with Captioner(f"http://127.0.0.1:{free_port()}/v1", "m", retries=0, timeout=5) as cap:
         report = caption_registry(registry, cap, base_pipelines={"autolora-demo-flux": "nobody/not-cached-flux"})
-    assert registry.version == version and not report.skipped and len(report.failed) == 3
+    assert registry.version == version and not report.skipped and len(report.failed) == 1 and report.left == 2
     failed = {f["lora_id"]: f["reason"] for f in report.failed}
     assert "not in the local Hugging Face cache" in failed[_rows(registry)[WITHOUT]["lora_id"]]
 
@@ -82,6 +83,7 @@ def test_captions_every_render_once_then_self_renders(server, registry, micro_wo
         # without a base pipeline the render-less LoRA waits, with the reason
         first = caption_registry(registry, cap)
         assert first.captioned == 2 and first.requests == renders and first.writes == 1
+        assert first.images == first.requests + first.cached and first.cached == 0
         assert _served_requests(server) - served == renders and registry.version == version + 1
         assert [s["lora_id"] for s in first.skipped] == [rows[WITHOUT]["lora_id"]]
         assert "autolora-demo-flux" in first.skipped[0]["reason"]
@@ -122,3 +124,33 @@ def test_second_pass_sends_nothing(server, registry):
         report = caption_registry(registry, cap)
     assert report.requests == 0 and report.captioned == 0 and report.up_to_date == 3 and report.writes == 0
     assert _served_requests(server) == served and registry.version == version
+
+
+def test_a_row_an_ingest_refreshes_while_it_is_captioned_keeps_its_new_render(server, micro_world, tmp_path,
+                                                                              monkeypatch):
+    """A preview arrives (and an ingest refreshes the row) while the captioner runs: the pass's write
+    used to put the planned render list back, and the next ingest said "unchanged", so the preview
+    was lost for good. Now the row is left for the next pass, which captions all its renders."""
+    import pipelines.caption_registry as caption_registry_module
+
+    reg = captioning_registry(micro_world, tmp_path)
+    folder = tmp_path / "loras"
+    real = caption_registry_module._Pass._captions
+
+    def meanwhile(self, plans, rows):
+        if not (folder / "square.preview-2.png").exists():
+            Image.new("RGB", (32, 32), (0, 200, 0)).save(folder / "square.preview-2.png")
+            assert reg.add([folder]).refreshed
+        return real(self, plans, rows)
+
+    monkeypatch.setattr(caption_registry_module._Pass, "_captions", meanwhile)
+    with Captioner(server.base_url, server.model, max_tokens=12) as cap:
+        report = caption_registry(reg, cap)
+    square = _rows(reg)["square"]
+    assert len(square["render_blobs"]) == 3 and square["caption_model"] != server.model
+    assert [s["name"] for s in report.skipped if "changed while it was captioned" in s["reason"]] == ["square"]
+    monkeypatch.undo()
+    with Captioner(server.base_url, server.model, max_tokens=12) as cap:
+        again = caption_registry(reg, cap)
+    square = _rows(reg)["square"]
+    assert again.captioned == 1 and square["caption_model"] == server.model and len(square["captions"]) == 3

@@ -19,7 +19,7 @@ from caption_fixtures import WITH_RENDERS, WITHOUT, captioning_registry
 from pipelines import cli
 from pipelines.caption_registry import CaptionReport
 from pipelines.cli_captions import show
-from pipelines.vllm_server import free_port, vllm_available, vllm_python
+from pipelines.vllm_server import default_served_name, free_port, vllm_available, vllm_python
 from pipelines.world.captioner import build_random_captioner
 from registry import Registry
 from registry.captions import SELF_RENDERED
@@ -83,6 +83,11 @@ def test_usage_errors_exit_2_with_one_line(registry_root, micro_world, tmp_path,
                                "--base", f"{BASE}={micro_world}"],
         "neither an existing model folder nor a Hub repo id": ["--registry", str(registry_root),
                                                                "--model", str(tmp_path / "no-model")],
+        "'captionr' is neither an existing model folder": ["--registry", str(registry_root), "--model", "captionr"],
+        "--dtype, --vllm-arg set how --model is served": ["--registry", str(registry_root), "--url", "http://x",
+                                                          "--dtype", "auto", "--vllm-arg=--seed=1"],
+        "--max-model-len set how --model is served": ["--registry", str(registry_root), "--url", "http://x",
+                                                      "--max-model-len", "0"],
     }
     for expected, args in cases.items():
         rc, out, err = _cli(capsys, *args)
@@ -102,16 +107,17 @@ def test_an_endpoint_that_does_not_answer_fails_with_one_line(registry_root, cap
 
 
 def test_skipped_and_failed_loras_go_to_stderr_with_their_reasons(capsys):
-    report = CaptionReport(model="m", captioned=1, images=3, requests=2, up_to_date=4, self_rendered={"c": 3},
+    report = CaptionReport(model="m", captioned=1, images=3, requests=2, cached=1, up_to_date=4,
+                           self_rendered={"c": 3},
                            skipped=[{"lora_id": "a", "reason": "no sample render image; no pipeline for its base"}],
-                           failed=[{"lora_id": "b", "reason": "captioning failed: boom"}])
+                           failed=[{"lora_id": "b", "name": "b-name", "reason": "captioning failed: boom"}])
     show(report, as_json=False)
     out, err = capsys.readouterr()
     assert out == ("1 LoRAs captioned by m (3 renders, 1 from the cache), 1 self-rendered, 4 up to date, "
                    "1 skipped, 1 failed\n")
     assert err.splitlines() == [
         "skipped a: no sample render image; no pipeline for its base",
-        "failed b: captioning failed: boom"]
+        "failed b (b-name): captioning failed: boom"]
     show(report, as_json=True)
     shown = json.loads(capsys.readouterr().out)
     assert shown == {**report.to_dict(), "server_started": False, "server_start_seconds": 0.0}
@@ -126,13 +132,14 @@ def test_caption_with_model_self_renders_then_a_rerun_starts_no_server(
                         "--base", f"{BASE}={micro_world}", "--renders", "2", "--cache-dir", str(tmp_path / "cache"))
     with capsys.disabled():
         print(f"\nautolora caption --model (server start, 5 captions, 2 renders): {time.perf_counter() - t0:.1f} s")
+    served = default_served_name(model)  # tiny-qwen2-vl-HASH
     assert rc == 0 and err == "", err
-    assert out == ("3 LoRAs captioned by tiny-qwen2-vl (5 renders, 0 from the cache), 1 self-rendered, "
+    assert out == (f"3 LoRAs captioned by {served} (5 renders, 0 from the cache), 1 self-rendered, "
                    "0 up to date, 0 skipped, 0 failed\n")
     assert _processes_serving(model) == []  # the server it launched is stopped
     after = _rows(registry_root)
     for name, row in after.items():
-        assert row["caption_model"] == "tiny-qwen2-vl" and len(row["captions"]) == len(row["render_blobs"]) > 0
+        assert row["caption_model"] == served and len(row["captions"]) == len(row["render_blobs"]) > 0
         assert all((registry_root / b).is_file() for b in row["render_blobs"])
     for name in WITH_RENDERS:  # published renders kept as they were
         assert after[name]["render_blobs"] == before[name]["render_blobs"]
@@ -150,9 +157,9 @@ def test_caption_with_model_self_renders_then_a_rerun_starts_no_server(
     assert rc == 0 and err == "", err
     report = json.loads(out)
     assert report["captioned"] == 0 and report["requests"] == 0 and report["up_to_date"] == 3
-    assert report["model"] == "tiny-qwen2-vl" and report["server_started"] is False
+    assert report["model"] == served and report["server_started"] is False
     rc, out, err = _cli(capsys, *rerun)
-    assert rc == 0 and err == "" and out == ("nothing to caption: 3 LoRAs have captions of tiny-qwen2-vl, 0 cannot "
+    assert rc == 0 and err == "" and out == (f"nothing to caption: 3 LoRAs have captions of {served}, 0 cannot "
                                              "get any (no render, no --base for their base model); no server started\n")
     assert Registry.open(registry_root, create=False).version == version
 
@@ -162,7 +169,7 @@ def test_caption_with_model_self_renders_then_a_rerun_starts_no_server(
     shutil.copy(sorted((micro_world / "heldout_loras").glob("*.safetensors"))[-1], bare / "bare.safetensors")
     assert len(Registry.open(registry_root, create=False).add([bare]).added) == 1
     rc, out, err = _cli(capsys, "--registry", str(registry_root), "--model", str(model))
-    assert rc == 0 and "3 LoRAs have captions of tiny-qwen2-vl, 1 cannot get any" in out, (out, err)
+    assert rc == 0 and f"3 LoRAs have captions of {served}, 1 cannot get any" in out, (out, err)
     assert "no server started" in out and err.startswith("skipped ") and "no sample render image" in err
     rc, out, err = _cli(capsys, "--registry", str(registry_root), "--model", str(model), "--json")
     report = json.loads(out)  # the same counts as a pass would give: the render-less LoRA is skipped, not up to date

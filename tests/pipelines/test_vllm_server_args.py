@@ -28,11 +28,30 @@ def test_existing_folder_is_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cmd = vs.server_command("Qwen/tiny", 8000, served_name="cap")
     assert _flag(cmd, "--model") == str(tmp_path / "Qwen" / "tiny") and _flag(cmd, "--served-model-name") == "cap"
-    assert vs.default_served_name("Qwen/tiny") == "tiny"
+    assert vs.default_served_name("Qwen/tiny").startswith("tiny-")
 
 
 def test_neither_folder_nor_hub_id():
     assert not vs.is_model_source("/no/such/model/folder") and not vs.is_model_source("a/b/c")
+    assert not vs.is_model_source("captionr")  # a bare word: a mistyped folder, not a Hub id
+
+
+def test_default_served_name_follows_the_model_content(tmp_path):
+    """A retrained model saved in the same folder is another model: another name, so another cache key."""
+    folder = tmp_path / "captioner"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    first = vs.default_served_name(folder)
+    assert first.startswith("captioner-") and first == vs.default_served_name(folder)  # stable
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\1" * 8)
+    retrained = vs.default_served_name(folder)  # same config, same shapes, other weights
+    assert retrained != first and retrained.startswith("captioner-")
+    (folder / "config.json").write_text('{"hidden_size": 16}')
+    assert vs.default_served_name(folder) not in (first, retrained)
+    assert vs.server_command(folder, 8000)[vs.server_command(folder, 8000).index("--served-model-name") + 1] == \
+        vs.default_served_name(folder)
 
 
 def test_cpu_defaults_and_overrides():
