@@ -12,7 +12,6 @@ key (source + registry, its base names, the cursor and the listing) is unique pe
 a file still waiting for its base is tried again once the registry's bases change.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from pipelines.sources.base import Source, SourceError
 from pipelines.sources.cursors import cursor_path, load_cursor, save_cursor
 from pipelines.sources.config import (DEFAULT_SOURCES_FILE, DOWNLOAD_DIR, SOURCES_FILE, configured_source,
                                       load_sources)
-from pipelines.sources.lock import source_lock
+from pipelines.sources.lock import sync_lock
 from pipelines.sources.sync import failure_note, sync
 
 
@@ -49,9 +48,7 @@ def synced_loras(context: dg.AssetExecutionContext, config: SyncConfig,
     sync of the same source (a CLI `autolora sync`) waits for it."""
     source = configured_source(config.sources_file, config.source)
     reg = registry.open(create=True)
-    lock = (contextlib.nullcontext() if getattr(source, "in_place", False)
-            else source_lock(config.download_dir, source.name, context.log.info))
-    with lock:
+    with sync_lock(source, config.download_dir, context.log.info):
         report = sync(source, reg, config.download_dir, json.loads(config.cursor) if config.cursor else None,
                       from_start=config.from_start)
         save_cursor(cursor_path(reg.root, source.name), report.cursor)  # where the sensor and `autolora sync` read it

@@ -224,8 +224,8 @@ class _Pass:
                                ["lora_id", "name", "caption_model"])
         for row in stored:
             if row["caption_model"] != self.captioner.model:
-                self.report.skipped.append({"lora_id": row["lora_id"], "name": row["name"], "reason": (
-                    "its renders changed while it was captioned (an ingest refreshed it): the next pass captions it")})
+                self.report.skipped.append(_problem(row, "its renders changed while it was captioned (an ingest "
+                                                         "refreshed it): the next pass captions it"))
 
     def _captions(self, plans: dict[str, tuple[list[str], list[str]]],
                   rows: dict[str, dict]) -> dict[str, list[str]]:

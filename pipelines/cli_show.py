@@ -25,14 +25,13 @@ def add_commands(sub) -> None:
 
 def cmd_show(args: argparse.Namespace) -> int:
     registry = _open_registry(args.registry, version=args.version, create=False)
-    lora_id = _resolve(registry, args.lora_id)
-    row = registry.get(lora_id)
-    paths = registry.paths_of(lora_id)
+    row = _resolve(registry, args.lora_id)
+    paths = registry.paths_of(row["lora_id"])
     if args.json:
         _print_json({**row, "paths": paths})
         return 0
     values = [(key, _shown(row.get(key))) for key in _SHOWN if key in row]
-    _table(row.get("name") or lora_id, ["field", "value"], values)
+    _table(row.get("name") or row["lora_id"], ["field", "value"], values)
     captions = list(row.get("captions") or [])
     renders = [(i, prompt, blob or "(no image)", captions[i] if i < len(captions) else "")
                for i, (prompt, blob) in enumerate(zip(row.get("render_prompts") or [], row.get("render_blobs") or []))]
@@ -43,13 +42,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(registry, wanted: str) -> str:
-    """The id ``wanted`` names: itself, or the one id starting with it."""
-    if registry.get(wanted) is not None:
-        return wanted
+def _resolve(registry, wanted: str) -> dict:
+    """The row of the LoRA ``wanted`` names: its id, or the start of exactly one id."""
+    row = registry.get(wanted)
+    if row is not None:
+        return row
     ids = [i for i in registry.lora_ids() if i.startswith(wanted)] if wanted else []
     if len(ids) == 1:
-        return ids[0]
+        return registry.get(ids[0])
     if ids:
         raise UsageError(f"{wanted!r} starts {len(ids)} LoRA ids ({', '.join(sorted(ids)[:5])}, …): give more of it")
     raise UsageError(f"no LoRA {wanted!r} in {registry.root} (ids are printed by search and ingest)")

@@ -10,7 +10,6 @@ files already ingested cost a stat, releases already downloaded are not fetched 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -70,7 +69,7 @@ def _chosen(args: argparse.Namespace) -> list:
 
 def _sync(args: argparse.Namespace) -> int:
     from pipelines.sources.config import DOWNLOAD_DIR, SOURCES_FILE
-    from pipelines.sources.lock import source_lock
+    from pipelines.sources.lock import sync_lock
     from pipelines.sources.sync import SyncReport, sync
     from registry import RegistryNotWritable
 
@@ -80,9 +79,7 @@ def _sync(args: argparse.Namespace) -> int:
     results = {}
     for name, source in sources.items():
         path = cursor_path(registry.root, name)
-        lock = (contextlib.nullcontext() if getattr(source, "in_place", False) else
-                source_lock(args.download_dir, name, lambda line: print(f"autolora sync: {line}", file=sys.stderr)))
-        with lock:  # from reading the cursor to writing it back
+        with sync_lock(source, args.download_dir, _say):  # from reading the cursor to writing it back
             cursor = load_cursor(path)
             try:
                 report = sync(source, registry, args.download_dir, cursor, from_start=args.from_start)
@@ -109,6 +106,10 @@ def _sync(args: argparse.Namespace) -> int:
     _table("sources synced", ["source", "discovered", "downloaded", "already present", "cards refreshed", "failed",
                               "added", "rejected"], rows)
     return status
+
+
+def _say(line: str) -> None:
+    print(f"autolora sync: {line}", file=sys.stderr)
 
 
 def _print_warnings(results: dict, sources_file: str) -> None:

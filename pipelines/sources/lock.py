@@ -7,14 +7,16 @@ when its holder exits, however it exits. Re-entrant within a thread (the CLI hol
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ContextManager
 
-from pipelines.sources.base import safe_name
+from pipelines.sources.base import Source, safe_name
 
 STAGING = ".staging"
 _held: dict[tuple[str, int], int] = {}  # (lock file, thread) -> depth
@@ -53,3 +55,12 @@ def source_lock(download_dir: str | os.PathLike, source: str,
         finally:
             del _held[key]
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sync_lock(source: Source, download_dir: str | os.PathLike,
+              on_wait: Callable[[str], None] | None = None) -> ContextManager[None]:
+    """What a caller holds around one sync of ``source`` (cursor read to cursor written): its
+    :func:`source_lock`, or nothing for a source that syncs in place (it has no downloads to race over)."""
+    if getattr(source, "in_place", False):
+        return contextlib.nullcontext()
+    return source_lock(download_dir, source.name, on_wait)
