@@ -53,10 +53,25 @@ class _Broken(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet request handler that answers JSON (the stub endpoints' base)."""
+
     def log_message(self, *args):
         pass
 
+    def _send(self, code: int, payload: dict):
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass  # the client timed out and left
+
+
+class _Handler(JsonHandler):
     def do_GET(self):
         if self.server.hanging:
             time.sleep(30)
@@ -74,17 +89,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, VLLM_400)
         else:
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"stub {self.server.posts}"}}]})
-
-    def _send(self, code: int, payload: dict):
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            pass
 
 
 @contextmanager

@@ -9,13 +9,14 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
+from caption_fixtures import JsonHandler
 
 from pipelines.caption import Captioner, CaptionError, png_bytes
 from pipelines.vllm_server import VLLMServerError, vllm_available, vllm_python, vllm_server
@@ -111,10 +112,7 @@ class _Stub(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet
-        pass
-
+class _Handler(JsonHandler):
     def do_POST(self):
         srv: _Stub = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -140,17 +138,6 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with srv.lock:
                 srv.inflight -= 1
-
-    def _send(self, code: int, payload: dict):
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and left
 
 
 @pytest.fixture

@@ -21,6 +21,11 @@ def _save(path: Path, seed: int, fmt: str = "diffusers") -> Path:
     return path
 
 
+def _add_by_name(reg: Registry, folder: Path) -> dict[str, str]:
+    """Ingest ``folder``; the ids of the LoRAs added, by file name."""
+    return {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "loras"
@@ -89,7 +94,7 @@ def test_a_touched_file_is_hashed_once_and_a_replaced_one_reingested(folder, tmp
 
 def test_prune_hides_loras_whose_every_path_is_gone_and_restores_them(folder, tmp_path):
     reg = Registry.open(tmp_path / "registry")
-    added = {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+    added = _add_by_name(reg, folder)
     copper = added["copper_leaf.safetensors"]
     copy = tmp_path / "backup" / "copper_leaf.safetensors"
     copy.parent.mkdir()
@@ -117,7 +122,7 @@ def test_prune_hides_loras_whose_every_path_is_gone_and_restores_them(folder, tm
 def test_a_lora_overwritten_in_place_by_another_is_pruned_as_gone(folder, tmp_path):
     """v2 saved over v1: the path's record moves to v2, and v1, left with no path, is removed."""
     reg = Registry.open(tmp_path / "registry")
-    added = {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+    added = _add_by_name(reg, folder)
     old = added["harbor_fog.safetensors"]
     _save(folder / "harbor_fog.safetensors", 41)
     new = reg.add([folder]).added[0]["lora_id"]
@@ -130,7 +135,7 @@ def test_a_lora_overwritten_in_place_by_another_is_pruned_as_gone(folder, tmp_pa
 
 def test_a_pruned_lora_found_at_a_new_path_is_unmarked_by_the_ingest(folder, tmp_path):
     reg = Registry.open(tmp_path / "registry")
-    added = {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+    added = _add_by_name(reg, folder)
     copper = added["copper_leaf.safetensors"]
     elsewhere = tmp_path / "elsewhere" / "copper_leaf.safetensors"
     elsewhere.parent.mkdir()
@@ -232,7 +237,7 @@ def test_a_cards_name_wins_over_the_headers_output_name_which_stays_searchable(t
     (folder / "mh.json").write_text(json.dumps({"name": "Misty Harbour"}))
     (folder / "fog.json").write_text(json.dumps({"name": "Sea Fog"}))  # the same name, spelled otherwise
     reg = Registry.open(tmp_path / "registry")
-    ids = {Path(a["path"]).name: a["lora_id"] for a in reg.add([folder]).added}
+    ids = _add_by_name(reg, folder)
     harbour, fog = reg.get(ids["mh.safetensors"]), reg.get(ids["fog.safetensors"])
     assert harbour["name"] == "Misty Harbour" and "mhv3_final_e10" in harbour["search_text"].splitlines()
     assert fog["name"] == "sea-fog" and "Sea Fog" not in fog["search_text"]
