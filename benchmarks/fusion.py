@@ -7,7 +7,11 @@ Two transformers, both real diffusers ``FluxTransformer2DModel``s with random we
 * ``demo``: the tiny demo FLUX (``pipelines.world.tiny_flux.build_transformer``; width 64, 16 image
   tokens of a 32x32 image, 32 text tokens), batch ``--demo-batch``;
 * ``slice``: a FLUX.1-width slice (1 double + 1 single block, width 3072, MLP 12288) with
-  ``--image-tokens`` image and ``--text-tokens`` text tokens, batch 1.
+  ``--image-tokens`` image and ``--text-tokens`` text tokens, batch 1 (``--double-blocks 19
+  --single-blocks 38 --image-tokens 4096`` is the whole FLUX.1-dev transformer at 1024 px).
+
+``--device`` / ``--dtype`` (default: the CPU in float32; ``--device cuda`` runs bfloat16, as
+``autolora generate`` does there): on a GPU every timed call ends with ``torch.cuda.synchronize``.
 
 Each gets k = 3 random rank-16 LoRAs on every block linear.  Timed in one process, on three copies
 of the transformer that share their weight tensors: ``gated`` (``GatedFusion``, the global LoRA on,
@@ -44,6 +48,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.fusion import GatedFusion, block_linear_names  # noqa: E402
+from models.torch_device import pick_device, pick_dtype  # noqa: E402
 from pipelines.world.tiny_flux import MAX_SEQ_LEN, TEXT_DIM, build_transformer  # noqa: E402
 
 TARGETS = {"slice_gated_vs_diffusers": 1.15, "slice_gated_vs_base": 1.35, "switch_ours_vs_diffusers": 0.1}
@@ -82,6 +87,12 @@ def bare_pipeline(transformer: nn.Module) -> FluxPipeline:
                         tokenizer_2=None, transformer=transformer)
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a no-op without CUDA), so a timer measures the work itself."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int) -> dict[str, float]:
     """Median seconds per call of each fn: one warm-up each, then rounds in rotated order."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -90,22 +101,27 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: 
         fns[name]()
     for rep in range(repeats):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
+            synchronize()
             start = time.perf_counter()
             for _ in range(inner):
                 fns[name]()
+            synchronize()
             samples[name].append((time.perf_counter() - start) / inner)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def flux_inputs(batch: int, grid: tuple[int, int], channels: int, text_tokens: int, text_dim: int,
-                pooled_dim: int, seed: int = 0) -> dict:
+                pooled_dim: int, seed: int = 0, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32) -> dict:
     gen = torch.Generator().manual_seed(seed)
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
-    return dict(hidden_states=torch.randn(batch, grid[0] * grid[1], channels, generator=gen),
-                encoder_hidden_states=torch.randn(batch, text_tokens, text_dim, generator=gen),
-                pooled_projections=torch.randn(batch, pooled_dim, generator=gen),
-                timestep=torch.full((batch,), 0.5), img_ids=img_ids, txt_ids=torch.zeros(text_tokens, 3),
+    inputs = dict(hidden_states=torch.randn(batch, grid[0] * grid[1], channels, generator=gen),
+                  encoder_hidden_states=torch.randn(batch, text_tokens, text_dim, generator=gen),
+                  pooled_projections=torch.randn(batch, pooled_dim, generator=gen),
+                  timestep=torch.full((batch,), 0.5))
+    inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+    return dict(inputs, img_ids=img_ids.to(device), txt_ids=torch.zeros(text_tokens, 3, device=device),
                 return_dict=False)
 
 
@@ -163,19 +179,23 @@ def bench(transformer: nn.Module, inputs: dict, args: argparse.Namespace, inner:
     ours_s, read_s, theirs_s, delete_s = [], [], [], []
     for rep in range(args.repeats + 1):
         paths = sets[rep % 2]
+        synchronize()
         start = time.perf_counter()
         new_loras = [read_lora(p) for p in paths]
         read_t = time.perf_counter() - start
         fusion.set_loras(new_loras, use_global=True, rank_global=args.rank_global)
+        synchronize()
         ours_t = time.perf_counter() - start
         new = [f"r{rep}_{i}" for i in range(args.k)]
         start = time.perf_counter()
         for name, path in zip(new, paths):
             pipe.load_lora_weights(path, adapter_name=name)
         pipe.set_adapters(new, [1.0] * args.k)
+        synchronize()
         theirs_t = time.perf_counter() - start
         start = time.perf_counter()
         pipe.delete_adapters(adapters)
+        synchronize()
         delete_t = time.perf_counter() - start
         adapters = new
         if rep:  # the first round warms up
@@ -193,10 +213,16 @@ def bench(transformer: nn.Module, inputs: dict, args: argparse.Namespace, inner:
     return steps, switch
 
 
-def slice_transformer() -> FluxTransformer2DModel:
+def slice_transformer(double_blocks: int = 1, single_blocks: int = 1, device: torch.device = torch.device("cpu"),
+                      dtype: torch.dtype = torch.float32) -> FluxTransformer2DModel:
+    """FLUX.1-dev's transformer config with ``double_blocks`` + ``single_blocks`` blocks (19 + 38: all
+    of it), random weights, built on ``device`` (12 B parameters initialise in seconds on a GPU)."""
     torch.manual_seed(0)
-    return FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
-                                  joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64)
+    with torch.device(device):
+        model = FluxTransformer2DModel(num_layers=double_blocks, num_single_layers=single_blocks,
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                       pooled_projection_dim=768, in_channels=64, guidance_embeds=False)
+    return model.to(dtype)
 
 
 def main() -> None:
@@ -211,19 +237,32 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--demo-batch", type=int, default=4)
     parser.add_argument("--demo-inner", type=int, default=20, help="demo steps per timed sample")
+    parser.add_argument("--double-blocks", type=int, default=1, help="slice: FLUX.1-dev has 19")
+    parser.add_argument("--single-blocks", type=int, default=1, help="slice: FLUX.1-dev has 38")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on the cpu, bfloat16 on a GPU), float32, "
+                                                        "bfloat16, float16")
+    parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-slice", action="store_true")
     parser.add_argument("--switch-only", action="store_true", help="time switching only (no step timing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result: dict = {"config": dict(vars(args), torch=torch.__version__, load_before=os.getloadavg())}
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    result: dict = {"config": dict(vars(args), torch=torch.__version__, dtype=str(dtype), gpu=gpu,
+                                   load_before=os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
-        demo_inputs = flux_inputs(args.demo_batch, (4, 4), 32, MAX_SEQ_LEN, TEXT_DIM, TEXT_DIM)
-        result["demo"], result["switch_demo"] = bench(build_transformer(0), demo_inputs, args, args.demo_inner,
-                                                      Path(tmp), "demo")
+        if not args.skip_demo:
+            demo_inputs = flux_inputs(args.demo_batch, (4, 4), 32, MAX_SEQ_LEN, TEXT_DIM, TEXT_DIM, device=device,
+                                      dtype=dtype)
+            result["demo"], result["switch_demo"] = bench(build_transformer(0).to(device, dtype), demo_inputs, args,
+                                                          args.demo_inner, Path(tmp), "demo")
         if not args.skip_slice:
             grid = (16, args.image_tokens // 16)
-            inputs = flux_inputs(1, grid, 64, args.text_tokens, 4096, 768)
-            result["slice"], result["switch"] = bench(slice_transformer(), inputs, args, 1, Path(tmp), "slice")
+            inputs = flux_inputs(1, grid, 64, args.text_tokens, 4096, 768, device=device, dtype=dtype)
+            model = slice_transformer(args.double_blocks, args.single_blocks, device, dtype)
+            result["slice"], result["switch"] = bench(model, inputs, args, 1, Path(tmp), "slice")
     result["config"]["load_after"] = os.getloadavg()
     if "slice" in result and not args.switch_only:
         got = {"slice_gated_vs_diffusers": result["slice"]["gated_vs_diffusers"],

@@ -57,7 +57,8 @@ def _generator(registry, base, args: argparse.Namespace):
     from pipelines.generate import BaseNotFound, Generator
 
     try:
-        gen = Generator(registry, base, method=args.fusion, progress=bool(getattr(args, "verbose", False)))
+        gen = Generator(registry, base, method=args.fusion, progress=bool(getattr(args, "verbose", False)),
+                        device=args.device, dtype=args.dtype)
     except BaseNotFound as error:
         raise UsageError(str(error)) from None
     try:
@@ -69,6 +70,24 @@ def _generator(registry, base, args: argparse.Namespace):
     return gen
 
 
+def _add_placement(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--device and --dtype (unset: auto, a GPU in bfloat16 if torch sees one, else the cpu in float32)."""
+    parser.add_argument("--device", help=f"{prefix}where the base runs: auto (the default: a CUDA or MPS GPU if torch "
+                                         "sees one, else cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", help=f"{prefix}its precision: auto (the default: bfloat16 on a GPU, float32 on the "
+                                        "cpu), float32, bfloat16, float16")
+
+
+def _placement(args: argparse.Namespace) -> None:
+    """--device / --dtype checked before any work: a GPU this machine lacks is a usage error."""
+    from models.torch_device import pick_device, pick_dtype
+
+    try:
+        pick_dtype(args.dtype, pick_device(args.device))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -77,6 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.fusion not in METHODS:
         raise UsageError(f"unknown fusion {args.fusion!r}; known: {', '.join(METHODS)}")
+    _placement(args)
     registry = _open_registry(args.registry, create=False)
     world = _world_root(args.world) if args.world else None
     base = args.base or world
@@ -115,8 +135,9 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
     if args.registry:
         result, extra = _train_registry_gates(args, recipe)
     else:
-        if args.base or args.base_model or args.where or args.size:
-            raise UsageError("--base, --base-model, --where and --size train on a registry: give --registry")
+        if args.base or args.base_model or args.where or args.size or args.device or args.dtype:
+            raise UsageError("--base, --base-model, --where, --size, --device and --dtype train on a registry: "
+                             "give --registry (a demo world's gates train on the cpu)")
         result = train_world_gates(_world_root(args.world), args.out, recipe)
     info = {"path": str(result.path), "version": result.version, "cached": result.cached,
             "seconds": round(result.seconds, 1), "recipe": dataclasses.asdict(recipe), **extra}
@@ -131,10 +152,12 @@ def _train_registry_gates(args: argparse.Namespace, recipe):
 
     if not args.base:
         raise UsageError("--registry needs --base: the diffusers pipeline (folder, demo world or Hub id) the gates are for")
+    _placement(args)
     registry = _open_registry(args.registry, create=False)
     try:
         trained = train_registry_gates(registry, args.base, base_model=args.base_model, where=args.where,
-                                       recipe=recipe, size=args.size, out_dir=args.out)
+                                       recipe=recipe, size=args.size, out_dir=args.out, device=args.device,
+                                       dtype=args.dtype)
     except PoolTooSmall as error:
         _print_skipped(error.skipped)
         raise UsageError(str(error)) from None
@@ -207,6 +230,7 @@ def add_commands(sub, evaluate, train=None) -> None:
         gates.add_argument("--base-model", help="with --registry: whose LoRAs (default: the only base they have)")
         gates.add_argument("--where", help="with --registry: narrow the pool (a LanceDB SQL filter)")
         gates.add_argument("--size", type=_positive, help="with --registry: training image size (default: the base's)")
+        _add_placement(gates, "with --registry: ")
         gates.add_argument("--out", type=_expanded,
                            help="checkpoint folder (default: <world>/gates, or <registry>/gates)")
         # recipe flags default to None = the recipe's own default, so building the parser imports no torch
@@ -236,6 +260,7 @@ def add_commands(sub, evaluate, train=None) -> None:
     gen.add_argument("--steps", type=_positive, help="denoising steps (default: the base's usual: 28 for FLUX.1-dev)")
     gen.add_argument("--size", type=_positive, help="image size in pixels, a multiple of the base's vae_scale_factor "
                                                     "* 2 (16 for FLUX.1-dev; default: the base's: 1024 for FLUX.1-dev)")
+    _add_placement(gen)
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

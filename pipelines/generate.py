@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffusers import FluxPipeline
 
 from models.hub_ids import looks_like_hub_repo_id
 from models.text_encoder import hub_load_failure
+from models.torch_device import pick_device, pick_dtype
 from pipelines.fusion_methods import GatedSession, GateSet, get
 from pipelines.fusion_methods.base import Lora
 
@@ -147,15 +149,24 @@ def loading_output(progress: bool = False) -> Iterator[None]:
             module.enable_progress_bar() if bar else module.disable_progress_bar()
 
 
-def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False) -> FluxPipeline:
-    """A pipeline as is, else :func:`resolve_base`'s folder or Hub repo id loaded (quietly unless
-    ``progress``); a Hub id that cannot be loaded (offline, gated, missing) raises :class:`BaseNotFound`."""
+def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False, *,
+              device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> FluxPipeline:
+    """A pipeline, else :func:`resolve_base`'s folder or Hub repo id loaded (quietly unless
+    ``progress``) in ``dtype`` onto ``device`` (``auto``/None: the accelerator in bfloat16 if torch
+    sees one, else the CPU in float32; :mod:`models.torch_device`).  A pipeline given is used where
+    it is unless ``device`` / ``dtype`` are named.  A Hub id that cannot be loaded (offline, gated,
+    missing) raises :class:`BaseNotFound`; a device or dtype this machine lacks, ValueError."""
     if isinstance(source, FluxPipeline):
-        return source
+        if device is None and dtype is None:
+            return source
+        where = pick_device(device or source.device)
+        return source.to(where, pick_dtype(dtype or source.transformer.dtype, where))
+    where = pick_device(device)
+    precision = pick_dtype(dtype, where)
     name = resolve_base(source)
     with loading_output(progress):
         try:
-            pipe = FluxPipeline.from_pretrained(name)
+            pipe = FluxPipeline.from_pretrained(name, dtype=precision).to(where)
         except (OSError, ValueError, TypeError) as error:  # a folder that is no whole FLUX pipeline, a Hub id
             if not (isinstance(error, OSError) or Path(name).exists()):
                 raise
@@ -177,11 +188,14 @@ class Generator:
     """Prompt -> retrieved LoRAs -> fused generation on one base held for the object's lifetime."""
 
     def __init__(self, registry, base: FluxPipeline | str | Path, gates: GateSet | str | Path | None = None,
-                 method: str = "gated", render: RenderSettings | None = None, progress: bool = False) -> None:
+                 method: str = "gated", render: RenderSettings | None = None, progress: bool = False, *,
+                 device: str | None = None, dtype: str | None = None) -> None:
+        """``device`` / ``dtype``: where and in what precision the base runs (:func:`load_base`;
+        default: the accelerator in bfloat16 if torch sees one, else the CPU in float32)."""
         from pipelines.train_gates import load_gates
 
         self.registry = registry
-        self.pipe = load_base(base, progress=progress)
+        self.pipe = load_base(base, progress=progress, device=device, dtype=dtype)
         self.settings = render or RenderSettings.for_base(self.pipe)
         self.gates = load_gates(gates) if isinstance(gates, (str, Path)) else gates
         self.method = get(method).name

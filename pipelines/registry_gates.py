@@ -114,12 +114,15 @@ def count_pool(reg: Registry, base_model: str, where: str | None) -> int:
 
 def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = None, where: str | None = None,
                          recipe: GateRecipe = GateRecipe(), size: int | None = None, out_dir: str | Path | None = None,
-                         progress: Callable[[int, float], None] | None = None) -> RegistryGates:
+                         progress: Callable[[int, float], None] | None = None, device: str | None = None,
+                         dtype: str | None = None) -> RegistryGates:
     """Gates for the base pipeline ``base`` (folder, demo world or Hub id) trained on the registry's
     LoRAs of ``base_model`` (default: the only base its LoRAs have), cached in ``out_dir`` (default
     ``<registry>/gates``; a cache hit becomes the newest checkpoint, the one generate picks);
-    ``size``: training image size (default: the base's render size). Bad input is a ValueError
-    (:class:`PoolTooSmall` when too few LoRAs have renders) raised before the base is loaded."""
+    ``size``: training image size (default: the base's render size); ``device`` / ``dtype``: where
+    and in what precision the base runs (``load_base``; the gates themselves train in float32).
+    Bad input is a ValueError (:class:`PoolTooSmall` when too few LoRAs have renders) raised before
+    the base is loaded."""
     from models.torch_threads import one_torch_thread
     from pipelines.generate import RenderSettings, base_config, check_size, load_base, resolve_base, size_multiple
 
@@ -141,7 +144,7 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
         training = train_gates(None, pool, out, base_id=base_id, recipe=recipe)  # type: ignore[arg-type]
         os.utime(training.path)  # asked for again: the newest for this base
         return RegistryGates(training, [p.lora_id for p in pool], skipped)
-    pipe = load_base(source)
+    pipe = load_base(source, device=device, dtype=dtype)
     with one_torch_thread():
         training = train_gates(pipe, pool, out, base_id=base_id, recipe=recipe, progress=progress)
     return RegistryGates(training, [p.lora_id for p in pool], skipped)

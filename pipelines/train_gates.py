@@ -212,7 +212,8 @@ def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Pat
     sched = training_scheduler(pipe)
     tr = pipe.transformer
     grad_before = {n: p.requires_grad for n, p in tr.named_parameters()}
-    fusion = GatedFusion(tr, fusion_layers(tr), time_features=recipe.time_features)
+    # float32 gates whatever the base's precision: AdamW's small steps vanish in bfloat16 (w_o = 2 moves in 1/64s)
+    fusion = GatedFusion(tr, fusion_layers(tr), time_features=recipe.time_features, gate_dtype=torch.float32)
     losses: list[float] = []
     try:
         fusion.prepare_training()

@@ -65,10 +65,11 @@ class FusionGate(nn.Module):
 
     def bias(self, x: torch.Tensor, time_feats: torch.Tensor | None) -> torch.Tensor:
         """b, or b + W φ(t) shaped to broadcast over ``x`` [B, ..., d] when timestep-conditioned."""
+        b = self.b if self.b.dtype == x.dtype else self.b.to(x.dtype)
         if self.time_proj is None or time_feats is None:
-            return self.b
-        shift = self.time_proj(time_feats.to(self.b.dtype))  # [B, d]
-        return self.b + shift.reshape(shift.shape[0], *([1] * (x.dim() - 2)), self.dim)
+            return b
+        shift = self.time_proj(time_feats.to(self.b.dtype)).to(x.dtype)  # [B, d]
+        return b + shift.reshape(shift.shape[0], *([1] * (x.dim() - 2)), self.dim)
 
     def forward(self, x: torch.Tensor, branches: torch.Tensor, *, global_last: bool = False,
                 time_feats: torch.Tensor | None = None,
@@ -82,9 +83,13 @@ class FusionGate(nn.Module):
         result is ``x``), and ``scratch`` (like ``branches``) spares the one [n, ..., d] allocation.
         """
         d = self.dim
+        # the parameters in the activations' precision: no copy when they match (inference); gates
+        # trained in float32 on a bfloat16 base compute in bfloat16 and keep float32 for the optimiser
+        params = (self.w_x, self.w_l, self.w_c, self.w_o, self.w_g)
+        w_x, w_l, w_c, w_o, w_g = params if self.w_x.dtype == x.dtype else (p.to(x.dtype) for p in params)
         xh = F.layer_norm(x, (d,), eps=EPS)
-        c = torch.addcmul(self.bias(x, time_feats), xh, self.w_x)  # the branch-independent terms
-        v = torch.addcmul(self.w_l, xh, self.w_c)  # L̂_i ⊙ (w_l + x̂ ⊙ w_c)
+        c = torch.addcmul(self.bias(x, time_feats), xh, w_x)  # the branch-independent terms
+        v = torch.addcmul(w_l, xh, w_c)  # L̂_i ⊙ (w_l + x̂ ⊙ w_c)
         if stats is None:
             normed = F.layer_norm(branches, (d,), eps=EPS)
         elif not inplace:
@@ -96,11 +101,11 @@ class FusionGate(nn.Module):
             pre = torch.addcmul(c, normed, v)
             gated = torch.sigmoid(pre) * branches
             if global_last:
-                gated = torch.cat([gated[:-1], gated[-1:] * self.w_g])
-            return torch.addcmul(x, gated.sum(0), self.w_o)
+                gated = torch.cat([gated[:-1], gated[-1:] * w_g])
+            return torch.addcmul(x, gated.sum(0), w_o)
         # the same arithmetic with no [n, ..., d] allocation (each such pass costs as much as the math)
         pre = torch.addcmul(c, normed, v, out=normed)
         gated = pre.sigmoid_().mul_(branches)
         if global_last:
-            gated[-1].mul_(self.w_g)
-        return x.addcmul_(torch.sum(gated, 0, out=branches[0]), self.w_o)
+            gated[-1].mul_(w_g)
+        return x.addcmul_(torch.sum(gated, 0, out=branches[0]), w_o)

@@ -57,6 +57,7 @@ def encode_captions(pipe: FluxPipeline, captions: Sequence[str], batch: int = 25
 def encode_images(pipe: FluxPipeline, images: np.ndarray, batch: int = 512) -> torch.Tensor:
     """uint8 N×H×W×3 → unscaled VAE latents N×C×h×w (``latent_dist.mode()``)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = x.to(pipe.vae.device, pipe.vae.dtype)  # where the VAE is (a GPU base: the GPU, in its precision)
     return torch.cat([pipe.vae.encode(x[k:k + batch]).latent_dist.mode() for k in range(0, len(x), batch)])
 
 
@@ -81,24 +82,25 @@ def flow_matching_loss(
     timesteps/sigmas are the training grid (unshifted, since FLUX uses dynamic shifting).
     """
     bsz, ch, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=gen)
+    # the noise and timesteps are drawn on the CPU (the same draws whatever the device), then moved
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
     u = compute_density_for_timestep_sampling(
         weighting_scheme, bsz, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=gen)
     indices = (u * sched.config.num_train_timesteps).long().clamp(max=sched.config.num_train_timesteps - 1)
-    timesteps = sched.timesteps[indices]
-    sigmas = sched.sigmas[indices].view(bsz, 1, 1, 1)
+    timesteps = sched.timesteps[indices].to(x0.device)
+    sigmas = sched.sigmas[indices].view(bsz, 1, 1, 1).to(x0.device, x0.dtype)
     noisy = (1.0 - sigmas) * x0 + sigmas * noise
     packed = FluxPipeline._pack_latents(noisy, bsz, ch, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, x0.device, x0.dtype)
-    guidance = torch.ones(bsz) if pipe.transformer.config.guidance_embeds else None
+    guidance = torch.ones(bsz, device=x0.device) if pipe.transformer.config.guidance_embeds else None
     pred = pipe.transformer(
-        hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
+        hidden_states=packed, timestep=(timesteps / 1000).to(x0.dtype), guidance=guidance, pooled_projections=pooled,
         encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
     pred = FluxPipeline._unpack_latents(pred, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
                                         pipe.vae_scale_factor)
     weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
     target = noise - x0
-    return torch.mean((weighting * (pred - target) ** 2).reshape(bsz, -1), 1).mean()
+    return torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
 
 
 def fit_vae(pipe: FluxPipeline, images: np.ndarray, *, steps: int, seed: int, batch: int = 16,

@@ -101,3 +101,26 @@ def test_timestep_variant() -> None:
     assert not torch.allclose(swapped, got)
     with pytest.raises(ValueError):
         FusionGate(4, time_features=3)
+
+
+def test_float32_gates_on_bfloat16_activations_compute_in_bfloat16_and_train_in_float32() -> None:
+    """Gates are trained in float32 on a bfloat16 base (AdamW's steps vanish in bfloat16): the gate
+    casts its parameters to the activations' precision, and the gradients reach the float32 ones."""
+    gate = FusionGate(16, time_features=4)
+    _randomise(gate, 3)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 16, generator=gen)
+    branches = torch.randn(3, 2, 5, 16, generator=gen)
+    feats = timestep_features(torch.tensor([0.2, 0.7]), 4)
+    out = gate(x.bfloat16(), branches.bfloat16(), global_last=True, time_feats=feats)
+    assert out.dtype == torch.bfloat16
+    exact = _reference(gate, x, list(branches), True, feats)
+    assert (out.double() - exact).abs().max() < 0.05 * exact.abs().max()
+    out.float().square().sum().backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               and p.grad.abs().sum() > 0 for p in gate.parameters())
+    with torch.no_grad():  # inference with the gate in bfloat16 too: no cast, same result
+        same = FusionGate(16, time_features=4, dtype=torch.bfloat16)
+        same.load_state_dict(gate.state_dict())
+        again = same(x.bfloat16(), branches.bfloat16(), global_last=True, time_feats=feats)
+    assert again.dtype == torch.bfloat16 and (again.double() - exact).abs().max() < 0.05 * exact.abs().max()

@@ -1,0 +1,58 @@
+"""Where a model runs and in what precision: ``--device`` / ``--dtype`` names to torch objects.
+
+``auto`` picks the machine's accelerator when torch sees one (CUDA, then Apple's MPS), else the
+CPU; the precision follows the device: bfloat16 on an accelerator that has it (what FLUX.1-dev's
+weights are published in; 24 GB instead of 48 in float32), float16 on an older CUDA card, float32
+on the CPU (bfloat16 matrix products there are slower than float32 and less exact).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def pick_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a device torch can use here;
+    an accelerator this torch cannot see is a ValueError that says so."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_KINDS:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type == "mps" and not _mps_available():
+        raise ValueError(f"device {name!r}: this torch ({torch.__version__}) has no MPS backend here")
+    return device
+
+
+def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto`` (or None): the precision ``device`` runs FLUX in (see the module docstring); else
+    ``float32``, ``bfloat16`` or ``float16``."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "mps" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
