@@ -11,7 +11,7 @@ Two transformers, both real diffusers ``FluxTransformer2DModel``s with random we
   --single-blocks 38 --image-tokens 4096`` is the whole FLUX.1-dev transformer at 1024 px).
 
 ``--device`` / ``--dtype`` (default: the CPU in float32; ``--device cuda`` runs bfloat16, as
-``autolora generate`` does there): on a GPU every timed call ends with ``torch.cuda.synchronize``.
+``autolora generate`` runs FLUX.1-dev there): on a GPU every timed call ends with ``torch.cuda.synchronize``.
 
 Each gets k = 3 random rank-16 LoRAs on every block linear.  Timed in one process, on three copies
 of the transformer that share their weight tensors: ``gated`` (``GatedFusion``, the global LoRA on,

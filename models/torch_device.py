@@ -1,9 +1,11 @@
 """Where a model runs and in what precision: ``--device`` / ``--dtype`` names to torch objects.
 
 ``auto`` picks the machine's accelerator when torch sees one (CUDA, then Apple's MPS), else the
-CPU; the precision follows the device: bfloat16 on an accelerator that has it (what FLUX.1-dev's
-weights are published in; 24 GB instead of 48 in float32), float16 on an older CUDA card, float32
-on the CPU (bfloat16 matrix products there are slower than float32 and less exact).
+CPU.  The precision follows the device and the weights: float32 on the CPU (bfloat16 matrix
+products there are slower and less exact); on an accelerator, the precision the weights are
+stored in (FLUX.1-dev's are bfloat16: 24 GB instead of 48; the demo base's float32, and it renders
+visibly differently in bfloat16 under some torch builds), bfloat16 when that is unknown, and
+float16 instead of bfloat16 on a CUDA card without bfloat16.
 """
 
 from __future__ import annotations
@@ -39,15 +41,18 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` (or None): the precision ``device`` runs FLUX in (see the module docstring); else
-    ``float32``, ``bfloat16`` or ``float16``."""
+def pick_dtype(name: str | torch.dtype | None, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """``auto`` (or None): the precision ``device`` runs weights stored in ``stored`` in (see the
+    module docstring); else ``float32``, ``bfloat16`` or ``float16``."""
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "mps" else torch.float32
+        if device.type == "cpu":
+            return torch.float32
+        chosen = stored if stored in DTYPES.values() else torch.bfloat16
+        if chosen == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return chosen
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]

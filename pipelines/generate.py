@@ -149,11 +149,31 @@ def loading_output(progress: bool = False) -> Iterator[None]:
             module.enable_progress_bar() if bar else module.disable_progress_bar()
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(base: str) -> torch.dtype | None:
+    """The precision a local base folder's transformer weights are stored in (one safetensors
+    header read); None for a Hub id or weights in another form."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted((Path(base) / "transformer").glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        with safe_open(str(files[0]), "pt") as f:
+            first = next(iter(f.keys()), None)
+            return SAFETENSORS_DTYPES.get(f.get_slice(first).get_dtype()) if first else None
+    except (OSError, SafetensorError):
+        return None
+
+
 def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False, *,
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> FluxPipeline:
     """A pipeline, else :func:`resolve_base`'s folder or Hub repo id loaded (quietly unless
-    ``progress``) in ``dtype`` onto ``device`` (``auto``/None: the accelerator in bfloat16 if torch
-    sees one, else the CPU in float32; :mod:`models.torch_device`).  A pipeline given is used where
+    ``progress``) in ``dtype`` onto ``device`` (``auto``/None: the accelerator if torch sees one, in
+    the precision the weights are stored in (:func:`stored_dtype`; a Hub id: bfloat16), else the CPU
+    in float32; :mod:`models.torch_device`).  A pipeline given is used where
     it is unless ``device`` / ``dtype`` are named.  A Hub id that cannot be loaded (offline, gated,
     missing) raises :class:`BaseNotFound`; a device or dtype this machine lacks, ValueError."""
     if isinstance(source, FluxPipeline):
@@ -162,8 +182,8 @@ def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False, 
         where = pick_device(device or source.device)
         return source.to(where, pick_dtype(dtype or source.transformer.dtype, where))
     where = pick_device(device)
-    precision = pick_dtype(dtype, where)
     name = resolve_base(source)
+    precision = pick_dtype(dtype, where, stored_dtype(name))
     with loading_output(progress):
         try:
             pipe = FluxPipeline.from_pretrained(name, dtype=precision).to(where)

@@ -35,6 +35,7 @@ import torch
 from diffusers import FluxPipeline
 from safetensors import safe_open
 from safetensors.torch import save
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.fusion import GatedFusion
 from pipelines.fusion_methods.base import Lora
@@ -194,6 +195,11 @@ def _composite_loss(pipe: FluxPipeline, entries: Sequence[PoolLora], recipe: Gat
     return flow_matching_loss(pipe, x0, text.prompt_embeds, text.pooled, text.text_ids, gen, sched)
 
 
+# cuDNN's attention backward returned NaN on a bfloat16 base (H200, torch 2.11, the demo base's 2 heads x 32):
+# gate training leaves it out; the forward passes (generation) keep every backend
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Path, *, base_id: str,
                 recipe: GateRecipe = GateRecipe(), progress: Callable[[int, float], None] | None = None,
                 ) -> GateTraining:
@@ -221,36 +227,37 @@ def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Pat
         init = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
         with_themes = recipe.composite > 0 and all(p.theme is not None for p in pool)  # else eq. 10 only
-        for step in range(recipe.steps):
-            target = int(rng.integers(len(pool)))
-            n_int = int(rng.integers(1, min(recipe.max_interference, len(pool) - 1) + 1))
-            composite = with_themes and rng.random() < recipe.composite
-            others = []
-            if composite:
-                others = _disjoint_set(pool, target, n_int, rng)
-            if not others:
-                others = [int(i) for i in rng.choice([i for i in range(len(pool)) if i != target], n_int,
-                                                     replace=False)]
-            active = [target, *others]
-            rng.shuffle(active)
-            fusion.set_loras([pool[i].layers for i in active], use_global=recipe.use_global,
-                             rank_global=recipe.rank_global)
-            if composite:
-                loss = _composite_loss(pipe, [pool[i] for i in active], recipe, rng, gen, sched)
-            else:
-                text = (_with_triggers(pipe, pool[target], [pool[i] for i in others], rng)
-                        if recipe.prompt_triggers else None)
-                loss = _step_loss(pipe, encoded[target], encoded[others[0]], recipe, gen, sched, text)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if recipe.anchor > 0:
-                with torch.no_grad():
-                    for p, p0 in zip(params, init):
-                        p.sub_(recipe.lr * recipe.anchor * (p - p0))
-            losses.append(loss.item())
-            if progress is not None:
-                progress(step, losses[-1])
+        with sdpa_kernel(TRAINING_ATTENTION):
+            for step in range(recipe.steps):
+                target = int(rng.integers(len(pool)))
+                n_int = int(rng.integers(1, min(recipe.max_interference, len(pool) - 1) + 1))
+                composite = with_themes and rng.random() < recipe.composite
+                others = []
+                if composite:
+                    others = _disjoint_set(pool, target, n_int, rng)
+                if not others:
+                    others = [int(i) for i in rng.choice([i for i in range(len(pool)) if i != target], n_int,
+                                                         replace=False)]
+                active = [target, *others]
+                rng.shuffle(active)
+                fusion.set_loras([pool[i].layers for i in active], use_global=recipe.use_global,
+                                 rank_global=recipe.rank_global)
+                if composite:
+                    loss = _composite_loss(pipe, [pool[i] for i in active], recipe, rng, gen, sched)
+                else:
+                    text = (_with_triggers(pipe, pool[target], [pool[i] for i in others], rng)
+                            if recipe.prompt_triggers else None)
+                    loss = _step_loss(pipe, encoded[target], encoded[others[0]], recipe, gen, sched, text)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if recipe.anchor > 0:
+                    with torch.no_grad():
+                        for p, p0 in zip(params, init):
+                            p.sub_(recipe.lr * recipe.anchor * (p - p0))
+                losses.append(loss.item())
+                if progress is not None:
+                    progress(step, losses[-1])
         state = {k: v.detach().clone() for k, v in fusion.gate_state_dict().items()}
     finally:
         fusion.detach()

@@ -14,10 +14,22 @@ def test_auto_is_the_gpu_in_bfloat16_if_there_is_one_else_the_cpu_in_float32():
     if torch.cuda.is_available():
         assert device.type == "cuda"
         assert pick_dtype("auto", device) in (torch.bfloat16, torch.float16)
+        assert pick_dtype("auto", device, stored=torch.float32) == torch.float32
     else:
         assert device.type in ("cpu", "mps")
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype(None, torch.device("cpu")) == torch.float32
+
+
+def test_auto_on_an_accelerator_keeps_the_stored_precision():
+    mps = torch.device("mps")  # (a device object needs no hardware; no CUDA query is made for it)
+    assert pick_dtype("auto", mps, stored=torch.float32) == torch.float32  # the demo base
+    assert pick_dtype("auto", mps, stored=torch.bfloat16) == torch.bfloat16  # FLUX.1-dev
+    assert pick_dtype("auto", mps, stored=torch.float16) == torch.float16
+    assert pick_dtype("auto", mps) == torch.bfloat16  # unknown (a Hub id): FLUX.1's
+    assert pick_dtype("auto", mps, stored=torch.float64) == torch.bfloat16
+    assert pick_dtype("auto", torch.device("cpu"), stored=torch.bfloat16) == torch.float32
+    assert pick_dtype("bfloat16", torch.device("cpu"), stored=torch.float32) == torch.bfloat16
 
 
 def test_names_and_objects():

@@ -16,7 +16,7 @@ import torch
 
 from pipelines.cli import main
 from pipelines.fusion_methods import GatedSession, get
-from pipelines.generate import Generator, RenderSettings, load_base
+from pipelines.generate import Generator, RenderSettings, load_base, stored_dtype
 from pipelines.train_gates import GateRecipe, load_gates, train_gates, world_pool
 from pipelines.world.sampling import generate
 from registry.lora.inspect import load_canonical
@@ -64,21 +64,31 @@ def test_the_cpu_in_float32_is_the_default_here(micro_world):
     assert pipe.device.type == "cpu" and pipe.transformer.dtype == torch.float32
 
 
-def _check_close(got: dict[str, np.ndarray], reference: dict[str, np.ndarray], tolerance: float) -> None:
-    # measured in bfloat16 on the cpu: 0.27-0.40 uint8 levels from float32 for every method, while
-    # three LoRAs move a render by 8.0 (klora) to 27.3 (gated, linear) levels from the base's
+def _check_close(got: dict[str, np.ndarray], reference: dict[str, np.ndarray], tolerance: float | None) -> None:
+    """Every method renders; the LoRAs move the render from the base's by about as much as in the
+    float32 reference (measured there: 8.0 (klora) to 27.3 (gated, linear) uint8 levels); and, given a
+    ``tolerance``, each render is that close to the reference's."""
     for method in METHODS:
         assert got[method].shape == reference[method].shape
-        assert _close(got[method], reference[method]) < tolerance, method
+        if tolerance is not None:
+            assert _close(got[method], reference[method]) < tolerance, method
         if method != "none":
-            assert _close(reference[method], reference["none"]) > 5.0, method
-            assert abs(_close(got[method], got["none"]) - _close(reference[method], reference["none"])) < 1.0
+            effect, expected = _close(got[method], got["none"]), _close(reference[method], reference["none"])
+            assert expected > 5.0 and abs(effect - expected) < 0.25 * expected, method
 
 
-def test_a_bfloat16_base_renders_every_method_close_to_float32(micro_world, float32_images):
+def test_a_bfloat16_base_renders_every_method_with_the_loras_acting_as_in_float32(micro_world, float32_images):
+    """Not pixel-close: the demo base (trained in float32, 3 steps here) rendered 0.27-0.40 uint8
+    levels from float32 in bfloat16 under torch 2.13 but 12.9 under torch 2.11 (CPU and H200 alike,
+    each component's relative error the same, ~0.5 %); so ``auto`` keeps it in float32."""
     pipe = load_base(micro_world, device="cpu", dtype="bfloat16")
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
-    _check_close(_renders(pipe, micro_world), float32_images, 1.5)
+    _check_close(_renders(pipe, micro_world), float32_images, None)
+
+
+def test_auto_keeps_a_base_in_the_precision_it_is_stored_in(micro_world):
+    assert stored_dtype(micro_world / "base") == torch.float32
+    assert stored_dtype("black-forest-labs/FLUX.1-dev") is None  # a Hub id: bfloat16 on a GPU
 
 
 def test_a_bfloat16_generator_keeps_its_gates_in_bfloat16(micro_registry, micro_world):
@@ -127,21 +137,23 @@ def test_cli_device_and_dtype(micro_registry, micro_world, capsys, tmp_path):
 
 @CUDA
 def test_on_a_cuda_gpu_every_method_renders_close_to_the_cpu(micro_world, float32_images):
-    exact = load_base(micro_world, device="cuda", dtype="float32")
-    assert exact.device.type == "cuda"
+    exact = load_base(micro_world)  # auto: the GPU, in the precision the demo base is stored in (float32)
+    assert exact.device.type == "cuda" and exact.transformer.dtype == torch.float32
     _check_close(_renders(exact, micro_world), float32_images, 1.0)
     del exact
-    half = load_base(micro_world)  # auto: the GPU in bfloat16
-    assert half.device.type == "cuda" and half.transformer.dtype in (torch.bfloat16, torch.float16)
-    _check_close(_renders(half, micro_world), float32_images, 1.5)
+    half = load_base(micro_world, dtype="bfloat16")
+    assert half.device.type == "cuda" and half.transformer.dtype == torch.bfloat16
+    _check_close(_renders(half, micro_world), float32_images, None)
     with GatedSession(half) as session, session.activate(_world_loras(micro_world)[0]):
         assert {(p.device.type, p.dtype) for p in session.fusion.gate_parameters()} == {("cuda", torch.bfloat16)}
 
 
 @CUDA
-def test_on_a_cuda_gpu_gates_train(micro_world, tmp_path):
-    pipe = load_base(micro_world, device="cuda")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_a_cuda_gpu_gates_train(micro_world, tmp_path, dtype):
+    """(In bfloat16 cuDNN's attention backward returned NaN from the second step: training leaves it out.)"""
+    pipe = load_base(micro_world, device="cuda", dtype=dtype)
     pool = world_pool(micro_world, images_per_lora=4)[:3]
-    result = train_gates(pipe, pool, tmp_path, base_id="cuda", recipe=GateRecipe(steps=3, batch_size=2))
-    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    result = train_gates(pipe, pool, tmp_path, base_id="cuda", recipe=GateRecipe(steps=4, batch_size=2))
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
     assert {(v.dtype, v.device.type) for v in result.gates.state.values()} == {(torch.float32, "cuda")}
