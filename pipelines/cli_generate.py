@@ -38,9 +38,9 @@ def _gates(args: argparse.Namespace, world: Path | None, registry=None, base: st
         if found is None:
             others = gate_bases(registry)
             if others:
-                print(f"autolora generate: warning: {registry.root / 'gates'} holds gates for other spellings of a "
-                      f"base only ({', '.join(others)}): gates match the base as it was named when trained (Hub id "
-                      "or folder); pass --base that way, or --gates FILE", file=sys.stderr)
+                print(f"autolora generate: warning: {registry.root / 'gates'} holds gates for other bases only "
+                      f"({', '.join(others)}): gates match the base as it was named when trained (Hub id or folder) "
+                      "or its transformer's weight files; pass --base that way, or --gates FILE", file=sys.stderr)
             return None
         print(f"using gates {found} (the newest trained for this base; --gates FILE picks others)", file=sys.stderr)
         return load_gates(found)

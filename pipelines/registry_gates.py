@@ -146,7 +146,8 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
         return RegistryGates(training, [p.lora_id for p in pool], skipped)
     pipe = load_base(source, device=device, dtype=dtype)
     with one_torch_thread():
-        training = train_gates(pipe, pool, out, base_id=base_id, recipe=recipe, progress=progress)
+        training = train_gates(pipe, pool, out, base_id=base_id, recipe=recipe, progress=progress,
+                               meta={"base_weights": base_weights_id(source)})
     return RegistryGates(training, [p.lora_id for p in pool], skipped)
 
 
@@ -169,13 +170,54 @@ def _checkpoints(reg: Registry) -> list[tuple[float, str, str, dict]]:
     return found
 
 
+def base_weights_id(source: str) -> str | None:
+    """What a base pipeline's transformer weights are, wherever they lie: sha256 over each of its
+    ``transformer/*.safetensors`` files' name, size and first MiB (the header, then weights).  Equal
+    for a Hub base's cached snapshot and a local copy of it; other for a fine-tune or another
+    precision.  ``source`` as :func:`pipelines.generate.resolve_base` gives it; None when no such
+    files are here (a Hub base not downloaded).  Written by hand: diffusers and huggingface_hub
+    identify a pipeline only by its repo id and revision."""
+    import hashlib
+
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "model_index.json")
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    files = sorted((folder / "transformer").glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for file in files:
+            with open(file, "rb") as f:
+                digest.update(f"{file.name}:{os.fstat(f.fileno()).st_size}:".encode())
+                digest.update(f.read(1 << 20))
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
 def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> tuple[Path, str, dict] | None:
     """The newest checkpoint in ``<registry>/gates`` trained for the resolved base pipeline
     ``source`` (and on ``base_model``'s LoRAs when given; newest: last trained or last asked for
     by :func:`train_registry_gates`): its path, version and meta (pool, recipe); headers only.
-    A base is matched by its spelling (a Hub id, or a folder's resolved path), not its weights."""
+    A base is matched by its spelling (a Hub id, or a folder's resolved path) or by its weights
+    (:func:`base_weights_id`: a local copy of a Hub base finds the gates trained on the Hub id)."""
     prefix = f"{source}|{base_model}|" if base_model else f"{source}|"
-    found = [c for c in _checkpoints(reg) if str(c[3].get("base", "")).startswith(prefix)]
+    weights = base_weights_id(source)
+
+    def trained_for(meta: dict) -> bool:
+        base = str(meta.get("base", ""))
+        if base.startswith(prefix):
+            return True
+        return (weights is not None and meta.get("base_weights") == weights
+                and (base_model is None or base.split("|")[1:2] == [base_model]))
+
+    found = [c for c in _checkpoints(reg) if trained_for(c[3])]
     if not found:
         return None
     _, path, version, meta = max(found)

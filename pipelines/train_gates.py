@@ -202,8 +202,9 @@ TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 
 def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Path, *, base_id: str,
                 recipe: GateRecipe = GateRecipe(), progress: Callable[[int, float], None] | None = None,
-                ) -> GateTraining:
-    """Train (or load the cached) gates for ``pool`` on ``pipe``; the pipeline is left as found."""
+                meta: dict | None = None) -> GateTraining:
+    """Train (or load the cached) gates for ``pool`` on ``pipe``; the pipeline is left as found.
+    ``meta``: more to record in the checkpoint's header (not part of its version)."""
     if len(pool) < 2:
         raise ValueError("gate training needs at least two pool LoRAs (a target and an interference)")
     version = gate_version(base_id, pool, recipe)
@@ -266,8 +267,8 @@ def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Pat
     seconds = time.perf_counter() - t0
     gates = GateSet(state=state, time_features=recipe.time_features, rank_global=recipe.rank_global,
                     use_global=recipe.use_global, version=version,
-                    meta={"base": base_id, "pool": sorted(p.lora_id for p in pool), "recipe": asdict(recipe),
-                          "losses": losses, "seconds": seconds})
+                    meta={**(meta or {}), "base": base_id, "pool": sorted(p.lora_id for p in pool),
+                          "recipe": asdict(recipe), "losses": losses, "seconds": seconds})
     save_gates(path, gates)
     return GateTraining(path, gates, version, False, losses, seconds)
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 
 from pipelines.cli import main
-from pipelines.registry_gates import registry_pool, render_pairs
+from pipelines.registry_gates import base_weights_id, registry_pool, render_pairs
 from pipelines.train_gates import load_gates
 from registry import Registry
 from registry.lora.base_models import BaseModel
@@ -86,8 +86,21 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, 
     assert json.loads(done.out)["gates"] == first["version"] and "warning" not in done.err and image.is_file()
     assert f"using gates {first['path']}" in done.err
 
-    # the same pipeline under another spelling finds no gates, and says which bases the folder has gates for
-    shutil.copytree(micro_world / "base", tmp_path / "same-base-elsewhere")
-    assert main([*generate[:5], str(tmp_path / "same-base-elsewhere"), *generate[6:]]) == 0
+    # the same pipeline under another spelling (a local copy of a Hub base, say) finds them by its weight files
+    copy = tmp_path / "same-base-elsewhere"
+    shutil.copytree(micro_world / "base", copy)
+    assert load_gates(first["path"]).meta["base_weights"] == base_weights_id(str(copy)) is not None
+    assert main([*generate[:5], str(copy), *generate[6:]]) == 0
+    done = capsys.readouterr()
+    assert json.loads(done.out)["gates"] == first["version"] and f"using gates {first['path']}" in done.err
+    # other weights (a fine-tune) under another name find none, and say which bases the folder has gates for
+    weights = next((copy / "transformer").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    end = min(len(data), 1 << 20)  # inside what the identity reads
+    data[end - 4:end] = b"\x00\x00\x80\x3f"  # one float32 weight becomes 1.0
+    weights.write_bytes(bytes(data))
+    assert base_weights_id(str(copy)) != base_weights_id(str(micro_world / "base"))
+    assert main([*generate[:5], str(copy), *generate[6:]]) == 0
     err = capsys.readouterr().err
-    assert "holds gates for other spellings of a base only" in err and str((micro_world / "base").resolve()) in err
+    assert "holds gates for other bases only" in err and str((micro_world / "base").resolve()) in err
+    assert base_weights_id("nobody/not-cached-flux") is None
