@@ -180,7 +180,8 @@ def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False, 
         if device is None and dtype is None:
             return source
         where = pick_device(device or source.device)
-        return source.to(where, pick_dtype(dtype or source.transformer.dtype, where))
+        with loading_output(progress):  # (diffusers warns on every cast that no module must stay float32)
+            return source.to(where, pick_dtype(dtype or source.transformer.dtype, where))
     where = pick_device(device)
     name = resolve_base(source)
     precision = pick_dtype(dtype, where, stored_dtype(name))
