@@ -20,7 +20,7 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     """``auto`` (or None), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a device torch can use here;
     an accelerator this torch cannot see is a ValueError that says so."""
     if isinstance(name, torch.device):
-        return name
+        name = str(name)  # checked like its name: a GPU this torch cannot see is refused here
     if name in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -71,11 +71,13 @@ def _generator(registry, base, args: argparse.Namespace):
 
 
 def _add_placement(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """--device and --dtype (unset: auto, a GPU in bfloat16 if torch sees one, else the cpu in float32)."""
+    """--device and --dtype (unset: auto, a GPU if torch sees one, in the weights' stored precision, else
+    the cpu in float32)."""
     parser.add_argument("--device", help=f"{prefix}where the base runs: auto (the default: a CUDA or MPS GPU if torch "
                                          "sees one, else cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", help=f"{prefix}its precision: auto (the default: bfloat16 on a GPU, float32 on the "
-                                        "cpu), float32, bfloat16, float16")
+    parser.add_argument("--dtype", help=f"{prefix}its precision: auto (the default: on a GPU the precision the "
+                                        "base's weights are stored in, bfloat16 for FLUX.1-dev; float32 on the cpu), "
+                                        "float32, bfloat16, float16")
 
 
 def _placement(args: argparse.Namespace) -> None:
@@ -135,7 +137,8 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
     if args.registry:
         result, extra = _train_registry_gates(args, recipe)
     else:
-        if args.base or args.base_model or args.where or args.size or args.device or args.dtype:
+        placed = args.device is not None or args.dtype is not None
+        if args.base or args.base_model or args.where or args.size or placed:
             raise UsageError("--base, --base-model, --where, --size, --device and --dtype train on a registry: "
                              "give --registry (a demo world's gates train on the cpu)")
         result = train_world_gates(_world_root(args.world), args.out, recipe)

@@ -97,7 +97,36 @@ def base_config(source: str, component: str) -> dict:
             file = hf_hub_download(source, f"{component}/config.json")
         except (OSError, ValueError) as error:  # offline and not cached, gated, missing, bad id
             raise BaseNotFound(hub_load_failure("base", source, error)) from error
-    return json.loads(Path(file).read_text())
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, ValueError) as error:  # a folder missing a component, or a broken config
+        raise BaseNotFound(f"cannot load the base in the folder {source}: its {component}/config.json "
+                           f"is {'missing' if isinstance(error, FileNotFoundError) else 'unreadable'}") from None
+
+
+def local_folder(source: str) -> Path | None:
+    """Where a resolved base's files are on this machine: the folder itself, or for a Hub id the
+    snapshot in the Hugging Face cache (None when it was never downloaded); nothing is fetched."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "model_index.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def transformer_weight_files(folder: Path) -> list[Path]:
+    """The transformer's safetensors files diffusers loads: those its index names, else the single
+    ``diffusion_pytorch_model.safetensors`` (variants and strays beside them are not the weights)."""
+    transformer = folder / "transformer"
+    index = transformer / "diffusion_pytorch_model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "diffusion_pytorch_model.safetensors"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        return []
+    files = [transformer / name for name in names]
+    return files if all(f.is_file() for f in files) else []
 
 
 def size_multiple(vae_config) -> int:
@@ -153,11 +182,12 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 
 def stored_dtype(base: str) -> torch.dtype | None:
-    """The precision a local base folder's transformer weights are stored in (one safetensors
-    header read); None for a Hub id or weights in another form."""
+    """The precision a resolved base's transformer weights are stored in (one safetensors header
+    read, from the folder or the Hub cache); None for a Hub base not downloaded yet."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted((Path(base) / "transformer").glob("*.safetensors"))
+    folder = local_folder(base)
+    files = transformer_weight_files(folder) if folder is not None else []
     if not files:
         return None
     try:
@@ -180,8 +210,9 @@ def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False, 
         if device is None and dtype is None:
             return source
         where = pick_device(device or source.device)
+        now = source.transformer.dtype  # dtype None keeps it; "auto" treats it as the stored precision
         with loading_output(progress):  # (diffusers warns on every cast that no module must stay float32)
-            return source.to(where, pick_dtype(dtype or source.transformer.dtype, where))
+            return source.to(where, pick_dtype(now if dtype is None else dtype, where, now))
     where = pick_device(device)
     name = resolve_base(source)
     precision = pick_dtype(dtype, where, stored_dtype(name))
@@ -212,7 +243,8 @@ class Generator:
                  method: str = "gated", render: RenderSettings | None = None, progress: bool = False, *,
                  device: str | None = None, dtype: str | None = None) -> None:
         """``device`` / ``dtype``: where and in what precision the base runs (:func:`load_base`;
-        default: the accelerator in bfloat16 if torch sees one, else the CPU in float32)."""
+        default: a GPU if torch sees one, in the precision the weights are stored in, else the CPU
+        in float32)."""
         from pipelines.train_gates import load_gates
 
         self.registry = registry

@@ -12,6 +12,7 @@ to compose), cached by version (base, pool, captions, recipe, image size).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.encoder_pool import pool_condition, pool_size
-from pipelines.train_gates import GateRecipe, GateTraining, PoolLora, gate_version, train_gates
+from pipelines.train_gates import GateRecipe, GateTraining, PoolLora, gate_version, save_gates, train_gates
 from registry import Registry
+from registry.atomic_write import write_atomically
 from registry.captions import SELF_RENDERED
+from registry.hashing import sha256_file
 
 GATES_DIR = "gates"  # checkpoints beside the registry's tables: <registry>/gates/
+WEIGHTS_CACHE = "base-weights.json"  # in GATES_DIR: the sha256 of base weight files hashed (base_weights_id)
 _COLUMNS = ["lora_id", "sha256", "blob", "render_prompts", "render_blobs", "captions", "trigger_words"]
 
 
@@ -140,21 +144,25 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
             f"{matched} matched have them. Render and caption the others with 'autolora caption --registry R "
             f"--model CAPTIONER --base {base_model}=PIPELINE'", skipped)
     base_id = f"{source}|{base_model}|{size}px"
+    weights = base_weights_id(source, out / WEIGHTS_CACHE)
     if (out / f"gates-{gate_version(base_id, pool, recipe)}.safetensors").is_file():
         training = train_gates(None, pool, out, base_id=base_id, recipe=recipe)  # type: ignore[arg-type]
+        if weights and training.gates.meta.get("base_weights") != weights:  # gates trained before it was kept
+            training.gates.meta["base_weights"] = weights
+            save_gates(training.path, training.gates)
         os.utime(training.path)  # asked for again: the newest for this base
         return RegistryGates(training, [p.lora_id for p in pool], skipped)
     pipe = load_base(source, device=device, dtype=dtype)
+    weights = weights or base_weights_id(source, out / WEIGHTS_CACHE)  # a Hub base is here once loaded
     with one_torch_thread():
         training = train_gates(pipe, pool, out, base_id=base_id, recipe=recipe, progress=progress,
-                               meta={"base_weights": base_weights_id(source)})
+                               meta={"base_weights": weights, "trained_on": f"{pipe.device.type} "
+                                     f"{str(pipe.transformer.dtype).removeprefix('torch.')}"})
     return RegistryGates(training, [p.lora_id for p in pool], skipped)
 
 
 def _checkpoints(reg: Registry) -> list[tuple[float, str, str, dict]]:
     """(mtime, path, version, meta) of every gate checkpoint in ``<registry>/gates`` (headers only)."""
-    import json
-
     from safetensors import SafetensorError, safe_open
 
     found = []
@@ -170,35 +178,50 @@ def _checkpoints(reg: Registry) -> list[tuple[float, str, str, dict]]:
     return found
 
 
-def base_weights_id(source: str) -> str | None:
-    """What a base pipeline's transformer weights are, wherever they lie: sha256 over each of its
-    ``transformer/*.safetensors`` files' name, size and first MiB (the header, then weights).  Equal
-    for a Hub base's cached snapshot and a local copy of it; other for a fine-tune or another
-    precision.  ``source`` as :func:`pipelines.generate.resolve_base` gives it; None when no such
-    files are here (a Hub base not downloaded).  Written by hand: diffusers and huggingface_hub
-    identify a pipeline only by its repo id and revision."""
+def base_weights_id(source: str, cache: Path | None = None) -> str | None:
+    """What a base pipeline's transformer weights are, wherever they lie: sha256 over the sha256 of
+    each weight file diffusers loads (:func:`pipelines.generate.transformer_weight_files`), so equal
+    for a Hub base's cached snapshot and a local copy of it and other for any changed weight.  A file
+    in the Hugging Face cache is an LFS blob named by its sha256 (free); others are hashed once
+    (FLUX.1-dev's 24 GB: ~15-40 s) and remembered in the JSON ``cache`` by path, size, mtime and
+    inode.  ``source`` as :func:`pipelines.generate.resolve_base` gives it; None when its files are
+    not here (a Hub base not downloaded).  Written by hand: diffusers and huggingface_hub identify
+    a pipeline only by its repo id and revision."""
     import hashlib
 
-    folder = Path(source)
-    if not folder.is_dir():
-        from huggingface_hub import try_to_load_from_cache
+    from pipelines.generate import local_folder, transformer_weight_files
 
-        cached = try_to_load_from_cache(source, "model_index.json")
-        if not isinstance(cached, str):
-            return None
-        folder = Path(cached).parent
-    files = sorted((folder / "transformer").glob("*.safetensors"))
+    folder = local_folder(source)
+    files = transformer_weight_files(folder) if folder is not None else []
     if not files:
         return None
-    digest = hashlib.sha256()
+    try:
+        known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    digest, learned = hashlib.sha256(), {}
     try:
         for file in files:
-            with open(file, "rb") as f:
-                digest.update(f"{file.name}:{os.fstat(f.fileno()).st_size}:".encode())
-                digest.update(f.read(1 << 20))
+            digest.update(f"{file.name}:{_file_sha256(file.resolve(), known, learned)}\n".encode())
     except OSError:
         return None
+    if learned and cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(cache, json.dumps({**known, **learned}, indent=1))
+        except OSError:  # a read-only registry: hashed again next time
+            pass
     return digest.hexdigest()[:16]
+
+
+def _file_sha256(path: Path, known: dict, learned: dict) -> str:
+    if path.parent.name == "blobs" and len(path.name) == 64 and all(c in "0123456789abcdef" for c in path.name):
+        return path.name  # the Hugging Face cache keeps an LFS file as blobs/<its sha256>
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key not in known:
+        learned[key] = sha256_file(path)
+    return known.get(key) or learned[key]
 
 
 def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> tuple[Path, str, dict] | None:
@@ -208,16 +231,13 @@ def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> t
     A base is matched by its spelling (a Hub id, or a folder's resolved path) or by its weights
     (:func:`base_weights_id`: a local copy of a Hub base finds the gates trained on the Hub id)."""
     prefix = f"{source}|{base_model}|" if base_model else f"{source}|"
-    weights = base_weights_id(source)
-
-    def trained_for(meta: dict) -> bool:
-        base = str(meta.get("base", ""))
-        if base.startswith(prefix):
-            return True
-        return (weights is not None and meta.get("base_weights") == weights
-                and (base_model is None or base.split("|")[1:2] == [base_model]))
-
-    found = [c for c in _checkpoints(reg) if trained_for(c[3])]
+    checkpoints = _checkpoints(reg)
+    found = [c for c in checkpoints if str(c[3].get("base", "")).startswith(prefix)]
+    others = [c for c in checkpoints if c not in found and c[3].get("base_weights")
+              and (base_model is None or str(c[3].get("base", "")).split("|")[1:2] == [base_model])]
+    if others:  # the base's weights are hashed only when some gates could match by them
+        weights = base_weights_id(source, reg.root / GATES_DIR / WEIGHTS_CACHE)
+        found += [c for c in others if weights is not None and c[3]["base_weights"] == weights]
     if not found:
         return None
     _, path, version, meta = max(found)

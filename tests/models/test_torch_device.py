@@ -57,6 +57,8 @@ def test_cuda_on_a_machine_without_one_says_so():
         pick_device("cuda")
     with pytest.raises(ValueError, match="sees no CUDA GPU"):
         pick_device("cuda:1")
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):  # a device object is checked as its name is
+        pick_device(torch.device("cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

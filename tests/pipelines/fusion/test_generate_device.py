@@ -162,6 +162,7 @@ def test_on_a_cuda_gpu_gates_train(micro_world, tmp_path, dtype):
 def test_a_loaded_pipeline_stays_where_it_is_unless_told(micro_world, capfd):
     pipe = load_base(micro_world, device="cpu")
     assert load_base(pipe) is pipe and pipe.transformer.dtype == torch.float32
+    assert load_base(pipe, dtype="auto") is pipe and pipe.transformer.dtype == torch.float32  # as stored: as is
     assert load_base(pipe, dtype="bfloat16") is pipe
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16} and pipe.device.type == "cpu"
     assert "should be kept in float32" not in capfd.readouterr().err  # quiet, as loading is

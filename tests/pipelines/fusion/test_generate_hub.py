@@ -97,11 +97,12 @@ def test_generate_downloads_a_hub_base_and_renders_as_the_local_folder(hub, micr
             assert (cache / "blobs" / _sha256(data)).is_file(), name
     assert not list(local_home.glob("hub/models--*"))  # the local run needed no Hub
     # gates trained on the Hub id are found for the local folder (and back): same weight files, same identity
+    # (and auto keeps a downloaded Hub base in the precision its weights are stored in, as a folder)
     identity = [sys.executable, "-c", "import sys; from pipelines.registry_gates import base_weights_id as w; "
-                                      "print(w(sys.argv[1]))", HUB_BASE]
+                "from pipelines.generate import stored_dtype as s; print(w(sys.argv[1]), s(sys.argv[1]))", HUB_BASE]
     cached = _run(identity, hub_home, None, tmp_path)
-    assert cached.stdout.strip() == base_weights_id(str(micro_world / "base")), cached.stderr[-2000:]
-    assert _run(identity, local_home, None, tmp_path).stdout.strip() == "None"  # not downloaded there
+    assert cached.stdout.split() == [base_weights_id(str(micro_world / "base")), "torch.float32"], cached.stderr[-2000:]
+    assert _run(identity, local_home, None, tmp_path).stdout.split() == ["None", "None"]  # not downloaded there
 
     # the same render: same retrieved LoRA, same pixels
     hub_info, local_info = json.loads(got.stdout), json.loads(local.stdout)

@@ -93,14 +93,59 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, 
     assert main([*generate[:5], str(copy), *generate[6:]]) == 0
     done = capsys.readouterr()
     assert json.loads(done.out)["gates"] == first["version"] and f"using gates {first['path']}" in done.err
+    # a stray or variant file beside the weights diffusers loads changes nothing
+    (copy / "transformer" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not these weights")
+    assert base_weights_id(str(copy)) == base_weights_id(str(micro_world / "base"))
     # other weights (a fine-tune) under another name find none, and say which bases the folder has gates for
-    weights = next((copy / "transformer").glob("*.safetensors"))
+    weights = copy / "transformer" / "diffusion_pytorch_model.safetensors"
     data = bytearray(weights.read_bytes())
-    end = min(len(data), 1 << 20)  # inside what the identity reads
-    data[end - 4:end] = b"\x00\x00\x80\x3f"  # one float32 weight becomes 1.0
+    data[-4:] = b"\x00\x00\x80\x3f"  # the last float32 weight becomes 1.0
     weights.write_bytes(bytes(data))
     assert base_weights_id(str(copy)) != base_weights_id(str(micro_world / "base"))
     assert main([*generate[:5], str(copy), *generate[6:]]) == 0
     err = capsys.readouterr().err
     assert "holds gates for other bases only" in err and str((micro_world / "base").resolve()) in err
     assert base_weights_id("nobody/not-cached-flux") is None
+
+
+def test_base_weights_are_hashed_once_and_older_gates_learn_theirs(micro_world, tmp_path, capsys, monkeypatch):
+    import pipelines.registry_gates as registry_gates
+    from pipelines.train_gates import save_gates
+
+    reg = Registry.open(tmp_path / "registry")
+    reg.register_base(BaseModel.from_json((micro_world / "base_model.json").read_text()))
+    reg.add([micro_world / "loras"])
+    argv = ["train", "gates", "--registry", str(reg.root), "--base", str(micro_world), "--steps", "1", "--json"]
+    assert main(argv) == 0
+    path = json.loads(capsys.readouterr().out)["path"]
+    gates = load_gates(path)
+    assert gates.meta["trained_on"] == "cpu float32" and gates.meta["base_weights"]
+    cache = reg.root / "gates" / "base-weights.json"
+    assert len(json.loads(cache.read_text())) == 1  # the one weight file, by path, size, mtime and inode
+
+    hashed = []
+    monkeypatch.setattr(registry_gates, "sha256_file", lambda p: hashed.append(p) or "x")
+    assert base_weights_id(str(micro_world / "base"), cache) == gates.meta["base_weights"] and not hashed
+
+    # gates trained before their base's weights were kept: a cached rerun of train gates adds them
+    del gates.meta["base_weights"]
+    save_gates(path, gates)
+    copy = tmp_path / "copy"
+    shutil.copytree(micro_world / "base", copy)
+    monkeypatch.undo()
+    generate = ["generate", "a red circle", "--registry", str(reg.root), "--base", str(copy), "-k", "1",
+                "--steps", "1", "-o", str(tmp_path / "x.png"), "--json"]
+    assert main(generate) == 0 and json.loads(capsys.readouterr().out)["gates"] is None
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["cached"]
+    assert load_gates(path).meta["base_weights"] == base_weights_id(str(copy))
+    assert main(generate) == 0 and json.loads(capsys.readouterr().out)["gates"] == gates.version
+
+
+def test_a_base_missing_a_component_is_a_one_line_usage_error(micro_world, micro_registry, tmp_path, capsys):
+    for component in ("vae", "transformer"):
+        broken = tmp_path / f"no-{component}"
+        shutil.copytree(micro_world / "base", broken)
+        shutil.rmtree(broken / component)
+        code = main(["train", "gates", "--registry", str(micro_registry.root), "--base", str(broken), "--steps", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"its {component}/config.json is missing" in err and err.count("\n") == 1, err
