@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.cli import UsageError, _expanded, _open_registry, _positive, _print_json, _report_folder, _table
@@ -90,6 +92,20 @@ def _placement(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
 
 
+@contextlib.contextmanager
+def _fits_the_device(args: argparse.Namespace) -> Iterator[None]:
+    """A GPU too small for the base (or for the render at --size) is a one-line usage error."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+        hint = "a smaller --size" if args.device == "cpu" else "a smaller --size or --device cpu"
+        raise UsageError(f"the base does not fit on {args.device or 'the GPU'} ({first[:160]}); the whole base must "
+                         f"fit (FLUX.1-dev in bfloat16: ~34 GB): try {hint}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -108,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         resolve_base(base)  # a missing folder fails here, before gates are trained
     except BaseNotFound as error:
         raise UsageError(str(error)) from None
-    with _generator(registry, base, args) as gen:
+    with _fits_the_device(args), _generator(registry, base, args) as gen:
         gates = _gates(args, world, registry, base) if args.fusion.startswith("gated") else None
         if args.fusion.startswith("gated") and gates is None:
             print(f"autolora generate: warning: {NO_GATES}", file=sys.stderr)
@@ -158,9 +174,10 @@ def _train_registry_gates(args: argparse.Namespace, recipe):
     _placement(args)
     registry = _open_registry(args.registry, create=False)
     try:
-        trained = train_registry_gates(registry, args.base, base_model=args.base_model, where=args.where,
-                                       recipe=recipe, size=args.size, out_dir=args.out, device=args.device,
-                                       dtype=args.dtype)
+        with _fits_the_device(args):
+            trained = train_registry_gates(registry, args.base, base_model=args.base_model, where=args.where,
+                                           recipe=recipe, size=args.size, out_dir=args.out, device=args.device,
+                                           dtype=args.dtype)
     except PoolTooSmall as error:
         _print_skipped(error.skipped)
         raise UsageError(str(error)) from None

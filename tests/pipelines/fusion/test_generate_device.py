@@ -166,3 +166,21 @@ def test_a_loaded_pipeline_stays_where_it_is_unless_told(micro_world, capfd):
     assert load_base(pipe, dtype="bfloat16") is pipe
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16} and pipe.device.type == "cpu"
     assert "should be kept in float32" not in capfd.readouterr().err  # quiet, as loading is
+
+
+def test_a_gpu_too_small_is_a_one_line_usage_error(micro_registry, micro_world, capsys, tmp_path, monkeypatch):
+    """(No small GPU here: the out-of-memory error torch raises is raised where the work would run out.)"""
+    import pipelines.registry_gates as registry_gates
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total)")
+
+    monkeypatch.setattr(Generator, "generate", out_of_memory)
+    code, _, err = _generate(capsys, micro_registry, "--base", str(micro_world), "--lora", micro_registry.lora_ids()[0],
+                             "--fusion", "linear", "-o", str(tmp_path / "x.png"))
+    assert code == 2 and err.count("\n") == 1 and "does not fit on the GPU (CUDA out of memory. Tried" in err
+    monkeypatch.setattr(registry_gates, "train_gates", out_of_memory)
+    code = main(["train", "gates", "--registry", str(micro_registry.root), "--base", str(micro_world), "--device",
+                 "cpu", "--steps", "1", "--out", str(tmp_path / "gates")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "does not fit on cpu" in err and "--device cpu" not in err
