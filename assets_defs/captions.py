@@ -34,7 +34,7 @@ class CaptionerResource(dg.ConfigurableResource):
     model_dir: str = Field(os.environ.get("AUTOLORA_CAPTIONER_MODEL", ""),
                            description="else: a model folder or Hub id served by vLLM ($AUTOLORA_CAPTIONER_MODEL)")
     served_name: str = Field("", description="the model name to ask for; empty: the first model a URL lists, "
-                                             "the model folder's name, or the Hub id")
+                                             "the model folder's name and a hash of it, or the Hub id")
     max_model_len: int | None = Field(256, description="vLLM --max-model-len (null: vLLM's choice, e.g. on a GPU)")
     dtype: str | None = Field("float32", description="vLLM --dtype (null: vLLM's choice)")
     extra_args: list[str] = Field([], description="more vLLM server arguments")

@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--base-model")
     search.add_argument("--channel", choices=["hybrid", "weights", "text"], default="hybrid",
                         help="weights: the LoRA-weight encoder alone; text: names, triggers, prompts, "
-                             "captions; hybrid: both fused (default)")
+                             "captions (full text and text vector); hybrid: all three fused (default)")
     search.add_argument("--where", help="a LanceDB SQL filter, e.g. \"rank >= 8\"")
     search.add_argument("--version", help="search a tagged or numbered version (read-only)")
     search.add_argument("--include-removed", action="store_true",

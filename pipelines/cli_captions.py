@@ -155,7 +155,7 @@ def add_commands(sub) -> None:
                           "name and a hash of its config and weight headers, or the Hub id); captions carry it")
     cmd.add_argument("--base", action="append", type=_base_pipeline, metavar="BASE_MODEL=PIPELINE",
                      help="render LoRAs of BASE_MODEL that came without any sample render with PIPELINE "
-                          "(a diffusers pipeline folder or built demo world), then caption those; repeatable")
+                          "(a diffusers pipeline folder, built demo world or Hub id), then caption those; repeatable")
     cmd.add_argument("--renders", type=_positive, metavar="N",
                      help=f"with --base: images per such LoRA (default {DEFAULT_RENDERS})")
     cmd.add_argument("--cache-dir", type=_expanded, metavar="DIR",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import UsageError, _expanded, _open_registry, _print_json, _report_folder, _table
+from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _print_json, _report_folder, _table
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
@@ -80,7 +80,7 @@ def add_commands(sub, train, evaluate) -> None:
     ``train`` and ``eval`` subparsers)."""
     encoder = train.add_parser("encoder", help="train the LoRA-weight encoder on the registry's LoRAs, "
                                                "embed every LoRA with it and switch search to it")
-    encoder.add_argument("--registry", required=True, type=_expanded)
+    encoder.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     encoder.add_argument("--base-model", help="whose LoRAs to train on (default: the only one)")
     encoder.add_argument("--where", help="narrow the training pool (a LanceDB SQL filter)")
     encoder.add_argument("--design", choices=["ours", "paper"], default="ours")
@@ -98,13 +98,13 @@ def add_commands(sub, train, evaluate) -> None:
     encoder.set_defaults(func=cmd_train_encoder)
 
     embed = sub.add_parser("embed", help="embed the LoRAs that lack the active encoder's weight vector")
-    embed.add_argument("--registry", required=True, type=_expanded)
+    embed.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     embed.add_argument("--json", action="store_true")
     embed.set_defaults(func=cmd_embed)
 
     retrieval = evaluate.add_parser("retrieval", help="retrieval on the held-out LoRAs: channels, stripped "
                                                       "copy, the authors' design, baselines")
-    retrieval.add_argument("--registry", required=True, type=_expanded)
+    retrieval.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
     retrieval.add_argument("--world", default=".autolora/world", type=_expanded)
     retrieval.add_argument("--out", default=".autolora/reports/retrieval", type=_expanded)
     retrieval.add_argument("--no-baselines", action="store_true", help="our channels only (fast)")
