@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,15 @@ from flux_fixtures import flux_lora, partial_names, tiny_flux_base  # noqa: E402
 from registry.lora.formats import save_lora  # noqa: E402
 
 AUTOLORA = str(Path(sys.executable).with_name("autolora"))
+
+
+def as_from_a_terminal() -> None:
+    """(Popen ``preexec_fn``) The signal dispositions a command started from a terminal has: a test
+    runner started in the background by a shell without job control ignores SIGINT, and an ignored
+    signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -206,7 +216,6 @@ LORAS_TO_INTERRUPT = 160  # 40 once finished, quietly, before a starved poll sen
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_a_rerun_finishes(tmp_path):
-    import signal
     import time
 
     from registry import Registry
@@ -219,7 +228,7 @@ def test_ctrl_c_ends_a_command_with_one_line_and_a_rerun_finishes(tmp_path):
     registry = tmp_path / "registry"
     proc = subprocess.Popen([AUTOLORA, "ingest", str(loras), "--registry", str(registry), "--batch-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=as_from_a_terminal)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # interrupt once some LoRAs are stored
         if sum(1 for _ in (registry / "blobs").rglob("*.safetensors")) >= 4:

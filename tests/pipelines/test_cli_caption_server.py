@@ -41,6 +41,15 @@ def _servers(model: Path) -> list[int]:
     return found
 
 
+def as_from_a_terminal() -> None:
+    """(Popen ``preexec_fn``) The signal dispositions a command started from a terminal has: a test
+    runner started in the background by a shell without job control ignores SIGINT, and an ignored
+    signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
 def _kill_all(model: Path) -> None:
     for pid in _servers(model):
         try:
@@ -102,7 +111,7 @@ def test_sigterm_stops_the_server_it_launched(model, micro_world, tmp_path):
     command = [str(Path(sys.executable).with_name("autolora")), "caption", "--registry", str(root),
                "--model", str(model), "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=as_from_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not _servers(model) and time.monotonic() < deadline and proc.poll() is None:
