@@ -212,7 +212,7 @@ def test_a_prompt_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
                                        "encoding)\n")
 
 
-LORAS_TO_INTERRUPT = 160  # 40 once finished, quietly, before a starved poll sent the interrupt (a CI run)
+LORAS_TO_INTERRUPT = 160  # ample time for the poll below to see the first blobs and interrupt (~5 s of ingest)
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_a_rerun_finishes(tmp_path):
@@ -222,7 +222,7 @@ def test_ctrl_c_ends_a_command_with_one_line_and_a_rerun_finishes(tmp_path):
 
     loras = tmp_path / "many"
     loras.mkdir()
-    for i in range(LORAS_TO_INTERRUPT):  # enough that the ingest outlasts a poll starved on a busy 2-core machine
+    for i in range(LORAS_TO_INTERRUPT):
         save_lora(loras / f"l{i:03d}.safetensors", flux_lora(partial_names((i % 19,), ()), rank=4, seed=300 + i),
                   "diffusers")
     registry = tmp_path / "registry"
