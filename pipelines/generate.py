@@ -104,7 +104,7 @@ def base_config(source: str, component: str) -> dict:
                            f"is {'missing' if isinstance(error, FileNotFoundError) else 'unreadable'}") from None
 
 
-def local_folder(source: str) -> Path | None:
+def _local_folder(source: str) -> Path | None:
     """Where a resolved base's files are on this machine: the folder itself, or for a Hub id the
     snapshot in the Hugging Face cache (None when it was never downloaded); nothing is fetched."""
     if Path(source).is_dir():
@@ -115,9 +115,14 @@ def local_folder(source: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def transformer_weight_files(folder: Path) -> list[Path]:
-    """The transformer's safetensors files diffusers loads: those its index names, else the single
-    ``diffusion_pytorch_model.safetensors`` (variants and strays beside them are not the weights)."""
+def transformer_weight_files(source: str) -> list[Path]:
+    """The transformer's safetensors files diffusers loads for a resolved base (:func:`resolve_base`),
+    where they are on this machine (the folder, or a Hub id's snapshot in the cache): those its index
+    names, else the single ``diffusion_pytorch_model.safetensors`` (variants and strays beside them are
+    not the weights); empty when they are not here."""
+    folder = _local_folder(source)
+    if folder is None:
+        return []
     transformer = folder / "transformer"
     index = transformer / "diffusion_pytorch_model.safetensors.index.json"
     try:
@@ -186,8 +191,7 @@ def stored_dtype(base: str) -> torch.dtype | None:
     read, from the folder or the Hub cache); None for a Hub base not downloaded yet."""
     from safetensors import SafetensorError, safe_open
 
-    folder = local_folder(base)
-    files = transformer_weight_files(folder) if folder is not None else []
+    files = transformer_weight_files(base)
     if not files:
         return None
     try:

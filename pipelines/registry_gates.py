@@ -189,10 +189,9 @@ def base_weights_id(source: str, cache: Path | None = None) -> str | None:
     a pipeline only by its repo id and revision."""
     import hashlib
 
-    from pipelines.generate import local_folder, transformer_weight_files
+    from pipelines.generate import transformer_weight_files
 
-    folder = local_folder(source)
-    files = transformer_weight_files(folder) if folder is not None else []
+    files = transformer_weight_files(source)
     if not files:
         return None
     try:
