@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from terminal_signals import as_from_a_terminal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 from flux_fixtures import flux_lora, partial_names, tiny_flux_base  # noqa: E402
@@ -17,15 +18,6 @@ from flux_fixtures import flux_lora, partial_names, tiny_flux_base  # noqa: E402
 from registry.lora.formats import save_lora  # noqa: E402
 
 AUTOLORA = str(Path(sys.executable).with_name("autolora"))
-
-
-def as_from_a_terminal() -> None:
-    """(Popen ``preexec_fn``) The signal dispositions a command started from a terminal has: a test
-    runner started in the background by a shell without job control ignores SIGINT, and an ignored
-    signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

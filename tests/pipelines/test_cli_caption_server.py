@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from caption_fixtures import WITH_RENDERS, captioning_registry
+from terminal_signals import as_from_a_terminal
 
 from pipelines import cli
 from pipelines.caption_registry import _Pass
@@ -39,15 +40,6 @@ def _servers(model: Path) -> list[int]:
         if str(model).encode() in cmdline and b"api_server" in cmdline:
             found.append(int(proc.name))
     return found
-
-
-def as_from_a_terminal() -> None:
-    """(Popen ``preexec_fn``) The signal dispositions a command started from a terminal has: a test
-    runner started in the background by a shell without job control ignores SIGINT, and an ignored
-    signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def _kill_all(model: Path) -> None:
