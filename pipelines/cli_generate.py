@@ -34,9 +34,11 @@ def _gates(args: argparse.Namespace, world: Path | None, registry=None, base: st
     if world is not None:
         return train_world_gates(world).gates
     if registry is not None and base is not None:
-        from pipelines.registry_gates import gate_bases, latest_registry_gates
+        from pipelines.generate import resolve_base
+        from pipelines.registry_gates import gate_bases, newest_gates
 
-        found = latest_registry_gates(registry, base)
+        source = resolve_base(base)
+        found = newest_gates(registry, source)
         if found is None:
             others = gate_bases(registry)
             if others:
@@ -44,9 +46,19 @@ def _gates(args: argparse.Namespace, world: Path | None, registry=None, base: st
                       f"({', '.join(others)}): gates match the base as it was named when trained (Hub id or folder) "
                       "or its transformer's weight files; pass --base that way, or --gates FILE", file=sys.stderr)
             return None
-        print(f"using gates {found} (the newest trained for this base; --gates FILE picks others)", file=sys.stderr)
-        return load_gates(found)
+        print(f"using gates {found[0]} ({_gates_origin(found[2], source)}; the newest for this base; "
+              "--gates FILE picks others)", file=sys.stderr)
+        return load_gates(found[0])
     return None
+
+
+def _gates_origin(meta: dict, source: str) -> str:
+    """What a registry gate checkpoint was trained for, from its header's meta: the base as spelled then (and
+    whether it matched by its weights, not by that name), the LoRAs' base model, their count and the device."""
+    trained_for, base_model, *_ = str(meta.get("base", "?|?")).split("|") + ["?"]
+    how = "" if trained_for == source else ", matched by its transformer's weights"
+    where = f", on {meta['trained_on']}" if meta.get("trained_on") else ""
+    return (f"trained for {trained_for}{how} on {len(meta.get('pool', []))} LoRAs of {base_model}{where}")
 
 
 NO_GATES = ("no gates given: gated fusion runs untrained gates (plain addition); "

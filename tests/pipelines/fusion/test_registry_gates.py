@@ -84,7 +84,10 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, 
     assert main(generate) == 0
     done = capsys.readouterr()
     assert json.loads(done.out)["gates"] == first["version"] and "warning" not in done.err and image.is_file()
-    assert f"using gates {first['path']}" in done.err
+    assert f"using gates {first['path']}" in done.err  # and what they were trained for, on which machine
+    pool, trained_for = len(load_gates(first["path"]).meta["pool"]), (micro_world / "base").resolve()
+    assert f"trained for {trained_for} on {pool} LoRAs of " in done.err and "on cpu float32" in done.err
+    assert "matched by its transformer's weights" not in done.err
 
     # the same pipeline under another spelling (a local copy of a Hub base, say) finds them by its weight files
     copy = tmp_path / "same-base-elsewhere"
@@ -93,6 +96,7 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, 
     assert main([*generate[:5], str(copy), *generate[6:]]) == 0
     done = capsys.readouterr()
     assert json.loads(done.out)["gates"] == first["version"] and f"using gates {first['path']}" in done.err
+    assert f"trained for {trained_for}, matched by its transformer's weights" in done.err
     # a stray or variant file beside the weights diffusers loads changes nothing
     (copy / "transformer" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not these weights")
     assert base_weights_id(str(copy)) == base_weights_id(str(micro_world / "base"))
