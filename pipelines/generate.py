@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FluxPipeline
+from huggingface_hub import constants as hf_constants
 
 from models.hub_ids import looks_like_hub_repo_id
 from models.text_encoder import hub_load_failure
@@ -221,8 +222,9 @@ def load_base(source: FluxPipeline | str | os.PathLike, progress: bool = False, 
     name = resolve_base(source)
     precision = pick_dtype(dtype, where, stored_dtype(name))
     with loading_output(progress):
-        try:
-            pipe = FluxPipeline.from_pretrained(name, dtype=precision).to(where)
+        try:  # offline, a cached Hub base is read as such (else huggingface_hub warns it could not reach the Hub)
+            pipe = FluxPipeline.from_pretrained(name, dtype=precision, local_files_only=hf_constants.HF_HUB_OFFLINE)
+            pipe = pipe.to(where)
         except (OSError, ValueError, TypeError) as error:  # a folder that is no whole FLUX pipeline, a Hub id
             if not (isinstance(error, OSError) or Path(name).exists()):
                 raise

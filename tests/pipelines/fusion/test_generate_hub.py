@@ -114,6 +114,12 @@ def test_generate_downloads_a_hub_base_and_renders_as_the_local_folder(hub, micr
     assert difference <= 1, f"the Hub base renders other pixels (max difference {difference})"
     assert np.asarray(hub_image).std() > 0  # an image, not a blank
 
+    # downloaded once, the Hub base renders offline (HF_HUB_OFFLINE=1) the same, with no word about the Hub
+    offline = _generate(HUB_BASE, tmp_path / "offline.png", micro_registry, size, hub_home, None)
+    assert offline.returncode == 0, offline.stderr[-4000:]
+    assert "Could not reach the Hub" not in offline.stderr, offline.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "offline.png")), np.asarray(hub_image))
+
 
 def test_a_hub_id_the_hub_does_not_have_is_a_one_line_usage_error(hub, micro_registry, tmp_path):
     server, _ = hub
