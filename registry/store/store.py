@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -107,10 +108,17 @@ def _write_marker(root: Path) -> None:
     write_atomically(root / MARKER, json.dumps({"format": FORMAT_VERSION}))  # concurrent writers write the same
 
 
+def _marker_being_written(name: str) -> bool:
+    """Whether ``name`` is the temporary file of a marker another process is writing (creating the
+    same registry at this moment): :func:`registry.atomic_write.write_atomically`'s ``.NAME.*.tmp``."""
+    return name.startswith(f".{MARKER}.") and name.endswith(".tmp")
+
+
 def _create_root(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise RegistryNotFound(f"{root} is a file, not a registry folder")
-    if root.is_dir() and any(p.name != MARKER for p in root.iterdir()):
+    if (root.is_dir() and any(p.name != MARKER and not _marker_being_written(p.name) for p in root.iterdir())
+            and not (root / MARKER).is_file()):  # (a process creating it now writes the marker before the rest)
         raise RegistryNotFound(f"{root} exists and holds no autolora registry ({MARKER} is missing); "
                                "give a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
@@ -185,12 +193,24 @@ class Store:
         except ValueError:  # not created yet
             try:
                 table = self.db.create_table(name, schema=schema)
-            except ValueError:  # created by a concurrent process meanwhile
-                table = self.db.open_table(name)
+            except (ValueError, RuntimeError) as error:  # created by a concurrent process meanwhile ("already
+                try:  # exists", or a commit conflict with its create): then it can be opened
+                    table = self.db.open_table(name)
+                except ValueError:
+                    raise error from None
             else:
                 _index_new_table(name, table)
-        if _PRIMARY_KEY_MARK not in (table.schema.field(key).metadata or {}):
-            table.set_unenforced_primary_key(key)  # once; a racing second call just replaces it
+        for attempt in range(5):
+            if _PRIMARY_KEY_MARK in (table.schema.field(key).metadata or {}):
+                break
+            try:
+                table.set_unenforced_primary_key(key)
+                break
+            except (RuntimeError, ValueError):  # another process creating the registry set it first (a
+                time.sleep(0.02 * (attempt + 1))  # conflicting transaction, or "already set"): looked at again
+                table = self.db.open_table(name)
+        else:
+            raise RegistryNotWritable(f"{self.root}: could not mark {key!r} as the key of the {name} table")
         return table
 
     def _tables(self) -> dict[str, object]:
