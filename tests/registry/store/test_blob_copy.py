@@ -114,3 +114,91 @@ def test_explicit_maintenance_removes_lora_blobs_no_row_refers_to(tmp_path):
     reg.blobs.put(tmp_path / "in" / "a.safetensors", "f0" + "0" * 62)
     reused = reg.blobs.put(tmp_path / "in" / "a.safetensors", "f0" + "0" * 62)
     assert time.time() - reused.stat().st_mtime < 60
+
+
+def test_maintenance_also_removes_copies_a_killed_put_left_beside_the_blobs(tmp_path):
+    """Older ingests wrote a reused-size blob's temp file in its blob folder; maintenance finds those
+    too, and a copy being written now goes to the root, where it always looks."""
+    import time
+
+    from registry import Registry
+
+    reg = Registry.open(tmp_path / "registry")
+    folder = reg.blobs.root / "ab"
+    folder.mkdir()
+    old, fresh = folder / ".incoming-killed", folder / ".incoming-live"
+    for path in (old, fresh):
+        path.write_bytes(b"partial copy")
+    day_ago = time.time() - 24 * 3600
+    os.utime(old, (day_ago, day_ago))
+    assert reg.maintain().stale_staging_removed == 1 and not old.exists() and fresh.exists()
+
+    seen = []
+    real_copy = blob_copy.copy_into
+
+    def watching(source, fd, tmp, *rest):
+        seen.append(Path(tmp).parent)
+        return real_copy(source, fd, tmp, *rest)
+
+    source = tmp_path / "render.png"
+    source.write_bytes(b"pixels")
+    import registry.store.blobstore as blobstore
+
+    original, blobstore.copy_into = blobstore.copy_into, watching
+    try:
+        reg.blobs.put(source, hashlib.sha256(b"pixels").hexdigest(), ".png")
+    finally:
+        blobstore.copy_into = original
+    assert seen == [reg.blobs.root]
+
+
+def test_a_blob_reused_while_maintenance_removes_it_stays_or_is_written_again(tmp_path, monkeypatch):
+    """An ingest that reuses an unreferenced, old blob while maintenance removes it: whichever comes
+    first, the blob is there afterwards (before, a row could name a blob maintenance had deleted)."""
+    import time
+
+    import registry.store.blobstore as blobstore
+
+    store = BlobStore(tmp_path / "blobs")
+    source = tmp_path / "lora.safetensors"
+    source.write_bytes(b"weights" * 100)
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    blob = store.put(source, sha)
+    day_ago = time.time() - 24 * 3600
+
+    # the ingest touches it just before maintenance renames it aside: maintenance puts it back
+    os.utime(blob, (day_ago, day_ago))
+    real_replace = os.replace
+
+    def touched_first(src, dst):
+        if Path(dst).name.startswith(blobstore.REMOVING):
+            assert store.put(source, sha) == blob  # the ingest's reuse, in between
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(blobstore.os, "replace", touched_first)
+    assert store.remove_unreferenced(set()) == (0, 0)
+    monkeypatch.setattr(blobstore.os, "replace", real_replace)
+    assert blob.read_bytes() == source.read_bytes() and not list(blob.parent.glob(".removing-*"))
+
+    # maintenance removes it between the ingest's look and its touch: the ingest writes it again
+    real_utime = os.utime
+
+    def removed_in_between(path, *args, **kwargs):
+        if Path(path) == blob and blob.exists():
+            os.unlink(blob)
+        return real_utime(path, *args, **kwargs)
+
+    monkeypatch.setattr(blobstore.os, "utime", removed_in_between)
+    assert store.put(source, sha) == blob and blob.read_bytes() == source.read_bytes()
+    staged_sha, staged = store.stage(source)
+    assert store.commit(staged, staged_sha) == blob and blob.read_bytes() == source.read_bytes()
+    monkeypatch.setattr(blobstore.os, "utime", real_utime)
+
+    # no ingest: an old unreferenced blob goes; a removal cut short is undone by the next clean-up
+    os.utime(blob, (day_ago, day_ago))
+    assert store.remove_unreferenced(set()) == (1, len(source.read_bytes())) and not blob.exists()
+    blob = store.put(source, sha)
+    aside = blob.with_name(blobstore.REMOVING + blob.name)
+    os.replace(blob, aside)
+    store.remove_stale_staging()
+    assert blob.exists() and not aside.exists()
