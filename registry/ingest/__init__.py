@@ -357,8 +357,11 @@ class _FileIngest:
         if stored:  # another ingest stored it: these are its bytes (a concurrent ingest between
             # its row and its file record, or a killed run after its row) or another file of it
             same = stored["sha256"] == sha
-            self.report.duplicates.append({"path": self.shown, "lora_id": lora_id,
-                                           "kind": "sha256" if same else "fingerprint"})
+            entry = {"path": self.shown, "lora_id": lora_id}
+            if same and stored.get("source_path") == self.resolved:  # its own row: a run stopped before
+                self.report.unchanged.append(entry)  # recording the file (or one running now), not a duplicate
+            else:
+                self.report.duplicates.append({**entry, "kind": "sha256" if same else "fingerprint"})
             if stored.get("removed"):  # pruned with no path left: a path again, so unmarked
                 self.batch.refresh.add(lora_id)
             return self._record(sha, lora_id, info.format, new=same)

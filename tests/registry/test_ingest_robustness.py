@@ -80,6 +80,26 @@ def test_sigkill_mid_ingest_then_rerun_equals_uninterrupted(lora_folder, tmp_pat
     assert len(Registry.open(crashed)) == N_FILES
 
 
+def test_a_rerun_after_a_kill_between_the_rows_and_the_file_records_reports_no_duplicates(lora_folder, tmp_path):
+    """Killed after a batch's LoRA rows were written and before their file records: the rerun finds
+    each such file's own row, records the file, and reports it unchanged (it said "a duplicate" of
+    itself before), with the tables as an uninterrupted run leaves them."""
+    from registry.store.store import where_in
+
+    reg = Registry.open(tmp_path / "registry")
+    reg.add([lora_folder / "part0"])
+    cut = sorted(r["path"] for r in reg.column_rows(reg.files, ["path"]))[:3]
+    reg.files.delete(where_in("path", cut))  # what the kill left: rows without their file records
+    again = Registry.open(tmp_path / "registry").add([lora_folder / "part0"])
+    assert not again.duplicates and not again.added and not again.rejected
+    assert sorted(os.path.realpath(e["path"]) for e in again.unchanged) == sorted(
+        r["path"] for r in reg.column_rows(reg.files, ["path"]))
+    assert sorted(r["path"] for r in reg.column_rows(reg.files, ["path"])) == sorted(
+        str(p.resolve()) for p in (lora_folder / "part0").glob("*.safetensors"))
+    third = reg.add([lora_folder / "part0"])
+    assert len(third.unchanged) == N_FILES // 2 and not third.duplicates
+
+
 def test_concurrent_overlapping_ingests_leave_no_duplicates(lora_folder, tmp_path):
     registry = tmp_path / "shared"
     Registry.open(registry)  # tables exist before the race, as in a running deployment
