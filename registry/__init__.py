@@ -19,6 +19,7 @@ _EXPORTS = {
     "RegistryNotFound": "registry.store.store",
     "VersionNotFound": "registry.store.store",
     "RegistryNotWritable": "registry.store.store",
+    "RegistryWriteFailed": "registry.ingest.storage_failure",
     "MaintenanceReport": "registry.store.maintenance",
     "IngestReport": "registry.ingest",
     "RejectedFile": "registry.lora.errors",

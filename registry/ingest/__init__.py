@@ -33,6 +33,7 @@ from registry.embed import WeightEmbedder
 # the walk and the report live beside this module; both are part of its public names
 from registry.ingest.candidates import CANDIDATE_SUFFIXES, Candidate, collect_candidates  # noqa: F401
 from registry.ingest.report import IngestReport
+from registry.ingest.storage_failure import RegistryWriteFailed, storage_problem, write_failed
 from registry.ingest.rows import (  # noqa: F401  (prune_and_refresh: the client's)
     prune_and_refresh, rebuild_row, refreshed_rows, source_fields, store_renders,
 )
@@ -201,19 +202,43 @@ def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLi
     batch = _Batch(reg, report)
     bases = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-hash") as pool:
-        for candidate in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
+        for done, candidate in enumerate(tqdm(candidates, desc="ingest", unit="file", disable=not progress)):
             ingest = _FileIngest(reg, batch, report, candidate, known.get(os.path.realpath(candidate.path)))
             try:
                 if not ingest.unchanged():
                     bases = bases if bases is not None else reg.bases()
                     ingest.run(bases, pool)
+            except RegistryWriteFailed:
+                raise
             except Exception as error:  # noqa: BLE001  a bug one file triggers must not lose the batch
-                ingest.reject_internal(error)
+                _stop_if_storage_failed(batch, error, done, len(candidates))
+                if isinstance(error, OSError):  # reading it again to copy it in (its size was known)
+                    report.reject(ingest.shown, "unreadable", f"unreadable: {error.strerror or error}")
+                else:
+                    ingest.reject_internal(error)
             if len(batch) >= batch_size:
-                batch.flush()
-    batch.flush()
+                _flush(batch, done + 1, len(candidates))
+    _flush(batch, len(candidates), len(candidates))
     ensure_indexes(reg)  # only those missing: refreshing them is maintenance's job
     return report
+
+
+def _stop_if_storage_failed(batch: _Batch, error: BaseException, done: int, total: int) -> None:
+    """Raise :class:`RegistryWriteFailed` when ``error`` is the registry's storage failing (full,
+    read-only): each file after it would fail the same way, so it must not be blamed on them. The
+    ``done`` files before it are recorded but for those of the batch not yet written."""
+    why = storage_problem(batch.reg, error)
+    if why:
+        recorded = done - len(batch.files) - len(batch.rejections)
+        raise write_failed(batch.reg, why, recorded, total) from error
+
+
+def _flush(batch: _Batch, done: int, total: int) -> None:
+    try:
+        batch.flush()
+    except Exception as error:
+        _stop_if_storage_failed(batch, error, done, total)
+        raise
 
 
 @dataclass
@@ -307,7 +332,9 @@ class _FileIngest:
                              if isinstance(outcome, InspectedLoRA) and not size_known else _Early())
                 finally:
                     sha, staged = (future.result(), None) if size_known else future.result()
-            except OSError as error:
+            except OSError as error:  # reading the file, or writing its copy into the store
+                if storage_problem(self.reg, error):
+                    raise
                 self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
                 return
             self._settle(sha, outcome, sidecars, staged, early, size_known)

@@ -97,3 +97,91 @@ def test_a_rejected_path_keeps_one_rejection_and_none_once_it_holds_a_lora(tmp_p
     _lora(path, 6)  # replaced by a good file: the rejection goes
     assert [r["path"] for r in reg.add([path]).added] == [str(path)]
     assert recorded() == []
+
+
+def _no_space(after: int, real):
+    """``real`` that fails as a full disk does from its ``after``-th call on."""
+    import errno
+
+    calls = []
+
+    def copy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    return copy
+
+
+def test_a_registry_filling_up_midway_stops_the_run_once_and_a_rerun_takes_up_the_rest(tmp_path, monkeypatch):
+    """The disk holding the registry fills up partway: the run stops with one error naming the registry
+    (before, every later file was rejected as an "internal error" and those rejections were recorded);
+    the batches written before are whole, and a run once there is room records the rest."""
+    import registry.store.blobstore as blobstore
+    from registry import RegistryWriteFailed
+
+    folder = tmp_path / "in"
+    for i in range(7):
+        _lora(folder / f"lora_{i}.safetensors", 10 + i)
+    reg = Registry.open(tmp_path / "registry")
+    monkeypatch.setattr(blobstore, "copy_into", _no_space(4, blobstore.copy_into))
+    with pytest.raises(RegistryWriteFailed) as raised:
+        reg.add([folder], batch_size=2)
+    message = str(raised.value)
+    assert message.startswith(f"cannot write to the registry at {reg.root} (No space left on device); stopped "
+                              "with 4 of 7 files recorded") and "\n" not in message
+    assert len(reg) == 4 and reg.rejections.count_rows() == 0
+    monkeypatch.undo()
+    again = reg.add([folder])
+    assert len(again.added) == 3 and len(again.unchanged) == 4 and not again.rejected and len(reg) == 7
+
+
+def test_a_table_write_failing_for_the_disk_stops_the_run_and_the_cli_says_it_in_one_line(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """LanceDB's own write failing on the registry's storage (it reports the OS error in its message)
+    is the same stop: the CLI exits 2 with one line, no traceback, nothing half-written."""
+    from registry.store.store import Store
+
+    folder = tmp_path / "in"
+    for i in range(3):
+        _lora(folder / f"lora_{i}.safetensors", 30 + i)
+    Registry.open(tmp_path / "registry")
+
+    def full(self, table, rows, key, *, update):
+        if rows:
+            raise RuntimeError("lance error: IO error: Generic LocalFileSystem error: Unable to write: "
+                               "No space left on device (os error 28)")
+        return 0
+
+    monkeypatch.setattr(Store, "upsert", full)
+    assert main(["ingest", str(folder), "--registry", str(tmp_path / "registry")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the registry at" in err and "stopped with 0 of 3 files recorded" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    monkeypatch.undo()
+    reg = Registry.open(tmp_path / "registry")
+    assert len(reg) == 0 and reg.files.count_rows() == 0 and not list(reg.blobs.root.glob(".incoming-*"))
+    assert len(reg.add([folder]).added) == 3
+
+
+def test_a_file_that_cannot_be_read_is_still_its_own_rejection(tmp_path, monkeypatch):
+    """An I/O error reading a source file (the registry is fine) stays that file's rejection."""
+    import errno
+
+    import registry.store.blobstore as blobstore
+
+    folder = tmp_path / "in"
+    for i in range(3):
+        _lora(folder / f"lora_{i}.safetensors", 40 + i)
+    real = blobstore.copy_into
+
+    def bad_sector(source, *args, **kwargs):
+        if Path(source).name == "lora_1.safetensors":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(blobstore, "copy_into", bad_sector)
+    report = Registry.open(tmp_path / "registry").add([folder])
+    assert len(report.added) == 2 and [(r["code"], r["reason"]) for r in report.rejected] == [
+        ("unreadable", "unreadable: Input/output error")]
