@@ -17,6 +17,7 @@ its caption; a render without one makes the row wait for the next caption pass.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from registry.hashing import sha256_file
 from registry.embed import WeightEmbedder
 # the walk and the report live beside this module; both are part of its public names
 from registry.ingest.candidates import CANDIDATE_SUFFIXES, Candidate, collect_candidates  # noqa: F401
+from registry.ingest.read_lease import BeingWritten, read_lease
 from registry.ingest.report import IngestReport
 from registry.ingest.storage_failure import RegistryWriteFailed, storage_problem, write_failed
 from registry.ingest.rows import (  # noqa: F401  (prune_and_refresh: the client's)
@@ -321,6 +323,14 @@ class _FileIngest:
         the blob copy, or alone when the size is known) runs in ``pool``'s thread while the file
         is inspected in this one (hashlib and file I/O drop the GIL)."""
         sidecars = from_sidecars(self.path, self.siblings, name_from_stem=False, warnings=self.report.warnings)
+        with contextlib.ExitStack() as stack:
+            try:  # no truncation under our memory maps (a SIGBUS) until the file is read and copied
+                stack.enter_context(read_lease(self.path))
+            except BeingWritten as error:
+                return self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror}")
+            self._read_and_settle(bases, sidecars, pool)
+
+    def _read_and_settle(self, bases: list, sidecars: LoraMetadata, pool: ThreadPoolExecutor) -> None:
         staged: Path | None = None
         try:
             try:
