@@ -7,7 +7,7 @@ until the lease is let go (at most ``/proc/sys/fs/lease-break-time``, 45 s by de
 after the file is read. The lease-break notice goes as SIGURG, whose default action is to ignore it,
 so no signal handler is needed and any thread can take one. Written by hand: no library offers leases.
 
-Where leases are unavailable (not Linux, a network file system, a file this user neither owns nor
+Where leases are unavailable (macOS, Windows, a network file system, a file this user neither owns nor
 has CAP_LEASE for) the file is read unprotected, as before.
 """
 
@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import signal
 from collections.abc import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 _LEASES = hasattr(fcntl, "F_SETLEASE") and hasattr(fcntl, "F_SETSIG")
 
