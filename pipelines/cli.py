@@ -68,6 +68,7 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from registry.ingest.read_lease import read_lease
     from registry.lora.errors import RejectedFile
     from registry.lora.inspect import inspect_file
     from registry.lora.metadata import from_sidecars
@@ -77,8 +78,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not os.path.lexists(path):
         raise UsageError(f"no such file: {path}")
     bases = _open_registry(args.registry, create=False).bases() if args.registry else _default_bases()
-    try:  # the base named by a card or .civitai.info beside the file counts, as at ingest
-        summary = inspect_file(path, bases, base_hint=from_sidecars(path).base_model_hint).summary()
+    try:  # the base named by a card or .civitai.info beside the file counts, as at ingest; read under a
+        with read_lease(path):  # lease, as at ingest (a file rewritten in place waits: no SIGBUS)
+            summary = inspect_file(path, bases, base_hint=from_sidecars(path).base_model_hint).summary()
     except (RejectedFile, OSError) as error:
         code, reason = ((error.code, error.reason) if isinstance(error, RejectedFile)
                         else ("unreadable", f"unreadable: {error.strerror or error}"))

@@ -3,6 +3,7 @@ lease), instead of truncating the file under ingest's memory maps (SIGBUS: the w
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 from flux_fixtures import flux_lora, partial_names
 
 import registry.ingest as ingest
+from pipelines.cli import main
 from registry import Registry
 from registry.ingest.read_lease import BeingWritten, read_lease
 from registry.lora.formats import save_lora
@@ -49,7 +51,7 @@ def test_a_truncation_waits_until_ingest_has_read_the_file(tmp_path, monkeypatch
     assert writers[0].wait(timeout=60) == 0 and victim.stat().st_size == 0  # then it went ahead
 
 
-def test_a_file_open_for_writing_elsewhere_is_not_read_half_written(tmp_path):
+def test_a_file_open_for_writing_elsewhere_is_not_read_half_written(tmp_path, capsys):
     done, busy = _lora(tmp_path / "in" / "done.safetensors", 2), _lora(tmp_path / "in" / "busy.safetensors", 3)
     if not _leases_here(done):
         pytest.skip("no read leases on this file system (or platform)")
@@ -63,9 +65,12 @@ def test_a_file_open_for_writing_elsewhere_is_not_read_half_written(tmp_path):
                 break
             time.sleep(0.05)
         report = Registry.open(tmp_path / "registry").add([tmp_path / "in"])
+        inspected = main(["inspect", str(busy), "--json"])  # `autolora inspect` reads it under a lease too
+        said = json.loads(capsys.readouterr().out)
     finally:
         writer.kill()
         writer.wait()
+    assert inspected == 1 and said["code"] == "unreadable" and "open for writing by another process" in said["reason"]
     assert [e["path"] for e in report.added] == [str(done)]
     assert [(r["path"], r["code"]) for r in report.rejected] == [(str(busy), "unreadable")]
     assert "open for writing by another process" in report.rejected[0]["reason"]
