@@ -120,13 +120,17 @@ class BlobStore:
                     continue
         return removed, freed
 
-    def remove_stale_staging(self, older_than_s: float = STALE_STAGING_S) -> int:
-        """Remove the temp files of :meth:`stage` and :meth:`put` that a killed process left (older
-        than ``older_than_s``: a live ingest renames or removes its own within seconds; also those
-        that ingests before this version left beside the blobs), and put back a blob whose removal
-        by :meth:`remove_unreferenced` was cut short; returns how many temp files went."""
+    def remove_stale_staging(self, older_than_s: float = STALE_STAGING_S, whole_store: bool = False) -> int:
+        """Remove the temp files of :meth:`stage` and :meth:`put` that a killed process left in the
+        store's root (older than ``older_than_s``: a live ingest renames or removes its own within
+        seconds): one cheap listing, run after every ingest. ``whole_store`` (explicit maintenance,
+        which walks every blob folder anyway) also removes those that ingests before this version
+        left beside the blobs and puts back a blob whose removal by :meth:`remove_unreferenced` was
+        cut short. Returns how many temp files went."""
         removed, cutoff = 0, time.time() - older_than_s
-        folders = [self.root] + [Path(e.path) for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        folders = [self.root]
+        if whole_store:
+            folders += [Path(e.path) for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
         for folder in folders:
             for entry in os.scandir(folder):
                 try:

@@ -98,7 +98,7 @@ def maintain(store: Store, collect_blobs: bool = False) -> MaintenanceReport:
             report.optimized.append(name)
         except _LANCE_ERRORS as error:  # a concurrent commit won: leave it for the next run
             report.yielded.append(f"optimize {name}: {error}"[:300])
-    report.stale_staging_removed = store.blobs.remove_stale_staging()
+    report.stale_staging_removed = store.blobs.remove_stale_staging(whole_store=collect_blobs)
     if collect_blobs:
         referenced = {row["blob"] for row in store.column_rows(store.loras, ["blob"])}
         report.orphan_blobs_removed, report.orphan_bytes_freed = store.blobs.remove_unreferenced(
