@@ -11,13 +11,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _temp_prefix(name: str) -> str:
+    return f".{name[:200]}."
+
+
+def is_temp_file_of(name: str, target_name: str) -> bool:
+    """Whether ``name`` is the temp file of a write of ``target_name`` in progress (or killed) in the
+    same folder."""
+    return name.startswith(_temp_prefix(target_name)) and name.endswith(".tmp")
+
+
 @contextmanager
 def _replacing(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A new hidden temp file beside ``path`` to write; flushed, fsynced and renamed over ``path``
     when the block ends, removed (``path`` untouched) when it raises. Permissions as a plain
     ``open(path, "w")`` gives (0o666 less the umask)."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")  # hidden; fits NAME_MAX
+    tmp = target.with_name(f"{_temp_prefix(target.name)}{uuid.uuid4().hex[:12]}.tmp")  # hidden; fits NAME_MAX
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with open(fd, "wb") as handle:

@@ -215,7 +215,7 @@ def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLi
             except Exception as error:  # noqa: BLE001  a bug one file triggers must not lose the batch
                 _stop_if_storage_failed(batch, error, done, len(candidates))
                 if isinstance(error, OSError):  # reading it again to copy it in (its size was known)
-                    report.reject(ingest.shown, "unreadable", f"unreadable: {error.strerror or error}")
+                    ingest.reject_unreadable(error)
                 else:
                     ingest.reject_internal(error)
             if len(batch) >= batch_size:
@@ -267,6 +267,10 @@ class _FileIngest:
         self.record = record  # the stored file record of this path, if any
         self.stat: os.stat_result | None = None
 
+    def reject_unreadable(self, error: OSError) -> None:
+        """Report this file as unreadable (not recorded: a later run may read it)."""
+        self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
+
     def reject_internal(self, error: Exception) -> None:
         """Record a failure no check foresaw (a bug) as this file's rejection; the batch goes on."""
         reason = f"internal error while ingesting it (please report): {type(error).__name__}: {error}"[:500]
@@ -299,7 +303,7 @@ class _FileIngest:
         try:
             self.stat = os.stat(self.path)
         except OSError as error:
-            self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror}")
+            self.reject_unreadable(error)
             return True
         record, st = self.record, self.stat
         if record and (record["size_bytes"], record["mtime_ns"], record["inode"]) == (
@@ -327,7 +331,7 @@ class _FileIngest:
             try:  # no truncation under our memory maps (a SIGBUS) until the file is read and copied
                 stack.enter_context(read_lease(self.path))
             except BeingWritten as error:
-                return self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror}")
+                return self.reject_unreadable(error)
             self._read_and_settle(bases, sidecars, pool)
 
     def _read_and_settle(self, bases: list, sidecars: LoraMetadata, pool: ThreadPoolExecutor) -> None:
@@ -345,8 +349,7 @@ class _FileIngest:
             except OSError as error:  # reading the file, or writing its copy into the store
                 if storage_problem(self.reg, error):
                     raise
-                self.report.reject(self.shown, "unreadable", f"unreadable: {error.strerror or error}")
-                return
+                return self.reject_unreadable(error)
             self._settle(sha, outcome, sidecars, staged, early, size_known)
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store

@@ -20,7 +20,7 @@ import lancedb
 import pyarrow as pa
 from lancedb.index import FTS
 
-from registry.atomic_write import cannot_create_in, write_atomically
+from registry.atomic_write import cannot_create_in, is_temp_file_of, write_atomically
 from registry.store.blobstore import BlobStore
 from registry.store.schema import (
     ENCODERS_SCHEMA, FILES_SCHEMA, FORMAT_VERSION, FULL_TEXT_COLUMN, REJECTIONS_SCHEMA, TEXT_DIM,
@@ -108,16 +108,10 @@ def _write_marker(root: Path) -> None:
     write_atomically(root / MARKER, json.dumps({"format": FORMAT_VERSION}))  # concurrent writers write the same
 
 
-def _marker_being_written(name: str) -> bool:
-    """Whether ``name`` is the temporary file of a marker another process is writing (creating the
-    same registry at this moment): :func:`registry.atomic_write.write_atomically`'s ``.NAME.*.tmp``."""
-    return name.startswith(f".{MARKER}.") and name.endswith(".tmp")
-
-
 def _create_root(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise RegistryNotFound(f"{root} is a file, not a registry folder")
-    if (root.is_dir() and any(p.name != MARKER and not _marker_being_written(p.name) for p in root.iterdir())
+    if (root.is_dir() and any(p.name != MARKER and not is_temp_file_of(p.name, MARKER) for p in root.iterdir())
             and not (root / MARKER).is_file()):  # (a process creating it now writes the marker before the rest)
         raise RegistryNotFound(f"{root} exists and holds no autolora registry ({MARKER} is missing); "
                                "give a new or empty folder")
