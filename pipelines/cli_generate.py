@@ -55,10 +55,12 @@ def _gates(args: argparse.Namespace, world: Path | None, registry=None, base: st
 def _gates_origin(meta: dict, source: str) -> str:
     """What a registry gate checkpoint was trained for, from its header's meta: the base as spelled then (and
     whether it matched by its weights, not by that name), the LoRAs' base model, their count and the device."""
-    trained_for, base_model, *_ = str(meta.get("base", "?|?")).split("|") + ["?"]
-    how = "" if trained_for == source else ", matched by its transformer's weights"
+    from pipelines.registry_gates import trained_for
+
+    spelled, base_model = trained_for(meta)
+    how = "" if spelled == source else ", matched by its transformer's weights"
     where = f", on {meta['trained_on']}" if meta.get("trained_on") else ""
-    return (f"trained for {trained_for}{how} on {len(meta.get('pool', []))} LoRAs of {base_model}{where}")
+    return f"trained for {spelled or '?'}{how} on {len(meta.get('pool', []))} LoRAs of {base_model or '?'}{where}"
 
 
 NO_GATES = ("no gates given: gated fusion runs untrained gates (plain addition); "

@@ -233,7 +233,7 @@ def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> t
     checkpoints = _checkpoints(reg)
     found = [c for c in checkpoints if str(c[3].get("base", "")).startswith(prefix)]
     others = [c for c in checkpoints if c not in found and c[3].get("base_weights")
-              and (base_model is None or str(c[3].get("base", "")).split("|")[1:2] == [base_model])]
+              and (base_model is None or trained_for(c[3])[1] == base_model)]
     if others:  # the base's weights are hashed only when some gates could match by them
         weights = base_weights_id(source, reg.root / GATES_DIR / WEIGHTS_CACHE)
         found += [c for c in others if weights is not None and c[3]["base_weights"] == weights]
@@ -245,12 +245,11 @@ def newest_gates(reg: Registry, source: str, base_model: str | None = None) -> t
 
 def gate_bases(reg: Registry) -> list[str]:
     """The base pipelines (as spelled when trained) that ``<registry>/gates`` holds gates for."""
-    return sorted({str(c[3].get("base", "")).split("|")[0] for c in _checkpoints(reg)} - {""})
+    return sorted({trained_for(c[3])[0] for c in _checkpoints(reg)} - {""})
 
 
-def latest_registry_gates(reg: Registry, base: str) -> Path | None:
-    """The newest gate checkpoint in ``<registry>/gates`` trained for the base pipeline ``base``."""
-    from pipelines.generate import resolve_base
-
-    found = newest_gates(reg, resolve_base(base))
-    return found[0] if found else None
+def trained_for(meta: dict) -> tuple[str, str]:
+    """(the base pipeline as spelled when trained, the base model of its LoRAs) of a gate checkpoint's
+    meta, from its ``base`` (``SOURCE|BASE_MODEL|SIZEpx``); empty strings where missing."""
+    source, base_model, *_ = str(meta.get("base", "")).split("|") + ["", ""]
+    return source, base_model

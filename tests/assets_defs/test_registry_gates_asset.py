@@ -20,11 +20,17 @@ from assets_defs.registry_gates import (
     gates_sensor, registry_gates,
 )
 from assets_defs.resources import RegistryResource
-from pipelines.registry_gates import latest_registry_gates, render_pairs
+from pipelines.generate import resolve_base
+from pipelines.registry_gates import newest_gates, render_pairs
 from pipelines.retrain_policy import gate_pool_hash
 from pipelines.train_gates import load_gates
 from registry import BaseModel, Registry
 from registry.store.store import quote
+
+
+def _newest_gates(reg, base: str) -> Path:
+    """The checkpoint `autolora generate --base BASE --registry R` picks."""
+    return newest_gates(reg, resolve_base(base))[0]
 
 
 def _materialize(registry: Path, **config) -> dict:
@@ -48,7 +54,7 @@ def test_registry_gates_train_then_cache_and_fail_clearly(micro_world, tmp_path)
     assert first["loss_first"] > 0 and first["loss_last"] > 0 and "gate loss" in first["loss_curve"]
     gates = load_gates(first["path"])
     assert gates.version == first["version"] and gates.meta["pool"] == first["pool"]
-    assert gates.meta["recipe"]["steps"] == 3 and latest_registry_gates(reg, str(micro_world)) == Path(first["path"])
+    assert gates.meta["recipe"]["steps"] == 3 and _newest_gates(reg, str(micro_world)) == Path(first["path"])
 
     again = _materialize(registry, base=str(micro_world / "base"), steps=3)  # the same base spelt another way
     assert again["cached"] and again["version"] == first["version"] and again["loss_last"] == first["loss_last"]
@@ -90,7 +96,7 @@ def test_the_gates_are_retrained_when_the_pool_with_renders_grows(micro_world, t
     run = job.execute_in_process(run_config={"ops": {"registry_gates": {"config": {**config, "steps": 3}}}},
                                  instance=instance, resources=resources)
     assert run.success
-    trained = load_gates(latest_registry_gates(reg, source)).version
+    trained = load_gates(_newest_gates(reg, source)).version
     assert f"0 new LoRA(s) with sample renders since gates {trained}" in skipped(tick(sensor, registry, instance))
 
     arrivals = tmp_path / "arrivals"  # new LoRAs with their cards and previews; a bare one does not count
@@ -116,7 +122,7 @@ def test_the_gates_are_retrained_when_the_pool_with_renders_grows(micro_world, t
     (materialization,) = run.asset_materializations_for_node("registry_gates")
     reg = Registry.open(registry)
     grown = sorted(r["lora_id"] for r in reg.rows(reg.loras, "true", len(reg)) if render_pairs(reg, r))
-    newest = load_gates(latest_registry_gates(reg, source))  # the one generation now picks: the grown pool's
+    newest = load_gates(_newest_gates(reg, source))  # the one generation now picks: the grown pool's
     assert newest.version == materialization.metadata["version"].value != trained
     assert newest.meta["pool"] == grown and materialization.metadata["pool_size"].value == len(grown)
     assert request.run_key == f"{base_model}:{gate_pool_hash(source, base_model, grown)}"
