@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from models.text_encoder import default_text_encoder
-from registry.text import MAX_TEXTS, document_texts, embed_documents
+from registry.text import MAX_TEXTS, document_texts, embed_documents, names_something
 
 
 def test_document_texts_are_distinct_stripped_lines_capped():
     assert document_texts("red square\n\n  rdsqr \nred square\nhatched style") == ["red square", "rdsqr", "hatched style"]
-    assert document_texts("") == [""]
+    assert document_texts("") == []
     lines = [f"tag {i}" for i in range(MAX_TEXTS + 10)]
     texts = document_texts("\n".join(lines))
     assert len(texts) == MAX_TEXTS and texts[:-1] == lines[:MAX_TEXTS - 1]
@@ -32,3 +32,40 @@ def test_words_past_the_encoders_window_still_count():
     with_fox = embed_documents([tags + "\na watercolor fox in the snow"])[0]
     query = default_text_encoder().encode(["a watercolor fox in the snow"])[0]
     assert float(np.dot(with_fox, query)) > float(np.dot(without, query)) + 0.005
+
+
+def test_hashes_ids_numbers_and_default_file_names_name_nothing():
+    for line in ("3fa9c1b2e4d5a6b7", "A1B2C3D4-E5F6-7890-ABCD-EF0123456789", "0f_1e_2d_3c", "12345", "2024-05-01",
+                 "pytorch_lora_weights", "adapter_model", "last", "last-000010", "  ", "--"):
+        assert not names_something(line), line
+    for line in ("red square", "ohwx", "v2", "lora_003", "facade", "deadbeefcafe", "last supper", "x"):
+        assert names_something(line), line
+
+
+def test_a_document_that_names_nothing_has_no_vector():
+    """A LoRA known only by its file's hash: no text vector (its text would match by noise alone);
+    a hash beside real lines leaves the vector of the real lines."""
+    assert embed_documents(["3fa9c1b2e4d5a6b7", "", "red square"])[:2] == [None, None]
+    named, hashed = embed_documents(["red square\nhatched style", "3fa9c1b2e4d5a6b7\nred square\nhatched style"])
+    assert np.allclose(named, hashed)
+
+
+def test_a_lora_ingested_under_its_hash_has_no_text_vector_and_no_text_match(tmp_path):
+    """End to end: the hash-named file gets no text vector, so an unrelated query's text channel
+    returns only the named LoRA (before, the hash's vector ranked it by noise); full text finds it by name."""
+    from flux_fixtures import flux_lora, partial_names
+
+    from registry import Registry
+    from registry.lora.formats import save_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for seed, stem in enumerate(("3fa9c1b2e4d5a6b7", "red-square-style")):
+        save_lora(folder / f"{stem}.safetensors",
+                  flux_lora(partial_names((seed,), (), attention_only=True), rank=2, seed=seed), "diffusers")
+    reg = Registry.open(tmp_path / "registry")
+    assert len(reg.add([folder]).added) == 2
+    vectors = {r["name"]: r["text_vector"] for r in reg.rows(reg.loras, None, 2, ["name", "text_vector"])}
+    assert vectors["3fa9c1b2e4d5a6b7"] is None and vectors["red-square-style"] is not None
+    assert [h.name for h in reg.search("a blue circle", k=5, channel="text")] == ["red-square-style"]
+    assert reg.search("3fa9c1b2e4d5a6b7", k=1, channel="text")[0].name == "3fa9c1b2e4d5a6b7"

@@ -42,6 +42,10 @@ def add_rows(reg: Registry, vectors: np.ndarray, texts: list[str], base_models: 
         "text_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), TEXT_DIM),
         "added_at": pa.array([datetime.now(timezone.utc)] * n, type=schema.field("added_at").type),
     }
+    if np.isnan(vectors).all(axis=1).any():  # a row with no text vector (its text names nothing)
+        valid = pa.array(~np.isnan(vectors).all(axis=1))
+        columns["text_vector"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.nan_to_num(vectors).reshape(-1)), TEXT_DIM, mask=pa.compute.invert(valid))
     if weights is not None:
         columns["weight_vector"] = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), TEXT_DIM)
         versions = [encoder_version if b == base_models[0] else f"{encoder_version}-{b}" for b in base_models]
@@ -235,6 +239,27 @@ def test_weight_channel_searches_only_the_active_encoder_version(tmp_path):
     with pytest.raises(search.NoWeightEncoder):
         pinned.search("w3", channel="weights", encoder=FixedEncoder(vectors[3]))
     assert pinned.search("w3", k=1, encoder=FixedEncoder(vectors[3]))[0].lora_id == "lora-00000003"
+
+
+def test_loras_known_only_by_a_hash_are_found_by_their_weights_not_by_text_noise(tmp_path):
+    """The no-metadata setting: rows whose text names nothing have no text vector, so the text
+    channel does not rank them (full text still finds one by its hash) and hybrid ranks them as the
+    weight channel does; rows with text beside them are ranked as before."""
+    reg = Registry.open(tmp_path / "registry")
+    weights, texts = unit(30, 7), unit(30, 8)
+    hashed = [f"{i:02d}3fa9c1b2e4d5a6" for i in range(20)]
+    texts[:20] = np.nan
+    add_rows(reg, texts, hashed + [f"w{i}" for i in range(20, 30)], weights=weights, encoder_version="v1")
+    reg.maintain()
+    query = FixedEncoder(weights[4])
+    by_weights = [h.lora_id for h in reg.search("a jade pyramid", k=30, channel="weights", encoder=query)]
+    hybrid = [h.lora_id for h in reg.search("a jade pyramid", k=30, channel="hybrid", encoder=query) if h.score > 0]
+    text = [h.lora_id for h in reg.search("a jade pyramid", k=30, channel="text", encoder=query)]
+    assert hybrid[0] == by_weights[0] == "lora-00000004"
+    hashed_hits = [i for i in hybrid if i < "lora-00000020"]  # those above the weight list's average
+    assert len(hashed_hits) > 3 and hashed_hits == [i for i in by_weights if i < "lora-00000020"][:len(hashed_hits)]
+    assert text and all(i >= "lora-00000020" for i in text)
+    assert [h.lora_id for h in reg.search(hashed[7], k=1, channel="text", encoder=query)] == ["lora-00000007"]
 
 
 def test_an_empty_prompt_or_an_unknown_base_model_is_an_argument_error(tmp_path):
