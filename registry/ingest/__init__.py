@@ -163,7 +163,7 @@ def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
     }
 
 
-def _early(meta: LoraMetadata) -> list[float]:  # its own function: tests watch that it runs
+def _early(meta: LoraMetadata) -> list[float] | None:  # its own function: tests watch that it runs
     """The text vector of a new LoRA, made while its blob copy still runs."""
     return embed_documents([meta.search_text()])[0]
 
