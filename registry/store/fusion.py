@@ -17,6 +17,8 @@ OpenSearch's ``z_score`` hybrid normalisation), a list adds only its positive pa
 the rows it places above its own average. The fused score is the sum divided by the sum of each
 list's best z, so 1.0 means "first in every list" (where no list prefers any row, e.g. a single
 row, every row ties first), and it does not depend on ``k`` (each list is fetched to a fixed depth).
+Rows with equal scores (those below every list's average score 0) are ordered by their whole z sum,
+negative parts included, so a single list's rows keep its order all the way down.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class ZScoreReranker(Reranker):
         if not lists:
             return vector_results[0].drop_columns([c for c in _SCORES if c in vector_results[0].column_names])
         ids, first = np.unique(np.concatenate([t["_rowid"].to_numpy() for t in lists]), return_index=True)
-        total, best = np.zeros(len(ids)), 0.0
+        total, whole, best = np.zeros(len(ids)), np.zeros(len(ids)), 0.0
         for table in lists:
             raw, full_text = _raw(table)
             fill = 0.0 if full_text and len(table) < self.depth else raw.min()
@@ -63,11 +65,13 @@ class ZScoreReranker(Reranker):
             spread = x.std()
             if spread <= 1e-12 * max(1.0, abs(x.mean())):
                 continue  # every row scored alike: no evidence either way
-            z = np.maximum((x - x.mean()) / spread, 0.0)
+            z = (x - x.mean()) / spread
+            whole += z
+            z = np.maximum(z, 0.0)
             total += z
             best += z.max()
         rows = pa.concat_tables([t.drop_columns([c for c in _SCORES if c in t.column_names]) for t in lists],
                                 promote_options="default").take(pa.array(first))
         scores = total / best if best > 0 else np.ones(len(ids))  # no list prefers a row: all tie first
-        order = np.argsort(-scores, kind="stable")
+        order = np.lexsort((-whole, -scores))  # by score, ties by the whole z sum
         return rows.take(pa.array(order)).append_column("_relevance_score", pa.array(scores[order], pa.float32()))

@@ -97,8 +97,11 @@ def test_retrieval_evaluation_contract(trained, evaluated, micro_world):
     assert report["queries"] > report["pool"]
     assert -1 <= report["cross_theme_cos"] <= 1 and -1 <= report["within_theme_cos"] <= 1
     assert (tmp_path / "retrieval.md").is_file() and (tmp_path / "heatmap-weights.png").is_file()
-    # the stripped copy has no text at all: its text channel can only be as good as chance
+    # the stripped copy has no text at all: hashed names get no text vector and match no query word,
+    # so its text channel finds nothing and its hybrid search is its weight channel
     assert report["stripped"]["weights"] == report["weights"]
+    assert report["stripped"]["hybrid"] == report["stripped"]["weights"]
+    assert all(v == 0 for v in report["stripped"]["text"].values())
     # the authors' design row is theirs: learned probes, whatever our encoder was given
     from registry import Registry
 

@@ -75,3 +75,15 @@ def test_a_single_row_and_empty_lists() -> None:
     assert single["_rowid"].to_pylist() == [4] and single["_relevance_score"][0].as_py() == 1.0
     empty = ZScoreReranker(DEPTH).rerank_multivector([vector_list([], []), text_list([], [])])
     assert len(empty) == 0
+
+
+def test_a_single_list_keeps_its_order_below_its_average_too() -> None:
+    """Rows below a list's average all score 0; they are ordered by how far below it they are (they
+    tied, in row id order, before): hybrid over LoRAs with no text is the weight channel's ranking."""
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(DEPTH).tolist()
+    ranked = vector_list(ids, np.sort(rng.uniform(0.2, 0.9, DEPTH)))
+    fused = ZScoreReranker(DEPTH).rerank_multivector([ranked])
+    assert fused["_rowid"].to_pylist() == ids
+    scores = fused["_relevance_score"].to_numpy()
+    assert scores[0] == pytest.approx(1.0) and (scores == 0).sum() > DEPTH // 3
