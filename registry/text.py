@@ -36,7 +36,7 @@ def names_something(line: str) -> bool:
 
 def document_texts(document: str) -> list[str]:
     """The distinct non-empty lines of ``document`` that name something, at most :data:`MAX_TEXTS`:
-    lines beyond go, joined, into the last one. None for a LoRA known only by its file's hash."""
+    lines beyond go, joined, into the last one; none for a LoRA known only by its file's hash."""
     lines = list(dict.fromkeys(line.strip() for line in document.splitlines() if names_something(line)))
     if len(lines) > MAX_TEXTS:
         lines[MAX_TEXTS - 1:] = [" ".join(lines[MAX_TEXTS - 1:])]
