@@ -42,10 +42,10 @@ def add_rows(reg: Registry, vectors: np.ndarray, texts: list[str], base_models: 
         "text_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), TEXT_DIM),
         "added_at": pa.array([datetime.now(timezone.utc)] * n, type=schema.field("added_at").type),
     }
-    if np.isnan(vectors).all(axis=1).any():  # a row with no text vector (its text names nothing)
-        valid = pa.array(~np.isnan(vectors).all(axis=1))
+    missing = np.isnan(vectors).all(axis=1)  # rows with no text vector (their text names nothing)
+    if missing.any():
         columns["text_vector"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(np.nan_to_num(vectors).reshape(-1)), TEXT_DIM, mask=pa.compute.invert(valid))
+            pa.array(np.nan_to_num(vectors).reshape(-1)), TEXT_DIM, mask=pa.array(missing))
     if weights is not None:
         columns["weight_vector"] = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), TEXT_DIM)
         versions = [encoder_version if b == base_models[0] else f"{encoder_version}-{b}" for b in base_models]
