@@ -17,8 +17,8 @@ import os
 from collections.abc import Iterable, Mapping
 
 import torch
-from safetensors.torch import save_file
 
+from models.safetensors_bytes import save_file
 from registry.lora.formats import (
     bfl_control,
     bfl_peft,
@@ -109,7 +109,8 @@ def save_lora(
     metadata: dict[str, str] | None = None,
     alpha: float | None = None,
 ) -> None:
-    """Write canonical layers to a ``.safetensors`` file in format ``fmt`` (see ``to_format``)."""
+    """Write canonical layers to a ``.safetensors`` file in format ``fmt`` (see ``to_format``): the
+    same layers and metadata give the same bytes in every process."""
     state = to_format(lora_layers, fmt, alpha=alpha)
     seen: set[int] = set()
     for key, tensor in state.items():  # safetensors refuses tensors that share storage

@@ -159,3 +159,31 @@ def test_unknown_modules_fall_back_to_diffusers_or_are_rejected(monkeypatch, par
     monkeypatch.setattr(conversion, "_via_diffusers", lambda t: stand_in)  # diffusers knows it
     shapes = canonicalise(state, {}).shapes()
     assert len(shapes) == len(partial) + 1 and shapes["transformer_blocks.5.attn.to_q"] == (3072, 3072)
+
+
+def test_a_written_file_has_the_same_bytes_in_every_process(tmp_path):
+    """safetensors orders a header's metadata at random per process; save_lora's files (the demo
+    world's LoRAs) must not change sha256 when they are written again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from registry.lora.formats import save_lora
+gen = torch.Generator().manual_seed(0)
+layers = {{f"transformer_blocks.0.attn.to_{{p}}": (torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen))
+          for p in "qkv"}}
+meta = {{"ss_network_dim": "2", "ss_network_alpha": "2", "ss_output_name": "x", "ss_base_model_version": "flux1",
+        "modelspec.architecture": "flux-1-dev/lora", "modelspec.title": "x"}}
+save_lora(sys.argv[1], layers, "kohya", metadata=meta)
+""".format(root=str(Path(__file__).resolve().parents[3]))
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    from registry.lora.safe_read import read_safetensors
+
+    lora = canonicalise(*read_safetensors(paths[0]))
+    assert sorted(lora.factors) == [f"transformer_blocks.0.attn.to_{p}" for p in "kqv"]
