@@ -215,7 +215,8 @@ def train_pool_encoder(reg: Registry, base_model: str, where: str | None = None,
                                     progress=progress, layers=layers, probes=probes)
     ids = [row["lora_id"] for row in rows]
     info = {"version": version_of(ids, base_model, recipe), "base_model": base_model, "pool": ids,
-            "pool_size": len(ids), "trained_on": len(items), "where": where or "", "recipe": recipe.__dict__, "text_encoder": spec,
+            "pool_size": len(ids), "trained_on": len(items), "where": where or "", "recipe": recipe.__dict__,
+            "text_encoder": spec,
             "loss_first": losses[0], "loss_last": losses[-1], "losses": [round(x, 4) for x in losses],
             "seconds": round(time.perf_counter() - start, 2)}
     return encoder, info
