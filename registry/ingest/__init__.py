@@ -70,6 +70,7 @@ class _Batch:
         self.files: dict[str, dict] = {}  # file records by resolved path
         self.rejections: dict[str, dict] = {}
         self.refresh: set[str] = set()  # LoRAs whose metadata is rebuilt from their sidecars
+        self.written: set[str] = set()  # the tables flushes wrote rows to (their indexes are looked at after)
         self._embedder: WeightEmbedder | None = None
 
     @property
@@ -102,6 +103,8 @@ class _Batch:
 
     def flush(self) -> None:
         reg = self.reg
+        self.written |= {name for name, rows in (("loras", self.loras or self.refresh), ("files", self.files),
+                                                 ("rejections", self.rejections)) if rows}
         for lora_id in sorted(self.refresh & set(self.loras)):  # a new LoRA met again in this batch
             self._merge_copies(self.loras[lora_id])
         if self.loras:
@@ -221,7 +224,7 @@ def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLi
             if len(batch) >= batch_size:
                 _flush(batch, done + 1, len(candidates))
     _flush(batch, len(candidates), len(candidates))
-    ensure_indexes(reg)  # only those missing: refreshing them is maintenance's job
+    ensure_indexes(reg, tables=batch.written)  # only those missing: refreshing them is maintenance's job
     return report
 
 

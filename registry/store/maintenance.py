@@ -10,6 +10,7 @@ later run picks it up. Nothing is ever half-written.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from lancedb.index import FTS, BTree, HnswSq
@@ -54,12 +55,17 @@ def _existing(table) -> set[str]:
     return {column for index in table.list_indices() for column in index.columns}
 
 
-def ensure_indexes(store: Store, *, vector: bool = False, yielded: list[str] | None = None) -> list[str]:
-    """Create the missing scalar and full-text indexes (and, with ``vector``, the vector index
-    once the LoRA table is large enough); returns ``table.column`` of each one created. One that
-    a concurrent process is creating at the same moment is left to it (noted in ``yielded``)."""
+def ensure_indexes(store: Store, *, tables: Collection[str] | None = None, vector: bool = False,
+                   yielded: list[str] | None = None) -> list[str]:
+    """Create the missing scalar and full-text indexes of ``tables`` (names; None: every table)
+    and, with ``vector``, the vector index once the LoRA table is large enough; returns
+    ``table.column`` of each one created. One that a concurrent process is creating at the same
+    moment is left to it (noted in ``yielded``). An ingest names the tables it wrote to: one it
+    did not grow has nothing new to index (each look costs a LanceDB call)."""
     created = []
     for name, table in store._tables().items():
+        if tables is not None and name not in tables:
+            continue
         rows = table.count_rows()
         if rows == 0 or (rows < SCALAR_INDEX_MIN_ROWS and name != "loras"):
             continue  # nothing to make yet (the LoRA table's FTS index is made at once)
