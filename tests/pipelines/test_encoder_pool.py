@@ -39,7 +39,7 @@ def test_texts_leave_out_hashes_default_names_and_empty_parts():
     assert lora_texts(named) == ["jade pyramid a green stone shape", "a jade pyramid on sand"]
 
 
-def test_a_lora_known_only_by_its_hash_stays_in_the_pool_but_is_not_trained_on(micro_world, tmp_path):
+def test_a_lora_known_only_by_its_hash_stays_in_the_pool_but_is_not_trained_on(micro_world, tmp_path, capsys):
     """Its hash as a 'text' taught the encoder to map weights to noise; it is no training pair."""
     import shutil
 
@@ -62,6 +62,11 @@ def test_a_lora_known_only_by_its_hash_stays_in_the_pool_but_is_not_trained_on(m
     assert (info["pool_size"], info["trained_on"]) == (3, 2)
     (lora_id,) = [r["lora_id"] for r in reg.rows(reg.loras, "name = '0f3a9c2b7d5e4a61'", 1)]
     assert lora_id in info["pool"]
+    from pipelines import cli
+
+    assert cli.main(["train", "encoder", "--registry", str(reg.root), "--steps", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "trained on 2 LoRAs of" in said and "(1 more in the pool have no name, card, prompt or caption" in said
 
     only_one = Registry.open(tmp_path / "reg2")
     only_one.register_base(base)
