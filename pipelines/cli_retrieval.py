@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipelines.cli import DEFAULT_REGISTRY, UsageError, _expanded, _open_registry, _print_json, _report_folder, _table
 
@@ -48,7 +49,14 @@ def _only_base(registry) -> str:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    report = _open_registry(args.registry, create=False).refresh_embeddings()
+    registry = _open_registry(args.registry, create=False)
+    if args.text:
+        text = registry.refresh_text_vectors(progress=not args.json and sys.stderr.isatty())
+        _print_json(text.to_dict()) if args.json else print(
+            f"text vectors of {text.rows} LoRAs made again: {text.changed} changed, "
+            f"{text.without_vector} without one (their texts name nothing)")
+        return 0
+    report = registry.refresh_embeddings()
     _print_json(report.to_dict()) if args.json else print(f"embedded {report.embedded}; failed {len(report.failed)}")
     return 0
 
@@ -100,8 +108,12 @@ def add_commands(sub, train, evaluate) -> None:
     encoder.add_argument("--json", action="store_true")
     encoder.set_defaults(func=cmd_train_encoder)
 
-    embed = sub.add_parser("embed", help="embed the LoRAs that lack the active encoder's weight vector")
+    embed = sub.add_parser("embed", help="embed the LoRAs that lack the active encoder's weight vector "
+                                         "(--text: make every LoRA's text vector again)")
     embed.add_argument("--registry", default=DEFAULT_REGISTRY, type=_expanded)
+    embed.add_argument("--text", action="store_true",
+                       help="make every LoRA's text vector again from its search text with the current text "
+                            "recipe (rows written by older versions keep theirs otherwise)")
     embed.add_argument("--json", action="store_true")
     embed.set_defaults(func=cmd_embed)
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from registry.embed import EmbedReport
     from registry.ingest import IngestReport
     from registry.lora.base_models import BaseModel
+    from registry.text_vectors import TextVectorReport
 
 
 class Registry(Store):
@@ -123,6 +124,13 @@ class Registry(Store):
         from registry.embed import refresh_embeddings
 
         return refresh_embeddings(self, self.bases())
+
+    def refresh_text_vectors(self, progress: bool = False) -> TextVectorReport:
+        """Make every LoRA's text vector again from its search text with the current text recipe
+        (rows written by older versions keep theirs otherwise); one commit for those that changed."""
+        from registry.text_vectors import refresh_text_vectors
+
+        return refresh_text_vectors(self, progress)
 
     def maintain(self, collect_blobs: bool = False) -> MaintenanceReport:
         """Refresh every index and compact the tables (the CLI runs it after each ingest);
