@@ -76,7 +76,6 @@ def lora_weight_encoder(context: dg.AssetExecutionContext, config: EncoderTraini
                      f"(where {where!r}, {recipe})")
     return dg.MaterializeResult(metadata={
         "version": info["version"], "pool_size": info["pool_size"], "trained": info["trained"],
-        "trained_on": info.get("trained_on", info["pool_size"]),  # LoRAs with a text to learn from
         "where": where, "recipe": dg.MetadataValue.json(recipe.__dict__),
         "seconds": info.get("seconds", 0.0), "loss_first": info.get("loss_first", 0.0),
         "loss_last": info.get("loss_last", 0.0),

@@ -31,10 +31,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         _print_json(info)
     else:
         verb = "trained" if info["trained"] else "already trained (pool unchanged)"
-        trained_on = info.get("trained_on", info["pool_size"])  # encoders trained before it was recorded: all
-        left_out = info["pool_size"] - trained_on
-        why = f" ({left_out} more in the pool have no name, card, prompt or caption to learn from)" if left_out else ""
-        print(f"encoder {info['version']} {verb} on {trained_on} LoRAs of {base}{why}; "
+        print(f"encoder {info['version']} {verb} on {info['pool_size']} LoRAs of {base}; "
               f"embedded {info['embedding']['embedded']}")
     return 0
 

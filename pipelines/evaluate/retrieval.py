@@ -236,9 +236,8 @@ def _baselines(reg: Registry, root: Path, active, pool, rows, queries, attrs_of,
     train_ids = active.info.get("pool", [])
     train_rows = reg.rows(reg.loras, where_in("lora_id", train_ids), len(train_ids),
                           ["lora_id", "blob", "name", "description", "tags", "render_prompts", "captions"])
-    described = [(r, texts) for r in train_rows if (texts := lora_texts(r))]  # as the encoder trains
-    train = [load_canonical(reg.root / r["blob"], reg.bases())[0].factors for r, _ in described]
-    emb = baselines.weight_stats_embeddings(train, [texts for _, texts in described], held, shapes)
+    train = [load_canonical(reg.root / r["blob"], reg.bases())[0].factors for r in train_rows]
+    emb = baselines.weight_stats_embeddings(train, [lora_texts(r) or [r["lora_id"]] for r in train_rows], held, shapes)
     out["weight_stats"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)
     emb, _ = baselines.render_read_embeddings(root, held, progress=progress)
     out["render_read"] = metrics(rank_by_cosine(pool, emb, q), queries, attrs_of)

@@ -37,7 +37,7 @@ def test_the_defaults_are_the_active_encoders_pool_and_recipe(micro_world, tmp_p
     pool = f"source_path LIKE {quote(os.path.realpath(micro_world / 'loras') + os.sep + '%')}"
     recipe = {"steps": 20, "batch_size": 8, "seed": 1}
     first = _materialize(registry, base_model=base, where=pool, **recipe)
-    assert first["trained"] and first["pool_size"] < len(reg) and first["trained_on"] == first["pool_size"]
+    assert first["trained"] and first["pool_size"] < len(reg)
 
     again = _materialize(registry, base_model=base)  # the launchpad's defaults: the same pool and recipe
     assert (again["version"], again["trained"], _active(registry)) == (first["version"], False, first["version"])
