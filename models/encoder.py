@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.encoder_tokens import LayerSpec, LayerTokenizer, LoRA, module_type
+from models.safetensors_bytes import save_file
 
 __all__ = ["EncoderConfig", "LayerSpec", "LoRAWeightEncoder", "module_type"]
 

@@ -6,8 +6,9 @@ bytes, so another sha256, on every run (measured with safetensors 0.8.0: four ke
 processes, three orders). A re-built demo world then looked like new files to the registry and
 to the gate cache, whose version hashes its LoRA files. Here the library writes the file and the
 header is then re-serialised with the metadata keys sorted; the tensor entries and the data are
-the library's, untouched. Written by hand (a header rewrite of a few lines): no safetensors option
-orders the metadata.
+the library's, untouched. Every safetensors file the project writes with metadata goes through it
+(LoRAs by ``save_lora``, encoder and gate checkpoints). Written by hand (a header rewrite of a few
+lines): no safetensors option orders the metadata.
 """
 
 from __future__ import annotations

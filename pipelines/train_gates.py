@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 from safetensors import safe_open
-from safetensors.torch import save
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.fusion import GatedFusion
+from models.safetensors_bytes import to_bytes
 from pipelines.fusion_methods.base import Lora
 from pipelines.fusion_methods.gated import GateSet, fusion_layers
 from pipelines.world.train_base import (
@@ -114,7 +114,7 @@ def save_gates(path: str | Path, gates: GateSet) -> Path:
             "meta": json.dumps(gates.meta)}
     # written whole through a unique temp file with a plain file's mode (0o666 less the umask), as
     # every other checkpoint: safetensors' save_file would leave it 0600
-    write_atomically(path, save({k: v.contiguous() for k, v in gates.state.items()}, metadata=meta))
+    write_atomically(path, to_bytes({k: v.contiguous() for k, v in gates.state.items()}, metadata=meta))
     return path
 
 
