@@ -359,15 +359,17 @@ class _FileIngest:
 
     def _while_copying(self, info: InspectedLoRA, sidecars: LoraMetadata, copy: Future,
                        pool: ThreadPoolExecutor) -> _Early:
-        """While the copy runs: look its ``lora_id`` up and, for a new one, make its weight
-        embedding (the hash thread takes a share once the copy is done) and (if the copy still
-        runs) its text vector, else batched at flush. Wasted only when the bytes turn out to be a
-        duplicate of a file of this batch."""
+        """While the copy runs: make its text vector (if the copy still runs; else batched at
+        flush), look its ``lora_id`` up and, for a new one, make its weight embedding (the hash
+        thread takes a share once the copy is done). Wasted only when the bytes turn out to be a
+        duplicate of a file of this batch or of a stored LoRA."""
+        # the text first: its lookup and the weight embedding can still run after the copy, the
+        # text vector would then be made at flush, alone (XLabs: 6 ms more, 0.2 of the ratio)
+        text = _early(_header_first(info, sidecars)) if not copy.done() else None
         stored = self.batch.stored_lora(lora_id_for(info.fingerprint))
         if stored is not None:
             return _Early(done=True, stored=stored)
         weights = self.batch.embedder.embed(info.base_model, info.lora.factors, helper=pool)
-        text = _early(_header_first(info, sidecars)) if not copy.done() else None
         return _Early(done=True, text_vector=text, weights=weights)
 
     def _inspect(self, bases: list, sidecars: LoraMetadata) -> InspectedLoRA | RejectedFile:

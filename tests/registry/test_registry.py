@@ -174,6 +174,42 @@ def test_rows_made_while_the_blob_copy_runs_match_the_batched_ones(ingested, tmp
     assert early.search("campfire embers", k=1, channel="text")[0].name == "Ember Glow"
 
 
+
+def test_the_text_vector_is_made_before_the_lookup_that_could_outlast_the_copy(ingested, tmp_path, monkeypatch):
+    """The copy still runs when inspection ends, but the look-up of the new LoRA's id lasts
+    until the copy is done: its text vector must still be made beside the copy, not alone at
+    flush (where it adds its whole time to the add: 6 of an XLabs add's ~60 ms)."""
+    import threading
+    import time
+
+    import registry.ingest as ingest
+    from registry.store.blobstore import BlobStore
+
+    _, files, _ = ingested
+    inspected, copied = threading.Event(), threading.Event()
+    stage, stored_lora, made_early = BlobStore.stage, ingest._Batch.stored_lora, []
+
+    def stage_after_inspection(self, source):
+        inspected.wait(timeout=30)
+        try:
+            return stage(self, source)
+        finally:
+            copied.set()
+
+    def lookup_after_the_copy(self, lora_id):
+        inspected.set()
+        copied.wait(timeout=30)
+        time.sleep(0.2)  # the copy's future is done a moment after its function returns
+        return stored_lora(self, lora_id)
+
+    monkeypatch.setattr(BlobStore, "stage", stage_after_inspection)
+    monkeypatch.setattr(ingest._Batch, "stored_lora", lookup_after_the_copy)
+    monkeypatch.setattr(ingest, "_early", lambda *a, f=ingest._early: made_early.append(1) or f(*a))
+    reg = Registry.open(tmp_path / "text-first")
+    assert len(reg.add([files["ember"]]).added) == 1
+    assert made_early == [1]
+    assert reg.search("campfire embers", k=1, channel="text")[0].name == "Ember Glow"
+
 def _bad_files(folder: Path, sentinel: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     good = _lora(9)
