@@ -30,14 +30,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from registry.hashing import sha256_file
-from registry.embed import WeightEmbedder
+from registry.ingest.batch import Batch
 # the walk and the report live beside this module; both are part of its public names
 from registry.ingest.candidates import CANDIDATE_SUFFIXES, Candidate, collect_candidates  # noqa: F401
 from registry.ingest.read_lease import BeingWritten, read_lease
 from registry.ingest.report import IngestReport
 from registry.ingest.storage_failure import RegistryWriteFailed, storage_problem, write_failed
 from registry.ingest.rows import (  # noqa: F401  (prune_and_refresh: the client's)
-    prune_and_refresh, rebuild_row, refreshed_rows, source_fields, store_renders,
+    prune_and_refresh, source_fields, store_renders,
 )
 from registry.lora.errors import RejectedFile
 from registry.lora.inspect import InspectedLoRA, inspect_file
@@ -58,92 +58,6 @@ def lora_id_for(fingerprint: str) -> str:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class _Batch:
-    """Rows waiting to be written together (every write is a table version: batch them)."""
-
-    def __init__(self, reg: Store, report: IngestReport) -> None:
-        self.reg, self.report = reg, report
-        self.warnings = report.warnings  # broken sidecars met while rows are rebuilt
-        self.loras: dict[str, dict] = {}  # new LoRA rows
-        self.files: dict[str, dict] = {}  # file records by resolved path
-        self.rejections: dict[str, dict] = {}
-        self.refresh: set[str] = set()  # LoRAs whose metadata is rebuilt from their sidecars
-        self.written: set[str] = set()  # the tables flushes wrote rows to (their indexes are looked at after)
-        self._embedder: WeightEmbedder | None = None
-
-    @property
-    def embedder(self) -> WeightEmbedder:
-        """The registry's active LoRA-weight encoders (read once per ingest)."""
-        if self._embedder is None:
-            self._embedder = WeightEmbedder(self.reg)
-        return self._embedder
-
-    def __len__(self) -> int:
-        return len(self.loras) + len(self.files) + len(self.rejections)
-
-    def stored_lora(self, lora_id: str) -> dict | None:
-        """The row of ``lora_id`` (this batch's or stored), or ``None``. Counted first: a count
-        is one LanceDB call (~0.9 ms), a row query ~4 ms, and most LoRAs looked up are new."""
-        if lora_id in self.loras:
-            return self.loras[lora_id]
-        where = where_in("lora_id", [lora_id])
-        rows = self.reg.rows(self.reg.loras, where, 1) if self.reg.loras.count_rows(where) else []
-        return rows[0] if rows else None
-
-    def file_with_sha(self, sha: str, stored: bool = True) -> dict | None:
-        """A file record holding these bytes (``stored=False``: only this batch's are looked at,
-        when no stored file has the same size)."""
-        hit = next((f for f in self.files.values() if f["sha256"] == sha), None)
-        if hit is None and stored:
-            rows = self.reg.rows(self.reg.files, where_in("sha256", [sha]), 1)
-            hit = rows[0] if rows else None
-        return hit
-
-    def flush(self) -> None:
-        reg = self.reg
-        self.written |= {name for name, rows in (("loras", self.loras or self.refresh), ("files", self.files),
-                                                 ("rejections", self.rejections)) if rows}
-        for lora_id in sorted(self.refresh & set(self.loras)):  # a new LoRA met again in this batch
-            self._merge_copies(self.loras[lora_id])
-        if self.loras:
-            rows = list(self.loras.values())
-            missing = [row for row in rows if row.get("text_vector") is None]
-            for row, vector in zip(missing, embed_documents([r["search_text"] for r in missing])):
-                row["text_vector"] = vector
-            if reg.upsert(reg.loras, rows, "lora_id", update=False) < len(rows):
-                self._settle_races(rows)
-        reg.upsert(reg.files, list(self.files.values()), "path", update=True)
-        refreshed = refreshed_rows(reg, self.refresh - set(self.loras), self.warnings)
-        reg.upsert(reg.loras, refreshed, "lora_id", update=True)  # one version for all of them
-        # a path's earlier rejection goes once it holds a LoRA or is rejected anew (other bytes)
-        reg.forget_rejections(list(self.files) + [r["path"] for r in self.rejections.values()])
-        reg.upsert(reg.rejections, list(self.rejections.values()), "rejection_id", update=True)
-        self.loras.clear(), self.files.clear(), self.rejections.clear(), self.refresh.clear()
-
-    def _settle_races(self, rows: list[dict]) -> None:
-        """A concurrent ingest stored some of these LoRAs between our look-up and our write (the
-        upsert kept its rows): those files are reported as duplicates of its rows, not as added.
-        Told by ``added_at``, which no two writers share."""
-        ours = {row["lora_id"]: row for row in rows}
-        stored = self.reg.rows(self.reg.loras, where_in("lora_id", list(ours)), len(ours),
-                               columns=["lora_id", "sha256", "added_at"])
-        theirs = {s["lora_id"]: s for s in stored if s["added_at"] != ours[s["lora_id"]]["added_at"]}
-        if not theirs:
-            return
-        for entry in [e for e in self.report.added if e["lora_id"] in theirs]:
-            same = theirs[entry["lora_id"]]["sha256"] == ours[entry["lora_id"]]["sha256"]
-            self.report.added.remove(entry)
-            self.report.duplicates.append({**entry, "kind": "sha256" if same else "fingerprint"})
-
-    def _merge_copies(self, row: dict) -> None:
-        """Rebuild a new row of this batch from the sidecars of every copy of it met so far, as a
-        later run would (:func:`_refreshed_rows`): which copy came first does not matter."""
-        paths = {f["path"] for f in self.files.values() if f["lora_id"] == row["lora_id"]}
-        paths |= {f["path"] for f in self.reg.paths_of(row["lora_id"])}  # none, unless a run was killed
-        rebuild_row(self.reg, row, [p for p in paths if os.path.exists(p)], self.warnings)
-        row["text_vector"] = None  # made at flush, from the merged document
 
 
 def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
@@ -204,7 +118,7 @@ def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLi
     reg.check_writable()  # a registry it cannot write to is said once, not blamed on every file
     candidates = [c for c in collect_candidates(paths, report) if _utf8_name(c.path, report)]
     known = _prefetch(reg, candidates)
-    batch = _Batch(reg, report)
+    batch = Batch(reg, report)
     bases = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolora-hash") as pool:
         for done, candidate in enumerate(tqdm(candidates, desc="ingest", unit="file", disable=not progress)):
@@ -228,7 +142,7 @@ def ingest_paths(reg: Store, paths: str | os.PathLike | Iterable[str | os.PathLi
     return report
 
 
-def _stop_if_storage_failed(batch: _Batch, error: BaseException, done: int, total: int) -> None:
+def _stop_if_storage_failed(batch: Batch, error: BaseException, done: int, total: int) -> None:
     """Raise :class:`RegistryWriteFailed` when ``error`` is the registry's storage failing (full,
     read-only): each file after it would fail the same way, so it must not be blamed on them. The
     ``done`` files before it are recorded but for those of the batch not yet written."""
@@ -238,7 +152,7 @@ def _stop_if_storage_failed(batch: _Batch, error: BaseException, done: int, tota
         raise write_failed(batch.reg, why, recorded, total) from error
 
 
-def _flush(batch: _Batch, done: int, total: int) -> None:
+def _flush(batch: Batch, done: int, total: int) -> None:
     try:
         batch.flush()
     except Exception as error:
@@ -260,7 +174,7 @@ class _Early:
 class _FileIngest:
     """One candidate file through the stat cache, hashing, inspection and the batch."""
 
-    def __init__(self, reg: Store, batch: _Batch, report: IngestReport, candidate: Candidate,
+    def __init__(self, reg: Store, batch: Batch, report: IngestReport, candidate: Candidate,
                  record: dict | None) -> None:
         self.reg, self.batch, self.report = reg, batch, report
         self.path, self.shown = candidate.path, str(candidate.path)

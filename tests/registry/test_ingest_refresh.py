@@ -12,6 +12,7 @@ from flux_fixtures import flux_lora, partial_names
 
 import registry.ingest as ingest
 from registry import Registry
+from registry.embed import WeightEmbedder
 from registry.lora.formats import save_lora
 
 
@@ -188,7 +189,7 @@ def test_a_failure_while_the_blob_is_copied_leaves_no_staged_file(folder, tmp_pa
     def broken(*args, **kwargs):
         raise RuntimeError("encoder file unreadable")
 
-    monkeypatch.setattr(ingest.WeightEmbedder, "embed", broken)
+    monkeypatch.setattr(WeightEmbedder, "embed", broken)
     reg = Registry.open(tmp_path / "registry")
     report = reg.add([folder])  # each file's failure is its recorded rejection; the run ends
     assert report.rejected and all(r["code"] == "internal_error" and "encoder file unreadable" in r["reason"]

@@ -142,7 +142,7 @@ def test_a_lora_a_concurrent_ingest_stored_first_is_reported_as_its_duplicate(tm
         path.parent.mkdir()
         save_lora(path, layers, fmt)
     reg, other = Registry.open(tmp_path / "registry"), Registry.open(tmp_path / "registry")
-    flush, raced = ingest._Batch.flush, []
+    flush, raced = ingest.Batch.flush, []
 
     def the_other_writes_first(batch):  # between our look-up and our write
         if batch.loras and not raced:
@@ -150,7 +150,7 @@ def test_a_lora_a_concurrent_ingest_stored_first_is_reported_as_its_duplicate(tm
             raced[0] = other.add([theirs])
         flush(batch)
 
-    monkeypatch.setattr(ingest._Batch, "flush", the_other_writes_first)
+    monkeypatch.setattr(ingest.Batch, "flush", the_other_writes_first)
     report = reg.add([ours])
     assert [e["path"] for e in raced[0].added] == [str(theirs)]
     lora_id = raced[0].added[0]["lora_id"]

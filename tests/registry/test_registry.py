@@ -187,7 +187,7 @@ def test_the_text_vector_is_made_before_the_lookup_that_could_outlast_the_copy(i
 
     _, files, _ = ingested
     inspected, copied = threading.Event(), threading.Event()
-    stage, stored_lora, made_early = BlobStore.stage, ingest._Batch.stored_lora, []
+    stage, stored_lora, made_early = BlobStore.stage, ingest.Batch.stored_lora, []
 
     def stage_after_inspection(self, source):
         inspected.wait(timeout=30)
@@ -203,7 +203,7 @@ def test_the_text_vector_is_made_before_the_lookup_that_could_outlast_the_copy(i
         return stored_lora(self, lora_id)
 
     monkeypatch.setattr(BlobStore, "stage", stage_after_inspection)
-    monkeypatch.setattr(ingest._Batch, "stored_lora", lookup_after_the_copy)
+    monkeypatch.setattr(ingest.Batch, "stored_lora", lookup_after_the_copy)
     monkeypatch.setattr(ingest, "_early", lambda *a, f=ingest._early: made_early.append(1) or f(*a))
     reg = Registry.open(tmp_path / "text-first")
     assert len(reg.add([files["ember"]]).added) == 1
