@@ -124,11 +124,15 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
     LoRAs of ``base_model`` (default: the only base its LoRAs have), cached in ``out_dir`` (default
     ``<registry>/gates``; a cache hit becomes the newest checkpoint, the one generate picks);
     ``size``: training image size (default: the base's render size); ``device`` / ``dtype``: where
-    and in what precision the base runs (``load_base``; the gates themselves train in float32).
+    and in what precision the base runs (``load_base``; the gates themselves train in float32; gates
+    trained on a base run in another precision are cached apart).
     Bad input is a ValueError (:class:`PoolTooSmall` when too few LoRAs have renders) raised before
     the base is loaded."""
+    from models.torch_device import pick_device, pick_dtype
     from models.torch_threads import one_torch_thread
-    from pipelines.generate import RenderSettings, base_config, check_size, load_base, resolve_base, size_multiple
+    from pipelines.generate import (
+        RenderSettings, base_config, check_size, load_base, resolve_base, size_multiple, stored_dtype,
+    )
 
     source = resolve_base(base)
     base_model = base_model or only_base_with_loras(reg)
@@ -143,7 +147,10 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
             f"gate training needs at least two LoRAs of {base_model!r} with sample renders; {len(pool)} of the "
             f"{matched} matched have them. Render and caption the others with 'autolora caption --registry R "
             f"--model CAPTIONER --base {base_model}=PIPELINE'", skipped)
-    base_id = f"{source}|{base_model}|{size}px"
+    # the precision the base runs in shapes what the gates learn (the device does not): gates trained on a
+    # bfloat16 base are other gates than on a float32 one (float32, the CPU's, keeps the key it always had)
+    precision = pick_dtype(dtype, pick_device(device), stored_dtype(source))
+    base_id = f"{source}|{base_model}|{size}px" + ("" if _name(precision) == "float32" else f"|{_name(precision)}")
     weights = base_weights_id(source, out / WEIGHTS_CACHE)
     if (out / f"gates-{gate_version(base_id, pool, recipe)}.safetensors").is_file():
         training = train_gates(None, pool, out, base_id=base_id, recipe=recipe)  # type: ignore[arg-type]
@@ -152,13 +159,17 @@ def train_registry_gates(reg: Registry, base: str, *, base_model: str | None = N
             save_gates(training.path, training.gates)
         os.utime(training.path)  # asked for again: the newest for this base
         return RegistryGates(training, [p.lora_id for p in pool], skipped)
-    pipe = load_base(source, device=device, dtype=dtype)
+    pipe = load_base(source, device=device, dtype=precision)
     weights = weights or base_weights_id(source, out / WEIGHTS_CACHE)  # a Hub base is here once loaded
     with one_torch_thread():
         training = train_gates(pipe, pool, out, base_id=base_id, recipe=recipe, progress=progress,
-                               meta={"base_weights": weights, "trained_on": f"{pipe.device.type} "
-                                     f"{str(pipe.transformer.dtype).removeprefix('torch.')}"})
+                               meta={"base_weights": weights,
+                                     "trained_on": f"{pipe.device.type} {_name(pipe.transformer.dtype)}"})
     return RegistryGates(training, [p.lora_id for p in pool], skipped)
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _checkpoints(reg: Registry) -> list[tuple[float, str, str, dict]]:
@@ -250,6 +261,6 @@ def gate_bases(reg: Registry) -> list[str]:
 
 def trained_for(meta: dict) -> tuple[str, str]:
     """(the base pipeline as spelled when trained, the base model of its LoRAs) of a gate checkpoint's
-    meta, from its ``base`` (``SOURCE|BASE_MODEL|SIZEpx``); empty strings where missing."""
+    meta, from its ``base`` (``SOURCE|BASE_MODEL|SIZEpx[|PRECISION]``); empty strings where missing."""
     source, base_model, *_ = str(meta.get("base", "")).split("|") + ["", ""]
     return source, base_model

@@ -45,6 +45,13 @@ def test_registry_gates_from_the_cli_then_cached(micro_world, tmp_path, capsys, 
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["cached"] and again["path"] == first["path"]
+    # gates trained on a base run in another precision are other gates; each precision finds its own again
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert not half["cached"] and half["path"] != first["path"]
+    assert load_gates(half["path"]).meta["trained_on"] == "cpu bfloat16"
+    assert main([*argv, "--dtype", "bfloat16"]) == 0 and json.loads(capsys.readouterr().out)["path"] == half["path"]
+    assert main([*argv, "--dtype", "float32"]) == 0 and json.loads(capsys.readouterr().out)["path"] == first["path"]
     monkeypatch.chdir(micro_world.parent)  # the same base spelt another way is the same base
     assert main([*argv[:5], f"./{micro_world.name}/base/../base", *argv[6:]]) == 0
     assert json.loads(capsys.readouterr().out)["path"] == first["path"]
