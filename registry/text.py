@@ -45,21 +45,24 @@ def document_texts(document: str) -> list[str]:
 
 def embed_documents(documents: list[str]) -> list[list[float] | None]:
     """The text vector of each search document: the unit mean of its lines' vectors
-    (:func:`document_texts`), every line of every document embedded in one batch; ``None`` for a
+    (:func:`document_texts`), each distinct line of the documents embedded once, in one batch; ``None`` for a
     document with no line that names something (a LoRA known only by a hashed or default file name,
     with no card or prompt): its text would match queries by noise alone, so it stays out of the
     text vector's list, and hybrid search finds it by its weights (in the demo's no-metadata
     evaluation, ranking such names by their vectors cost hybrid 0.08 of Recall@3 against weights
     alone). Full-text search still finds it by name."""
     texts = [document_texts(d) for d in documents]
-    vectors = _encode([t for lines in texts for t in lines])
-    out, start = [], 0
+    # a line many documents share (a tag, a base model's name) is embedded once: a batch of 64
+    # kohya-tagged LoRAs (33 lines each, 262 distinct of 2,112) took 6.3 s, its distinct lines 0.9 s
+    distinct = list(dict.fromkeys(t for lines in texts for t in lines))
+    row = {text: i for i, text in enumerate(distinct)}
+    vectors = _encode(distinct)
+    out = []
     for lines in texts:
         if not lines:
             out.append(None)
             continue
-        mean = vectors[start:start + len(lines)].mean(axis=0)
-        start += len(lines)
+        mean = vectors[[row[t] for t in lines]].mean(axis=0)
         norm = float(np.linalg.norm(mean))
         out.append((mean / norm if norm > 0 else mean).tolist())
     return out

@@ -25,6 +25,22 @@ def test_a_documents_vector_is_the_unit_mean_of_its_lines():
     assert embed_documents([]) == []
 
 
+
+def test_a_line_shared_by_documents_is_embedded_once(monkeypatch):
+    """Tags and base-model names repeat across a folder's LoRAs: each distinct line is encoded once,
+    and every document's vector is what it is alone."""
+    import registry.text as text
+
+    documents = ["pixel art\nsolo\nknight in armour", "solo\npixel art\nfox in the snow", "solo", "0123abcd4567"]
+    alone = [embed_documents([d])[0] for d in documents]
+    encoded, encode = [], text._encode
+    monkeypatch.setattr(text, "_encode", lambda lines: encoded.append(list(lines)) or encode(lines))
+    together = embed_documents(documents)
+    assert encoded == [["pixel art", "solo", "knight in armour", "fox in the snow"]]
+    assert together[3] is None and alone[3] is None
+    for a, b in zip(together[:3], alone[:3]):
+        assert np.allclose(a, b, atol=1e-6)
+
 def test_words_past_the_encoders_window_still_count():
     """A kohya tag list longer than the encoder's 256 tokens used to hide the captions after it."""
     tags = "\n".join(f"masterpiece, best quality, highres, detailed background number {i}" for i in range(40))
