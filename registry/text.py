@@ -14,12 +14,14 @@ the demo registry (51 held-out queries, ``eval retrieval``): text R@1 0.980 -> 1
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 
 from models.torch_threads import one_torch_thread
 
 MAX_TEXTS = 64  # lines embedded one by one per document; the rest share one last text (cost bound)
+LINES_KEPT = 8192  # line vectors this process keeps (~12 MB): tags shared across a folder's batches
 _ONE_THREAD_BELOW = 64  # a few short texts: OpenMP barriers cost more than they give
 # A line that names nothing: a hash or id (8+ hex digits, at least one a digit, dashes and
 # underscores aside), only digits and punctuation, or a trainer's default output name (diffusers'
@@ -54,18 +56,56 @@ def embed_documents(documents: list[str]) -> list[list[float] | None]:
     texts = [document_texts(d) for d in documents]
     # a line many documents share (a tag, a base model's name) is embedded once: a batch of 64
     # kohya-tagged LoRAs (33 lines each, 262 distinct of 2,112) took 6.3 s, its distinct lines 0.9 s
-    distinct = list(dict.fromkeys(t for lines in texts for t in lines))
-    row = {text: i for i, text in enumerate(distinct)}
-    vectors = _encode(distinct)
+    vectors = _line_vectors(list(dict.fromkeys(t for lines in texts for t in lines)))
     out = []
     for lines in texts:
         if not lines:
             out.append(None)
             continue
-        mean = vectors[[row[t] for t in lines]].mean(axis=0)
+        mean = np.mean([vectors[t] for t in lines], axis=0)
         norm = float(np.linalg.norm(mean))
         out.append((mean / norm if norm > 0 else mean).tolist())
     return out
+
+
+_kept: dict[str, np.ndarray] = {}  # line -> vector, least recently used first
+_kept_for: object = None  # the text encoder that made them
+_kept_lock = threading.Lock()
+
+
+def forget_line_vectors() -> None:
+    """Drop the line vectors this process kept (a benchmark's next add then meets its LoRA's lines
+    for the first time, as a new LoRA's would be)."""
+    with _kept_lock:
+        _kept.clear()
+
+
+def _line_vectors(lines: list[str]) -> dict[str, np.ndarray]:
+    """The vector of each distinct line. The last :data:`LINES_KEPT` lines this process used are
+    kept, so the tags a folder's LoRAs share are embedded once per ingest, not once per batch of
+    rows, nor once per file whose vector is made beside its blob copy. Written by hand: the cache
+    must take and give whole batches, which ``functools.lru_cache`` does not."""
+    global _kept_for
+    if not lines:
+        return {}
+    from models.text_encoder import default_text_encoder
+
+    encoder = default_text_encoder()
+    with _kept_lock:
+        if encoder is not _kept_for:
+            _kept.clear()
+            _kept_for = encoder
+        found = {line: _kept.pop(line) for line in lines if line in _kept}
+        _kept.update(found)  # now the most recently used
+    missing = [line for line in lines if line not in found]
+    for line, vector in zip(missing, _encode(missing) if missing else []):
+        found[line] = vector.copy()  # a row of its own, not a view keeping the whole batch alive
+    with _kept_lock:
+        if encoder is _kept_for:
+            _kept.update((line, found[line]) for line in missing)
+            while len(_kept) > LINES_KEPT:
+                del _kept[next(iter(_kept))]
+    return found
 
 
 def _encode(texts: list[str]) -> np.ndarray:

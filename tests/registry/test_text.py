@@ -35,11 +35,30 @@ def test_a_line_shared_by_documents_is_embedded_once(monkeypatch):
     alone = [embed_documents([d])[0] for d in documents]
     encoded, encode = [], text._encode
     monkeypatch.setattr(text, "_encode", lambda lines: encoded.append(list(lines)) or encode(lines))
+    monkeypatch.setattr(text, "_kept", {})  # none kept from the calls above
     together = embed_documents(documents)
     assert encoded == [["pixel art", "solo", "knight in armour", "fox in the snow"]]
     assert together[3] is None and alone[3] is None
     for a, b in zip(together[:3], alone[:3]):
         assert np.allclose(a, b, atol=1e-6)
+
+
+def test_lines_embedded_lately_are_not_embedded_again(monkeypatch):
+    """A folder's later batches (and each file whose vector is made beside its copy) share tags
+    with the earlier ones: the last LINES_KEPT lines used are kept, the least recently used go."""
+    import registry.text as text
+
+    encoded, encode = [], text._encode
+    monkeypatch.setattr(text, "_encode", lambda lines: encoded.append(list(lines)) or encode(lines))
+    monkeypatch.setattr(text, "_kept", {})
+    monkeypatch.setattr(text, "LINES_KEPT", 3)
+    first = embed_documents(["pixel art\nsolo\nknight"])[0]
+    assert np.allclose(embed_documents(["solo\npixel art\nknight"])[0], first, atol=1e-6)
+    assert encoded == [["pixel art", "solo", "knight"]]
+    embed_documents(["fox\nsolo"])  # solo used again, fox new: pixel art is the least recently used
+    assert encoded[-1] == ["fox"] and list(text._kept) == ["knight", "solo", "fox"]
+    embed_documents(["pixel art\nknight"])
+    assert encoded[-1] == ["pixel art"]
 
 def test_words_past_the_encoders_window_still_count():
     """A kohya tag list longer than the encoder's 256 tokens used to hide the captions after it."""
