@@ -4,7 +4,10 @@ Symmetric InfoNCE (ARCHITECTURE eq. 3) between the encoder's embeddings of a bat
 the frozen text embeddings of one text per LoRA (sampled each step among its render prompts, card
 text, ...). LoRAs sharing a ``group`` (a theme) are not each other's negatives: their off-diagonal
 pairs are masked out of both softmax denominators. Every step augments the LoRAs with
-:func:`models.lora_augment.augment` (exact operations on the factors: no new data needed).
+:func:`models.lora_augment.augment` (exact operations on the factors: no new data needed); with
+``views`` > 1 each LoRA of the batch comes as that many independent augmentations, each view
+paired with the same text and the loss averaged over the views ("repeated augmentation", Hoffer
+et al. 2020): the gradient sees more of what the augmentations leave unchanged per step.
 Deterministic from ``seed``; the global RNG and thread count are restored afterwards.
 """
 
@@ -94,7 +97,7 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
                   progress: bool = False, *, layers: Sequence[LayerSpec] | None = None,
                   num_threads: int = 1, weight_decay: float = 0.01,
                   augment_options: Mapping[str, Any] | None = None,
-                  probes: Mapping[str, Tensor] | None = None,
+                  probes: Mapping[str, Tensor] | None = None, views: int = 1,
                   ) -> tuple[LoRAWeightEncoder, list[float]]:
     """Train a :class:`LoRAWeightEncoder` on ``items`` and return it (eval mode) and the loss of
     every step. ``layers`` defaults to the layers the items adapt (pass the base model's full
@@ -103,6 +106,8 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
         raise ValueError("no training items")
     if any(len(texts) == 0 for _, texts in items):
         raise ValueError("every training item needs at least one text")
+    if views < 1:
+        raise ValueError(f"views must be at least 1, not {views}")
     config = config or EncoderConfig.ours()
     group_ids = _group_ids(groups, len(items))
     loras = [{n: (a.float(), b.float()) for n, (a, b) in lora.items()} for lora, _ in items]
@@ -135,10 +140,11 @@ def train_encoder(items: Sequence[TrainItem], text_encoder: TextEncoder,
                 batch = torch.randperm(len(items), generator=gen)[:size].tolist()
                 picks = [int(starts[i]) + int(torch.randint(int(starts[i + 1] - starts[i]), (),
                                                             generator=gen)) for i in batch]
-                augmented = [augment(loras[i], gen, **options) for i in batch]
-                embeddings, targets = encoder(augmented), encoder.project_text(text_emb[picks])
-                loss = info_nce(embeddings, targets, encoder.temperature_scale(),
-                                None if group_ids is None else group_ids[batch])
+                augmented = [augment(loras[i], gen, **options) for _ in range(views) for i in batch]
+                targets, scale = encoder.project_text(text_emb[picks]), encoder.temperature_scale()
+                batch_groups = None if group_ids is None else group_ids[batch]
+                loss = sum(info_nce(view, targets, scale, batch_groups)
+                           for view in encoder(augmented).split(size)) / views
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)

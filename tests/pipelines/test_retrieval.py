@@ -45,6 +45,7 @@ def trained(micro_world, tmp_path_factory):
 
 
 def test_encoder_is_trained_once_per_pool_and_embeds_new_loras_zero_shot(trained, micro_world):
+    from pipelines.encoder_pool import PROBED_VIEWS
     from registry import Registry
 
     registry, first, again, held = trained
@@ -53,6 +54,7 @@ def test_encoder_is_trained_once_per_pool_and_embeds_new_loras_zero_shot(trained
     assert first["embedding"]["activated"] == first["version"]
     assert not again["trained"] and again["version"] == first["version"]
     assert first["recipe"]["probes_from"] == str(micro_world)
+    assert first["views"] == PROBED_VIEWS > 1  # with the base's probes, each LoRA as several augmentations
     reg = Registry.open(registry, create=False)
     rows = reg.loras.to_arrow().select(["lora_id", "encoder_version", "weight_vector"]).to_pylist()
     assert len(rows) == manifest["train"] + manifest["heldout"]

@@ -150,3 +150,30 @@ def test_paper_config_trains_without_dropping_layers():
     assert len(losses) == 3 and all(np.isfinite(losses))
     with pytest.raises(ValueError, match="require_all_layers"):
         encoder.embed([{k: v for k, v in items[0][0].items() if "to_q" not in k}])
+
+
+def test_views_are_independent_augmentations_of_each_lora_paired_with_its_one_text(monkeypatch):
+    """``views=3``: the encoder sees 3 x batch LoRAs per step; with every augmentation off the 3 views
+    are the same LoRA, so training is 1 view's (the loss is the views' mean); with them on, it is not."""
+    from models.encoder import LoRAWeightEncoder
+
+    directions = theme_directions()
+    gen = torch.Generator().manual_seed(3)
+    items = [(synthetic_lora(directions[g], gen), [theme]) for g, theme in enumerate(THEMES)]
+    config = EncoderConfig.ours(width=32, depth=0, pool="mean", probe_dim=8)
+    seen, forward = [], LoRAWeightEncoder.forward
+    monkeypatch.setattr(LoRAWeightEncoder, "forward", lambda self, loras, *a, **k: (
+        seen.append(len(loras)), forward(self, loras, *a, **k))[1])
+    off = {"p_drop": 0.0, "p_truncate": 0.0, "scale_range": (1.0, 1.0)}
+    run = dict(steps=4, batch_size=4, seed=0, layers=SPECS)
+    _, one = train_encoder(items, default_text_encoder(), config, augment_options=off, **run)
+    assert seen == [4] * 4
+    seen.clear()
+    _, three_same = train_encoder(items, default_text_encoder(), config, augment_options=off, views=3, **run)
+    assert seen == [12] * 4
+    np.testing.assert_allclose(three_same, one, rtol=1e-5)
+    _, three = train_encoder(items, default_text_encoder(), config, views=3, **run)
+    _, one_augmented = train_encoder(items, default_text_encoder(), config, **run)
+    assert three[0] != one_augmented[0]  # the same first batch and texts, other augmentations
+    with pytest.raises(ValueError, match="views"):
+        train_encoder(items, default_text_encoder(), config, views=0, **run)
