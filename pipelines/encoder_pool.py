@@ -43,9 +43,10 @@ PROBED = {"probe_sharing": "layer", "probes": 1, "depth": 0, "pool": "mean"}
 PROBED_LR = 1e-2
 # ... and each LoRA of a step's batch as 4 augmented views (train_encoder's ``views``). Measured on the
 # demo world's 29 held-out LoRAs, 16 training seeds (benchmarks/encoder_seeds.py), 1 view -> 4: R@3
-# 0.605 -> 0.623, MRR 0.521 -> 0.531, R@1 0.367 -> 0.372, within - cross cosine 0.392 -> 0.413 (higher
-# on 12 seeds of 16; 11 seeds >= 0.4 against 7); 2 views 0.612 / 0.513 / 0.406; 600 steps of 1 view
-# instead (the same encoder passes as 2 views) 0.576 / 0.499 / 0.392. Training takes ~3x as long.
+# 0.605 -> 0.623, MRR 0.521 -> 0.531, R@1 0.367 -> 0.371, within - cross cosine 0.392 -> 0.413 (higher
+# on 12 seeds of 16; 11 seeds >= 0.4 against 7); 2 views 0.612 / 0.513 / 0.406. On seeds 0-7 (1 view:
+# 0.598 / 0.517 / 0.391) 600 steps of 1 view, as many encoder passes as 2 views, gave 0.576 / 0.499 /
+# 0.392. Training the demo's pool takes ~2-3x as long (~15 s -> ~35 s).
 PROBED_VIEWS = 4
 
 
