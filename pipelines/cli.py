@@ -201,6 +201,9 @@ def cmd_world_eval(args: argparse.Namespace) -> int:
     _table(f"zoo LoRAs ({loras['count']}): theme read-out accuracy", ["", "value"],
            [("with LoRA", f"{loras['with_lora']:.3f}"), ("without LoRA", f"{loras['without_lora']:.3f}"),
             ("gain", f"{loras['gain']:.3f}")])
+    _table("theme read-out accuracy by split, coverage and rank", ["group", "LoRAs", "with LoRA", "without"],
+           [(f"{key[3:]} {name}", g["count"], f"{g['with_lora']:.3f}", f"{g['without_lora']:.3f}")
+            for key in ("by_split", "by_coverage", "by_rank") for name, g in loras[key].items()])
     return 0
 
 

@@ -6,7 +6,9 @@
   plus a scene that describes the *other* attributes and leaves the theme's own unsaid. The same
   prompts and seeds are rendered with and without the LoRA; a render's theme score is the share of
   the theme's attributes the read-out finds in it. Without the LoRA the base can only guess the
-  theme (≈ chance), so the gap is what the LoRA itself adds.
+  theme (≈ chance), so the gap is what the LoRA itself adds. The scores are also given by split
+  and by the recipe's coverage and rank: what a fusion of held-out LoRAs can keep is bounded by
+  what each shows alone.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class LoraScore:
     attrs: dict[str, str]
     with_lora: float
     without_lora: float
+    coverage: str  # the recipe's target modules (a key of ``zoo_train.TARGETS``)
+    rank: int
 
 
 def base_prompts(n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
@@ -80,8 +84,18 @@ def lora_scores(pipe, readout: Readout, root: Path, entries: list[dict], n: int 
             with_ = generate(pipe, prompts, seed)
         scores.append(LoraScore(entry["theme"], entry["split"], dict(entry["attrs"]),
                                 theme_score(readout, with_, entry["attrs"]),
-                                theme_score(readout, without, entry["attrs"])))
+                                theme_score(readout, without, entry["attrs"]),
+                                entry["target"], int(entry["rank"])))
     return scores
+
+
+def grouped(scores: list[LoraScore], key: str) -> dict[str, dict[str, float]]:
+    """``{value of key: {"count", "with_lora", "without_lora"}}`` over ``scores``."""
+    groups: dict[object, list[LoraScore]] = {}
+    for s in scores:
+        groups.setdefault(getattr(s, key), []).append(s)
+    return {str(g): {"count": len(m), "with_lora": float(np.mean([s.with_lora for s in m])),
+                     "without_lora": float(np.mean([s.without_lora for s in m]))} for g, m in sorted(groups.items())}
 
 
 def evaluate_world(world_dir: str | Path, *, n_base: int = 192, n_lora: int = 8, seed: int = 0,
@@ -104,7 +118,9 @@ def evaluate_world(world_dir: str | Path, *, n_base: int = 192, n_lora: int = 8,
         "world": str(root),
         "base": {"accuracy": base, "chance": CHANCE, "prompts": n_base},
         "loras": {"count": len(scores), "prompts_each": n_lora, "with_lora": with_, "without_lora": without,
-                  "gain": with_ - without, "per_lora": [asdict(s) for s in scores]},
+                  "gain": with_ - without, "by_split": grouped(scores, "split"),
+                  "by_coverage": grouped(scores, "coverage"), "by_rank": grouped(scores, "rank"),
+                  "per_lora": [asdict(s) for s in scores]},
     }
 
 

@@ -127,6 +127,15 @@ def test_world_eval_cli_reports_base_and_lora_scores(micro):
     assert all(0.0 <= v <= 1.0 for v in base["accuracy"].values())
     assert loras["count"] == micro["contract"]["train"] + micro["contract"]["heldout"]
     assert loras["gain"] == pytest.approx(loras["with_lora"] - loras["without_lora"])
+    world = json.loads((Path(micro["contract"]["base"]).parent / "world.json").read_text())
+    manifest = {e["theme"]: e for e in world["loras"]}
+    for key, field in (("by_split", "split"), ("by_coverage", "target"), ("by_rank", "rank")):
+        groups = loras[key]
+        assert sum(g["count"] for g in groups.values()) == loras["count"]
+        for name, g in groups.items():  # each group is the mean of its LoRAs' own scores
+            members = [s for s in loras["per_lora"] if str(manifest[s["theme"]][field]) == name]
+            assert g["count"] == len(members) > 0
+            assert g["with_lora"] == pytest.approx(np.mean([s["with_lora"] for s in members]))
 
 
 @pytest.mark.slow
