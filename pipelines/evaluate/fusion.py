@@ -155,7 +155,8 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
                                          ("single_own_trigger", own_acc, own_images)):
                     pooled = world.readout.predict(np.concatenate(images))
                     rows[row][k].append({"acc": acc, "ratio": [1.0] * len(entries),
-                                         "prompt": scene_accuracy(pooled, stated * len(entries))})
+                                         "prompt": scene_accuracy(pooled, stated * len(entries)),
+                                         "set": [e["theme"] for e in entries]})
                 for name in ["base", *methods]:
                     method = get("none" if name == "base" else name)
                     with method.apply(world.pipe, lo, gates=gate_for.get(name)):
@@ -170,7 +171,7 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
     report = _aggregate(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fusion.json").write_text(json.dumps(report, indent=1))
-    (out / "fusion.md").write_text(_markdown(report, grids, n_sets, n_prompts, world.root, gates))
+    (out / "fusion.md").write_text(_markdown(report, grids, n_sets, n_prompts, world.root, gates, rows))
     return report
 
 
@@ -180,13 +181,24 @@ def _render(world, prompts: list[str], seed: int) -> np.ndarray:
     return generate(world.pipe, prompts, seed)
 
 
-def _markdown(report: Mapping, grids: Mapping, n_sets: int, n_prompts: int, root: Path, gates) -> str:
+def _markdown(report: Mapping, grids: Mapping, n_sets: int, n_prompts: int, root: Path, gates,
+              rows: Mapping[str, dict]) -> str:
     lines = ["# Fusion of held-out LoRAs", "",
              f"World `{root}`; {n_sets} sets per k, {n_prompts} prompts each; held-out LoRAs only. "
              f"Gates: `{getattr(gates, 'version', 'untrained')}`.", "",
              markdown_table(["method", *KEYS], [(m, *(r[key] for key in KEYS)) for m, r in report.items()]), "",
-             *LEGEND, ""]
+             *LEGEND, "", *_per_set(rows)]
     for k, (path, labels, prompts) in sorted(grids.items()):
         lines += [f"## k = {k}: first set", "", f"Rows: {', '.join(labels)}.", "",
                   f"Prompts: {'; '.join(prompts[:3])}; ...", "", f"![k={k}]({path.name})", ""]
     return "\n".join(lines)
+
+
+def _per_set(rows: Mapping[str, dict]) -> list[str]:
+    """Each set's concepts and, per row, each concept's accuracy in that order: which concept is a
+    set's worst, and whether its own LoRA shows it alone (``single_own_trigger``)."""
+    names = [n for n in rows if n != "base"]
+    table = [(k, ", ".join(sets[0]["set"]), *(" / ".join(f"{a:.2f}" for a in rows[n][k][i]["acc"]) for n in names))
+             for k in (2, 3) for i, sets in enumerate(zip(*(rows[n][k] for n in names)))]
+    return ["## Per set: each concept's accuracy, in the order of the set", "",
+            markdown_table(["k", "set", *names], table), ""] if table else []

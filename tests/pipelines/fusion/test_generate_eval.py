@@ -77,7 +77,12 @@ def test_fusion_report_contract(micro_world, pipe, gates, tmp_path):
         assert 0.0 <= row["k2_accuracy"] <= 1.0 and row["loss_ratio"] > 0
     assert report["single"]["loss_ratio"] == report["single_own_trigger"]["loss_ratio"] == 1.0
     assert json.loads((tmp_path / "fusion.json").read_text()) == report
-    assert (tmp_path / "fusion_k2.png").is_file() and "| gated |" in (tmp_path / "fusion.md").read_text()
+    markdown = (tmp_path / "fusion.md").read_text()
+    assert (tmp_path / "fusion_k2.png").is_file() and "| gated |" in markdown
+    first = concept_sets([e for e in json.loads((micro_world / "world.json").read_text())["loras"]
+                          if e["split"] == "heldout"], 2, 1, 0)[0]
+    per_set = markdown.split("## Per set")[1].split("##")[0]  # one row per set: its concepts, then each row's
+    assert f"| 2 | {', '.join(e['theme'] for e in first)} |" in per_set and "| gated |" in per_set
 
 
 def test_own_trigger_prompts_keep_the_scene_and_drop_the_other_triggers():
