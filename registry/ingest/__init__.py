@@ -229,15 +229,25 @@ class _FileIngest:
             return True
         return False
 
-    def _maybe_known(self) -> bool:
-        """Whether a stored file has this size: then it is only hashed (no blob copy) beside
-        its inspection, so a duplicate costs no copy, and a new file is copied once its hash is
-        known. Otherwise the blob is staged (hashed and copied in one pass) beside inspection. A
-        duplicate this misses is still caught by its sha256: only work is wasted."""
-        size = self.stat.st_size
-        if self.record or any(f["size_bytes"] == size for f in self.batch.files.values()):
-            return True
-        return self.reg.files.count_rows(f"size_bytes = {int(size)}") > 0
+    def _known_size(self) -> tuple[bool, bool]:
+        """``(size_seen, moved)``: whether a stored file (or one of this batch) has this size, so
+        its sha256 must be looked up, and whether one also has its mtime (or this path has a
+        record): a moved or hard-linked copy (``mv`` and links keep the mtime), most likely the
+        same bytes, is only hashed beside its inspection, with no blob copy, and copied once its
+        hash says it is new. Any other file is staged (hashed and copied in one pass) beside
+        inspection, a new one of a size seen before too: LoRAs of one shape and format often
+        have the same size (an XLabs file added to a registry holding one of its size took 3.2x
+        its floor when only hashed first, 1.9x staged). A staged duplicate (a re-download) is
+        still caught by its sha256 and its copy dropped: only the copy is wasted."""
+        if self.record:
+            return True, True
+        size, mtime = int(self.stat.st_size), int(self.stat.st_mtime_ns)
+        same = [f for f in self.batch.files.values() if f["size_bytes"] == size]
+        if any(f["mtime_ns"] == mtime for f in same):
+            return True, True
+        if not self.reg.files.count_rows(f"size_bytes = {size}"):  # most files: one call
+            return bool(same), False
+        return True, self.reg.files.count_rows(f"size_bytes = {size} AND mtime_ns = {mtime}") > 0
 
     def run(self, bases: list, pool: ThreadPoolExecutor) -> None:
         """Hash, dedupe, inspect and stage one file that its stat did not settle: the hash (with
@@ -255,19 +265,19 @@ class _FileIngest:
         staged: Path | None = None
         try:
             try:
-                size_known = self._maybe_known()
-                future = pool.submit(sha256_file if size_known else self.reg.blobs.stage, self.path)
+                size_seen, moved = self._known_size()
+                future = pool.submit(sha256_file if moved else self.reg.blobs.stage, self.path)
                 try:
                     outcome = self._inspect(bases, sidecars)
                     early = (self._while_copying(outcome, sidecars, future, pool)
-                             if isinstance(outcome, InspectedLoRA) and not size_known else _Early())
+                             if isinstance(outcome, InspectedLoRA) and not moved else _Early())
                 finally:
-                    sha, staged = (future.result(), None) if size_known else future.result()
+                    sha, staged = (future.result(), None) if moved else future.result()
             except OSError as error:  # reading the file, or writing its copy into the store
                 if storage_problem(self.reg, error):
                     raise
                 return self.reject_unreadable(error)
-            self._settle(sha, outcome, sidecars, staged, early, size_known)
+            self._settle(sha, outcome, sidecars, staged, early, size_seen)
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store
 
@@ -293,10 +303,10 @@ class _FileIngest:
             return rejection
 
     def _settle(self, sha: str, outcome, sidecars: LoraMetadata, staged: Path | None,
-                early: _Early, size_known: bool) -> None:
+                early: _Early, size_seen: bool) -> None:
         if self.record and self.record["sha256"] == sha:  # touched, same bytes
             return self._known_content(self.record)
-        same_bytes = self.batch.file_with_sha(sha, stored=size_known)  # same bytes, same size
+        same_bytes = self.batch.file_with_sha(sha, stored=size_seen)  # same bytes, same size
         if same_bytes:
             self.report.duplicates.append({"path": self.shown, "lora_id": same_bytes["lora_id"],
                                            "kind": "sha256"})
