@@ -21,6 +21,12 @@ def _lora(path: Path, seed: int) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _small_files_copied_beside(monkeypatch) -> None:
+    """These LoRAs are a few kB: treated as the large files the rule is for."""
+    monkeypatch.setattr(ingest, "COPY_BESIDE_BYTES", 0)
+
+
 def _inspection_flagged(monkeypatch) -> threading.Event:
     inspecting, inspect_file = threading.Event(), ingest.inspect_file
 
@@ -57,6 +63,20 @@ def test_a_new_file_of_a_stored_size_is_copied_while_it_is_inspected(tmp_path, m
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == row["sha256"]
     assert blob.read_bytes() == second.read_bytes()
     assert not list((reg.root / "blobs").glob(".incoming-*"))
+
+
+def test_a_small_file_of_a_stored_size_is_hashed_first(tmp_path, monkeypatch) -> None:
+    """Below ``COPY_BESIDE_BYTES`` a file of a stored size is only hashed beside its inspection
+    (no mtime look-up) and copied once it is known to be new."""
+    monkeypatch.setattr(ingest, "COPY_BESIDE_BYTES", 1 << 30)
+    first, second = _lora(tmp_path / "a.safetensors", 1), _lora(tmp_path / "b.safetensors", 2)
+    reg = Registry.open(tmp_path / "registry")
+    assert len(reg.add([first]).added) == 1
+    monkeypatch.setattr(type(reg.blobs), "stage", lambda *a: pytest.fail("a small file was staged"))
+    report = reg.add([second])
+    assert len(report.added) == 1
+    row = reg.get(report.added[0]["lora_id"])
+    assert (reg.root / row["blob"]).read_bytes() == second.read_bytes()
 
 
 def test_a_file_of_a_stored_size_and_mtime_is_hashed_while_it_is_inspected_and_stored_whole(
