@@ -233,7 +233,7 @@ class _FileIngest:
         return False
 
     def _known_size(self) -> tuple[bool, bool]:
-        """``(size_seen, moved)``: whether a stored file (or one of this batch) has this size, so
+        """``(size_seen, hash_first)``: whether a stored file (or one of this batch) has this size, so
         its sha256 must be looked up, and whether one also has its mtime (or this path has a
         record): a moved or hard-linked copy (``mv`` and links keep the mtime), most likely the
         same bytes, is only hashed beside its inspection, with no blob copy, and copied once its
@@ -249,11 +249,9 @@ class _FileIngest:
             return True, True
         size, mtime = int(self.stat.st_size), int(self.stat.st_mtime_ns)
         same = [f for f in self.batch.files.values() if f["size_bytes"] == size]
-        if any(f["mtime_ns"] == mtime for f in same) or (same and size < COPY_BESIDE_BYTES):
-            return True, True
-        if not self.reg.files.count_rows(f"size_bytes = {size}"):  # most files: one call
-            return bool(same), False
-        if size < COPY_BESIDE_BYTES:
+        if not same and not self.reg.files.count_rows(f"size_bytes = {size}"):  # most files: one call
+            return False, False
+        if size < COPY_BESIDE_BYTES or any(f["mtime_ns"] == mtime for f in same):
             return True, True
         return True, self.reg.files.count_rows(f"size_bytes = {size} AND mtime_ns = {mtime}") > 0
 
@@ -273,14 +271,14 @@ class _FileIngest:
         staged: Path | None = None
         try:
             try:
-                size_seen, moved = self._known_size()
-                future = pool.submit(sha256_file if moved else self.reg.blobs.stage, self.path)
+                size_seen, hash_first = self._known_size()
+                future = pool.submit(sha256_file if hash_first else self.reg.blobs.stage, self.path)
                 try:
                     outcome = self._inspect(bases, sidecars)
                     early = (self._while_copying(outcome, sidecars, future, pool)
-                             if isinstance(outcome, InspectedLoRA) and not moved else _Early())
+                             if isinstance(outcome, InspectedLoRA) and not hash_first else _Early())
                 finally:
-                    sha, staged = (future.result(), None) if moved else future.result()
+                    sha, staged = (future.result(), None) if hash_first else future.result()
             except OSError as error:  # reading the file, or writing its copy into the store
                 if storage_problem(self.reg, error):
                     raise

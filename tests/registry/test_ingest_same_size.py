@@ -27,6 +27,15 @@ def _small_files_copied_beside(monkeypatch) -> None:
     monkeypatch.setattr(ingest, "COPY_BESIDE_BYTES", 0)
 
 
+def _stored_whole(reg: Registry, report, source: Path) -> None:
+    """The added LoRA's blob holds the file's bytes, its sha256 as recorded; no staged copy is left."""
+    row = reg.get(report.added[0]["lora_id"])
+    blob = reg.root / row["blob"]
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == row["sha256"]
+    assert blob.read_bytes() == source.read_bytes()
+    assert not list((reg.root / "blobs").glob(".incoming-*"))
+
+
 def _inspection_flagged(monkeypatch) -> threading.Event:
     inspecting, inspect_file = threading.Event(), ingest.inspect_file
 
@@ -58,11 +67,7 @@ def test_a_new_file_of_a_stored_size_is_copied_while_it_is_inspected(tmp_path, m
     monkeypatch.setattr(type(reg.blobs), "put", lambda *a: pytest.fail("copied after hashing"))
     report = reg.add([second])
     assert staged == [True] and len(report.added) == 1 and not report.duplicates
-    row = reg.get(report.added[0]["lora_id"])
-    blob = reg.root / row["blob"]
-    assert hashlib.sha256(blob.read_bytes()).hexdigest() == row["sha256"]
-    assert blob.read_bytes() == second.read_bytes()
-    assert not list((reg.root / "blobs").glob(".incoming-*"))
+    _stored_whole(reg, report, second)
 
 
 def test_a_small_file_of_a_stored_size_is_hashed_first(tmp_path, monkeypatch) -> None:
@@ -99,11 +104,7 @@ def test_a_file_of_a_stored_size_and_mtime_is_hashed_while_it_is_inspected_and_s
     monkeypatch.setattr(ingest, "sha256_file", hash_after_inspection_began)
     report = reg.add([second])
     assert hashed == [True] and len(report.added) == 1 and not report.duplicates
-    row = reg.get(report.added[0]["lora_id"])
-    blob = reg.root / row["blob"]
-    assert hashlib.sha256(blob.read_bytes()).hexdigest() == row["sha256"]
-    assert blob.read_bytes() == second.read_bytes()
-    assert not list((reg.root / "blobs").glob(".incoming-*"))
+    _stored_whole(reg, report, second)
 
 
 def test_a_moved_duplicate_is_not_copied(tmp_path, monkeypatch) -> None:
