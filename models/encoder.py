@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -144,15 +144,21 @@ class LoRAWeightEncoder(nn.Module):
             return text
         return F.normalize(self.text_proj(text.to(self.text_proj.weight.dtype)), dim=-1)
 
+    def layer_probes(self) -> dict[str, Tensor]:
+        """``{layer name: Q^T [P, k]}``: the probes whose responses :meth:`forward` may be given."""
+        return self.tokenizer.layer_probes()
+
     def num_parameters(self) -> int:
         """Number of learned weights."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, loras: Sequence[LoRA], helper: Executor | None = None) -> Tensor:
+    def forward(self, loras: Sequence[LoRA], helper: Executor | None = None,
+                responses: Sequence[Mapping[str, Tensor]] | None = None) -> Tensor:
         """Unit embeddings ``[N, embed_dim]`` of ``loras``; layers not in the encoder's list (or
         of another shape) are ignored and recorded in :attr:`last_unknown`. ``helper``: an executor
-        whose thread may share the layer tokens' work once free (:meth:`LayerTokenizer.forward`)."""
-        batch = self.tokenizer(loras, helper=helper)
+        whose thread may share the layer tokens' work once free; ``responses``: the layers'
+        responses to :meth:`layer_probes`, made by the caller (both: :meth:`LayerTokenizer.forward`)."""
+        batch = self.tokenizer(loras, helper=helper, responses=responses)
         self.last_unknown = batch.unknown
         present = batch.present
         if self.config.require_all_layers:

@@ -112,16 +112,32 @@ class LayerTokenizer(nn.Module):
         self.probe.requires_grad_(False)
         return done
 
+    def layer_probes(self) -> dict[str, Tensor]:
+        """``{layer name: Q^T [P, k]}``, float32, detached: what a caller needs to make the layers'
+        responses itself (:meth:`forward`'s ``responses``), e.g. in a pass it makes over the factors anyway."""
+        by_slot: dict[tuple[str, int], Tensor] = {}
+        out = {}
+        for i, spec in enumerate(self.layers):
+            key = self.type_keys[module_type(spec.name)]
+            if (key, self._slot[i]) not in by_slot:
+                by_slot[key, self._slot[i]] = self.probe[key][self._slot[i]].detach().float().T.contiguous()
+            out[spec.name] = by_slot[key, self._slot[i]]
+        return out
+
     @property
     def token_dim(self) -> int:
         """Length of a raw token: probes × probe_dim."""
         return self.probes * self.probe_dim
 
-    def forward(self, loras: Sequence[LoRA], helper: Executor | None = None) -> TokenBatch:
+    def forward(self, loras: Sequence[LoRA], helper: Executor | None = None,
+                responses: Sequence[Mapping[str, Tensor]] | None = None) -> TokenBatch:
         """Raw tokens of ``loras`` over the layer list (absent layers are zero and not present).
 
         ``helper``: an executor whose thread may take module types too, once it is free (a LoRA
-        embedded at ingest while its file is still hashed: the hash thread joins when done)."""
+        embedded at ingest while its file is still hashed: the hash thread joins when done).
+        ``responses``: per LoRA, ``{layer name: (B (A Q))^T [P, d]}`` made by the caller with
+        :meth:`layer_probes` (float32); a module type whose every layer has one is not computed
+        again. Used without gradients only (they are constants)."""
         n, n_layers = len(loras), len(self.layers)
         device = next(iter(self.proj.values())).device
         tokens = torch.zeros(n, n_layers, self.token_dim, device=device)
@@ -140,10 +156,21 @@ class LayerTokenizer(nn.Module):
                 if a.shape[0] == 0:  # a rank-0 layer adapts nothing: the same as absent
                     continue
                 groups.setdefault(module_type(name), []).append((j, i, a, b))
+        given = {}  # (LoRA, layer position) -> its responses, where the caller made them
+        if responses is not None:
+            for j, per_layer in enumerate(responses):
+                for name, r in per_layer.items():
+                    i = self.index.get(name)
+                    if i is not None and tuple(r.shape) == (self.probes, self.layers[i].d_out):
+                        given[j, i] = r
 
         def encode_type(t: str, entries: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             key = self.type_keys[t]
-            response_t = self._responses_t(key, entries, device)      # [m, P, d]
+            constant = not (torch.is_grad_enabled() and self.probe[key].requires_grad)
+            if constant and all((j, i) in given for j, i, _, _ in entries):
+                response_t = torch.stack([given[j, i] for j, i, _, _ in entries]).to(device)  # [m, P, d]
+            else:
+                response_t = self._responses_t(key, entries, device)  # [m, P, d]
             z = response_t @ self.proj[key]                            # [m, P, c]
             return (torch.tensor([j for j, _, _, _ in entries], device=device),
                     torch.tensor([i for _, i, _, _ in entries], device=device),

@@ -52,21 +52,37 @@ def _load_encoder(path: str, size: int, mtime_ns: int):  # size and mtime: a rew
     return LoRAWeightEncoder.load(path).eval().requires_grad_(False)
 
 
+@functools.lru_cache(maxsize=4)
+def _layer_probes(model) -> dict:  # per loaded encoder (load_encoder keeps a few): not made per ingest
+    return model.layer_probes()
+
+
 class WeightEmbedder:
     """The active encoder of each base model of a registry, loaded on first use."""
 
     def __init__(self, store: Store) -> None:
         self.records = active_encoders(store)
         self._models: dict[str, object] = {}
+        self._inputs: dict[str, dict] | None = None
+
+    def inputs(self) -> dict[str, dict]:
+        """``{version: {layer name: probes}}`` of the active encoders: given to inspection
+        (:func:`registry.lora.inspect.inspect_file`), which makes the layers' responses to them in
+        its own pass over the factors; :meth:`embed` then starts from those."""
+        if self._inputs is None:
+            self._inputs = {r.version: _layer_probes(self._model(r)) for r in self.records.values()}
+        return self._inputs
 
     def embed(self, base_model: str, factors: Mapping, helper: Executor | None = None,
-              ) -> tuple[list[float], str] | None:
+              responses: Mapping[str, Mapping] | None = None) -> tuple[list[float], str] | None:
         """The weight vector of one LoRA and its encoder version (None: no active encoder);
-        ``helper``: an executor whose thread may share the work once free."""
+        ``helper``: an executor whose thread may share the work once free; ``responses``: the
+        inspection's ``{version: {layer name: responses}}`` (:meth:`inputs`), if it made them."""
         record = self.records.get(base_model)
         if record is None:
             return None
-        return _encode(self._model(record), [factors], helper)[0], record.version
+        given = (responses or {}).get(record.version)
+        return _encode(self._model(record), [factors], helper, [given] if given else None)[0], record.version
 
     def _model(self, record: EncoderRecord):
         if record.version not in self._models:
@@ -74,13 +90,14 @@ class WeightEmbedder:
         return self._models[record.version]
 
 
-def _encode(model, batch: list[Mapping], helper: Executor | None = None) -> list[list[float]]:
+def _encode(model, batch: list[Mapping], helper: Executor | None = None,
+            responses: list[Mapping] | None = None) -> list[list[float]]:
     import torch
 
     from models.torch_threads import one_torch_thread
 
     with torch.no_grad(), one_torch_thread():  # small matmuls: OpenMP barriers cost more than they give
-        return [v.tolist() for v in model(batch, helper=helper).float()]
+        return [v.tolist() for v in model(batch, helper=helper, responses=responses).float()]
 
 
 def _rows_to_embed(store: Store, base_model: str, version: str, only_missing: bool) -> list[dict]:
@@ -95,19 +112,21 @@ def _embed_rows(store: Store, record: EncoderRecord, rows: list[dict], report: E
                 bases: Sequence) -> list[dict]:
     """``{lora_id, weight_vector, encoder_version}`` of ``rows`` (their stored blobs read)."""
     model, out = load_encoder(record), []
+    inputs = {record.version: model.layer_probes()}  # responses made as at ingest: the same vectors
     for start in range(0, len(rows), BATCH):
-        batch, ids = [], []
+        batch, responses, ids = [], [], []
         for row in rows[start:start + BATCH]:
             try:
-                lora, _ = load_canonical(store.root / row["blob"], bases)
+                lora, _ = load_canonical(store.root / row["blob"], bases, inputs)
             except (OSError, ValueError, RejectedFile) as error:  # a blob gone or damaged: reported
                 report.failed.append({"lora_id": row["lora_id"], "reason": str(error)})
                 continue
             batch.append(lora.factors)
+            responses.append(lora.responses[record.version])
             ids.append(row["lora_id"])
         if batch:
             out += [{"lora_id": i, "weight_vector": v, "encoder_version": record.version}
-                    for i, v in zip(ids, _encode(model, batch))]
+                    for i, v in zip(ids, _encode(model, batch, responses=responses))]
     return out
 
 

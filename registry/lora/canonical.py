@@ -24,7 +24,9 @@ import torch
 
 from registry.lora.conversion import Module, convert_checked, group
 from registry.lora.errors import RejectedFile
-from registry.lora.fingerprint import Projections, features_from_projections, fingerprint_of, project, projections
+from registry.lora.fingerprint import (
+    Inputs, Projections, Responses, features_from_projections, fingerprint_of, project, projections,
+)
 from registry.lora.formats import detect_format, get
 
 Tensor = torch.Tensor
@@ -47,6 +49,8 @@ class CanonicalLoRA:
     architecture: str
     notes: list[str] = field(default_factory=list)  # what conversion dropped or worked around
     _projections: Projections | None = field(default=None, repr=False, compare=False)
+    # an encoder's layer responses made in the fingerprint's pass: {version: {name: [P, d]}}
+    responses: Responses = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def layers(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -59,7 +63,7 @@ class CanonicalLoRA:
     def projections(self) -> Projections:
         """The fingerprint's per-layer probe projections (computed once)."""
         if self._projections is None:
-            self._projections = projections(self.factors)
+            self._projections = projections(self.factors)[0]
         return self._projections
 
     @property
@@ -332,11 +336,12 @@ def _check_kind(tensors: Mapping[str, Tensor], widths: Mapping[int, str] | None,
 
 
 def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str],
-                 widths: Mapping[int, str] | None = None) -> CanonicalLoRA:
+                 widths: Mapping[int, str] | None = None, inputs: Inputs | None = None) -> CanonicalLoRA:
     """Convert a LoRA state dict (any supported FLUX format) to a :class:`CanonicalLoRA`.
 
     Raises :class:`~registry.lora.errors.RejectedFile` with a stable ``code`` for everything refused.
-    ``tensors`` is not modified. ``widths``: see :func:`detect_architecture`.
+    ``tensors`` is not modified. ``widths``: see :func:`detect_architecture`. ``inputs``: LoRA-weight
+    encoders' probes, whose responses are made in the fingerprint's pass (:func:`projections`).
     """
     metadata = metadata or {}
     modules, extras = _check_kind(tensors, widths, metadata)
@@ -351,11 +356,11 @@ def canonicalise(tensors: dict[str, Tensor], metadata: Mapping[str, str],
         s = scale(name) if scale else 1.0
         if a.shape[0]:
             factors[name] = (a, b if s == 1.0 else b.to(torch.float32) * s)
-    proj = projections(factors)  # one pass over every factor: fingerprint + zero test
-    _drop_zero_components(factors, proj)
+    proj, responses = projections(factors, inputs)  # one pass over every factor: fingerprint + zero test
+    _drop_zero_components(factors, proj)  # (a zero component adds nothing to a response)
     if not factors:
         raise RejectedFile("zero_lora", "every LoRA update in the file is exactly zero")
-    return CanonicalLoRA(factors, fmt, "flux", notes, proj)
+    return CanonicalLoRA(factors, fmt, "flux", notes, proj, responses)
 
 
 def fingerprint_features(lora: CanonicalLoRA) -> tuple[float, list[float]]:

@@ -37,6 +37,8 @@ import torch
 
 Tensor = torch.Tensor
 Projections = dict[str, tuple[Tensor, Tensor]]  # name -> (AX [r, P], UB [P, r]), float32
+Inputs = Mapping[str, Mapping[str, Tensor]]  # key -> layer name -> Q^T [P, k] (an encoder's probes)
+Responses = dict[str, dict[str, Tensor]]  # key -> layer name -> (B (A Q))^T [P, d], float32
 
 FP_PROBES = 8
 FP_VERSION = "autolora-fingerprint-v3"  # v3: probe estimate of the norm (v2: Gram matrices)
@@ -89,18 +91,31 @@ def project(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return _a_x(a), _output_probes_t(b.shape[0]) @ b.float()
 
 
-def projections(factors: Mapping[str, tuple[Tensor, Tensor]]) -> Projections:
+def projections(factors: Mapping[str, tuple[Tensor, Tensor]], inputs: Inputs | None = None,
+                ) -> tuple[Projections, Responses]:
     """:func:`project` of every layer (one read of every factor; the float32 copies are per
     layer and short-lived, so they stay in cache). An A shared by several layers (the parts of
-    a fused module read from a kohya/BFL file) is projected once."""
+    a fused module read from a kohya/BFL file) is projected once.
+
+    ``inputs``: ``{key: {layer name: Q^T [P, k]}}`` (a LoRA-weight encoder's probes, keyed by its
+    version): each named layer's responses ``(B (A Q))^T`` ``[P, d]`` in float32 are made in the
+    same pass, from the same cached copies, and returned as ``{key: {layer name: responses}}``
+    (an XLabs FLUX LoRA: +4 ms here against ~13 ms for the encoder's own pass over the factors)."""
     shared: dict[int, Tensor] = {}  # id(A) -> A X; every A stays alive in ``factors`` meanwhile
     out: Projections = {}
+    responses: Responses = {key: {} for key in inputs or {}}
     for name, (a, b) in factors.items():
+        wanted = [(key, q_t) for key, per_layer in (inputs or {}).items()
+                  if (q_t := per_layer.get(name)) is not None and q_t.shape[1] == a.shape[1]]
+        a32 = a.float() if wanted or id(a) not in shared else None
         ax = shared.get(id(a))
         if ax is None:
-            ax = shared[id(a)] = _a_x(a)
-        out[name] = (ax, _output_probes_t(b.shape[0]) @ b.float())
-    return out
+            ax = shared[id(a)] = (_input_probes_t(a.shape[1]) @ a32.T).T  # see _a_x
+        b32 = b.float()
+        out[name] = (ax, _output_probes_t(b.shape[0]) @ b32)
+        for key, q_t in wanted:
+            responses[key][name] = (q_t @ a32.T) @ b32.T
+    return out, responses
 
 
 def features_from_projections(proj: Projections) -> tuple[float, list[float]]:

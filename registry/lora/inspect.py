@@ -11,6 +11,7 @@ from models.torch_threads import one_torch_thread
 from registry.lora.base_models import BaseModel, hint_from_metadata, match_base
 from registry.hashing import sha256_file
 from registry.lora.canonical import CanonicalLoRA, canonicalise, fingerprint
+from registry.lora.fingerprint import Inputs
 from registry.lora.errors import RejectedFile
 from registry.lora.finite import check_inspected
 from registry.lora.safe_read import check_finite, read_safetensors
@@ -51,16 +52,18 @@ def attention_widths(bases: Iterable[BaseModel]) -> dict[int, str]:
     return widths
 
 
-def load_canonical(path: str | os.PathLike, bases: Iterable[BaseModel] = ()) -> tuple[CanonicalLoRA, dict[str, str]]:
+def load_canonical(path: str | os.PathLike, bases: Iterable[BaseModel] = (), inputs: Inputs | None = None,
+                   ) -> tuple[CanonicalLoRA, dict[str, str]]:
     """Read a LoRA file safely and return its canonical form and header metadata. ``bases``: the
     registered bases, whose widths tell their LoRAs' architecture when names alone do not.
+    ``inputs``: LoRA-weight encoders' probes (see :func:`registry.lora.canonical.canonicalise`).
 
     NaN/Inf are looked for in the fingerprint's pass over the factors (:mod:`registry.lora.finite`),
     not in one more pass over the file; a file refused for another reason that also holds a NaN/Inf
     is refused as that."""
     tensors, metadata = read_safetensors(path, check_finite=False)
     try:
-        lora = canonicalise(tensors, metadata, attention_widths(bases))
+        lora = canonicalise(tensors, metadata, attention_widths(bases), inputs)
     except RejectedFile:
         check_finite(path, tensors)
         raise
@@ -70,13 +73,14 @@ def load_canonical(path: str | os.PathLike, bases: Iterable[BaseModel] = ()) -> 
 
 def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
                  sha256: str | Callable[[], str] | None = None,
-                 base_hint: str = "") -> InspectedLoRA:
+                 base_hint: str = "", inputs: Inputs | None = None) -> InspectedLoRA:
     """Validate + canonicalise ``path``; raises :class:`RejectedFile` with the reason.
 
     ``sha256``: the file's hash if known, or a callable giving it (called last, only for an
     accepted file, so the hash can be computed concurrently), or ``None`` to hash here.
     ``base_hint``: text naming the base from outside the file (a card's or Civitai's
     ``base_model``), used after the header's own hint where shapes fit several bases.
+    ``inputs``: see :func:`load_canonical`.
     """
     path = Path(path)
     if not path.is_file():
@@ -85,7 +89,7 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
     bases = list(bases)
     with one_torch_thread():
-        lora, metadata = load_canonical(path, bases)
+        lora, metadata = load_canonical(path, bases, inputs)
         hint = " | ".join(h for h in (hint_from_metadata(metadata), base_hint) if h)
         base = match_base(lora.shapes(), bases, hint)
         if base is None:

@@ -276,3 +276,29 @@ def test_a_helper_thread_shares_the_layer_tokens_and_changes_nothing():
     finally:
         tokens_module.LayerTokenizer._responses_t = original
     assert any(name.startswith("helper") for name in seen) and "MainThread" in seen
+
+
+def test_responses_made_by_the_caller_give_the_same_embedding() -> None:
+    """:meth:`layer_probes` + ``responses`` (what inspection makes in its own pass over the factors)
+    give the vector the encoder's own pass gives; a type with one layer lacking them is computed
+    from the factors; with gradients to learned probes they are ignored (they are constants)."""
+    for config in (None, EncoderConfig.ours(width=32, depth=0, pool="mean", probes=1, probe_dim=8,
+                                            probe_sharing="layer")):
+        enc, gen = make(config), torch.Generator().manual_seed(13)
+        lora = random_lora(enc.layers, 4, gen)
+        probes = enc.layer_probes()
+        assert set(probes) == {s.name for s in enc.layers}
+        given = {n: (probes[n] @ a.T) @ b.T for n, (a, b) in lora.items()}
+        with torch.no_grad():
+            own = enc([lora])
+            torch.testing.assert_close(enc([lora], responses=[given]), own, atol=1e-6, rtol=0)
+            partial = dict(given)
+            del partial["transformer_blocks.0.attn.to_q"]
+            torch.testing.assert_close(enc([lora], responses=[partial]), own, atol=1e-6, rtol=0)
+            wrong = {n: torch.zeros_like(r) for n, r in given.items()}
+            assert not torch.allclose(enc([lora], responses=[wrong]), own)  # they are used
+    enc = make()
+    d_out = {s.name: s.d_out for s in enc.layers}
+    wrong = {n: torch.zeros(enc.tokenizer.probes, d_out[n]) for n in lora}
+    trained = enc([lora], responses=[wrong])  # grad enabled, learned probes: from the factors
+    torch.testing.assert_close(trained.detach(), enc.embed([lora]), atol=1e-6, rtol=0)

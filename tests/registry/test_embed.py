@@ -119,3 +119,33 @@ def test_an_encoder_is_read_once_per_process_until_its_file_changes(tmp_path):
         torch.testing.assert_close(model([factors]), fresh([factors]))
     _encoder(tmp_path, "enc-a", seed=1)  # the same path rewritten
     assert load_encoder(record) is not model
+
+
+def test_ingest_and_re_embedding_start_from_the_responses_inspection_made(tmp_path, monkeypatch):
+    """Neither an ingest nor a re-embedding runs the encoder's own pass over the factors: the
+    layers' responses to its probes come from the fingerprint's pass (one read of the factors), and
+    the vectors are the ones the encoder's own pass gives."""
+    from models.encoder_tokens import LayerTokenizer
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    early = _lora_file(folder, "ember_glow", seed=0)
+    reg = Registry.open(tmp_path / "registry")
+    reg.register_base(tiny_flux_base())
+    reg.add([early])
+    path = _encoder(tmp_path, "enc-a", seed=0)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the encoder read the factors again")
+
+    monkeypatch.setattr(LayerTokenizer, "_responses_t", refused)
+    assert reg.register_encoder(path).embedded == {"enc-a": 1}  # a row stored before the encoder
+    report = reg.add([_lora_file(folder, "ocean_waves", seed=1, blocks=(1,))])  # one arriving after
+    assert len(report.added) == 1 and not report.rejected
+    monkeypatch.undo()
+    encoder = LoRAWeightEncoder.load(path)
+    for lora_id, (version, vector) in _vectors(reg).items():
+        lora, _ = load_canonical(reg.root / reg.get(lora_id)["blob"])
+        with torch.no_grad():
+            expected = encoder([lora.factors])[0].numpy()
+        assert version == "enc-a" and np.allclose(vector, expected, atol=1e-5)

@@ -390,3 +390,28 @@ def test_rank_zero_module_with_alpha_is_rejected():
     with pytest.raises(RejectedFile) as info:
         canonicalise(state, {})
     assert info.value.code == "rank_mismatch"
+
+
+def test_an_encoders_responses_are_made_in_the_fingerprints_pass():
+    """``inputs`` (an encoder's probes by layer): canonicalise also gives each named layer's
+    ``(B (A Q))^T`` in float32, for the fused modules of a kohya file (one A shared by q, k, v) and
+    a bfloat16 file too; the fingerprint is the same with or without them."""
+    ranks = {"transformer_blocks.4.attn.to_q": 4, "transformer_blocks.4.attn.to_k": 4,
+             "transformer_blocks.4.attn.to_v": 4, "single_transformer_blocks.9.proj_out": 2}
+    shapes = {n: flux1_dev().layer_shapes[n] for n in ranks}
+    layers = random_layers(shapes, ranks, seed=5)
+    gen = torch.Generator().manual_seed(0)
+    probes = {n: torch.randn(2, k, generator=gen) for n, (_, k) in shapes.items()}
+    del probes["transformer_blocks.4.attn.to_v"]  # a layer the encoder does not know: none made
+    for fmt, dtype in (("kohya", torch.float32), ("diffusers", torch.bfloat16)):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in to_format(layers, fmt).items()}
+        plain = canonicalise(state, {})
+        lora = canonicalise(state, {}, inputs={"enc-a": probes})
+        assert fingerprint(lora) == fingerprint(plain) and plain.responses == {}
+        assert set(lora.responses["enc-a"]) == set(probes)
+        for name, q_t in probes.items():
+            a, b = (t.double() for t in lora.factors[name])
+            expected = ((q_t.double() @ a.T) @ b.T).float()
+            got = lora.responses["enc-a"][name]
+            assert got.dtype == torch.float32 and got.shape == (2, shapes[name][0])
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
