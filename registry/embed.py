@@ -112,7 +112,7 @@ def _embed_rows(store: Store, record: EncoderRecord, rows: list[dict], report: E
                 bases: Sequence) -> list[dict]:
     """``{lora_id, weight_vector, encoder_version}`` of ``rows`` (their stored blobs read)."""
     model, out = load_encoder(record), []
-    inputs = {record.version: model.layer_probes()}  # responses made as at ingest: the same vectors
+    inputs = {record.version: _layer_probes(model)}  # responses made as at ingest: the same vectors
     for start in range(0, len(rows), BATCH):
         batch, responses, ids = [], [], []
         for row in rows[start:start + BATCH]:
