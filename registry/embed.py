@@ -60,17 +60,19 @@ def _layer_probes(model) -> dict:  # per loaded encoder (load_encoder keeps a fe
 class WeightEmbedder:
     """The active encoder of each base model of a registry, loaded on first use."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, warnings: list[str] | None = None) -> None:
         self.records = active_encoders(store)
         self._models: dict[str, object] = {}
         self._inputs: dict[str, dict] | None = None
+        self._warnings = warnings if warnings is not None else []  # an ingest's report's
 
     def inputs(self) -> dict[str, dict]:
         """``{version: {layer name: probes}}`` of the active encoders: given to inspection
         (:func:`registry.lora.inspect.inspect_file`), which makes the layers' responses to them in
         its own pass over the factors; :meth:`embed` then starts from those."""
         if self._inputs is None:
-            self._inputs = {r.version: _layer_probes(self._model(r)) for r in self.records.values()}
+            self._inputs = {r.version: _layer_probes(model) for r in self.records.values()
+                            if (model := self._model(r)) is not None}
         return self._inputs
 
     def embed(self, base_model: str, factors: Mapping, helper: Executor | None = None,
@@ -79,14 +81,25 @@ class WeightEmbedder:
         ``helper``: an executor whose thread may share the work once free; ``responses``: the
         inspection's ``{version: {layer name: responses}}`` (:meth:`inputs`), if it made them."""
         record = self.records.get(base_model)
-        if record is None:
+        model = self._model(record) if record is not None else None
+        if model is None:
             return None
         given = (responses or {}).get(record.version)
-        return _encode(self._model(record), [factors], helper, [given] if given else None)[0], record.version
+        return _encode(model, [factors], helper, [given] if given else None)[0], record.version
 
     def _model(self, record: EncoderRecord):
+        """The loaded encoder of ``record``, or None (said once in the warnings) when its checkpoint
+        in the registry is missing or damaged: the LoRAs are then added without a weight vector
+        instead of being refused for the registry's fault."""
         if record.version not in self._models:
-            self._models[record.version] = load_encoder(record)
+            try:
+                self._models[record.version] = load_encoder(record)
+            except Exception as error:  # noqa: BLE001  any failure to read it: not the LoRA's fault
+                self._models[record.version] = None
+                self._warnings.append(
+                    f"the active weight encoder {record.version} ({record.base_model}) could not be read from "
+                    f"{record.path} ({type(error).__name__}: {error}); its LoRAs are added without a weight vector: "
+                    "put the file back (or register another encoder), then run `autolora embed --registry DIR`")
         return self._models[record.version]
 
 

@@ -29,7 +29,7 @@ class Batch:
     def embedder(self) -> WeightEmbedder:
         """The registry's active LoRA-weight encoders (read once per ingest)."""
         if self._embedder is None:
-            self._embedder = WeightEmbedder(self.reg)
+            self._embedder = WeightEmbedder(self.reg, self.report.warnings)
         return self._embedder
 
     def __len__(self) -> int:

@@ -149,3 +149,29 @@ def test_ingest_and_re_embedding_start_from_the_responses_inspection_made(tmp_pa
         with torch.no_grad():
             expected = encoder([lora.factors])[0].numpy()
         assert version == "enc-a" and np.allclose(vector, expected, atol=1e-5)
+
+
+def test_a_damaged_encoder_checkpoint_is_said_once_and_loses_no_lora(tmp_path):
+    """The registry's own encoder file missing or damaged is not the LoRAs' fault: they are added
+    (without a weight vector) and the report says once what to do; once the file is back,
+    ``refresh_embeddings`` embeds them."""
+    import shutil
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    reg = Registry.open(tmp_path / "registry")
+    reg.register_base(tiny_flux_base())
+    source = _encoder(tmp_path, "enc-a", seed=0)
+    reg.register_encoder(source)
+    stored = next((reg.root / "encoders").glob("enc-a.safetensors"))
+    for round_, damage in enumerate(("missing", "garbage")):
+        stored.unlink() if damage == "missing" else stored.write_bytes(b"not a checkpoint" * 64)
+        files = [_lora_file(folder, f"{damage}_{i}", seed=10 + 2 * round_ + i) for i in range(2)]
+        report = reg.add(files)
+        assert len(report.added) == 2 and not report.rejected, report.to_dict()
+        assert len(report.warnings) == 1 and "enc-a" in report.warnings[0] and "autolora embed" in report.warnings[0]
+        assert not reg.rejections.count_rows()
+    assert all(version is None for version, _ in _vectors(reg).values())
+    shutil.copyfile(source, stored)
+    assert reg.refresh_embeddings().embedded == {"enc-a": 4}
+    assert {version for version, _ in _vectors(reg).values()} == {"enc-a"}
