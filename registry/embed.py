@@ -63,17 +63,14 @@ class WeightEmbedder:
     def __init__(self, store: Store, warnings: list[str] | None = None) -> None:
         self.records = active_encoders(store)
         self._models: dict[str, object] = {}
-        self._inputs: dict[str, dict] | None = None
         self._warnings = warnings if warnings is not None else []  # an ingest's report's
 
     def inputs(self) -> dict[str, dict]:
         """``{version: {layer name: probes}}`` of the active encoders: given to inspection
         (:func:`registry.lora.inspect.inspect_file`), which makes the layers' responses to them in
         its own pass over the factors; :meth:`embed` then starts from those."""
-        if self._inputs is None:
-            self._inputs = {r.version: _layer_probes(model) for r in self.records.values()
-                            if (model := self._model(r)) is not None}
-        return self._inputs
+        return {r.version: _layer_probes(model) for r in self.records.values()
+                if (model := self._model(r)) is not None}
 
     def embed(self, base_model: str, factors: Mapping, helper: Executor | None = None,
               responses: Mapping[str, Mapping] | None = None) -> tuple[list[float], str] | None:

@@ -109,7 +109,7 @@ def projections(factors: Mapping[str, tuple[Tensor, Tensor]], inputs: Inputs | N
     for names in sharing.values():
         a = factors[names[0]][0]
         a32 = a.float()
-        ax = (_input_probes_t(a.shape[1]) @ a32.T).T  # see _a_x
+        ax = _a_x(a32)  # (a float32 A is not copied again)
         for name in names:
             b32 = factors[name][1].float()
             out[name] = (ax, _output_probes_t(b32.shape[0]) @ b32)
