@@ -42,6 +42,16 @@ def _vectors(reg: Registry) -> dict[str, tuple[str, np.ndarray]]:
     return {r["lora_id"]: (r["encoder_version"], np.asarray(r["weight_vector"] or [], np.float32)) for r in rows}
 
 
+def _assert_the_encoders_own_vectors(reg: Registry, checkpoint: Path, version: str) -> None:
+    """Every row carries ``version``'s vector, the one the encoder's own pass over its stored blob gives."""
+    encoder = LoRAWeightEncoder.load(checkpoint)
+    for lora_id, (stored_version, vector) in _vectors(reg).items():
+        lora, _ = load_canonical(reg.root / reg.get(lora_id)["blob"])
+        with torch.no_grad():
+            expected = encoder([lora.factors])[0].numpy()
+        assert stored_version == version and np.allclose(vector, expected, atol=1e-5)
+
+
 def test_embeddings_follow_the_active_encoder(tmp_path):
     folder = tmp_path / "loras"
     folder.mkdir()
@@ -58,12 +68,7 @@ def test_embeddings_follow_the_active_encoder(tmp_path):
     first = _encoder(tmp_path, "enc-a", seed=0)
     report = reg.register_encoder(first)
     assert report.activated == "enc-a" and report.embedded == {"enc-a": 3}
-    encoder = LoRAWeightEncoder.load(first)
-    for lora_id, (version, vector) in _vectors(reg).items():
-        lora, _ = load_canonical(reg.root / reg.get(lora_id)["blob"])
-        with torch.no_grad():
-            expected = encoder([lora.factors])[0].numpy()
-        assert version == "enc-a" and np.allclose(vector, expected, atol=1e-5)
+    _assert_the_encoders_own_vectors(reg, first, "enc-a")
     hits = reg.search("anything", k=3, channel="weights")
     assert len(hits) == 3 and all(-1.0 <= h.score <= 1.0 for h in hits)
     reg.tag("with-a")
@@ -143,12 +148,7 @@ def test_ingest_and_re_embedding_start_from_the_responses_inspection_made(tmp_pa
     report = reg.add([_lora_file(folder, "ocean_waves", seed=1, blocks=(1,))])  # one arriving after
     assert len(report.added) == 1 and not report.rejected
     monkeypatch.undo()
-    encoder = LoRAWeightEncoder.load(path)
-    for lora_id, (version, vector) in _vectors(reg).items():
-        lora, _ = load_canonical(reg.root / reg.get(lora_id)["blob"])
-        with torch.no_grad():
-            expected = encoder([lora.factors])[0].numpy()
-        assert version == "enc-a" and np.allclose(vector, expected, atol=1e-5)
+    _assert_the_encoders_own_vectors(reg, path, "enc-a")
 
 
 def test_a_damaged_encoder_checkpoint_is_said_once_and_loses_no_lora(tmp_path):
