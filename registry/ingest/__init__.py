@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -84,8 +84,14 @@ def _lora_row(reg: Store, info: InspectedLoRA, lora_id: str, meta: LoraMetadata,
 
 
 def _early(meta: LoraMetadata) -> list[float] | None:  # its own function: tests watch that it runs
-    """The text vector of a new LoRA, made while its blob copy still runs."""
+    """The text vector of a new LoRA, made beside its blob copy or its inspection."""
     return embed_documents([meta.search_text()])[0]
+
+
+def _made(vector: list[float] | None) -> Future:
+    done: Future = Future()
+    done.set_result(vector)
+    return done
 
 
 def _prefetch(reg: Store, candidates: list[Candidate]) -> dict[str, dict]:
@@ -170,7 +176,7 @@ class _Early:
 
     done: bool = False
     stored: dict | None = None  # the stored row of its lora_id
-    text_vector: list[float] | None = None  # None: made in a batch at flush
+    text: Future | None = None  # its text vector (None: made in a batch at flush)
     weights: tuple[list[float], str] | None = None  # the embedder's result (None: no encoder)
 
 
@@ -276,11 +282,20 @@ class _FileIngest:
                 # LanceDB read beside it takes 8-17 ms instead of ~3 (both cores busy)
                 inputs = None if hash_first else self.batch.embedder.inputs()
                 future = pool.submit(sha256_file if hash_first else self.reg.blobs.stage, self.path)
+                text: list = []  # (future, document) of the text vector, queued behind the copy
+                early = _Early()
+
+                def queue_text(header: dict[str, str]) -> None:
+                    document = header_then_sidecars(from_header(header), sidecars, Path(self.path).stem)
+                    text.append((pool.submit(_early, document), document))
+
                 try:
-                    outcome = self._inspect(bases, sidecars, inputs)
-                    early = (self._while_copying(outcome, sidecars, future, pool)
-                             if isinstance(outcome, InspectedLoRA) and not hash_first else _Early())
+                    outcome = self._inspect(bases, sidecars, inputs, None if hash_first else queue_text)
+                    if isinstance(outcome, InspectedLoRA) and not hash_first:
+                        early = self._while_copying(outcome, text[0] if text else None, pool)
                 finally:
+                    if text and not early.text:
+                        text[0][0].cancel()  # not needed (a rejection, a known LoRA) if not begun
                     sha, staged = (future.result(), None) if hash_first else future.result()
             except OSError as error:  # reading the file, or writing its copy into the store
                 if storage_problem(self.reg, error):
@@ -290,27 +305,31 @@ class _FileIngest:
         finally:
             self.reg.blobs.discard(staged)  # a no-op once committed into the store
 
-    def _while_copying(self, info: InspectedLoRA, sidecars: LoraMetadata, copy: Future,
+    def _while_copying(self, info: InspectedLoRA, text: tuple[Future, LoraMetadata] | None,
                        pool: ThreadPoolExecutor) -> _Early:
-        """While the copy runs: make its text vector (if the copy still runs; else batched at
-        flush), look its ``lora_id`` up and, for a new one, make its weight embedding (the hash
-        thread takes a share once the copy is done). Wasted only when the bytes turn out to be a
-        duplicate of a file of this batch or of a stored LoRA."""
-        # the text first: its lookup and the weight embedding can still run after the copy, the
-        # text vector would then be made at flush, alone (XLabs: 6 ms more, 0.2 of the ratio)
-        text = _early(_header_first(info, sidecars)) if not copy.done() else None
+        """Beside the copy: its text vector, queued in the hash thread when the header was read (it
+        runs there once the copy is done, beside the rest of inspection), is made in this thread
+        instead when the copy still runs; then its ``lora_id`` is looked up and, for a new one, its
+        weight embedding made (the hash thread takes a share once the copy is done). Wasted only
+        when the bytes turn out to be a duplicate of a file of this batch or of a stored LoRA."""
+        vector, document = text if text else (None, None)
+        if vector is not None and vector.cancel():  # not begun: the copy still runs, so made here beside it
+            vector = _made(_early(document))  # (first: the look-up and embedding may outlast the copy)
         stored = self.batch.stored_lora(lora_id_for(info.fingerprint))
         if stored is not None:
             return _Early(done=True, stored=stored)
         weights = self.batch.embedder.embed(info.base_model, info.lora.factors, helper=pool,
                                             responses=info.lora.responses)
-        return _Early(done=True, text_vector=text, weights=weights)
+        return _Early(done=True, text=vector, weights=weights)
 
-    def _inspect(self, bases: list, sidecars: LoraMetadata, inputs: dict | None) -> InspectedLoRA | RejectedFile:
+    def _inspect(self, bases: list, sidecars: LoraMetadata, inputs: dict | None,
+                 on_header: Callable[[dict[str, str]], None] | None) -> InspectedLoRA | RejectedFile:
         """``inputs``: the active encoders' probes, whose layer responses inspection then makes in
-        its pass over the factors, for the embedding to start from (float32 factors: -25 ms)."""
+        its pass over the factors, for the embedding to start from (float32 factors: -25 ms);
+        ``on_header``: called with the header's metadata once it is read."""
         try:
-            return inspect_file(self.path, bases, sha256="pending", base_hint=sidecars.base_model_hint, inputs=inputs)
+            return inspect_file(self.path, bases, sha256="pending", base_hint=sidecars.base_model_hint, inputs=inputs,
+                                on_header=on_header)
         except RejectedFile as rejection:
             return rejection
 
@@ -347,7 +366,7 @@ class _FileIngest:
                 self.batch.refresh.add(lora_id)
             return self._record(sha, lora_id, info.format, new=same)
         meta = _header_first(info, sidecars)
-        row = _lora_row(self.reg, info, lora_id, meta, staged, early.text_vector)
+        row = _lora_row(self.reg, info, lora_id, meta, staged, early.text.result() if early.text else None)
         embedded = (early.weights if early.done  # zero-shot
                     else self.batch.embedder.embed(info.base_model, info.lora.factors, responses=info.lora.responses))
         if embedded:

@@ -53,15 +53,20 @@ def attention_widths(bases: Iterable[BaseModel]) -> dict[int, str]:
 
 
 def load_canonical(path: str | os.PathLike, bases: Iterable[BaseModel] = (), inputs: Inputs | None = None,
+                   on_header: Callable[[dict[str, str]], None] | None = None,
                    ) -> tuple[CanonicalLoRA, dict[str, str]]:
     """Read a LoRA file safely and return its canonical form and header metadata. ``bases``: the
     registered bases, whose widths tell their LoRAs' architecture when names alone do not.
     ``inputs``: LoRA-weight encoders' probes (see :func:`registry.lora.canonical.canonicalise`).
+    ``on_header``: called with the header metadata as soon as the header is read and checked
+    (before the factors are), for work that needs only the header to start beside the rest.
 
     NaN/Inf are looked for in the fingerprint's pass over the factors (:mod:`registry.lora.finite`),
     not in one more pass over the file; a file refused for another reason that also holds a NaN/Inf
     is refused as that."""
     tensors, metadata = read_safetensors(path, check_finite=False)
+    if on_header is not None:
+        on_header(metadata)
     try:
         lora = canonicalise(tensors, metadata, attention_widths(bases), inputs)
     except RejectedFile:
@@ -73,14 +78,15 @@ def load_canonical(path: str | os.PathLike, bases: Iterable[BaseModel] = (), inp
 
 def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
                  sha256: str | Callable[[], str] | None = None,
-                 base_hint: str = "", inputs: Inputs | None = None) -> InspectedLoRA:
+                 base_hint: str = "", inputs: Inputs | None = None,
+                 on_header: Callable[[dict[str, str]], None] | None = None) -> InspectedLoRA:
     """Validate + canonicalise ``path``; raises :class:`RejectedFile` with the reason.
 
     ``sha256``: the file's hash if known, or a callable giving it (called last, only for an
     accepted file, so the hash can be computed concurrently), or ``None`` to hash here.
     ``base_hint``: text naming the base from outside the file (a card's or Civitai's
     ``base_model``), used after the header's own hint where shapes fit several bases.
-    ``inputs``: see :func:`load_canonical`.
+    ``inputs``, ``on_header``: see :func:`load_canonical`.
     """
     path = Path(path)
     if not path.is_file():
@@ -89,7 +95,7 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
         raise RejectedFile("not_a_file", f"{path} is not a regular file")
     bases = list(bases)
     with one_torch_thread():
-        lora, metadata = load_canonical(path, bases, inputs)
+        lora, metadata = load_canonical(path, bases, inputs, on_header)
         hint = " | ".join(h for h in (hint_from_metadata(metadata), base_hint) if h)
         base = match_base(lora.shapes(), bases, hint)
         if base is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,47 @@ def test_the_text_vector_is_made_before_the_lookup_that_could_outlast_the_copy(i
     assert len(reg.add([files["ember"]]).added) == 1
     assert made_early == [1]
     assert reg.search("campfire embers", k=1, channel="text")[0].name == "Ember Glow"
+
+def test_the_text_vector_is_made_by_the_hash_thread_when_the_copy_ends_first(ingested, tmp_path, monkeypatch):
+    """The copy ends while the file is still inspected (a small LoRA, or one whose conversion is
+    long): its text vector, queued when the header was read, is made by the hash thread then,
+    beside the rest of inspection, not on this thread after it or alone at flush."""
+    import threading
+
+    import registry.ingest as ingest
+    from registry.store.blobstore import BlobStore
+
+    _, files, _ = ingested
+    copied, made_by = threading.Event(), []
+    stage, inspect_file = BlobStore.stage, ingest.inspect_file
+
+    def stage_then_say(self, source):
+        try:
+            return stage(self, source)
+        finally:
+            copied.set()
+
+    def inspect_past_the_copy(*args, **kwargs):
+        info = inspect_file(*args, **kwargs)
+        assert copied.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not made_by and time.monotonic() < deadline:  # the queued text runs once the copy is done
+            time.sleep(0.01)
+        return info
+
+    monkeypatch.setattr(BlobStore, "stage", stage_then_say)
+    monkeypatch.setattr(ingest, "inspect_file", inspect_past_the_copy)
+    monkeypatch.setattr(ingest, "_early", lambda *a, f=ingest._early: made_by.append(
+        threading.current_thread().name) or f(*a))
+    flushed = []
+    monkeypatch.setattr(ingest.Batch, "flush", lambda self, f=ingest.Batch.flush: flushed.append(
+        [r["text_vector"] is not None for r in self.loras.values()]) or f(self))
+    reg = Registry.open(tmp_path / "text-in-the-hash-thread")
+    assert len(reg.add([files["ember"]]).added) == 1
+    assert len(made_by) == 1 and made_by[0].startswith("autolora-hash"), made_by
+    assert flushed == [[True]]  # the row reached the flush with its vector
+    assert reg.search("campfire embers", k=1, channel="text")[0].name == "Ember Glow"
+
 
 def _bad_files(folder: Path, sentinel: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
