@@ -132,8 +132,10 @@ def features_from_projections(proj: Projections) -> tuple[float, list[float]]:
     # widened to float64 once joined (exact, so the same numbers as per layer; XLabs: 2.2 -> 1.5 ms)
     sums = (weights * torch.cat(ubts).double() * torch.cat(axs).double()).sum(dim=0)  # sum_l w_lm F_l[m, m]
     # F_l = UB_l @ AX_l for all layers at once; zero-padding to the largest rank adds exact zeros
-    pad = torch.nn.utils.rnn.pad_sequence
-    f = torch.bmm(pad(ubts, batch_first=True).double().transpose(1, 2), pad(axs, batch_first=True).double())
+    # (stacked when every rank is the same, as in most files: the same tensors; an XLabs fingerprint 3.3 -> 1.9 ms)
+    join = torch.stack if bool((ranks == ranks[0]).all()) else functools.partial(
+        torch.nn.utils.rnn.pad_sequence, batch_first=True)
+    f = torch.bmm(join(ubts).double().transpose(1, 2), join(axs).double())
     norm = math.sqrt(max(float((f * f).sum()) / FP_PROBES**2, 1e-300))
     return math.log10(norm), [float(s) / norm for s in sums]
 
