@@ -196,12 +196,35 @@ def diffusers_keeps(keys: Iterable[str]) -> bool:
     return not any(m in key for key in keys for m in _DIFFUSERS_CONVERTS)
 
 
-def _via_diffusers(tensors: Mapping[str, Tensor]) -> Layers:
-    from diffusers import FluxPipeline
+def diffusers_lora_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """What ``FluxLoraLoaderMixin.lora_state_dict(state, return_alphas=True)`` returns (diffusers
+    0.42): its converters from ``diffusers.loaders.lora_conversion_utils``, chosen by the same key
+    tests in the same order. Importing that module costs a new process ~1.6 s; importing the
+    pipeline class (transformers' text encoders, peft) ~3 s more, which a one-file ``autolora
+    ingest`` paid. ``tests/registry/lora/test_formats.py`` checks that both give the same on every
+    format. ``state`` is modified, as diffusers modifies it."""
+    from diffusers.loaders import lora_conversion_utils as diffusers_converters
 
+    for key in [k for k in state if "dora_scale" in k]:  # diffusers drops DoRA scales (with a warning)
+        del state[key]
+    for mark, converter in ((".lora_down.weight", "_convert_kohya_flux_lora_to_diffusers"),
+                            ("processor", "_convert_xlabs_flux_lora_to_diffusers"),
+                            ("query_norm.scale", "_convert_bfl_flux_control_lora_to_diffusers"),
+                            ("base_model", "_convert_fal_kontext_lora_to_diffusers")):
+        if any(mark in k for k in state):
+            return getattr(diffusers_converters, converter)(state), None
+    alphas = {}
+    for key in [k for k in state if "alpha" in k]:
+        if not (torch.is_tensor(state[key]) and torch.is_floating_point(state[key])):
+            raise ValueError(f"The alpha key ({key}) seems to be incorrect.")  # as diffusers says
+        alphas[key] = state.pop(key)
+    return state, alphas
+
+
+def _via_diffusers(tensors: Mapping[str, Tensor]) -> Layers:
     # float32 copies: the converters pop keys, scale in place and would round in float16.
     copy = {k: v.to(torch.float32, copy=True) for k, v in tensors.items()}
-    state, alphas = FluxPipeline.lora_state_dict(copy, return_alphas=True)
+    state, alphas = diffusers_lora_state_dict(copy)
     modules, _ = group({**state, **(alphas or {})})
     return convert(modules)
 

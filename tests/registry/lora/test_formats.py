@@ -71,6 +71,50 @@ def test_read_only_formats_are_detected(partial):
     assert detect_format(bare) == "peft"
 
 
+def _states(partial, xlabs_layers) -> dict[str, dict]:
+    states = {fmt: to_format(xlabs_layers if fmt == "xlabs" else partial, fmt) for fmt in FORMATS}
+    states["fal_kontext"], states["bfl_control"] = fal_kontext_state(partial), bfl_control_state(partial)
+    states["peft_with_alpha"] = {**states["diffusers"], "transformer.transformer_blocks.0.attn.to_q.alpha":
+                                 torch.tensor(2.0)}
+    states["kohya_with_dora_scale"] = {**states["kohya"], "lora_unet_double_blocks_0_img_attn_qkv.dora_scale":
+                                       torch.ones(1, 3072)}
+    return states
+
+
+def test_the_light_dispatch_to_diffusers_converters_is_what_its_pipeline_class_does(partial, xlabs_layers):
+    """``conversion.diffusers_lora_state_dict`` calls diffusers' converters without importing the
+    pipeline class (3 s of a new process): for every format it must return what
+    ``FluxPipeline.lora_state_dict`` returns, and refuse what it refuses."""
+    from diffusers import FluxPipeline
+
+    def copied(state):
+        return {k: v.to(torch.float32, copy=True) for k, v in state.items()}
+
+    def outcome(call, state):
+        try:
+            return call(copied(state))
+        except Exception as error:  # noqa: BLE001  (a partial fal/Kontext file: both raise the same)
+            return type(error), str(error)
+
+    converted = 0
+    for name, state in _states(partial, xlabs_layers).items():
+        ours = outcome(conversion.diffusers_lora_state_dict, state)
+        theirs = outcome(lambda s: FluxPipeline.lora_state_dict(s, return_alphas=True), state)
+        if isinstance(theirs[0], type):
+            assert ours == theirs, name
+            continue
+        (ours, our_alphas), (theirs, their_alphas), converted = ours, theirs, converted + 1
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        assert (our_alphas or {}).keys() == (their_alphas or {}).keys(), name
+        assert all(torch.equal(our_alphas[k], their_alphas[k]) for k in our_alphas or {}), name
+    assert converted >= len(FORMATS) + 2
+    bad = {**to_format(partial, "diffusers"), "transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(2)}
+    for call in (lambda s: conversion.diffusers_lora_state_dict(s),
+                 lambda s: FluxPipeline.lora_state_dict(s, return_alphas=True)):
+        with pytest.raises(ValueError, match="alpha key"):
+            call(dict(bad))
+
+
 def test_xlabs_by_our_name_map_agrees_with_diffusers(xlabs_layers):
     state = to_format(xlabs_layers, "xlabs")
     assert "single_blocks.37.processor.proj_lora.down.weight" in state
