@@ -145,16 +145,40 @@ def _flux_base(name: str, config: Mapping[str, object]) -> BaseModel:
     return BaseModel.from_flux_transformer(name, transformer)
 
 
+# The built-in bases' shapes as diffusers' FluxTransformer2DModel has them under each config (built on
+# the meta device by write_builtin_bases, checked against that build by tests/registry/lora/
+# test_base_models.py): building the model costs a new process ~5 s of imports (transformers, peft),
+# which every one-file `autolora ingest` or `inspect` paid; reading the file takes ~2 ms.
+BUILTIN_BASES_FILE = Path(__file__).with_name("builtin_bases.json")
+BUILTIN_CONFIGS: dict[str, Mapping[str, object]] = {"FLUX.1-dev": FLUX1_DEV_CONFIG,
+                                                     "FLUX.1-schnell": FLUX1_SCHNELL_CONFIG}
+
+
 @functools.cache
+def _builtin(name: str) -> BaseModel:
+    described = json.loads(BUILTIN_BASES_FILE.read_text())["bases"][name]
+    return BaseModel(name=name, architecture=described["architecture"], layer_shapes=described["layer_shapes"])
+
+
+def write_builtin_bases(path: str | Path = BUILTIN_BASES_FILE) -> None:
+    """Write :data:`BUILTIN_BASES_FILE` from diffusers' model under each built-in config (after a
+    diffusers release changes the FLUX transformer's layers, which its test would say)."""
+    import diffusers
+
+    bases = {name: _flux_base(name, config) for name, config in BUILTIN_CONFIGS.items()}
+    lines = ",\n".join(f'  "{name}": ' + json.dumps({"architecture": b.architecture, "layer_shapes": {
+        k: list(v) for k, v in b.layer_shapes.items()}}) for name, b in bases.items())
+    Path(path).write_text(f'{{"diffusers": "{diffusers.__version__}", "bases": {{\n{lines}\n}}}}\n')
+
+
 def flux1_dev() -> BaseModel:
-    """FLUX.1-dev's real layer shapes, read off the diffusers model built on the meta device."""
-    return _flux_base("FLUX.1-dev", FLUX1_DEV_CONFIG)
+    """FLUX.1-dev's real layer shapes (diffusers' model under its config: see :data:`BUILTIN_BASES_FILE`)."""
+    return _builtin("FLUX.1-dev")
 
 
-@functools.cache
 def flux1_schnell() -> BaseModel:
     """FLUX.1-schnell's real layer shapes: FLUX.1-dev's less the guidance embedder."""
-    return _flux_base("FLUX.1-schnell", FLUX1_SCHNELL_CONFIG)
+    return _builtin("FLUX.1-schnell")
 
 
 BUILTIN_BASE_NAMES = ("FLUX.1-dev", "FLUX.1-schnell")  # builtin_bases()'s names, known without building them

@@ -46,6 +46,27 @@ def test_flux1_dev_blocks_and_shapes():
     assert flux1_dev() is base  # cached
 
 
+def test_the_shipped_builtin_shapes_are_what_diffusers_builds(tmp_path):
+    """The built-in bases are read from a file (a new process need not import the diffusers model,
+    ~5 s); it must hold exactly what diffusers' FluxTransformer2DModel has under each config.
+    After a diffusers change: ``.venv/bin/python -c "from registry.lora.base_models import
+    write_builtin_bases; write_builtin_bases()"``."""
+    from registry.lora import base_models
+
+    for name, config in base_models.BUILTIN_CONFIGS.items():
+        built = base_models._flux_base(name, config)
+        assert base_models._builtin(name) == built, f"{name}: rewrite {base_models.BUILTIN_BASES_FILE.name}"
+    base_models.write_builtin_bases(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == base_models.BUILTIN_BASES_FILE.read_text()
+
+
+def test_a_new_process_finds_the_builtin_bases_without_importing_diffusers():
+    code = ("import sys; from registry.lora.base_models import builtin_bases; "
+            "assert [b.name for b in builtin_bases()] == ['FLUX.1-dev', 'FLUX.1-schnell']; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers', 'peft')]")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])
+
+
 def test_json_round_trip():
     base = flux1_dev()
     again = BaseModel.from_json(base.to_json())
