@@ -97,10 +97,10 @@ def _width(keys_and_shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int 
 
 def _architecture_from_keys(keys_and_shapes: Mapping[str, tuple[int, ...]],
                             widths: Mapping[int, str] | None = None) -> str:
-    keys = [k.replace(".", "_") for k in keys_and_shapes]
+    joined = "\n".join(keys_and_shapes).replace(".", "_")  # one string: a mark is looked for once, in C
 
     def has(*marks: str) -> bool:
-        return any(m in k for k in keys for m in marks)
+        return any(m in joined for m in marks)  # (no mark holds a newline, so none spans two keys)
 
     if has(*_UNET_MARKS):  # SD UNets: the cross-attention input width names the version
         width = _width(keys_and_shapes, r"attn2_to_[kv]")
@@ -312,9 +312,10 @@ def _check_kind(tensors: Mapping[str, Tensor], widths: Mapping[int, str] | None,
     """Refuse all but plain FLUX-family LoRAs; return the validated modules and non-LoRA keys."""
     if not tensors:
         raise RejectedFile("not_lora", "the file holds no tensors")
+    joined = "\n".join(tensors)  # one string: each mark is looked for once, in C
     for code, (what, marks) in _OTHER_KINDS.items():
-        hit = next((k for k in tensors if any(m in k for m in marks)), None)
-        if hit is not None:
+        if any(m in joined for m in marks):
+            hit = next(k for k in tensors if any(m in k for m in marks))
             raise RejectedFile(code, f"{what} adapters are not supported (key {hit!r}); only "
                                      "plain low-rank LoRA (ΔW = B A) is")
     modules, extras = group(tensors)
