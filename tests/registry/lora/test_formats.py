@@ -231,3 +231,13 @@ save_lora(sys.argv[1], layers, "kohya", metadata=meta)
 
     lora = canonicalise(*read_safetensors(paths[0]))
     assert sorted(lora.factors) == [f"transformer_blocks.0.attn.to_{p}" for p in "kqv"]
+
+
+def test_a_keys_longest_role_suffix_wins():
+    assert split_key("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight") == (
+        "lora_unet_double_blocks_0_img_attn_qkv", "down")
+    assert split_key("x.lora.down.weight") == ("x", "down")  # not ("x.lora", "down")
+    assert split_key("x.attn.to_q.lora_linear_layer.up.weight") == ("x.attn.to_q", "up")
+    assert split_key("transformer.x.lora_B.weight") == ("transformer.x", "up")
+    assert split_key("x.alpha") == ("x", "alpha") and split_key(".alpha") == ("", "alpha")
+    assert split_key("x.weight") is None and split_key("alpha") is None and split_key("x.lora_A.weight.y") is None
