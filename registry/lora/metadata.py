@@ -20,6 +20,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import math
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -118,14 +119,14 @@ def from_header(metadata: dict[str, str]) -> LoraMetadata:
     )
     try:
         frequencies = json.loads(metadata.get("ss_tag_frequency", "") or "{}")
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read
         frequencies = {}
     counts: dict[str, int] = {}
     if isinstance(frequencies, dict):
         for per_dataset in frequencies.values():
             if isinstance(per_dataset, dict):
                 for tag, count in per_dataset.items():
-                    if isinstance(count, (int, float)):
+                    if isinstance(count, (int, float)) and math.isfinite(count):  # (JSON allows NaN, Infinity)
                         counts[str(tag).strip()] = counts.get(str(tag).strip(), 0) + int(count)
     meta.tags += [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:50] if t not in meta.tags]
     return meta

@@ -66,3 +66,15 @@ def test_an_unreadable_preview_prompt_loses_the_prompt_not_the_lora(tmp_path, mo
     monkeypatch.setattr(Path, "read_text", denied)
     meta = from_sidecars(lora)
     assert meta.name == "fox" and meta.render_prompts == [""]
+
+
+@pytest.mark.parametrize("frequencies", [
+    '{"data": {"fox": NaN, "red": 3}}', '{"data": {"fox": Infinity, "red": 3}}', '{"data": {"fox": 1e400, "red": 3}}',
+    "[" * 100_000 + "]" * 100_000, "{not json",
+])
+def test_a_headers_tag_counts_that_are_no_finite_numbers_are_skipped(frequencies):
+    """kohya's ``ss_tag_frequency`` is JSON, which Python reads with NaN and Infinity: such a count
+    (or JSON nested too deep to read) made the header's metadata raise, so the LoRA was recorded as
+    an internal error instead of being ingested."""
+    meta = metadata.from_header({"ss_output_name": "fox", "ss_tag_frequency": frequencies})
+    assert meta.name == "fox" and meta.tags in ([], ["red"])
