@@ -286,7 +286,7 @@ class _FileIngest:
                 early = _Early()
 
                 def queue_text(header: dict[str, str]) -> None:
-                    document = header_then_sidecars(from_header(header), sidecars, Path(self.path).stem)
+                    document = _header_first(header, sidecars, self.path)
                     text.append((pool.submit(_early, document), document))
 
                 try:
@@ -365,7 +365,7 @@ class _FileIngest:
             if stored.get("removed"):  # pruned with no path left: a path again, so unmarked
                 self.batch.refresh.add(lora_id)
             return self._record(sha, lora_id, info.format, new=same)
-        meta = _header_first(info, sidecars)
+        meta = _header_first(info.header_metadata, sidecars, info.path)
         row = _lora_row(self.reg, info, lora_id, meta, staged, early.text.result() if early.text else None)
         embedded = (early.weights if early.done  # zero-shot
                     else self.batch.embedder.embed(info.base_model, info.lora.factors, responses=info.lora.responses))
@@ -384,6 +384,7 @@ class _FileIngest:
             self.batch.refresh.add(lora_id)
 
 
-def _header_first(info: InspectedLoRA, sidecars: LoraMetadata) -> LoraMetadata:
-    """Header metadata first, then the sidecars' (as :func:`registry.ingest.rows.metadata_of` orders them)."""
-    return header_then_sidecars(from_header(info.header_metadata), sidecars, Path(info.path).stem)
+def _header_first(header: dict[str, str], sidecars: LoraMetadata, path: str | os.PathLike) -> LoraMetadata:
+    """A LoRA file's header metadata first, then its sidecars' (as :func:`registry.ingest.rows.metadata_of`
+    orders them)."""
+    return header_then_sidecars(from_header(header), sidecars, Path(path).stem)

@@ -155,8 +155,13 @@ BUILTIN_CONFIGS: dict[str, Mapping[str, object]] = {"FLUX.1-dev": FLUX1_DEV_CONF
 
 
 @functools.cache
+def _builtin_file() -> dict:
+    return json.loads(BUILTIN_BASES_FILE.read_text())["bases"]
+
+
+@functools.cache
 def _builtin(name: str) -> BaseModel:
-    described = json.loads(BUILTIN_BASES_FILE.read_text())["bases"][name]
+    described = _builtin_file()[name]
     return BaseModel(name=name, architecture=described["architecture"], layer_shapes=described["layer_shapes"])
 
 
@@ -181,7 +186,7 @@ def flux1_schnell() -> BaseModel:
     return _builtin("FLUX.1-schnell")
 
 
-BUILTIN_BASE_NAMES = ("FLUX.1-dev", "FLUX.1-schnell")  # builtin_bases()'s names, known without building them
+BUILTIN_BASE_NAMES = tuple(BUILTIN_CONFIGS)  # builtin_bases()'s names, known without reading them
 
 
 def builtin_bases() -> list[BaseModel]:

@@ -215,7 +215,8 @@ def diffusers_lora_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tenso
             return getattr(diffusers_converters, converter)(state), None
     alphas = {}
     for key in [k for k in state if "alpha" in k]:
-        if not (torch.is_tensor(state[key]) and torch.is_floating_point(state[key])):
+        value = state[key]
+        if not (torch.is_tensor(value) and torch.is_floating_point(value) or isinstance(value, float)):
             raise ValueError(f"The alpha key ({key}) seems to be incorrect.")  # as diffusers says
         alphas[key] = state.pop(key)
     return state, alphas
