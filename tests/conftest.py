@@ -1,11 +1,16 @@
 """Test-wide settings: offline, few threads, a fresh registry per test, and a micro demo world
-shared by the tests that need one (built once per session; ``AUTOLORA_TEST_MICRO_WORLD`` may name
-an already built micro world folder, ``.../micro-seed0``, to skip the build)."""
+shared by the tests that need one (built once per run, by whichever pytest-xdist worker needs it
+first; ``AUTOLORA_TEST_MICRO_WORLD`` may name an already built micro world folder,
+``.../micro-seed0``, to skip the build)."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # bin/test runs one worker per core: each on one BLAS/OpenMP thread (two busy workers with two
+    # threads each oversubscribe the cores), set before torch or numpy is imported
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
@@ -44,8 +49,14 @@ def micro_world(tmp_path_factory) -> Path:
     given = os.environ.get("AUTOLORA_TEST_MICRO_WORLD")
     if given:
         return Path(given)
+    from filelock import FileLock
+
     from pipelines.world.build import build_world
 
-    out = tmp_path_factory.mktemp("world")
-    build_world(out, size="micro", seed=0, progress=False)
+    # every xdist worker has a session of its own: the world goes into the run's shared temp folder,
+    # built by the first worker that asks (the others wait on the lock, then reuse it)
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "micro-world"
+    with FileLock(f"{out}.lock"):
+        build_world(out, size="micro", seed=0, progress=False)  # reused as it is once built
     return out / "micro-seed0"
