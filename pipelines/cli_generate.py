@@ -207,11 +207,19 @@ def _print_skipped(skipped: dict[str, str]) -> None:
 
 
 def cmd_eval_fusion(args: argparse.Namespace) -> int:
-    from pipelines.evaluate.fusion import evaluate_fusion
+    from pipelines.evaluate.fusion import METHODS, evaluate_fusion
+    from pipelines.train_gates import AUTHORS_RECIPE, train_world_gates
 
     world = _world_root(args.world)
+    unknown = [m for m in args.methods or [] if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r} for --methods; known: {', '.join(METHODS)}")
     _report_folder(args.out)
-    report = evaluate_fusion(world, args.out, gates=_gates(args, world), n_sets=args.sets, n_prompts=args.prompts,
+    gates = _gates(args, world)
+    # the anchor row: gates trained the authors' way on the world's pool (once; cached by version like ours)
+    anchor = "gated_paper" in (args.methods or METHODS)
+    paper = train_world_gates(world, recipe=AUTHORS_RECIPE).gates if anchor else None
+    report = evaluate_fusion(world, args.out, gates=gates, gates_paper=paper, n_sets=args.sets, n_prompts=args.prompts,
                              seed=args.seed, methods=args.methods or None, progress=not args.json)
     if args.json:
         _print_json(report)
@@ -301,7 +309,8 @@ def add_commands(sub, evaluate, train=None) -> None:
     fusion = evaluate.add_parser("fusion", help="fusion methods on held-out LoRA pairs and triples")
     fusion.add_argument("--world", default=".autolora/world", type=_expanded)
     fusion.add_argument("--out", default=".autolora/reports", type=_expanded)
-    fusion.add_argument("--gates", type=_expanded, help="gate checkpoint (default: the world's, trained if missing)")
+    fusion.add_argument("--gates", type=_expanded, help="gate checkpoint (default: the world's, trained if missing; "
+                        "the anchor row's gates are always the world's, trained the authors' way if missing)")
     fusion.add_argument("--sets", type=_positive, default=8, help="LoRA sets per k")
     fusion.add_argument("--prompts", type=_positive, default=8, help="prompts per set")
     fusion.add_argument("--methods", nargs="*", help="a subset of the methods")

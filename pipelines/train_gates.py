@@ -16,6 +16,10 @@ steps whose active set has disjoint theme attributes and whose batch is fresh im
 them at once, captioned with every trigger (world pools only, others train eq. 10 alone: not in
 the paper, which has each LoRA's own pairs only).  Measured on the default world: see the gates branch report.
 
+``init="authors"`` starts from the authors' released gate initialisation instead of plain addition
+(:meth:`models.fusion.gate.FusionGate.init_as_authors`); :data:`AUTHORS_RECIPE` (that, trained by eq. 10
+alone, as the paper) trains the anchor row of the fusion report.
+
 Checkpoints are safetensors named by a version id (hash of the base id, the pool's LoRA files and
 the recipe), with the pool and the recipe in the metadata; an existing version is loaded, not
 retrained.
@@ -69,6 +73,12 @@ class GateRecipe:
     anchor: float = 0.0           # decoupled decay of the gates toward their init (plain addition) per step
     prompt_triggers: bool = False  # captions carry every active LoRA's trigger (as inference prompts do)
     composite: float = 1.0        # share of steps on images showing the whole (attribute-disjoint) active set
+    init: str = "addition"        # "addition" (untrained = plain addition) or "authors" (their released init)
+
+
+INITS = ("addition", "authors")
+# the anchor's gates: the authors' initialisation, trained by eq. 10 alone (each LoRA's own pairs), as the paper
+AUTHORS_RECIPE = GateRecipe(init="authors", composite=0.0)
 
 
 @dataclass
@@ -99,8 +109,11 @@ class GateTraining:
 def gate_version(base_id: str, pool: Sequence[PoolLora], recipe: GateRecipe) -> str:
     """Hash of the base id, the pool (ids and file digests, order-free) and the recipe."""
     data = {p.lora_id: hashlib.sha256("\n".join(p.captions).encode()).hexdigest()[:16] for p in pool}
+    fields = asdict(recipe)
+    if fields["init"] == "addition":  # the field came later: gates trained before it keep their versions
+        del fields["init"]
     payload = json.dumps({"base": base_id, "pool": sorted((p.lora_id, p.digest, data[p.lora_id]) for p in pool),
-                          "recipe": asdict(recipe), "format": GATES_FORMAT,
+                          "recipe": fields, "format": GATES_FORMAT,
                           "training": TRAINING_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -207,6 +220,8 @@ def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Pat
     ``meta``: more to record in the checkpoint's header (not part of its version)."""
     if len(pool) < 2:
         raise ValueError("gate training needs at least two pool LoRAs (a target and an interference)")
+    if recipe.init not in INITS:
+        raise ValueError(f"unknown gate init {recipe.init!r}; known: {', '.join(INITS)}")
     version = gate_version(base_id, pool, recipe)
     path = Path(out_dir) / f"gates-{version}.safetensors"
     if path.is_file():
@@ -224,6 +239,10 @@ def train_gates(pipe: FluxPipeline, pool: Sequence[PoolLora], out_dir: str | Pat
     losses: list[float] = []
     try:
         fusion.prepare_training()
+        if recipe.init == "authors":
+            drawn = torch.Generator().manual_seed(recipe.seed)
+            for layer in fusion.layers.values():
+                layer.gate.init_as_authors(drawn)
         params = list(fusion.gate_parameters())
         init = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)

@@ -14,7 +14,9 @@ Choices (the paper leaves them open):
 * **Initialisation = plain addition, exactly.** w_x = w_l = w_c = 0, b = 0, w_o = 2: every gate is
   σ(0) = 1/2 and w_o ⊙ G_i = 1, so an untrained gate returns x + Σ_i L_i bit for bit, and training
   starts where the sigmoid's slope is largest (at b = +6, G ≈ 1 would be nearly saturated).
-  (The authors' code draws w_x, w_l, w_c, b at random: an untrained gate is then arbitrary.)
+  (The authors' released gate draws w_x, w_l, w_c, b from N(0, 1) and sets w_o = 1: an untrained gate
+  is then arbitrary. :meth:`FusionGate.init_as_authors` starts from there, for the anchor row of the
+  fusion report.)
 * **Global LoRA branch.** The global LoRA (rank-r_g truncation of Σ_i B_i A_i) is one more gated
   branch as in the paper, with one more per-layer vector ``w_g`` (zero at init) multiplying its
   contribution, so the untrained gate still equals plain addition of the k LoRAs instead of
@@ -62,6 +64,16 @@ class FusionGate(nn.Module):
         self.time_proj = nn.Linear(time_features, dim, bias=False, **kw) if time_features else None
         if self.time_proj is not None:
             nn.init.zeros_(self.time_proj.weight)
+
+    @torch.no_grad()
+    def init_as_authors(self, generator: torch.Generator | None = None) -> None:
+        """The authors' released initialisation (DiffSynth-Studio's ``LoraMerger``): w_x, w_l, w_c, b drawn
+        from N(0, 1), w_o = 1; w_g = 1, the global LoRA branch weighed as one more LoRA (their merger has
+        one output weight for every branch). The timestep projection, if any, stays zero."""
+        for p in (self.w_x, self.w_l, self.w_c, self.b):
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype))
+        self.w_o.fill_(1.0)
+        self.w_g.fill_(1.0)
 
     def bias(self, x: torch.Tensor, time_feats: torch.Tensor | None) -> torch.Tensor:
         """b, or b + W φ(t) shaped to broadcast over ``x`` [B, ..., d] when timestep-conditioned."""

@@ -18,7 +18,8 @@ renders of all concepts); ``single_own_trigger`` does the same with only the con
 in front of the scene: the other triggers, words the base and this LoRA never saw, cost a LoRA
 alone accuracy too, so the two rows tell the prompt's share of the interference from the weights'.
 Methods that need gates get ``gates`` (``gates_noglobal`` for the ablation if given, else the same
-gates).
+gates). ``gated_paper`` (the anchor) is ``gated`` with ``gates_paper``: gates trained the authors' way
+(``pipelines.train_gates.AUTHORS_RECIPE``); the row is left out when none are given.
 """
 
 from __future__ import annotations
@@ -38,14 +39,19 @@ from pipelines.evaluate.fusion_common import (
 from pipelines.fusion_methods import get
 from pipelines.world.scene import caption, sample_attributes
 
-METHODS = ("linear", "ties", "dare", "klora", "gated_noglobal", "gated")
+METHODS = ("linear", "ties", "dare", "klora", "gated_noglobal", "gated_paper", "gated")
+ROW_METHOD = {"base": "none", "gated_paper": "gated"}  # rows that run another method than their name
 KEYS = ("k2_accuracy", "k3_accuracy", "k2_worst", "k3_worst", "prompt_accuracy", "loss_ratio")
 LEGEND = (
-    "**Rows.** `gated`: fine-grained gated fusion with the global LoRA, the AutoLoRA paper's §4 design as this "
-    "project implements it (the anchor, and what `autolora generate` uses); `gated_noglobal`: the same without "
-    "the global LoRA (ablation). Baselines: `linear` (every LoRA added at weight 1, diffusers' multi-adapter "
-    "default), `ties`, `dare` (peft's merges), `klora`. References: `base` (no LoRA), `single` (each concept's "
-    "own LoRA alone, same prompts), `single_own_trigger` (the same with only its own trigger word).",
+    "**Rows.** `gated`: fine-grained gated fusion with the global LoRA (the AutoLoRA paper's §4 layer) with this "
+    "project's gates: initialised to plain addition, trained on images showing the whole set (what `autolora "
+    "generate` uses); `gated_noglobal`: the same without the global LoRA (ablation); `gated_paper` (the anchor): "
+    "the same layer with gates trained the authors' way, from their released initialisation (w_x, w_l, w_c, b "
+    "drawn from N(0, 1), w_o = 1) by eq. 10 alone (each target LoRA's own image-caption pairs, with "
+    "interference LoRAs and the global LoRA active). Baselines: `linear` (every LoRA added at weight 1, "
+    "diffusers' multi-adapter default), `ties`, `dare` (peft's merges), `klora`. References: `base` (no LoRA), "
+    "`single` (each concept's own LoRA alone, same prompts), `single_own_trigger` (the same with only its own "
+    "trigger word).",
     "",
     "**Columns.** `kN_accuracy`: for each fused concept, the share of its theme's attributes the read-out finds "
     "in the renders, averaged over concepts and sets of N LoRAs; `kN_worst`: the set's worst concept, averaged "
@@ -116,13 +122,14 @@ def _aggregate(rows: Mapping[str, dict]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gates_noglobal=None,
+def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gates_noglobal=None, gates_paper=None,
                     n_sets: int = 12, n_prompts: int = 8, n_loss: int = 16, seed: int = 0,
                     methods: Sequence[str] | None = None, progress: bool = True, pipe=None) -> dict:
     """Run the report; writes ``fusion.json``, ``fusion.md`` and grids under ``out``; returns the JSON."""
     world = open_world(world_root, pipe)
-    methods = list(methods or METHODS)
-    gate_for = {"gated": gates, "gated_noglobal": gates_noglobal if gates_noglobal is not None else gates}
+    methods = [m for m in methods or METHODS if m != "gated_paper" or gates_paper is not None]
+    gate_for = {"gated": gates, "gated_noglobal": gates_noglobal if gates_noglobal is not None else gates,
+                "gated_paper": gates_paper}
     names = ["base", "single", "single_own_trigger", *methods]
     rows: dict[str, dict] = {n: {2: [], 3: []} for n in names}
     loras, losses, grids = {}, {}, {}
@@ -158,7 +165,7 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
                                          "prompt": scene_accuracy(pooled, stated * len(entries)),
                                          "set": [e["theme"] for e in entries]})
                 for name in ["base", *methods]:
-                    method = get("none" if name == "base" else name)
+                    method = get(ROW_METHOD.get(name, name))
                     with method.apply(world.pipe, lo, gates=gate_for.get(name)):
                         images = _render(world, prompts, render_seed)
                         ratio = [losses[e["theme"]]() / s for e, s in zip(entries, single_loss)]
@@ -171,7 +178,7 @@ def evaluate_fusion(world_root: str | Path, out: str | Path, *, gates=None, gate
     report = _aggregate(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fusion.json").write_text(json.dumps(report, indent=1))
-    (out / "fusion.md").write_text(_markdown(report, grids, n_sets, n_prompts, world.root, gates, rows))
+    (out / "fusion.md").write_text(_markdown(report, grids, n_sets, n_prompts, world.root, gates, rows, gates_paper))
     return report
 
 
@@ -182,10 +189,12 @@ def _render(world, prompts: list[str], seed: int) -> np.ndarray:
 
 
 def _markdown(report: Mapping, grids: Mapping, n_sets: int, n_prompts: int, root: Path, gates,
-              rows: Mapping[str, dict]) -> str:
+              rows: Mapping[str, dict], gates_paper=None) -> str:
     lines = ["# Fusion of held-out LoRAs", "",
              f"World `{root}`; {n_sets} sets per k, {n_prompts} prompts each; held-out LoRAs only. "
-             f"Gates: `{getattr(gates, 'version', 'untrained')}`.", "",
+             f"Gates: `{getattr(gates, 'version', 'untrained')}`"
+             + (f"; the anchor's (`gated_paper`): `{getattr(gates_paper, 'version', 'untrained')}`"
+                if gates_paper is not None else "") + ".", "",
              markdown_table(["method", *KEYS], [(m, *(r[key] for key in KEYS)) for m, r in report.items()]), "",
              *LEGEND, "", *_per_set(rows)]
     for k, (path, labels, prompts) in sorted(grids.items()):

@@ -44,3 +44,10 @@ def test_generation_on_a_world_the_registry_does_not_hold_is_refused_before_trai
     assert code == 2 and err.count("\n") == 1 and "ingest the world first" in err, err
     assert (sorted(gates.glob("*")) if gates.exists() else []) == before
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_fusion_method_is_a_usage_error_before_any_work(micro_world, tmp_path, capsys):
+    code, err = _run(capsys, "eval", "fusion", "--world", str(micro_world), "--methods", "linear", "gated_papr",
+                     "--out", str(tmp_path / "out"), "--json")
+    assert code == 2 and err.count("\n") == 1 and "unknown method 'gated_papr'" in err and "gated_paper" in err, err
+    assert not (tmp_path / "out").exists()

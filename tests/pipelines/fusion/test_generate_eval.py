@@ -85,6 +85,22 @@ def test_fusion_report_contract(micro_world, pipe, gates, tmp_path):
     assert f"| 2 | {', '.join(e['theme'] for e in first)} |" in per_set and "| gated |" in per_set
 
 
+def test_fusion_report_puts_the_authors_gates_beside_ours(micro_world, pipe, gates, tmp_path):
+    """``gated_paper`` (the anchor) runs the gated layer with gates trained the authors' way; without
+    those gates the row is left out rather than run with untrained ones."""
+    paper = train_world_gates(micro_world, tmp_path / "gates", GateRecipe(steps=2, batch_size=2, init="authors",
+                                                                        composite=0.0)).gates
+    assert paper.meta["recipe"]["init"] == "authors" and paper.version != gates.version
+    report = evaluate_fusion(micro_world, tmp_path, gates=gates, gates_paper=paper, n_sets=1, n_prompts=2, n_loss=4,
+                             pipe=pipe, progress=False, methods=["gated_paper", "gated"])
+    assert {"gated_paper", "gated"} <= set(report) and report["gated_paper"] != report["gated"]
+    markdown = (tmp_path / "fusion.md").read_text()
+    assert "| gated_paper |" in markdown and f"`gated_paper`): `{paper.version}`" in markdown
+    without = evaluate_fusion(micro_world, tmp_path / "without", gates=gates, n_sets=1, n_prompts=2, n_loss=4,
+                              pipe=pipe, progress=False, methods=["gated_paper", "linear"])
+    assert "gated_paper" not in without and "linear" in without
+
+
 def test_own_trigger_prompts_keep_the_scene_and_drop_the_other_triggers():
     entries = [{"trigger": "zq1", "attrs": {"shape": "circle"}}, {"trigger": "vx2", "attrs": {"colour": "red"}},
                {"trigger": "kp3", "attrs": {"style": "outline"}}]

@@ -36,7 +36,7 @@ def test_report_assets_show_the_baselines_beside_gated_and_where_the_report_is(m
                             resources={"registry": RegistryResource(path=str(micro_registry.root))})
     assert result.success
     fusion = result.asset_materializations_for_node("fusion_report")[0].metadata
-    for method in ("base", "single", "linear", "ties", "dare", "klora", "gated"):
+    for method in ("base", "single", "linear", "ties", "dare", "klora", "gated_paper", "gated"):
         assert 0.0 <= fusion[f"{method}_k2_accuracy"].value <= 1.0 and f"{method}_k3_accuracy" in fusion
     assert fusion["report_path"].value == str(tmp_path / "reports" / "fusion.md")
     generation = result.asset_materializations_for_node("generation_report")[0].metadata

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.fusion_methods.base import transformer_state
-from pipelines.train_gates import GateRecipe, PoolLora, gate_version, load_gates, train_gates
+from pipelines.train_gates import AUTHORS_RECIPE, GateRecipe, PoolLora, gate_version, load_gates, train_gates
 from pipelines.world.tiny_flux import build_tiny_flux
 from tests.pipelines.fusion.test_fusion_methods import make_lora
 
@@ -59,6 +59,32 @@ def test_version_depends_on_pool_and_recipe(pool):
     assert v != gate_version("b", pool[:2], GateRecipe())
     assert v != gate_version("b", pool, GateRecipe(steps=7))
     assert v != gate_version("c", pool, GateRecipe())
+    assert v != gate_version("b", pool, GateRecipe(init="authors")) != gate_version("b", pool, AUTHORS_RECIPE)
+
+
+def test_gates_trained_before_the_init_field_keep_their_version():
+    """The recipe's ``init`` came later: at its default it is not hashed, so cached gates stay valid."""
+    pool = [PoolLora(f"l{i}", {}, None, [f"trg{i}, a red circle"], f"digest{i}") for i in range(3)]
+    assert gate_version("b", pool, GateRecipe()) == "e2b0df8d761b45ba"  # the id before the field existed
+
+
+def test_authors_recipe_starts_from_their_init_and_trains(pipe, pool, tmp_path):
+    from models.fusion.gate import FusionGate
+
+    gate, again = FusionGate(8), FusionGate(8)
+    gate.init_as_authors(torch.Generator().manual_seed(3))
+    again.init_as_authors(torch.Generator().manual_seed(3))
+    assert all(torch.equal(p, q) for p, q in zip(gate.parameters(), again.parameters()))
+    assert torch.equal(gate.w_o, torch.ones(8)) and torch.equal(gate.w_g, torch.ones(8))
+    assert all(p.std() > 0.3 for p in (gate.w_x, gate.w_l, gate.w_c, gate.b))  # drawn from N(0, 1), not zeros
+    recipe = GateRecipe(steps=2, batch_size=2, init="authors", composite=0.0)
+    result = train_gates(pipe, pool, tmp_path, base_id="tiny0", recipe=recipe)
+    state = result.gates.state
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    w_x = torch.cat([v for k, v in state.items() if k.endswith(".w_x")])
+    assert w_x.std() > 0.3  # two small steps from a random start, not from zeros
+    with pytest.raises(ValueError, match="unknown gate init"):
+        train_gates(pipe, pool, tmp_path, base_id="tiny0", recipe=GateRecipe(init="xavier"))
 
 
 def test_needs_two_loras(pipe, pool, tmp_path):
