@@ -125,11 +125,12 @@ def generation_report(context: dg.AssetExecutionContext, config: ReportConfig,
                       registry: RegistryResource) -> dg.MaterializeResult:
     """Word-only prompts on held-out themes: base vs top-1/2/3 retrieved LoRAs fused by gated."""
     from pipelines.evaluate.generation import evaluate_generation
-    from pipelines.train_gates import train_world_gates
+    from pipelines.train_gates import AUTHORS_RECIPE, train_world_gates
 
     world = world_root(config.world)
     gates = train_world_gates(world).gates
-    report = evaluate_generation(registry.open(), world, config.out, gates=gates,
+    paper = train_world_gates(world, recipe=AUTHORS_RECIPE).gates  # the anchor rows' (cached after the first run)
+    report = evaluate_generation(registry.open(), world, config.out, gates=gates, gates_paper=paper,
                                  n_prompts=config.prompts, progress=False)
     return dg.MaterializeResult(metadata={
         **{f"{group}_{setting}": report[group][setting] for group in ("synonym", "canonical")

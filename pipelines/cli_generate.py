@@ -244,8 +244,11 @@ def cmd_eval_generation(args: argparse.Namespace) -> int:
         manifest_ids(registry, world, [e for e in entries if e["split"] == "heldout"])
     except NotEvaluable as error:
         raise UsageError(str(error)) from None
-    report = evaluate_generation(registry, world, args.out, gates=_gates(args, world), n_prompts=args.prompts,
-                                 seed=args.seed, progress=not args.json)
+    from pipelines.train_gates import AUTHORS_RECIPE, train_world_gates
+
+    paper = train_world_gates(world, recipe=AUTHORS_RECIPE).gates  # the anchor rows' gates (cached once trained)
+    report = evaluate_generation(registry, world, args.out, gates=_gates(args, world), gates_paper=paper,
+                                 n_prompts=args.prompts, seed=args.seed, progress=not args.json)
     if args.json:
         _print_json(report)
         return 0

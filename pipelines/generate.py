@@ -320,12 +320,13 @@ class Generator:
         return Generation(self.render([text] * n, ids, seed, method), text, ids, method, hits)
 
     def render(self, prompts: Sequence[str], lora_ids: Sequence[str], seed: int = 0,
-               method: str | None = None) -> np.ndarray:
-        """Render ``prompts`` (as given) in one batch with ``lora_ids`` fused by ``method``."""
+               method: str | None = None, gates: GateSet | None = None) -> np.ndarray:
+        """Render ``prompts`` (as given) in one batch with ``lora_ids`` fused by ``method`` (``gates``:
+        other gates than the generator's for this call, e.g. the anchor's in a report)."""
         from pipelines.world.sampling import generate
 
         loras = [self.lora(i) for i in lora_ids]
-        with self._fusion(method or self.method).apply(self.pipe, loras, gates=self.gates):
+        with self._fusion(method or self.method).apply(self.pipe, loras, gates=gates or self.gates):
             r = self.settings
             return generate(self.pipe, list(prompts), seed, steps=r.steps, cfg=r.true_cfg, size=r.size,
                             guidance=r.guidance)

@@ -39,7 +39,9 @@ LEGEND = (
     "(the baseline); `top1`/`top2`/`top3`: the k LoRAs hybrid search retrieves for the prompt, their trigger "
     "words added, fused by `gated` (ours, as `autolora generate` runs); `paper_top1`/`2`/`3` (the anchor): the k "
     "LoRAs the authors' weight-only encoder design retrieves (trained on our encoder's pool, as in the retrieval "
-    "report; every LoRA of the base ranked by weight-embedding cosine with the prompt), fused the same way; "
+    "report; every LoRA of the base ranked by weight-embedding cosine with the prompt), their triggers added, "
+    "fused by `gated` with the authors' gates (their released initialisation trained by eq. 10 alone, as in the "
+    "fusion report's `gated_paper`) when the report has them, else with ours (see the gates line above); "
     "references: `own1` (the theme's own "
     "LoRA with its trigger: a perfect retriever), `base_with_trigger` (the base, that trigger word added, no "
     "LoRA), `own1_without_trigger` (the own LoRA, no trigger word). **Rows.** `synonym`: themes described in "
@@ -55,10 +57,10 @@ def word_prompts(entry: Mapping, n: int, seed: int) -> tuple[list[str], list[dic
     return [caption(s, rng, words=words) for s in scenes], scenes
 
 
-def _render_retrieved(gen: Generator, prompts: list[str], k: int, seed: int, retrieve=None,
+def _render_retrieved(gen: Generator, prompts: list[str], k: int, seed: int, retrieve=None, gates=None,
                       ) -> tuple[np.ndarray, list[list], list[str]]:
-    """The renders with each prompt's top-k (by ``retrieve``, else ours) fused, the hits, and the
-    texts rendered (triggers added)."""
+    """The renders with each prompt's top-k (by ``retrieve``, else ours) fused (by ``gates``, else the
+    generator's), the hits, and the texts rendered (triggers added)."""
     hits = [(retrieve or gen.retrieve)(p, k) for p in prompts]
     texts = [with_triggers(p, [w for x in h for w in x.trigger_words]) for p, h in zip(prompts, hits)]
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -66,7 +68,7 @@ def _render_retrieved(gen: Generator, prompts: list[str], k: int, seed: int, ret
         groups[tuple(x.lora_id for x in h)].append(i)
     images = np.empty((len(prompts), 32, 32, 3), np.uint8)
     for ids, rows in groups.items():
-        images[rows] = gen.render([texts[i] for i in rows], list(ids), seed, "gated")
+        images[rows] = gen.render([texts[i] for i in rows], list(ids), seed, "gated", gates)
     return images, hits, texts
 
 
@@ -77,9 +79,11 @@ def clip_cut(pipe, texts: Sequence[str]) -> list[bool]:
     return [len(ids) > tokenizer.model_max_length for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
 
 
-def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, gates=None, n_prompts: int = 8,
-                        seed: int = 0, progress: bool = True, pipe=None) -> dict:
-    """Run the report; writes ``generation.json``, ``generation.md`` and a grid; returns the JSON."""
+def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, gates=None, gates_paper=None,
+                        n_prompts: int = 8, seed: int = 0, progress: bool = True, pipe=None) -> dict:
+    """Run the report; writes ``generation.json``, ``generation.md`` and a grid; returns the JSON.
+    ``gates_paper``: the anchor rows' gates (the authors' recipe); None: ours, so those rows then
+    differ from ours by the retrieval alone."""
     from pipelines.world.sampling import generate
 
     world = open_world(world_root, pipe)
@@ -102,10 +106,11 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
             texts = {"base": prompts, "own1_without_trigger": prompts}
             own = family_ids[entry["family"]]
             for k in (1, 2, 3):
-                for name, retrieve in ((f"top{k}", None), (f"paper_top{k}", anchor and anchor.retrieve)):
+                for name, retrieve, fuse in ((f"top{k}", None, None),
+                                             (f"paper_top{k}", anchor and anchor.retrieve, gates_paper)):
                     if name.startswith("paper") and anchor is None:
                         continue
-                    images[name], hits, texts[name] = _render_retrieved(gen, prompts, k, render_seed, retrieve)
+                    images[name], hits, texts[name] = _render_retrieved(gen, prompts, k, render_seed, retrieve, fuse)
                     found[name] += [float(any(h.lora_id in own for h in hh)) for hh in hits]
             own_id = ids[entry["file"]]
             triggers = list(registry.get(own_id)["trigger_words"])
@@ -127,6 +132,7 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
     report["retrieval_found"] = {s: float(np.mean(v)) if v else None for s, v in found.items()}
     report["clip_cut"] = {s: float(np.mean(v)) if v else None for s, v in cut.items()}
     report["anchor_encoder"] = anchor.encoder if anchor else None
+    report["anchor_gates"] = getattr(gates_paper, "version", None) if anchor else None  # None: ours
     out.mkdir(parents=True, exist_ok=True)
     (out / "generation.json").write_text(json.dumps(report, indent=1))
     (out / "generation.md").write_text(_markdown(report, grid_rows, out, world.root, gates, n_prompts))
@@ -136,7 +142,9 @@ def evaluate_generation(registry, world_root: str | Path, out: str | Path, *, ga
 def _markdown(report: Mapping, grid_rows: Mapping, out: Path, root: Path, gates, n_prompts: int) -> str:
     lines = ["# Generation with retrieved LoRAs (held-out themes, words only)", "",
              f"World `{root}`; {n_prompts} prompts per held-out theme; fusion `gated`, gates "
-             f"`{getattr(gates, 'version', 'untrained')}`.", "",
+             f"`{getattr(gates, 'version', 'untrained')}`"
+             + (f"; the anchor's (`paper_top*`): `{report['anchor_gates']}`" if report.get("anchor_gates") else "")
+             + ".", "",
              markdown_table(["prompts", *SETTINGS], [(g, *(report[g][s] for s in SETTINGS)) for g in GROUPS]), "",
              "Share of prompts whose top-k holds the theme's own LoRA (or a twin): "
              + ", ".join(f"{s} {v:.3f}" for s, v in report["retrieval_found"].items() if v is not None)

@@ -68,6 +68,21 @@ def test_generator_ids_and_retrieval(micro_registry, pipe, gates):
     assert all(torch.equal(before["params"][k], v) for k, v in after["params"].items())
 
 
+def test_render_with_other_gates_for_one_call(micro_registry, pipe, gates):
+    """``Generator.render(..., gates=...)`` fuses with those gates for that call only (the anchor's in the
+    generation report); the generator's own gates are back for the next call."""
+    import dataclasses
+
+    ids = [h.lora_id for h in micro_registry.search("a red circle", k=2)]
+    other = dataclasses.replace(gates, version="doubled",
+                                state={k: v * 2 if k.endswith(".w_o") else v for k, v in gates.state.items()})
+    with Generator(micro_registry, pipe, gates) as gen:
+        ours = gen.render(["a red circle"], ids, seed=3)
+        theirs = gen.render(["a red circle"], ids, seed=3, gates=other)
+        again = gen.render(["a red circle"], ids, seed=3)
+    assert not np.array_equal(ours, theirs) and np.array_equal(ours, again)
+
+
 def test_fusion_report_contract(micro_world, pipe, gates, tmp_path):
     report = evaluate_fusion(micro_world, tmp_path, gates=gates, n_sets=1, n_prompts=2, n_loss=4, pipe=pipe,
                              progress=False, methods=["linear", "gated"])
@@ -132,9 +147,13 @@ def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tm
     registry = Registry.open(tmp_path / "registry", create=False)
     base = json.loads((micro_world / "base_model.json").read_text())["name"]
     train_registry_encoder(registry, base, recipe=Recipe(steps=3, batch_size=4))  # ours, so the anchor has a pool
-    report = evaluate_generation(registry, micro_world, tmp_path, gates=gates, n_prompts=2, pipe=pipe,
-                                 progress=False)
+    paper = train_world_gates(micro_world, tmp_path / "gates", GateRecipe(steps=2, batch_size=2, init="authors",
+                                                                        composite=0.0)).gates
+    report = evaluate_generation(registry, micro_world, tmp_path, gates=gates, gates_paper=paper, n_prompts=2,
+                                 pipe=pipe, progress=False)
     assert report["anchor_encoder"]["version"].startswith("enc-paper-") and report["anchor_encoder"]["pool_size"] > 0
+    assert report["anchor_gates"] == paper.version
+    assert f"the anchor's (`paper_top*`): `{paper.version}`" in (tmp_path / "generation.md").read_text()
     heldout = [e for e in json.loads((micro_world / "world.json").read_text())["loras"] if e["split"] == "heldout"]
     for group in GROUPS:
         has = group == "all" or any(e["synonym"] == (group == "synonym") for e in heldout)
@@ -153,6 +172,7 @@ def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tm
     bare = evaluate_generation(micro_registry, micro_world, tmp_path / "bare", gates=gates, n_prompts=1, pipe=pipe,
                                progress=False)
     assert bare["anchor_encoder"] is None and bare["all"]["paper_top1"] is None and bare["all"]["top1"] is not None
+    assert bare["anchor_gates"] is None
     assert "no anchor rows" in (tmp_path / "bare" / "generation.md").read_text()
 
 
