@@ -126,18 +126,22 @@ class _Handler(JsonHandler):
                 time.sleep(3.0)
             time.sleep(srv.delay)
             if action == "500":
-                self._send(500, {"error": {"message": "boom", "type": "server_error"}})
-                return
-            url = body["messages"][0]["content"][0]["image_url"]["url"]
-            text = f"caption of {len(url)} chars"
-            self._send(200, {
-                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            })  # fmt: skip
+                status, answer = 500, {"error": {"message": "boom", "type": "server_error"}}
+            else:
+                url = body["messages"][0]["content"][0]["image_url"]["url"]
+                text = f"caption of {len(url)} chars"
+                status, answer = 200, {
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }  # fmt: skip
         finally:
+            # counted out before the answer is written: once it is, the client may send its next request,
+            # which another handler thread can count in before this one would get here (4 of 3 under load)
             with srv.lock:
                 srv.inflight -= 1
+        self._send(status, answer)
 
 
 @pytest.fixture
