@@ -32,6 +32,13 @@ def gates(micro_world, tmp_path_factory):
     return train_world_gates(micro_world, tmp_path_factory.mktemp("gates"), GateRecipe(steps=4, batch_size=2)).gates
 
 
+@pytest.fixture(scope="module")
+def paper_gates(micro_world, tmp_path_factory):
+    """Gates trained the authors' way (their init, eq. 10 alone), for the reports' anchor rows."""
+    recipe = GateRecipe(steps=2, batch_size=2, init="authors", composite=0.0)
+    return train_world_gates(micro_world, tmp_path_factory.mktemp("paper-gates"), recipe).gates
+
+
 def test_with_triggers():
     assert with_triggers("a red disc", ["xyz", "red", "xyz"]) == "xyz, a red disc"
 
@@ -100,17 +107,15 @@ def test_fusion_report_contract(micro_world, pipe, gates, tmp_path):
     assert f"| 2 | {', '.join(e['theme'] for e in first)} |" in per_set and "| gated |" in per_set
 
 
-def test_fusion_report_puts_the_authors_gates_beside_ours(micro_world, pipe, gates, tmp_path):
+def test_fusion_report_puts_the_authors_gates_beside_ours(micro_world, pipe, gates, paper_gates, tmp_path):
     """``gated_paper`` (the anchor) runs the gated layer with gates trained the authors' way; without
     those gates the row is left out rather than run with untrained ones."""
-    paper = train_world_gates(micro_world, tmp_path / "gates", GateRecipe(steps=2, batch_size=2, init="authors",
-                                                                        composite=0.0)).gates
-    assert paper.meta["recipe"]["init"] == "authors" and paper.version != gates.version
-    report = evaluate_fusion(micro_world, tmp_path, gates=gates, gates_paper=paper, n_sets=1, n_prompts=2, n_loss=4,
-                             pipe=pipe, progress=False, methods=["gated_paper", "gated"])
+    assert paper_gates.meta["recipe"]["init"] == "authors" and paper_gates.version != gates.version
+    report = evaluate_fusion(micro_world, tmp_path, gates=gates, gates_paper=paper_gates, n_sets=1, n_prompts=2,
+                             n_loss=4, pipe=pipe, progress=False, methods=["gated_paper", "gated"])
     assert {"gated_paper", "gated"} <= set(report) and report["gated_paper"] != report["gated"]
     markdown = (tmp_path / "fusion.md").read_text()
-    assert "| gated_paper |" in markdown and f"`gated_paper`): `{paper.version}`" in markdown
+    assert "| gated_paper |" in markdown and f"`gated_paper`): `{paper_gates.version}`" in markdown
     without = evaluate_fusion(micro_world, tmp_path / "without", gates=gates, n_sets=1, n_prompts=2, n_loss=4,
                               pipe=pipe, progress=False, methods=["gated_paper", "linear"])
     assert "gated_paper" not in without and "linear" in without
@@ -137,7 +142,7 @@ def test_fusion_sets_and_prompts(micro_world):
             assert not set(s) & (keys[0] | keys[1])
 
 
-def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tmp_path):
+def test_generation_report_contract(micro_world, micro_registry, pipe, gates, paper_gates, tmp_path):
     import shutil
 
     from pipelines.encoder_pool import Recipe, train_registry_encoder
@@ -147,13 +152,11 @@ def test_generation_report_contract(micro_world, micro_registry, pipe, gates, tm
     registry = Registry.open(tmp_path / "registry", create=False)
     base = json.loads((micro_world / "base_model.json").read_text())["name"]
     train_registry_encoder(registry, base, recipe=Recipe(steps=3, batch_size=4))  # ours, so the anchor has a pool
-    paper = train_world_gates(micro_world, tmp_path / "gates", GateRecipe(steps=2, batch_size=2, init="authors",
-                                                                        composite=0.0)).gates
-    report = evaluate_generation(registry, micro_world, tmp_path, gates=gates, gates_paper=paper, n_prompts=2,
-                                 pipe=pipe, progress=False)
+    report = evaluate_generation(registry, micro_world, tmp_path, gates=gates, gates_paper=paper_gates,
+                                 n_prompts=2, pipe=pipe, progress=False)
     assert report["anchor_encoder"]["version"].startswith("enc-paper-") and report["anchor_encoder"]["pool_size"] > 0
-    assert report["anchor_gates"] == paper.version
-    assert f"the anchor's (`paper_top*`): `{paper.version}`" in (tmp_path / "generation.md").read_text()
+    assert report["anchor_gates"] == paper_gates.version
+    assert f"the anchor's (`paper_top*`): `{paper_gates.version}`" in (tmp_path / "generation.md").read_text()
     heldout = [e for e in json.loads((micro_world / "world.json").read_text())["loras"] if e["split"] == "heldout"]
     for group in GROUPS:
         has = group == "all" or any(e["synonym"] == (group == "synonym") for e in heldout)
