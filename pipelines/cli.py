@@ -90,7 +90,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
     else:
-        _table(str(args.file), ["field", "value"], list(summary.items()))
+        _table(str(args.file), ["field", "value"],
+               [(k, "; ".join(v) or "none" if k == "notes" else v) for k, v in summary.items()])
     return 0
 
 

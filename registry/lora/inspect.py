@@ -31,6 +31,7 @@ class InspectedLoRA:
     layers: int
     fingerprint: str
     header_metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what conversion ignored, and what diffusers' check found
     lora: CanonicalLoRA | None = field(default=None, repr=False, compare=False)  # ingest drops it once used
 
     def summary(self) -> dict:
@@ -38,7 +39,7 @@ class InspectedLoRA:
         return {
             "sha256": self.sha256, "format": self.format, "architecture": self.architecture,
             "base_model": self.base_model, "rank": self.rank, "layers": self.layers,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, "notes": self.notes,
         }
 
 
@@ -112,5 +113,5 @@ def inspect_file(path: str | os.PathLike, bases: Iterable[BaseModel],
             path=path, sha256=sha256 or sha256_file(path), size=path.stat().st_size,
             format=lora.format, architecture=lora.architecture, base_model=base.name,
             rank=lora.rank, layers=len(lora.factors), fingerprint=fp,
-            header_metadata=dict(metadata), lora=lora,
+            header_metadata=dict(metadata), notes=list(lora.notes), lora=lora,
         )

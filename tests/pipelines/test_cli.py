@@ -42,11 +42,28 @@ def test_inspect_json(folder):
     out = run("inspect", str(folder / "neon_city.safetensors"), "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert set(info) == {"sha256", "format", "architecture", "base_model", "rank", "layers", "fingerprint"}
+    assert set(info) == {"sha256", "format", "architecture", "base_model", "rank", "layers", "fingerprint", "notes"}
     assert info["format"] == "kohya" and info["architecture"] == "flux" and info["base_model"] == "FLUX.1-dev"
+    assert info["notes"] == []  # nothing ignored, and diffusers' converter agrees with ours
     assert info["rank"] == 16 and info["layers"] == len(partial_names((2,), (4,)))
     other = json.loads(run("inspect", str(folder / "neon_city_diffusers.safetensors"), "--json").stdout)
     assert other["fingerprint"] == info["fingerprint"] and other["sha256"] != info["sha256"]
+
+
+def test_inspect_says_what_conversion_noted(tmp_path):
+    """What conversion worked around reaches the user: here diffusers' converter cannot check a
+    fal/Kontext file that covers one block only (it needs them all), so ours alone converted it."""
+    from flux_fixtures import control_lora_layers, fal_kontext_state
+    from safetensors.torch import save_file
+
+    few = {n: f for n, f in control_lora_layers(rank=2).items() if n.startswith("transformer_blocks.3.")}
+    save_file(fal_kontext_state(few), tmp_path / "kontext.safetensors")
+    out = run("inspect", str(tmp_path / "kontext.safetensors"), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["format"] == "fal_kontext" and any("diffusers: KeyError" in n for n in info["notes"]), info
+    table = run("inspect", str(tmp_path / "kontext.safetensors"))
+    assert table.returncode == 0 and "diffusers: KeyError" in table.stdout.replace("\n", ""), table.stdout
 
 
 def test_inspect_rejected_exits_1(folder):
